@@ -1,0 +1,14 @@
+# The two entry points of the README. Each runs the idempotent set-up first.
+.PHONY: setup run test lint
+
+setup:
+	bash deploy/setup.sh
+
+run: setup
+	.venv/bin/xma2 inspect
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check core task_store server tests bench

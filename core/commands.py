@@ -1,0 +1,223 @@
+"""What the ``xma2`` commands do, kept apart from argument parsing."""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from core.backbones import build_backbone, imagenet_labels, preprocess_image
+from core.calibration import AGREEMENT_PHOTOS, calibration_images, load_photo
+from core.config import CrossbarConfig
+from core.distill import DistillConfig, distill_backbone
+from core.engine import CrossbarEngine
+from core.errors import ResourceUnavailable
+from core.model import CrossbarModel, imagenet_head
+from core.task_state import TaskState
+
+logger = logging.getLogger(__name__)
+console = Console()
+
+SHIPPED_BACKBONE = "mobilenet_v2_w4a4.safetensors"
+
+
+def default_backbone_path() -> Path:
+    """The distilled 4-bit MobileNetV2 that ships inside the package."""
+    return Path(str(importlib.resources.files("core") / "artifacts" / SHIPPED_BACKBONE))
+
+
+def load_backbone(path: Path | None) -> CrossbarModel:
+    return CrossbarModel.load(path or default_backbone_path())
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).parent)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def imagenet_task(model: CrossbarModel) -> TaskState:
+    """The backbone's own ImageNet classifier as a built-in task."""
+    fp32 = build_backbone(model.backbone_name)
+    return TaskState("imagenet", model.config.shift_levels,
+                     imagenet_head(fp32, model.backbone_name, imagenet_labels()))
+
+
+def _photo_batch(names: tuple[str, ...], size: int) -> torch.Tensor:
+    from PIL import Image
+
+    images = []
+    for name in names:
+        array = (load_photo(name).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        images.append(preprocess_image(Image.fromarray(array), size))
+    return torch.stack(images)
+
+
+def inspect(backbone_file: Path | None, image: Path | None, size: int, layers: bool) -> None:
+    model = load_backbone(backbone_file)
+    mapping = model.mapping
+    assert mapping is not None
+    table = Table(title=f"{model.backbone_name} on {mapping.config.rows}x{mapping.config.cols} "
+                        f"crossbars ({mapping.config.bits_per_cell}-bit cells)")
+    for column in ("layer", "placement", "shape", "bits", "row groups", "col groups", "PEs",
+                   "utilisation"):
+        table.add_column(column, justify="left" if column in ("layer", "placement") else "right")
+    rows = mapping.report()
+    for row in rows if layers else []:
+        table.add_row(str(row["layer"]), str(row["placement"]), str(row["shape"]),
+                      str(row["weight_bits"]), str(row["row_groups"]), str(row["col_groups"]),
+                      str(row["pes"]), f"{row['utilisation']:.1%}")
+    crossbar = mapping.crossbar_layers
+    table.add_row("total", f"{len(crossbar)} crossbar / {len(rows) - len(crossbar)} digital", "",
+                  "", "", "", str(mapping.num_pes),
+                  f"{mapping.cells_used / max(1, mapping.cells_total):.1%}")
+    console.print(table)
+    console.print(f"cells used {mapping.cells_used:,} of {mapping.cells_total:,}; "
+                  f"backbone fingerprint {model.fingerprint()[:16]}")
+
+    engine = CrossbarEngine(model)
+    engine.add_task(imagenet_task(model))
+    if image is None:
+        x = _photo_batch(("chelsea",), size)
+        source = "scikit-image chelsea (cat)"
+    else:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            x = preprocess_image(Image.open(image), size).unsqueeze(0)
+        except (OSError, UnidentifiedImageError) as e:
+            raise ResourceUnavailable(f"cannot read image {image}: {e}") from e
+        source = str(image)
+    probs = engine.forward(x, "imagenet").softmax(1)[0]
+    top = probs.topk(5)
+    labels = engine.tasks["imagenet"].head.labels
+    console.print(f"\n[bold]{source}[/bold], 4-bit backbone, ideal fidelity:")
+    for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        console.print(f"  {p:6.1%}  {labels[i]} ({i})")
+    energy = engine.energy_per_image("imagenet", (size, size))
+    console.print(f"energy per image: {energy.total_j * 1e6:.2f} uJ "
+                  f"(crossbar reads {energy.cell_read_j * 1e6:.2f} uJ, "
+                  f"ADC {energy.adc_j * 1e6:.2f} uJ)")
+
+
+def quantize(backbone: str, weights: Path | None, out: Path, steps: int, size: int,
+             seed: int) -> None:
+    torch.manual_seed(seed)
+    fp32 = build_backbone(backbone, weights_path=weights)
+    config = CrossbarConfig()
+    started = time.perf_counter()
+    pool = calibration_images(DistillConfig.pool_size, size, seed=seed)
+    model = CrossbarModel(fp32, backbone, config)
+    model.calibrate(pool[:256])
+    console.print(f"post-training quantization and calibration: "
+                  f"{time.perf_counter() - started:.0f} s")
+    if steps:
+        head = getattr(fp32, "classifier", None) or fp32.fc
+        distill = DistillConfig(steps=steps, image_size=size, seed=seed)
+        with console.status("distilling") as status:
+            def progress(step: int, loss: float) -> None:
+                status.update(f"distilling: step {step + 1}/{steps}, loss {loss:.4f}")
+
+            losses = distill_backbone(model, fp32, head, pool, distill, progress)
+        console.print(f"distillation: {steps} steps, loss {losses[0]:.4f} -> "
+                      f"{sum(losses[-20:]) / 20:.4f}")
+    model.build_mapping()
+    model.save(out, extra_metadata={
+        "command": f"xma2 quantize --backbone {backbone} --steps {steps} --size {size} "
+                   f"--seed {seed}",
+        "git_revision": git_revision(),
+        "torch": torch.__version__,
+    })
+    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB), "
+                  f"{time.perf_counter() - started:.0f} s in all")
+
+
+def fidelity(backbone_file: Path | None, datasets: list[str], size: int, train_limit: int,
+             test_limit: int, seed: int) -> dict[str, Any]:
+    """Top-1 agreement with fp32 on the bundled photos and linear probes per dataset."""
+    from core.datasets import DatasetSpec, load_dataset
+    from core.probe import extract_features, linear_probe
+
+    model = load_backbone(backbone_file)
+    fp32 = build_backbone(model.backbone_name)
+    naive = CrossbarModel(fp32, model.backbone_name, model.config)
+    naive.calibrate(calibration_images(256, size, seed=seed))
+    engine = CrossbarEngine(model)
+    engine.add_task(imagenet_task(model))
+    naive_engine = CrossbarEngine(naive)
+    naive_engine.add_task(imagenet_task(naive))
+
+    photos = _photo_batch(AGREEMENT_PHOTOS, 224)
+    crops = calibration_images(200, 224, seed=seed + 1000, photos=AGREEMENT_PHOTOS)
+    with torch.no_grad():
+        reference = fp32(photos).argmax(1)
+        reference_crops = fp32(crops).argmax(1)
+    result: dict[str, Any] = {
+        "backbone": model.backbone_name, "backbone_fingerprint": model.fingerprint(),
+        "crossbar_config": model.config.to_dict(), "seed": seed, "image_size": size,
+        "train_limit": train_limit, "test_limit": test_limit, "git_revision": git_revision(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "agreement_photos": list(AGREEMENT_PHOTOS), "agreement": {}, "linear_probe": {},
+    }
+    result["fp32_top1_photos"] = reference.tolist()
+    for name, eng in (("ptq", naive_engine), ("distilled", engine)):
+        top1 = eng.forward(photos, "imagenet").argmax(1)
+        top1_crops = eng.forward(crops, "imagenet").argmax(1)
+        result["agreement"][name] = {
+            "photos": float((top1 == reference).float().mean()),
+            "photo_top1": top1.tolist(),
+            "crops": float((top1_crops == reference_crops).float().mean()),
+        }
+    extractors = {
+        "fp32": fp32.forward_features,
+        "ptq": lambda x: naive_engine.features(x, "imagenet"),
+        "distilled": lambda x: engine.features(x, "imagenet"),
+    }
+    for dataset in datasets:
+        data = load_dataset(DatasetSpec(dataset, image_size=size, seed=seed,
+                                        train_limit=train_limit, test_limit=test_limit))
+        row: dict[str, Any] = {"train": len(data.train), "test": len(data.test)}
+        for name, features in extractors.items():
+            started = time.perf_counter()
+            train = extract_features(features, data.train)
+            test = extract_features(features, data.test)
+            with torch.enable_grad():
+                accuracy, _, _ = linear_probe(train, test, num_classes=len(data.classes),
+                                              seed=seed)
+            row[name] = round(100 * accuracy, 2)
+            logger.info("%s %s: %.2f%% (%.0f s)", dataset, name, 100 * accuracy,
+                        time.perf_counter() - started)
+        result["linear_probe"][dataset] = row
+        console.print(f"{dataset}: {row}")
+    return result
+
+
+def fidelity_markdown(result: dict[str, Any]) -> str:
+    """The fidelity results as the tables in docs/results.md."""
+    lines = [
+        "| backbone | top-1 agreement, bundled photos | top-1 agreement, 200 held-out crops |",
+        "|---|---|---|",
+    ]
+    for name, label in (("ptq", "naive 4-bit PTQ"), ("distilled", "distilled 4-bit (shipped)")):
+        a = result["agreement"][name]
+        photos = len(a["photo_top1"])
+        lines.append(f"| {label} | {round(a['photos'] * photos)}/{photos} | "
+                     f"{100 * a['crops']:.1f}% |")
+    lines += ["", "| dataset (train/test) | fp32 | naive 4-bit PTQ | distilled 4-bit | "
+                  "distilled − fp32 |", "|---|---|---|---|---|"]
+    for dataset, row in result["linear_probe"].items():
+        lines.append(f"| {dataset} ({row['train']}/{row['test']}) | {row['fp32']:.2f} | "
+                     f"{row['ptq']:.2f} | {row['distilled']:.2f} | "
+                     f"{row['distilled'] - row['fp32']:+.2f} |")
+    return "\n".join(lines)

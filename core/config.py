@@ -1,0 +1,123 @@
+"""Frozen configuration of the emulated crossbar accelerator.
+
+Defaults follow the XMA2 paper (sections 3.3.2, 4 and 5): 72x72 crossbars,
+4-bit weights and activations, 2-bit cells, one 5-bit SAR ADC per column and
+a three-level shift mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from enum import Enum, StrEnum
+from typing import Any
+
+from core.errors import ConfigError
+
+
+class DacMode(StrEnum):
+    """How an input activation reaches the source lines."""
+
+    MULTI_BIT = "multi_bit"
+    """One multi-level voltage per input: one read cycle per input vector."""
+    BIT_SERIAL = "bit_serial"
+    """One input bit per cycle (as in NeuroSim): ``activation_bits`` read cycles."""
+
+
+class DepthwiseMapping(StrEnum):
+    """Where depthwise convolutions run."""
+
+    DIGITAL = "digital"
+    """In the digital periphery (a small MAC array). The default: block-diagonal
+    crossbar mapping would use 8 of 72 columns per row group (see docs/architecture.md)."""
+
+
+class WeightEncoding(StrEnum):
+    """How signed weights are stored in non-negative conductances."""
+
+    OFFSET = "offset"
+    """Cell level ``w + 2**(bits-1)``; the periphery subtracts ``offset * sum(inputs)``
+    once per row group (one digital accumulation shared by every column of the PE)."""
+
+
+@dataclass(frozen=True)
+class CrossbarConfig:
+    """Geometry and precision of the accelerator; hashed into the backbone fingerprint."""
+
+    rows: int = 72
+    """Word lines per crossbar (= PE). A row group holds whole input channels."""
+    cols: int = 72
+    """Bit lines per crossbar. A weight uses ``slices`` adjacent columns."""
+    bits_per_cell: int = 2
+    """Conductance levels per cell are ``2**bits_per_cell``."""
+    weight_bits: int = 4
+    """Precision of crossbar weights (signed, per-output-channel scale)."""
+    activation_bits: int = 4
+    """Precision of crossbar inputs (DAC resolution or bit-serial cycles)."""
+    edge_bits: int = 8
+    """Precision of the first convolution's weights and input (raw pixels need it)."""
+    depthwise_bits: int = 8
+    """Precision of depthwise weights, which run in the digital periphery."""
+    adc_bits: int = 5
+    """SAR ADC resolution, one ADC per column."""
+    dac_mode: DacMode = DacMode.MULTI_BIT
+    shift_levels: int = 3
+    """Shift levels N of the tier-2 mask: values {0, 2**-N, ..., 1/2, 1}; N=0 is binary."""
+    depthwise: DepthwiseMapping = DepthwiseMapping.DIGITAL
+    weight_encoding: WeightEncoding = WeightEncoding.OFFSET
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "cols", "bits_per_cell", "weight_bits", "activation_bits"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("edge_bits", "depthwise_bits", "adc_bits"):
+            if not 1 <= getattr(self, name) <= 16:
+                raise ConfigError(f"{name} must be in 1..16, got {getattr(self, name)}")
+        if self.weight_bits < 2:
+            raise ConfigError("weight_bits must be >= 2 (signed weights need a sign bit)")
+        if self.cols % self.slices:
+            raise ConfigError(
+                f"cols ({self.cols}) must be a multiple of the cell slices per weight "
+                f"({self.slices} = ceil(weight_bits / bits_per_cell))"
+            )
+        if not 0 <= self.shift_levels <= 7:
+            raise ConfigError(f"shift_levels must be in 0..7, got {self.shift_levels}")
+        for name, enum in (("dac_mode", DacMode), ("depthwise", DepthwiseMapping),
+                           ("weight_encoding", WeightEncoding)):
+            value = getattr(self, name)
+            if not isinstance(value, enum):
+                try:
+                    object.__setattr__(self, name, enum(value))
+                except ValueError as e:
+                    allowed = ", ".join(m.value for m in enum)
+                    raise ConfigError(f"{name} must be one of {allowed}, got {value!r}") from e
+
+    @property
+    def slices(self) -> int:
+        """Cell columns per weight (2 for 4-bit weights in 2-bit cells)."""
+        return math.ceil(self.weight_bits / self.bits_per_cell)
+
+    @property
+    def outputs_per_pe(self) -> int:
+        """Output channels held by one crossbar's columns."""
+        return self.cols // self.slices
+
+    @property
+    def weight_offset(self) -> int:
+        """Level added to a signed weight code so that it is a non-negative conductance."""
+        return 2 ** (self.weight_bits - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for f in fields(self):
+            if isinstance(out[f.name], Enum):
+                out[f.name] = out[f.name].value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CrossbarConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown crossbar settings {unknown}; known: {sorted(known)}")
+        return cls(**data)

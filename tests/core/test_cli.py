@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from core.cli import main
+from core.commands import _photo_batch, default_backbone_path, imagenet_task, load_backbone
+from core.engine import CrossbarEngine
+
+CAT_CLASSES = range(281, 286)
+
+
+@pytest.fixture(scope="module")
+def shipped_engine() -> CrossbarEngine:
+    model = load_backbone(None)
+    engine = CrossbarEngine(model)
+    engine.add_task(imagenet_task(model))
+    return engine
+
+
+def test_shipped_backbone_is_4_bit_and_classifies_the_bundled_photos(shipped_engine):
+    assert default_backbone_path().is_file()
+    for _, layer in shipped_engine.model.layers()[1:]:
+        if layer.on_crossbar:
+            assert layer.weight_bits == 4
+            assert -8 <= int(layer.weight_codes.min()) and int(layer.weight_codes.max()) <= 7
+    top1 = shipped_engine.forward(_photo_batch(("chelsea", "coffee"), 224), "imagenet").argmax(1)
+    assert int(top1[0]) in CAT_CLASSES
+    assert int(top1[1]) == 967  # espresso
+
+
+def test_inspect_prints_mapping_and_prediction(capsys):
+    assert main(["inspect"]) == 0
+    out = capsys.readouterr().out
+    assert "1021" in out.replace(",", "")  # PEs of MobileNetV2 at 72x72
+    assert "energy per image" in out
+    assert "Egyptian" in out or "cat" in out
+
+
+def test_inspect_bad_image_is_a_clear_cli_error(tmp_path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("hello")
+    proc = subprocess.run([sys.executable, "-m", "core.cli", "inspect", "--image", str(bad)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "cannot read image" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_energy_per_image_is_positive_and_scales_with_resolution(shipped_engine):
+    small = shipped_engine.energy_per_image("imagenet", (64, 64)).total_j
+    large = shipped_engine.energy_per_image("imagenet", (224, 224)).total_j
+    assert 0 < small < large
+    assert large / small == pytest.approx((224 / 64) ** 2, rel=0.15)
