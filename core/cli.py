@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--weights", type=Path, default=None,
                           help="fp32 checkpoint (required for resnet18/resnet50)")
     quantize.add_argument("--out", type=Path, required=True)
-    quantize.add_argument("--steps", type=int, default=600, help="distillation steps (0: PTQ only)")
+    quantize.add_argument("--steps", type=int, default=800, help="distillation steps (0: PTQ only)")
     quantize.add_argument("--size", type=int, default=64, help="crop size for distillation")
     quantize.add_argument("--seed", type=int, default=0)
 

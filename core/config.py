@@ -56,6 +56,10 @@ class CrossbarConfig:
     """Precision of crossbar inputs (DAC resolution or bit-serial cycles)."""
     edge_bits: int = 8
     """Precision of the first convolution's weights and input (raw pixels need it)."""
+    signed_input_bits: int = 8
+    """Precision of signed crossbar inputs: MobileNetV2's linear-bottleneck outputs (the
+    residual stream) feeding its expansion layers. At 4 bits they cost 3 points of
+    linear-probe accuracy on Animal-MNIST (docs/results.md); ReLU outputs stay 4-bit."""
     depthwise_bits: int = 8
     """Precision of depthwise weights, which run in the digital periphery."""
     adc_bits: int = 5
@@ -70,7 +74,7 @@ class CrossbarConfig:
         for name in ("rows", "cols", "bits_per_cell", "weight_bits", "activation_bits"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("edge_bits", "depthwise_bits", "adc_bits"):
+        for name in ("edge_bits", "signed_input_bits", "depthwise_bits", "adc_bits"):
             if not 1 <= getattr(self, name) <= 16:
                 raise ConfigError(f"{name} must be in 1..16, got {getattr(self, name)}")
         if self.weight_bits < 2:

@@ -103,14 +103,19 @@ class CrossbarModel(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, images: Tensor, batch_size: int = 32) -> None:
-        """Choose every input quantizer's range (MSE) from unlabeled images in one pass."""
+        """Choose every input quantizer's sign, precision and range (MSE) from unlabeled
+        images in one pass; signed inputs get ``config.signed_input_bits``."""
         self.eval()
-        for _, layer in self.layers():
+        layers = self.layers()
+        for _, layer in layers:
             layer.input_quant.enable_observer()
         for start in range(0, len(images), batch_size):
             self(images[start : start + batch_size])
-        for _, layer in self.layers():
-            layer.input_quant.apply_observer()
+        for index, (_, layer) in enumerate(layers):
+            quant = layer.input_quant
+            if index > 0 and quant.observer is not None and quant.observer.signed:
+                quant.bits = max(quant.bits, self.config.signed_input_bits)
+            quant.apply_observer()
         self.build_mapping()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -130,7 +135,9 @@ class CrossbarModel(nn.Module):
 
     def _metadata(self) -> dict[str, str]:
         signed = {n: layer.input_quant.signed for n, layer in self.layers()}
+        bits = {n: layer.input_quant.bits for n, layer in self.layers()}
         return {
+            "input_bits": json.dumps(bits, sort_keys=True),
             "format_version": FORMAT_VERSION,
             "backbone": self.backbone_name,
             "crossbar_config": json.dumps(self.config.to_dict(), sort_keys=True),
@@ -174,8 +181,10 @@ class CrossbarModel(nn.Module):
         name = metadata["backbone"]
         model = cls(build_backbone(name, pretrained=False), name, config, quantize=False)
         signed = json.loads(metadata["input_signed"])
+        bits = json.loads(metadata["input_bits"])
         for layer_name, layer in model.layers():
             layer.input_quant.signed = bool(signed[layer_name])
+            layer.input_quant.bits = int(bits[layer_name])
         state = load_file(str(path))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
