@@ -60,31 +60,34 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    torch.set_grad_enabled(False)
     try:
-        if args.command == "inspect":
-            from core.commands import inspect
-
-            inspect(args.backbone_file, args.image, args.size, args.layers)
-        elif args.command == "quantize":
-            from core.commands import quantize
-
-            torch.set_grad_enabled(True)
-            quantize(args.backbone, args.weights, args.out, args.steps, args.size, args.seed)
-        elif args.command == "fidelity":
-            from core.commands import fidelity, fidelity_markdown
-
-            started = time.perf_counter()
-            result = fidelity(args.backbone_file, args.datasets.split(","), args.size,
-                              args.train_limit, args.test_limit, args.seed)
-            result["seconds"] = round(time.perf_counter() - started, 1)
-            print(fidelity_markdown(result))
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(result, indent=2) + "\n")
+        with torch.set_grad_enabled(args.command == "quantize"):
+            return _run(args)
     except Xma2Error as e:
         print(f"xma2: error: {e}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "inspect":
+        from core.commands import inspect
+
+        inspect(args.backbone_file, args.image, args.size, args.layers)
+    elif args.command == "quantize":
+        from core.commands import quantize
+
+        quantize(args.backbone, args.weights, args.out, args.steps, args.size, args.seed)
+    elif args.command == "fidelity":
+        from core.commands import fidelity, fidelity_markdown
+
+        started = time.perf_counter()
+        result = fidelity(args.backbone_file, args.datasets.split(","), args.size,
+                          args.train_limit, args.test_limit, args.seed)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        print(fidelity_markdown(result))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -40,7 +40,7 @@ def load_backbone(path: Path | None) -> CrossbarModel:
 
 def git_revision() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                              text=True, check=True, cwd=Path(__file__).parent)
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):

@@ -51,7 +51,12 @@ def test_inspect_bad_image_is_a_clear_cli_error(tmp_path):
 
 
 def test_energy_per_image_is_positive_and_scales_with_resolution(shipped_engine):
-    small = shipped_engine.energy_per_image("imagenet", (64, 64)).total_j
-    large = shipped_engine.energy_per_image("imagenet", (224, 224)).total_j
-    assert 0 < small < large
-    assert large / small == pytest.approx((224 / 64) ** 2, rel=0.15)
+    small = shipped_engine.ops_per_image("imagenet", (64, 64))
+    large = shipped_engine.ops_per_image("imagenet", (224, 224))
+    # every layer's output grid grows by (112/32)^2; the head's MACs do not grow
+    assert large.cell_reads * 64**2 == small.cell_reads * 224**2
+    assert large.head_macs == small.head_macs == 1000 * 1280
+    energy = shipped_engine.energy_per_image("imagenet", (224, 224))
+    assert 0 < energy.adc_j < energy.total_j
+    assert energy.total_j == pytest.approx(sum(
+        v for k, v in energy.to_dict().items() if k != "total_j"))
