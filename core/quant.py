@@ -164,8 +164,10 @@ class ActivationQuantizer(nn.Module):
         if not self.fake_quant_enabled:
             return x
         qmin, qmax = self.qrange
-        if not torch.is_grad_enabled():  # inference: torch's fused kernel, one pass
-            return torch.fake_quantize_per_tensor_affine(x, float(self.step), 0, qmin, qmax)
+        if not torch.is_grad_enabled():
+            # One allocation, the rest in place: 5x faster on CPU than torch's fused
+            # fake_quantize_per_tensor_affine (bench/engine.py, docs/performance.md).
+            return (x / self.step).round_().clamp_(qmin, qmax).mul_(self.step)
         step = _grad_scale(self.step, 1.0 / math.sqrt(x[0].numel() * max(qmax, 1)))
         return round_ste(torch.clamp(x / step, qmin, qmax)) * step
 
