@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--image", type=Path, default=None,
                          help="image to classify (default: scikit-image's cat photo)")
     inspect.add_argument("--size", type=int, default=224, help="input resolution")
-    inspect.add_argument("--layers", action="store_true", help="print every layer's row")
+    inspect.add_argument("--summary", action="store_true",
+                         help="print only the totals, not every layer's row")
 
     quantize = commands.add_parser(
         "quantize", help="quantize, calibrate and distill a backbone for the chip")
@@ -72,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         from core.commands import inspect
 
-        inspect(args.backbone_file, args.image, args.size, args.layers)
+        inspect(args.backbone_file, args.image, args.size, not args.summary)
     elif args.command == "quantize":
         from core.commands import quantize
 

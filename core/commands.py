@@ -6,6 +6,7 @@ import importlib.resources
 import logging
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from core.model import CrossbarModel, imagenet_head
 from core.task_state import TaskState
 
 logger = logging.getLogger(__name__)
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 110)
 
 SHIPPED_BACKBONE = "mobilenet_v2_w4a4.safetensors"
 
@@ -72,14 +73,15 @@ def inspect(backbone_file: Path | None, image: Path | None, size: int, layers: b
                         f"crossbars ({mapping.config.bits_per_cell}-bit cells)")
     for column in ("layer", "placement", "shape", "bits", "row groups", "col groups", "PEs",
                    "utilisation"):
-        table.add_column(column, justify="left" if column in ("layer", "placement") else "right")
+        table.add_column(column, justify="left" if column in ("layer", "placement") else "right",
+                         no_wrap=column == "layer", min_width=20 if column == "layer" else None)
     rows = mapping.report()
     for row in rows if layers else []:
         table.add_row(str(row["layer"]), str(row["placement"]), str(row["shape"]),
                       str(row["weight_bits"]), str(row["row_groups"]), str(row["col_groups"]),
                       str(row["pes"]), f"{row['utilisation']:.1%}")
     crossbar = mapping.crossbar_layers
-    table.add_row("total", f"{len(crossbar)} crossbar / {len(rows) - len(crossbar)} digital", "",
+    table.add_row("total", f"{len(crossbar)} xbar, {len(rows) - len(crossbar)} dig.", "",
                   "", "", "", str(mapping.num_pes),
                   f"{mapping.cells_used / max(1, mapping.cells_total):.1%}")
     console.print(table)
