@@ -21,7 +21,7 @@ from core.config import CrossbarConfig
 from core.distill import DistillConfig, distill_backbone
 from core.engine import CrossbarEngine
 from core.errors import ResourceUnavailable
-from core.model import CrossbarModel, imagenet_head
+from core.model import HEAD_MODULES, CrossbarModel, imagenet_head
 from core.task_state import TaskState
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def quantize(backbone: str, weights: Path | None, out: Path, steps: int, size: i
     console.print(f"post-training quantization and calibration: "
                   f"{time.perf_counter() - started:.0f} s")
     if steps:
-        head = getattr(fp32, "classifier", None) or fp32.fc
+        head = getattr(fp32, HEAD_MODULES[backbone])
         distill = DistillConfig(steps=steps, image_size=size, seed=seed)
         with console.status("distilling") as status:
             def progress(step: int, loss: float) -> None:

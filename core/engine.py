@@ -142,7 +142,7 @@ class CrossbarEngine:
         prepared = self.prepare(task_id)
         if self.active == task_id:
             return prepared
-        previous = self.prepared.get(self.active) if self.active else None
+        previous = self.prepared.peek(self.active) if self.active else None
         for name, layer in self._layers.items():
             if name in prepared.weights:
                 layer.effective_weight = prepared.weights[name]

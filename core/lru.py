@@ -66,6 +66,10 @@ class LRUCache(Generic[K, V]):
         self.stats.hits += 1
         return value
 
+    def peek(self, key: K) -> V | None:
+        """The entry without touching recency or statistics."""
+        return self._data.get(key)
+
     def put(self, key: K, value: V) -> None:
         """Insert (or refresh) an entry, evicting unpinned LRU entries to make room."""
         if key in self._data:
