@@ -43,6 +43,23 @@ def _head_linear(head: nn.Module) -> nn.Linear:
     return linears[0]
 
 
+def _input_is_exclusive(root: nn.Module, name: str) -> bool:
+    """Whether a layer's input is an intermediate that nothing else reads.
+
+    True when, climbing the module tree, the layer follows a sibling inside an
+    ``nn.Sequential`` (which hands that sibling's fresh output to it alone) before
+    it reaches a block whose forward may reuse its input (a residual add).
+    """
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        parent = root.get_submodule(".".join(parts[:depth]))
+        if not isinstance(parent, nn.Sequential):
+            return False
+        if [n for n, _ in parent.named_children()].index(parts[depth]) > 0:
+            return True
+    return False
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -80,6 +97,7 @@ class CrossbarModel(nn.Module):
             else:
                 w_bits, a_bits = config.weight_bits, config.activation_bits
             layer = CrossbarConv2d(conv, w_bits, ActivationQuantizer(a_bits), quantize=quantize)
+            layer.input_quant.inplace = _input_is_exclusive(body, name)
             _set_submodule(body, name, layer)
         self.body = body
         self.mapping: ModelMapping | None = None

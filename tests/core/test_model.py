@@ -65,3 +65,27 @@ def test_activation_quantizer_levels_and_learnable_step():
     x.requires_grad_(True)
     quant(x).sum().backward()
     assert quant.step.grad is not None and float(quant.step.grad) != 0.0
+
+
+def test_in_place_input_quantization_changes_no_result_and_no_caller_tensor(
+    quantized_mobilenet, images32,
+):
+    layers = quantized_mobilenet.layers()
+    flags = {n: layer.input_quant.inplace for n, layer in layers}
+    assert not flags["features.0.0"]  # the caller's images
+    assert not flags["features.2.conv.0.0"]  # the block input also feeds the residual add
+    assert flags["features.2.conv.1.0"] and flags["features.2.conv.2"]
+    for _, layer in layers:
+        layer.reset_effective_weight()
+    original = images32.clone()
+    try:
+        with torch.no_grad():
+            fast = quantized_mobilenet(images32)
+            for _, layer in layers:
+                layer.input_quant.inplace = False
+            reference = quantized_mobilenet(images32)
+    finally:
+        for name, layer in layers:
+            layer.input_quant.inplace = flags[name]
+    assert torch.equal(fast, reference)
+    assert torch.equal(images32, original)
