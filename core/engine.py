@@ -87,6 +87,13 @@ class CrossbarEngine:
                 f"task {task.task_id}: {unknown[:3]} are not digital backbone tensors "
                 "(only BatchNorm parameters and statistics can be task-specific)"
             )
+        for name, value in task.digital.items():
+            expected = self._get_tensor(name).shape
+            if value.shape != expected:
+                raise TaskStateError(
+                    f"task {task.task_id}: {name} must have shape {list(expected)}, "
+                    f"got {list(value.shape)}"
+                )
         if self.prepared.pop(task.task_id) is not None and self.active == task.task_id:
             self.active = None
         self.tasks[task.task_id] = task

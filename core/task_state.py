@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from core.errors import TaskStateError
+from core.errors import ConfigError, TaskStateError
 from core.mapping import LayerMapping, ModelMapping, Placement
 
 TASK_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -159,7 +159,10 @@ class TaskState:
                 f"{mapping.config.shift_levels}"
             )
         for name, layer_state in self.layers.items():
-            layer = mapping.layer(name)
+            try:
+                layer = mapping.layer(name)
+            except ConfigError as e:
+                raise TaskStateError(f"task {self.task_id}: {e}") from e
             layer_state.validate(layer, self.shift_levels, layer.weight_bits)
 
     def layer_state(self, layer: LayerMapping) -> LayerTaskState:

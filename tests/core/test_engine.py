@@ -157,6 +157,11 @@ def test_task_validation_errors_are_clear(engine):
         engine.forward(torch.zeros(1, 3, 32, 32), "missing")
     with pytest.raises(TaskStateError, match="invalid task name"):
         TaskState("../etc", 3, random_head())
+    with pytest.raises(TaskStateError, match="no mapped layer named"):
+        engine.add_task(TaskState("x", 3, random_head(), {"features.99": bad}))
+    with pytest.raises(TaskStateError, match="must have shape"):
+        engine.add_task(TaskState("y", 3, random_head(),
+                                  digital={"features.1.conv.2.bias": torch.zeros(3)}))
     with pytest.raises(TaskStateError, match="not digital backbone tensors"):
         engine.add_task(TaskState("d", 3, random_head(), digital={"features.0.0.weight_codes":
                                                                   torch.zeros(1)}))
