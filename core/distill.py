@@ -41,6 +41,8 @@ class DistillConfig:
     """Weight of a KL term on the teacher's ImageNet logits. Off by default: matching
     logits on photo crops specialises the features to photos and cost 3.5 points of
     linear-probe accuracy on Animal-MNIST (docs/results.md)."""
+    train_batchnorm: bool = True
+    """Also learn the digital BatchNorm affine terms (statistics stay the teacher's)."""
     block_weight: float = 1.0
     """Weight of matching every stage's output (``features.i``), normalised per stage."""
     pool_size: int = 4096
@@ -74,6 +76,10 @@ def distill_backbone(
     for _, layer in student.layers():
         params += layer.start_weight_training()
         steps.append(layer.input_quant.step)
+    if config.train_batchnorm:
+        for module in student.body.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                params += [module.weight, module.bias]
     optimizer = torch.optim.Adam(
         [{"params": params}, {"params": steps, "lr": config.lr * 5}], lr=config.lr
     )
