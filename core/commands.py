@@ -48,9 +48,9 @@ def git_revision() -> str:
         return "unknown"
 
 
-def imagenet_task(model: CrossbarModel) -> TaskState:
-    """The backbone's own ImageNet classifier as a built-in task."""
-    fp32 = build_backbone(model.backbone_name)
+def imagenet_task(model: CrossbarModel, fp32: torch.nn.Module | None = None) -> TaskState:
+    """The backbone's own ImageNet classifier (from the fp32 checkpoint) as a built-in task."""
+    fp32 = fp32 if fp32 is not None else build_backbone(model.backbone_name)
     return TaskState("imagenet", model.config.shift_levels,
                      imagenet_head(fp32, model.backbone_name, imagenet_labels()))
 
@@ -155,10 +155,11 @@ def fidelity(backbone_file: Path | None, datasets: list[str], size: int, train_l
     fp32 = build_backbone(model.backbone_name)
     naive = CrossbarModel(fp32, model.backbone_name, model.config)
     naive.calibrate(calibration_images(256, size, seed=seed))
+    task = imagenet_task(model, fp32)
     engine = CrossbarEngine(model)
-    engine.add_task(imagenet_task(model))
+    engine.add_task(task)
     naive_engine = CrossbarEngine(naive)
-    naive_engine.add_task(imagenet_task(naive))
+    naive_engine.add_task(task)
 
     photos = _photo_batch(AGREEMENT_PHOTOS, 224)
     crops = calibration_images(200, 224, seed=seed + 1000, photos=AGREEMENT_PHOTOS)

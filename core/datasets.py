@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from core.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from core.errors import ConfigError, ResourceUnavailable
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Datasets without an official test split: this share of each class becomes the test split,
 # then `val_fraction` of what remains becomes validation (so 0.2 / 0.08 / 0.72 by default).
 TEST_FRACTION = 0.2

@@ -154,11 +154,6 @@ class ActivationQuantizer(nn.Module):
             self.step.fill_(self.observer.mse_step(self.bits))
         self.observer = None
 
-    def codes(self, x: Tensor) -> Tensor:
-        """Integer input codes (what the DAC applies)."""
-        qmin, qmax = self.qrange
-        return torch.clamp(torch.round(x / self.step), qmin, qmax)
-
     def forward(self, x: Tensor) -> Tensor:
         if self.observer is not None:
             self.observer.observe(x)
