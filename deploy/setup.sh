@@ -7,13 +7,17 @@ cd "$(dirname "$0")/.."
 VENV=${XMA2_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-# Fashion-MNIST ships as a Debian package (idx files under /usr/share/datasets).
-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+# System packages: Fashion-MNIST (idx files under /usr/share/datasets) and a C++
+# compiler for the crossbar operator (without one xma2 falls back to pure torch).
+need=()
+[ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+command -v g++ >/dev/null || need+=(g++)
+if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
     else
-        echo "setup: Fashion-MNIST missing; run: sudo apt-get install dataset-fashion-mnist" >&2
+        echo "setup: missing ${need[*]}; run: sudo apt-get install ${need[*]}" >&2
     fi
 fi
 
