@@ -8,7 +8,7 @@ a three-level shift mask.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum, StrEnum
 from typing import Any
 
@@ -22,6 +22,36 @@ class DacMode(StrEnum):
     """One multi-level voltage per input: one read cycle per input vector."""
     BIT_SERIAL = "bit_serial"
     """One input bit per cycle (as in NeuroSim): ``activation_bits`` read cycles."""
+
+
+class Fidelity(StrEnum):
+    """How faithfully the engine emulates the chip."""
+
+    IDEAL = "ideal"
+    """Fake-quantized weights and inputs with masks and spare PEs folded into the
+    weights: what a lossless ADC would give. Fastest; the reference for training."""
+    CROSSBAR = "crossbar"
+    """Per-column partial sums, ADC, shift-add, masks after the ADC and optional
+    device non-idealities (:mod:`core.ops.crossbar`)."""
+
+
+class AdcRange(StrEnum):
+    """Where a column ADC's top code sits."""
+
+    CALIBRATED = "calibrated"
+    """Per layer and cell slice, chosen from data to minimise the output error and stored
+    with the backbone (:meth:`core.model.CrossbarModel.calibrate_adc`)."""
+    FULL_SCALE = "full_scale"
+    """The largest partial sum a full column can produce; a ``b``-bit ADC keeps the top
+    ``b`` bits of it, so it is lossless when ``b`` covers the column's sum."""
+
+
+class OperatorImplementation(StrEnum):
+    AUTO = "auto"
+    """The compiled C++ operator when a compiler is available, else the reference."""
+    COMPILED = "compiled"
+    REFERENCE = "reference"
+    """Pure torch, same semantics; the ground truth of the tests."""
 
 
 class DepthwiseMapping(StrEnum):
@@ -107,6 +137,11 @@ class CrossbarConfig:
         return self.cols // self.slices
 
     @property
+    def dac_bits(self) -> int:
+        """Input bits the DAC applies per read cycle."""
+        return self.activation_bits if self.dac_mode is DacMode.MULTI_BIT else 1
+
+    @property
     def weight_offset(self) -> int:
         """Level added to a signed weight code so that it is a non-negative conductance."""
         return 2 ** (self.weight_bits - 1)
@@ -125,3 +160,89 @@ class CrossbarConfig:
         if unknown:
             raise ConfigError(f"unknown crossbar settings {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class NonIdealities:
+    """Device non-idealities of crossbar fidelity; all off by default and seeded.
+
+    Programming variation, stuck cells and the ADC offsets are drawn once when a
+    layer or a spare PE is programmed and then belong to the chip: every request
+    sees the same ones. Read noise is drawn per read.
+    """
+
+    programming_sigma: float = 0.0
+    """Std of a programmed cell's level around its target, in levels (a 2-bit cell
+    has levels 0..3), clipped to the cell's window."""
+    read_sigma: float = 0.0
+    """Std of a cell's level per read, in levels; a column of ``n`` driven rows with
+    inputs ``a`` reads ``sum(a * g) + N(0, read_sigma**2 * sum(a**2))``."""
+    stuck_on_rate: float = 0.0
+    """Fraction of cells stuck at the top level."""
+    stuck_off_rate: float = 0.0
+    """Fraction of cells stuck at level 0."""
+    adc_offset_sigma: float = 0.0
+    """Std of each layer's ADC offset, in LSB."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("programming_sigma", "read_sigma", "adc_offset_sigma"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite value >= 0, got {value}")
+        for name in ("stuck_on_rate", "stuck_off_rate"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {value}")
+        if self.stuck_on_rate + self.stuck_off_rate > 1:
+            raise ConfigError("stuck_on_rate + stuck_off_rate must not exceed 1")
+
+    @property
+    def alters_cells(self) -> bool:
+        return bool(self.programming_sigma or self.stuck_on_rate or self.stuck_off_rate)
+
+    @property
+    def any(self) -> bool:
+        return self.alters_cells or bool(self.read_sigma or self.adc_offset_sigma)
+
+
+@dataclass(frozen=True)
+class CrossbarSettings:
+    """How crossbar fidelity emulates the chip, beside the backbone's :class:`CrossbarConfig`.
+
+    ``adc_bits`` and ``dac_mode`` default to the chip's; overriding them explores
+    another periphery on the same programmed backbone (the energy follows).
+    """
+
+    adc_bits: int | None = None
+    adc_range: AdcRange = AdcRange.CALIBRATED
+    dac_mode: DacMode | None = None
+    non_idealities: NonIdealities = NonIdealities()
+    implementation: OperatorImplementation = OperatorImplementation.AUTO
+    max_chunk_elements: int = 1 << 23
+    """Bound on the partial sums held at once (floats): batches are cut to fit."""
+
+    def __post_init__(self) -> None:
+        if self.adc_bits is not None and not 1 <= self.adc_bits <= 16:
+            raise ConfigError(f"adc_bits must be in 1..16, got {self.adc_bits}")
+        if self.max_chunk_elements < 1:
+            raise ConfigError("max_chunk_elements must be >= 1")
+        for name, enum in (("adc_range", AdcRange), ("dac_mode", DacMode),
+                           ("implementation", OperatorImplementation)):
+            value = getattr(self, name)
+            if value is None or isinstance(value, enum):
+                continue
+            try:
+                object.__setattr__(self, name, enum(value))
+            except ValueError as e:
+                allowed = ", ".join(m.value for m in enum)
+                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}") from e
+
+    def chip(self, config: CrossbarConfig) -> CrossbarConfig:
+        """The chip configuration these settings emulate."""
+        changes: dict[str, Any] = {}
+        if self.adc_bits is not None:
+            changes["adc_bits"] = self.adc_bits
+        if self.dac_mode is not None:
+            changes["dac_mode"] = self.dac_mode
+        return replace(config, **changes) if changes else config

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor
 
-from core.config import CrossbarConfig, DacMode
+from core.config import CrossbarConfig
 from core.errors import ConfigError
 from core.mapping import LayerMapping, Placement
 
@@ -214,8 +214,7 @@ def input_cycles(input_bits: int, input_signed: bool, config: CrossbarConfig) ->
     """Read cycles per input vector: DAC steps, doubled for the two phases of signed inputs."""
     if input_bits < 1:
         raise ConfigError(f"input_bits must be >= 1, got {input_bits}")
-    dac_bits = config.activation_bits if config.dac_mode is DacMode.MULTI_BIT else 1
-    return math.ceil(input_bits / dac_bits) * (2 if input_signed else 1)
+    return math.ceil(input_bits / config.dac_bits) * (2 if input_signed else 1)
 
 
 def _check_masks(

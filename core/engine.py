@@ -3,19 +3,28 @@
 Each task's masks and spare PEs are folded once into effective weights
 (:func:`core.ops.fold.fold_effective_weight`) and kept in a bounded LRU, so
 switching between cached tasks is a pointer swap per layer and a forward pass
-for a task costs what the plain quantized backbone costs. The engine is owned
-by one worker; it is not thread-safe.
+for a task costs what the plain quantized backbone costs.
+
+Crossbar fidelity runs every crossbar layer through the crossbar-exact operator
+(:mod:`core.ops.crossbar`) on the cells as programmed: the engine programs the
+backbone's cells once (with the device non-idealities of its settings, drawn
+once, so every request sees the same chip), programs each task's spare PEs the
+first time the task runs, and keeps the per-task layout beside the folded
+weights. The fidelity can be chosen per call. The engine is owned by one
+worker; it is not thread-safe.
 """
 
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from core.config import AdcRange, CrossbarSettings, Fidelity
 from core.energy import (
     EnergyConfig,
     EnergyReport,
@@ -25,21 +34,32 @@ from core.energy import (
     energy_of,
 )
 from core.errors import ConfigError, TaskNotFound, TaskStateError
+from core.layers import CrossbarConv2d
 from core.lru import LRUCache
-from core.model import CrossbarModel
-from core.ops.fold import fold_effective_weight
-from core.task_state import TaskState, shift_values
+from core.model import DAC_MODES, CrossbarModel
+from core.ops.crossbar import (
+    CrossbarProgram,
+    build_program,
+    full_scale_adc_step,
+    layer_cell_levels,
+    spare_cell_levels,
+    task_cell_levels,
+)
+from core.ops.fold import fold_effective_weight, replaced_columns
+from core.task_state import LayerTaskState, TaskState, shift_values
 
 
 @dataclass
 class PreparedTask:
-    """A task's state decoded into the tensors the forward pass uses."""
+    """A task's state decoded into the tensors the forward pass uses (weights in code units)."""
 
     task: TaskState
     weights: dict[str, Tensor]
     digital: dict[str, nn.Parameter | Tensor]
     prepare_seconds: float
     ops_per_image: dict[tuple[int, int], OpCounts] = field(default_factory=dict)
+    programs: dict[str, CrossbarProgram] | None = None
+    """Crossbar-fidelity layout of every crossbar layer, built on first crossbar use."""
 
 
 @dataclass
@@ -55,18 +75,25 @@ class CrossbarEngine:
     Args:
         model: the calibrated, quantized backbone.
         max_prepared_tasks: how many tasks keep folded weights in memory.
-        energy: per-operation energy constants (defaults derive from the crossbar config).
+        energy: per-operation energy constants (defaults derive from the chip).
+        fidelity: the default fidelity of :meth:`forward` and :meth:`features`.
+        crossbar: how crossbar fidelity emulates the chip (ADC, DAC, non-idealities).
     """
 
     def __init__(
         self, model: CrossbarModel, *, max_prepared_tasks: int = 8,
-        energy: EnergyConfig | None = None,
+        energy: EnergyConfig | None = None, fidelity: Fidelity | str = Fidelity.IDEAL,
+        crossbar: CrossbarSettings | None = None,
     ) -> None:
         if model.mapping is None:
             raise ConfigError("the backbone has no crossbar mapping: calibrate or load it first")
         self.model = model.eval()
         self.mapping = model.mapping
-        self.energy_config = energy or EnergyConfig.for_crossbar(model.config)
+        self.crossbar = crossbar or CrossbarSettings()
+        self.chip = self.crossbar.chip(model.config)
+        """The chip as emulated: the backbone's config with the settings' ADC and DAC."""
+        self.fidelity = _fidelity(fidelity)
+        self.energy_config = energy or EnergyConfig.for_crossbar(self.chip)
         self.tasks: dict[str, TaskState] = {}
         self.prepared: LRUCache[str, PreparedTask] = LRUCache(max_prepared_tasks)
         self.active: str | None = None
@@ -75,6 +102,12 @@ class CrossbarEngine:
         self._digital_names = self._overridable_names()
         self._digital_defaults: dict[str, nn.Parameter | Tensor] = {}
         self._positions: dict[tuple[int, int], dict[str, int]] = {}
+        self._backbone_cells: dict[str, Tensor] = {}
+        self._backbone_programs: dict[str, CrossbarProgram] = {}
+        noise = self.crossbar.non_idealities
+        self._read_generator = torch.Generator().manual_seed(_seed(noise.seed, "read"))
+        if self.fidelity is Fidelity.CROSSBAR:
+            self._check_adc()
 
     # -- registration ----------------------------------------------------------------
 
@@ -128,7 +161,7 @@ class CrossbarEngine:
                 layer = self._layers[name]
                 assert layer.mapping is not None
                 weights[name] = fold_effective_weight(
-                    layer.weight_codes, layer.weight_scale, layer.mapping,
+                    layer.weight_codes, torch.ones_like(layer.weight_scale), layer.mapping,
                     column_values=values[state.column_codes.long()],
                     pe_mask=state.pe_mask, spare_codes=state.spare_codes,
                 )
@@ -144,15 +177,22 @@ class CrossbarEngine:
         self.prepared.put(task_id, prepared)
         return prepared
 
-    def activate(self, task_id: str) -> PreparedTask:
-        """Point every layer at the task's effective weights (a swap, no copy)."""
+    def activate(self, task_id: str, fidelity: Fidelity | str | None = None) -> PreparedTask:
+        """Point every layer at the task's effective weights or programmed cells (no copy)."""
         prepared = self.prepare(task_id)
+        crossbar = _fidelity(fidelity or self.fidelity) is Fidelity.CROSSBAR
+        programs = self._programs(prepared) if crossbar else None
+        for name, layer in self._layers.items():
+            layer.program = programs.get(name) if programs is not None else None
+            layer.implementation = self.crossbar.implementation
+            layer.read_generator = self._read_generator
+            layer.max_chunk_elements = self.crossbar.max_chunk_elements
         if self.active == task_id:
             return prepared
         previous = self.prepared.peek(self.active) if self.active else None
         for name, layer in self._layers.items():
             if name in prepared.weights:
-                layer.effective_weight = prepared.weights[name]
+                layer.effective_codes = prepared.weights[name]
             elif previous is None or name in previous.weights:
                 layer.reset_effective_weight()
         for name in set(self._digital_defaults) - set(prepared.digital):
@@ -168,15 +208,129 @@ class CrossbarEngine:
     # -- inference -------------------------------------------------------------------
 
     @torch.no_grad()
-    def features(self, x: Tensor, task_id: str) -> Tensor:
-        self.activate(task_id)
+    def features(self, x: Tensor, task_id: str, fidelity: Fidelity | str | None = None
+                 ) -> Tensor:
+        self.activate(task_id, fidelity)
         return self.model(x)
 
     @torch.no_grad()
-    def forward(self, x: Tensor, task_id: str) -> Tensor:
+    def forward(self, x: Tensor, task_id: str, fidelity: Fidelity | str | None = None
+                ) -> Tensor:
         """Logits of the task's head for a batch ``[B, 3, H, W]``."""
         head = self._task(task_id).head
-        return torch.nn.functional.linear(self.features(x, task_id), head.weight, head.bias)
+        features = self.features(x, task_id, fidelity)
+        return torch.nn.functional.linear(features, head.weight, head.bias)
+
+    # -- the programmed chip (crossbar fidelity) -------------------------------------
+
+    def _check_adc(self) -> None:
+        if self.crossbar.adc_range is not AdcRange.CALIBRATED:
+            return
+        if not self.model.adc_calibrated:
+            raise ConfigError(
+                "this backbone's ADC ranges are not calibrated: run "
+                "CrossbarModel.calibrate_adc (xma2 quantize does) or use "
+                "CrossbarSettings(adc_range='full_scale')"
+            )
+        if self.model.adc_calibrated_bits != self.chip.adc_bits:
+            raise ConfigError(
+                f"the backbone's ADC ranges were calibrated for {self.model.adc_calibrated_bits}"
+                f"-bit ADCs, not {self.chip.adc_bits}: run calibrate_adc(images, adc_bits="
+                f"{self.chip.adc_bits}) on the backbone, or use adc_range='full_scale'"
+            )
+
+    def _programs(self, prepared: PreparedTask) -> dict[str, CrossbarProgram]:
+        if prepared.programs is None:
+            self._check_adc()
+            task = prepared.task
+            values = shift_values(task.shift_levels)
+            programs = {}
+            for name, layer in self._layers.items():
+                if not layer.on_crossbar:
+                    continue
+                state = task.layers.get(name)
+                if state is None:
+                    programs[name] = self._backbone_program(name, layer)
+                else:
+                    programs[name] = self._task_program(task.task_id, name, layer, state, values)
+            prepared.programs = programs
+        return prepared.programs
+
+    def _backbone_program(self, name: str, layer: CrossbarConv2d) -> CrossbarProgram:
+        if name not in self._backbone_programs:
+            mapping = layer.mapping
+            assert mapping is not None
+            ones = torch.ones(mapping.row_groups, mapping.out_channels)
+            self._backbone_programs[name] = self._layout(name, layer, self._cells(name, layer),
+                                                         ones)
+        return self._backbone_programs[name]
+
+    def _task_program(self, task_id: str, name: str, layer: CrossbarConv2d,
+                      state: LayerTaskState, values: Tensor) -> CrossbarProgram:
+        mapping = layer.mapping
+        assert mapping is not None
+        column_values = values[state.column_codes.long()]
+        cells = self._cells(name, layer)
+        if state.replaced_pes:
+            spare = spare_cell_levels(state.spare_codes, state.pe_mask, mapping)
+            spare = self._program_cells(spare, _seed(self.crossbar.non_idealities.seed,
+                                                     f"spare/{task_id}/{name}"))
+            cells = task_cell_levels(cells, spare, state.pe_mask, mapping)
+            column_values = torch.where(replaced_columns(state.pe_mask, mapping),
+                                        1.0, column_values)
+        return self._layout(name, layer, cells, column_values)
+
+    def _cells(self, name: str, layer: CrossbarConv2d) -> Tensor:
+        """The backbone's cell levels of a layer as programmed on this chip (once)."""
+        if name not in self._backbone_cells:
+            mapping = layer.mapping
+            assert mapping is not None
+            levels = layer_cell_levels(layer.weight_codes, mapping)
+            seed = _seed(self.crossbar.non_idealities.seed, f"backbone/{name}")
+            self._backbone_cells[name] = self._program_cells(levels, seed)
+        return self._backbone_cells[name]
+
+    def _program_cells(self, levels: Tensor, seed: int) -> Tensor:
+        """Target levels -> programmed levels: variation and stuck cells, drawn once.
+
+        Every cell of a tile is drawn, including rows past the layer's weights: their
+        inputs are zero, so it changes nothing but keeps draws independent of the shape."""
+        noise = self.crossbar.non_idealities
+        if not noise.alters_cells:
+            return levels
+        top = float(2**self.chip.bits_per_cell - 1)
+        generator = torch.Generator().manual_seed(seed)
+        programmed = levels.clone()
+        if noise.programming_sigma:
+            drift = torch.randn(levels.shape, generator=generator) * noise.programming_sigma
+            programmed = (programmed + drift).clamp_(0, top)
+        if noise.stuck_on_rate or noise.stuck_off_rate:
+            draw = torch.rand(levels.shape, generator=generator)
+            programmed = torch.where(draw < noise.stuck_on_rate, top, programmed)
+            stuck_off = (draw >= noise.stuck_on_rate) & (
+                draw < noise.stuck_on_rate + noise.stuck_off_rate)
+            programmed = torch.where(stuck_off, 0.0, programmed)
+        return programmed
+
+    def _layout(self, name: str, layer: CrossbarConv2d, cells: Tensor,
+                column_values: Tensor) -> CrossbarProgram:
+        mapping = layer.mapping
+        assert mapping is not None and layer.adc_range is not None
+        chip = self.chip
+        qmax = 2**chip.adc_bits - 1
+        if self.crossbar.adc_range is AdcRange.FULL_SCALE:
+            step = full_scale_adc_step(mapping, dac_bits=chip.dac_bits, adc_bits=chip.adc_bits,
+                                       crossbar_rows=chip.rows)
+        else:
+            step = layer.adc_range[DAC_MODES.index(chip.dac_mode)] / qmax
+        noise = self.crossbar.non_idealities
+        offset = 0.0
+        if noise.adc_offset_sigma:
+            generator = torch.Generator().manual_seed(_seed(noise.seed, f"adc/{name}"))
+            offset = float(torch.randn((), generator=generator)) * noise.adc_offset_sigma
+        return build_program(cells, column_values, mapping, dac_bits=chip.dac_bits,
+                             adc_step=step, adc_bits=chip.adc_bits, adc_offset_lsb=offset,
+                             read_sigma=noise.read_sigma)
 
     # -- energy ----------------------------------------------------------------------
 
@@ -194,7 +348,7 @@ class CrossbarEngine:
             state = task.layers.get(name)
             total = total + count_layer_ops(
                 layer.mapping, images=1, positions_per_image=positions[name],
-                config=self.model.config,
+                config=self.chip,
                 column_codes=None if state is None else state.column_codes,
                 pe_mask=None if state is None else state.pe_mask,
             )
@@ -252,3 +406,16 @@ class CrossbarEngine:
             module._parameters[attr] = value  # type: ignore[assignment]
         else:
             module._buffers[attr] = value
+
+
+def _fidelity(value: Fidelity | str) -> Fidelity:
+    try:
+        return Fidelity(value)
+    except ValueError as e:
+        allowed = ", ".join(f.value for f in Fidelity)
+        raise ConfigError(f"fidelity must be one of {allowed}, got {value!r}") from e
+
+
+def _seed(base: int, what: str) -> int:
+    """A stable seed per chip part (Python's ``hash`` of a string changes per process)."""
+    return (base * 1_000_003 + zlib.crc32(what.encode())) % (2**63)

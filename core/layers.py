@@ -1,10 +1,16 @@
 """Backbone layers as they sit on the accelerator.
 
 A :class:`CrossbarConv2d` owns the frozen weight codes and scales (what the
-cells and the digital periphery hold), its input quantizer (the DAC), and an
-``effective_weight`` buffer that the engine points at the active task's
-folded weights. ``forward`` is a plain convolution on that buffer, so a task
-costs what the quantized backbone costs.
+cells and the digital periphery hold), its input quantizer (the DAC), the
+calibrated range of its column ADCs, and the active task's folded weights.
+The engine points ``effective_codes`` at a task's weights in code units (codes
+times mask values, spare PEs' codes where replaced); ideal fidelity then
+convolves the integer input codes with them and applies ``input step * weight
+scale`` once per output. Every partial sum is an integer (or a multiple of the
+smallest shift) below ``2**24``, so that is exact and equals what a lossless
+crossbar computes, bit for bit. When the engine sets ``program`` (crossbar
+fidelity) the layer runs the crossbar-exact operator instead. Training code
+may set ``effective_weight`` (dequantized, differentiable) directly.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.config import OperatorImplementation
 from core.mapping import LayerMapping, Placement
+from core.ops.crossbar import ConvGeometry, CrossbarProgram, crossbar_conv2d
 from core.quant import (
     ActivationQuantizer,
     fake_quant_weight,
@@ -58,8 +66,17 @@ class CrossbarConv2d(nn.Module):
         self.register_buffer(
             "bias", None if conv.bias is None else conv.bias.detach().float().clone()
         )
-        self.register_buffer("effective_weight", self.backbone_weight(), persistent=False)
+        self.register_buffer("_task_codes", self.weight_codes.float(), persistent=False)
+        self.register_buffer("_task_weight", None, persistent=False)
+        self.register_buffer("adc_range", None)
+        """``[dac modes, slices]`` top of each column ADC's range (partial-sum units) per
+        DAC mode and cell slice; zeros until calibrated. Crossbar layers only."""
         self.latent_weight: nn.Parameter | None = None
+        self.program: CrossbarProgram | None = None
+        """Set by the engine for crossbar fidelity: the active task's programmed cells."""
+        self.implementation = OperatorImplementation.AUTO
+        self.read_generator: torch.Generator | None = None
+        self.max_chunk_elements = 1 << 23
 
     @property
     def on_crossbar(self) -> bool:
@@ -69,8 +86,30 @@ class CrossbarConv2d(nn.Module):
         """Dequantized frozen weight: what every task sees on its frozen PEs."""
         return self.weight_codes.float() * self.weight_scale.reshape(-1, 1, 1, 1)
 
+    @property
+    def effective_weight(self) -> Tensor:
+        """The active task's dequantized weight."""
+        if self._task_weight is not None:
+            return self._task_weight
+        return self._task_codes * self.weight_scale.reshape(-1, 1, 1, 1)
+
+    @effective_weight.setter
+    def effective_weight(self, weight: Tensor) -> None:
+        self._task_weight = weight
+        self._task_codes = None
+
+    @property
+    def effective_codes(self) -> Tensor | None:
+        """The active task's weight in code units (None when a float weight was set)."""
+        return self._task_codes
+
+    @effective_codes.setter
+    def effective_codes(self, codes: Tensor) -> None:
+        self._task_codes = codes
+        self._task_weight = None
+
     def reset_effective_weight(self) -> None:
-        self.effective_weight = self.backbone_weight()
+        self.effective_codes = self.weight_codes.float()
 
     def start_weight_training(self) -> list[nn.Parameter]:
         """Expose a latent fp32 weight and a learnable scale for quantization-aware training."""
@@ -90,9 +129,36 @@ class CrossbarConv2d(nn.Module):
         self.latent_weight = None
         self.reset_effective_weight()
 
+    def _exact_inputs(self) -> bool:
+        """Whether inputs are quantized to codes here (inference, quantizer active)."""
+        quant = self.input_quant
+        return (not torch.is_grad_enabled() and type(quant) is ActivationQuantizer
+                and quant.observer is None and quant.fake_quant_enabled)
+
+    def add_adc_range(self, dac_modes: int, slices: int) -> None:
+        self.adc_range = torch.zeros(dac_modes, slices)
+
+    @property
+    def geometry(self) -> ConvGeometry:
+        return ConvGeometry(tuple(self.stride), tuple(self.padding), tuple(self.dilation))  # type: ignore[arg-type]
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.program is not None:
+            codes = self.input_quant.codes(x)
+            acc = crossbar_conv2d(
+                codes, self.program, self.geometry, implementation=self.implementation,
+                generator=self.read_generator, max_chunk_elements=self.max_chunk_elements,
+            )
+            scale = (self.input_quant.step * self.weight_scale).reshape(1, -1, 1, 1)
+            out = acc.mul_(scale)
+            return out if self.bias is None else out.add_(self.bias.reshape(1, -1, 1, 1))
         if self.latent_weight is not None:
             weight = fake_quant_weight(self.latent_weight, self.weight_scale, self.weight_bits)
+        elif self._task_codes is not None and self._exact_inputs():
+            out = F.conv2d(self.input_quant.codes(x), self._task_codes, None, self.stride,
+                           self.padding, self.dilation, self.groups)
+            out = out.mul_((self.input_quant.step * self.weight_scale).reshape(1, -1, 1, 1))
+            return out if self.bias is None else out.add_(self.bias.reshape(1, -1, 1, 1))
         else:
             weight = self.effective_weight
         return F.conv2d(

@@ -5,6 +5,10 @@ weights: per-channel weight quantization gives the same codes either way
 (a positive per-channel factor only rescales the channel's scale), and keeping
 it digital lets a task own its BatchNorm terms without touching a cell.
 
+The column ADCs' ranges are calibrated from data after the weights are final
+(:meth:`CrossbarModel.calibrate_adc`) and saved with the backbone: they are a
+property of the programmed chip, like the weight codes.
+
 Saved as one safetensors file whose ``__metadata__`` carries the format
 version, backbone name, crossbar config and per-layer input signedness.
 """
@@ -14,8 +18,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,15 +30,18 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from core.backbones.registry import build_backbone
-from core.config import CrossbarConfig
+from core.config import CrossbarConfig, DacMode
 from core.errors import ConfigError, ResourceUnavailable
 from core.layers import CrossbarConv2d, crossbar_layers
 from core.mapping import ModelMapping, map_layer
+from core.ops.crossbar import input_cycles, layer_cell_levels
 from core.quant import ActivationQuantizer
 from core.task_state import TaskHead
 
 FORMAT_VERSION = "1"
 HEAD_MODULES = {"mobilenet_v2": "classifier", "resnet18": "fc", "resnet50": "fc"}
+DAC_MODES = tuple(DacMode)
+"""Row order of every layer's ``adc_range`` buffer."""
 
 
 def _head_linear(head: nn.Module) -> nn.Linear:
@@ -98,9 +108,13 @@ class CrossbarModel(nn.Module):
                 w_bits, a_bits = config.weight_bits, config.activation_bits
             layer = CrossbarConv2d(conv, w_bits, ActivationQuantizer(a_bits), quantize=quantize)
             layer.input_quant.inplace = _input_is_exclusive(body, name)
+            if not depthwise:
+                layer.add_adc_range(len(DAC_MODES), math.ceil(w_bits / config.bits_per_cell))
             _set_submodule(body, name, layer)
         self.body = body
         self.mapping: ModelMapping | None = None
+        self.adc_calibrated_bits: int | None = None
+        """ADC resolution the stored ranges were tuned for (None: not calibrated)."""
 
     def layers(self) -> list[tuple[str, CrossbarConv2d]]:
         return crossbar_layers(self.body)
@@ -135,6 +149,72 @@ class CrossbarModel(nn.Module):
                 quant.bits = max(quant.bits, self.config.signed_input_bits)
             quant.apply_observer()
         self.build_mapping()
+        self.calibrate_adc(images[:64], batch_size=batch_size)
+
+    @torch.no_grad()
+    def calibrate_adc(self, images: Tensor, batch_size: int = 32, max_samples: int = 100_000,
+                      seed: int = 0, adc_bits: int | None = None) -> None:
+        """Choose each crossbar layer's ADC range, per DAC mode and cell slice.
+
+        The range's top minimises the ADC's squared error on the layer's real partial
+        sums (the backbone's cells, lossless inputs, ideal fidelity upstream), each
+        sample weighted by the square of its input cycle's significance, so that the
+        error is measured in the layer's output units. Run it after the weights and
+        input quantizers are final. ``adc_bits`` defaults to the chip's; ranges tuned
+        for other bits serve experiments with another ADC on the same backbone.
+        """
+        if self.mapping is None:
+            self.build_mapping()
+        self.eval()
+        generator = torch.Generator().manual_seed(seed)
+        layers = [(n, m) for n, m in self.layers() if m.on_crossbar]
+        samples: dict[tuple[str, int], list[tuple[Tensor, Tensor]]] = {}
+        weights = {n: self._slice_conv_weight(m) for n, m in layers}
+
+        def collect(name: str, layer: CrossbarConv2d) -> Callable[..., None]:
+            def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+                quant = layer.input_quant
+                qmin, qmax = quant.qrange
+                codes = (inputs[0] / quant.step).round().clamp(qmin, qmax)
+                for mode_index, mode in enumerate(DAC_MODES):
+                    psums, cycle_weight = _slice_partial_sums(
+                        codes, layer, weights[name], replace(self.config, dac_mode=mode).dac_bits)
+                    samples.setdefault((name, mode_index), []).append(
+                        _subsample(psums, cycle_weight, max_samples // 8, generator))
+            return hook
+
+        hooks = [m.register_forward_pre_hook(collect(n, m)) for n, m in layers]
+        try:
+            for start in range(0, len(images), batch_size):
+                self(images[start : start + batch_size])
+        finally:
+            for h in hooks:
+                h.remove()
+        bits = self.config.adc_bits if adc_bits is None else adc_bits
+        qmax = 2**bits - 1
+        self.adc_calibrated_bits = bits
+        for name, layer in layers:
+            assert layer.adc_range is not None
+            for mode_index in range(len(DAC_MODES)):
+                values = torch.cat([v for v, _ in samples[(name, mode_index)]], dim=1)
+                weight = torch.cat([w for _, w in samples[(name, mode_index)]], dim=1)
+                for s in range(values.shape[0]):
+                    layer.adc_range[mode_index, s] = _best_adc_top(values[s], weight[s], qmax)
+
+    @property
+    def adc_calibrated(self) -> bool:
+        ranges = [m.adc_range for _, m in self.layers() if m.on_crossbar]
+        return self.adc_calibrated_bits is not None and all(
+            r is not None and bool((r > 0).all()) for r in ranges)
+
+    @staticmethod
+    def _slice_conv_weight(layer: CrossbarConv2d) -> Tensor:
+        """Unpacked cell levels as a grouped-conv weight: one output per column and slice."""
+        mapping = layer.mapping
+        assert mapping is not None
+        levels = layer_cell_levels(layer.weight_codes, mapping)  # [S, Cout, R, rows]
+        return levels.permute(2, 1, 0, 3).reshape(
+            -1, mapping.channels_per_row_group, *mapping.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
         """Pooled features of the active task (see :class:`core.engine.CrossbarEngine`)."""
@@ -155,6 +235,7 @@ class CrossbarModel(nn.Module):
         signed = {n: layer.input_quant.signed for n, layer in self.layers()}
         bits = {n: layer.input_quant.bits for n, layer in self.layers()}
         return {
+            "adc_calibrated_bits": json.dumps(self.adc_calibrated_bits),
             "input_bits": json.dumps(bits, sort_keys=True),
             "format_version": FORMAT_VERSION,
             "backbone": self.backbone_name,
@@ -203,8 +284,10 @@ class CrossbarModel(nn.Module):
         for layer_name, layer in model.layers():
             layer.input_quant.signed = bool(signed[layer_name])
             layer.input_quant.bits = int(bits[layer_name])
+        model.adc_calibrated_bits = json.loads(metadata.get("adc_calibrated_bits", "null"))
         state = load_file(str(path))
         missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith(".adc_range")]  # uncalibrated file
         if missing or unexpected:
             raise ConfigError(
                 f"{path} does not match backbone {name}: missing {missing[:3]}, "
@@ -214,6 +297,54 @@ class CrossbarModel(nn.Module):
             layer.reset_effective_weight()
         model.build_mapping()
         return model.eval()
+
+
+def _slice_partial_sums(
+    codes: Tensor, layer: CrossbarConv2d, weight: Tensor, bits_per_cycle: int,
+) -> tuple[Tensor, Tensor]:
+    """Lossless partial sums ``[slices, n]`` of every column and cycle, with cycle weights."""
+    mapping = layer.mapping
+    assert mapping is not None
+    chunks, cycle_weights = input_cycles(codes, mapping.input_bits, mapping.input_signed,
+                                         bits_per_cycle)
+    padded = mapping.row_groups * mapping.channels_per_row_group - codes.shape[1]
+    values, weights = [], []
+    for chunk, cycle_weight in zip(chunks, cycle_weights, strict=True):
+        chunk = torch.nn.functional.pad(chunk, (0, 0, 0, 0, 0, padded))
+        psum = torch.nn.functional.conv2d(chunk, weight, None, layer.stride, layer.padding,
+                                          layer.dilation, mapping.row_groups)
+        psum = psum.reshape(psum.shape[0], mapping.row_groups, mapping.out_channels,
+                            mapping.slices, -1)
+        flat = psum.movedim(3, 0).reshape(mapping.slices, -1)
+        values.append(flat)
+        weights.append(torch.full_like(flat, cycle_weight**2))
+    return torch.cat(values, dim=1), torch.cat(weights, dim=1)
+
+
+def _subsample(values: Tensor, weights: Tensor, limit: int, generator: torch.Generator
+               ) -> tuple[Tensor, Tensor]:
+    if values.shape[1] <= limit:
+        return values, weights
+    index = torch.randint(values.shape[1], (limit,), generator=generator)
+    return values[:, index], weights[:, index]
+
+
+def _best_adc_top(values: Tensor, weights: Tensor, qmax: int, grid: int = 80) -> float:
+    """Top of the ADC range minimising the weighted squared error of integer ``values``.
+
+    The step never goes below one partial-sum level: finer codes would only resolve
+    values that cannot occur, and would clip sums the calibration images missed."""
+    top = float(values.max())
+    if top <= qmax:
+        return float(qmax)  # one code per partial-sum level covers everything: lossless
+    best, best_err = top, math.inf
+    for ratio in torch.linspace(qmax / top, 1.0, grid).tolist():
+        step = top * ratio / qmax
+        q = torch.round(values / step).clamp_(0, qmax) * step
+        err = float((weights * (q - values).square()).sum())
+        if err < best_err:
+            best, best_err = top * ratio, err
+    return best
 
 
 def imagenet_head(backbone: nn.Module, backbone_name: str, labels: list[str]) -> TaskHead:

@@ -169,5 +169,12 @@ class ActivationQuantizer(nn.Module):
         step = _grad_scale(self.step, 1.0 / math.sqrt(x[0].numel() * max(qmax, 1)))
         return round_ste(torch.clamp(x / step, qmin, qmax)) * step
 
+    @torch.no_grad()
+    def codes(self, x: Tensor) -> Tensor:
+        """Integer input codes (as floats) that the DAC applies; ``forward`` is ``step * codes``."""
+        qmin, qmax = self.qrange
+        y = x.div_(self.step) if self.inplace else x / self.step
+        return y.round_().clamp_(qmin, qmax)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}"

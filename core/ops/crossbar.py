@@ -1,0 +1,384 @@
+"""Crossbar-exact convolution: what the PEs, ADCs and shift-adders of one layer compute.
+
+For each input cycle (the DAC applies a ``dac_bits`` chunk of every input code,
+positive part first and then the negative part of signed inputs), every PE
+column sums ``input * cell level`` over its row group. Each column's ADC turns
+that sum into a code::
+
+    adc(p) = step * clamp(round(p / step + offset_lsb), 0, 2**adc_bits - 1)
+
+with a per-slice ``step`` (the range divided by the top code). The shift-adder
+weights the cell slices of a logical column by their significance
+(``4**(slices-1-s)`` for 2-bit cells) and multiplies by the column's shift-mask
+value (a column masked to 0 is never converted); the periphery subtracts the
+offset encoding's ``offset * sum(inputs of the row group)``; the adder tree sums
+the row groups; cycles are weighted by their significance and sign. The result
+is ``sum(input_code * weight_code * mask)`` exactly when the ADC is lossless,
+which is what ideal fidelity computes in floating point.
+
+A row group is whole input channels, so all PEs of a layer form one grouped
+convolution (``groups = row_groups``) over the cells' levels. With integer
+levels every partial sum is an integer below ``2**k``; ``pack`` slices share one
+fp32 output column as ``sum(level_t * 2**(k*t))`` (exact below ``2**24``),
+which halves the convolution work for 2-slice weights. The compiled operator
+(``crossbar_kernel.cpp``) and :func:`_adc_shift_add_reference` implement the
+same semantics; :func:`crossbar_conv2d` cuts the batch so that the partial
+sums in memory stay under a bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from core.config import OperatorImplementation
+from core.errors import ConfigError
+from core.mapping import LayerMapping
+from core.ops.extension import crossbar_extension
+from core.ops.fold import replaced_columns, spare_rows, to_row_groups
+from core.programming import weight_codes_to_cell_levels
+
+__all__ = [
+    "ConvGeometry",
+    "CrossbarProgram",
+    "build_program",
+    "crossbar_conv2d",
+    "input_cycles",
+    "layer_cell_levels",
+    "task_cell_levels",
+]
+
+_EXACT_FLOAT_BITS = 24
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    def output_size(self, height: int, width: int, kernel: tuple[int, int]) -> tuple[int, int]:
+        sizes = []
+        for size, k, s, p, d in zip((height, width), kernel, self.stride, self.padding,
+                                    self.dilation, strict=True):
+            sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+        return sizes[0], sizes[1]
+
+
+@dataclass(frozen=True, eq=False)
+class CrossbarProgram:
+    """One crossbar layer as programmed for one task, laid out for the operator."""
+
+    weight: Tensor
+    """``[row_groups * columns, channels_per_group, kh, kw]``: per row group, the packed
+    cell levels of every output channel followed by a column of ones (the input sum)."""
+    column_values: Tensor
+    """``[row_groups, out_channels]`` shift-mask value of every logical column (1 on
+    replaced PEs)."""
+    slice_weight: Tensor
+    """``[slices]`` significance of each cell slice (slice 0 = most significant)."""
+    adc_step: Tensor
+    """``[slices]`` ADC step per cell slice, in partial-sum units."""
+    adc_qmax: float
+    adc_offset_lsb: float
+    weight_offset: float
+    row_groups: int
+    channels_per_group: int
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    slices: int
+    pack: int
+    pack_base: float
+    input_bits: int
+    input_signed: bool
+    dac_bits: int
+    read_sigma: float = 0.0
+
+    @property
+    def packed_columns(self) -> int:
+        return math.ceil(self.slices / self.pack)
+
+    @property
+    def columns(self) -> int:
+        return self.out_channels * self.packed_columns + 1
+
+    @property
+    def cycles(self) -> int:
+        return math.ceil(self.input_bits / self.dac_bits) * (2 if self.input_signed else 1)
+
+    def adc(self, analog: Tensor) -> Tensor:
+        """The ADC's output for analog partial sums ``[..., slices, positions]``."""
+        step = self.adc_step.reshape(-1, 1)
+        levels = torch.round(analog / step + self.adc_offset_lsb).clamp_(0, self.adc_qmax)
+        return levels * step
+
+    def zero_reads_zero(self) -> bool:
+        """Whether a cycle whose inputs are all zero adds nothing (then it can be skipped)."""
+        return self.read_sigma == 0 and bool(
+            (self.adc(torch.zeros(self.slices, 1)) == 0).all()
+        )
+
+
+def layer_cell_levels(codes: Tensor, layer: LayerMapping) -> Tensor:
+    """Cell levels ``[slices, Cout, row_groups, rows_per_group]`` of weight codes
+    ``[Cout, Cin, kh, kw]`` under OFFSET encoding; rows past the layer are empty (0)."""
+    grouped = to_row_groups(codes.to(torch.int64), layer)
+    levels = weight_codes_to_cell_levels(grouped, weight_bits=layer.weight_bits,
+                                         bits_per_cell=layer.bits_per_cell)
+    levels = levels.permute(3, 0, 1, 2).float()
+    rows = torch.arange(layer.row_groups * layer.rows_per_group).reshape(
+        layer.row_groups, layer.rows_per_group)
+    return levels * (rows < layer.weight_rows)
+
+
+def task_cell_levels(
+    backbone_levels: Tensor, spare_levels: Tensor | None, pe_mask: Tensor | None,
+    layer: LayerMapping,
+) -> Tensor:
+    """The layer's cells as a task reads them: spare PEs' cells where ``pe_mask`` replaces."""
+    if pe_mask is None or spare_levels is None or not bool(pe_mask.any()):
+        return backbone_levels
+    replaced = replaced_columns(pe_mask, layer).t()  # [Cout, R]
+    return torch.where(replaced[None, :, :, None], spare_levels, backbone_levels)
+
+
+def spare_cell_levels(spare_codes: Tensor, pe_mask: Tensor, layer: LayerMapping) -> Tensor:
+    """Levels ``[slices, Cout, R, rows_per_group]`` of the spare PEs (other cells zero)."""
+    codes = spare_rows(spare_codes.to(torch.int64), pe_mask, layer)  # [Cout, R, rows]
+    levels = weight_codes_to_cell_levels(codes, weight_bits=layer.weight_bits,
+                                         bits_per_cell=layer.bits_per_cell)
+    replaced = replaced_columns(pe_mask, layer).t()
+    rows = torch.arange(layer.row_groups * layer.rows_per_group).reshape(
+        layer.row_groups, layer.rows_per_group)
+    keep = replaced[:, :, None] & (rows < layer.weight_rows)
+    return levels.permute(3, 0, 1, 2).float() * keep
+
+
+def _pack_factor(layer: LayerMapping, dac_bits: int, integer_levels: bool) -> tuple[int, float]:
+    if not integer_levels:
+        return 1, 1.0
+    rows = min(layer.rows_per_group, layer.weight_rows)
+    largest = rows * (2**dac_bits - 1) * (2**layer.bits_per_cell - 1)
+    bits = max(1, math.ceil(math.log2(largest + 1)))
+    pack = max(1, min(layer.slices, _EXACT_FLOAT_BITS // bits))
+    return pack, float(2**bits)
+
+
+def build_program(
+    levels: Tensor, column_values: Tensor, layer: LayerMapping, *, dac_bits: int,
+    adc_step: Tensor, adc_bits: int, adc_offset_lsb: float = 0.0, read_sigma: float = 0.0,
+) -> CrossbarProgram:
+    """Lay out programmed cell levels ``[slices, Cout, R, rows_per_group]`` for the operator."""
+    slices, cout, groups, rows = levels.shape
+    if (slices, cout, groups, rows) != (layer.slices, layer.out_channels, layer.row_groups,
+                                        layer.rows_per_group):
+        raise ConfigError(f"layer {layer.name}: cell levels of shape {list(levels.shape)} do "
+                          "not match its mapping")
+    integer = bool(torch.equal(levels, levels.round()))
+    pack, base = _pack_factor(layer, dac_bits, integer)
+    packed = math.ceil(slices / pack)
+    padded = F.pad(levels, (0, 0, 0, 0, 0, 0, 0, packed * pack - slices))
+    digits = padded.reshape(packed, pack, cout, groups, rows)
+    scale = base ** torch.arange(pack, dtype=torch.float64)
+    combined = (digits.double() * scale.reshape(1, -1, 1, 1, 1)).sum(1).float()
+    columns = combined.permute(2, 1, 0, 3).reshape(groups, cout * packed, rows)
+    ones = torch.ones(groups, 1, rows)
+    weight = torch.cat([columns, ones], dim=1).reshape(
+        groups * (cout * packed + 1), layer.channels_per_row_group, *layer.kernel_size)
+    slice_weight = 2.0 ** (layer.bits_per_cell * torch.arange(slices - 1, -1, -1).float())
+    return CrossbarProgram(
+        weight=weight.contiguous(),
+        column_values=column_values.float().contiguous(),
+        slice_weight=slice_weight,
+        adc_step=adc_step.float().reshape(slices).contiguous(),
+        adc_qmax=float(2**adc_bits - 1),
+        adc_offset_lsb=float(adc_offset_lsb),
+        weight_offset=float(2 ** (layer.weight_bits - 1)),
+        row_groups=groups,
+        channels_per_group=layer.channels_per_row_group,
+        in_channels=layer.in_channels,
+        out_channels=cout,
+        kernel_size=layer.kernel_size,
+        slices=slices,
+        pack=pack,
+        pack_base=base,
+        input_bits=layer.input_bits,
+        input_signed=layer.input_signed,
+        dac_bits=dac_bits,
+        read_sigma=read_sigma,
+    )
+
+
+def full_scale_adc_step(layer: LayerMapping, *, dac_bits: int, adc_bits: int,
+                        crossbar_rows: int) -> Tensor:
+    """Step of a full-scale ADC: the top ``adc_bits`` bits of a full column's largest sum."""
+    largest = crossbar_rows * (2**dac_bits - 1) * (2**layer.bits_per_cell - 1)
+    bits = math.ceil(math.log2(largest + 1))
+    return torch.full((layer.slices,), float(2 ** max(0, bits - adc_bits)))
+
+
+def input_cycles(codes: Tensor, input_bits: int, signed: bool, dac_bits: int
+                 ) -> tuple[list[Tensor], list[float]]:
+    """Split integer input codes into the chunks the DAC applies, with each cycle's weight.
+
+    Unsigned codes take ``ceil(bits / dac_bits)`` cycles, least significant chunk first;
+    signed codes apply the positive part, then the magnitude of the negative part.
+    """
+    chunks_per_phase = math.ceil(input_bits / dac_bits)
+    base = float(2**dac_bits)
+    phases = [(codes.clamp(min=0), 1.0), ((-codes).clamp_(min=0), -1.0)] if signed else [
+        (codes, 1.0)]
+    chunks: list[Tensor] = []
+    weights: list[float] = []
+    for magnitude, sign in phases:
+        rest = magnitude
+        for k in range(chunks_per_phase):
+            if k == chunks_per_phase - 1:
+                chunk = rest
+            else:
+                chunk = torch.remainder(rest, base)
+                rest = (rest - chunk).div_(base)
+            chunks.append(chunk)
+            weights.append(sign * base**k)
+    return chunks, weights
+
+
+def _adc_shift_add_reference(
+    psum: Tensor, program: CrossbarProgram, cycle_weight: Tensor,
+    read_noise: Tensor | None, out: Tensor,
+) -> None:
+    """Pure-torch semantics of the compiled operator's loop (accumulates into ``out``)."""
+    rows, _, height, width = psum.shape
+    images = rows // cycle_weight.numel()
+    groups, cout, packed = program.row_groups, program.out_channels, program.packed_columns
+    grouped = psum.reshape(rows, groups, program.columns, height * width)
+    input_sum = grouped[:, :, -1]
+    packed_sums = grouped[:, :, :-1].reshape(rows, groups, cout, packed, height * width)
+    digits: list[Tensor | None] = [None] * (packed * program.pack)
+    for j in range(packed):
+        rest = packed_sums[:, :, :, j]
+        for t in range(program.pack - 1, -1, -1):
+            scale = program.pack_base**t
+            digit = torch.floor(rest / scale) if t > 0 else rest
+            rest = rest - digit * scale
+            digits[j * program.pack + t] = digit
+    analog = torch.stack(digits[: program.slices], dim=3)  # type: ignore[arg-type]
+    if read_noise is not None:
+        analog = analog + read_noise
+    value = (program.adc(analog) * program.slice_weight.reshape(-1, 1)).sum(3)
+    value = value - program.weight_offset * input_sum[:, :, None]
+    value = (value * program.column_values[None, :, :, None]).sum(1)
+    value = value.reshape(-1, images, cout, height * width)
+    out += (value * cycle_weight.reshape(-1, 1, 1, 1)).sum(0).reshape(out.shape)
+
+
+def _reference_chunk(
+    stacked: Tensor, program: CrossbarProgram, geometry: ConvGeometry, cycle_weight: Tensor,
+    read_noise: Tensor | None, out: Tensor,
+) -> None:
+    psum = F.conv2d(stacked, program.weight, None, geometry.stride, geometry.padding,
+                    geometry.dilation, program.row_groups)
+    _adc_shift_add_reference(psum, program, cycle_weight, read_noise, out)
+
+
+def _read_noise(stacked: Tensor, program: CrossbarProgram, geometry: ConvGeometry,
+                generator: torch.Generator | None) -> Tensor:
+    """Per column and read, ``N(0, sigma**2 * sum(inputs**2))`` over the row group."""
+    ones = torch.ones(program.row_groups, program.channels_per_group, *program.kernel_size)
+    energy = F.conv2d(stacked * stacked, ones, None, geometry.stride, geometry.padding,
+                      geometry.dilation, program.row_groups)
+    rows, groups, height, width = energy.shape
+    std = program.read_sigma * energy.reshape(rows, groups, 1, 1, height * width).sqrt()
+    noise = torch.randn(rows, groups, program.out_channels, program.slices, height * width,
+                        generator=generator)
+    return noise * std
+
+
+def crossbar_conv2d(
+    codes: Tensor, program: CrossbarProgram, geometry: ConvGeometry, *,
+    implementation: OperatorImplementation = OperatorImplementation.AUTO,
+    generator: torch.Generator | None = None, max_chunk_elements: int = 1 << 23,
+) -> Tensor:
+    """``sum(input_code * weight_code * mask)`` per output, as the crossbars compute it.
+
+    Args:
+        codes: integer input codes ``[B, Cin, H, W]`` (float dtype).
+        program: the layer's programmed cells, masks and ADC.
+        geometry: stride, padding and dilation of the convolution.
+        implementation: compiled C++ operator, pure-torch reference, or auto.
+        generator: source of read noise (when the program has any).
+        max_chunk_elements: bound on the partial sums computed at once.
+    """
+    batch, channels, height, width = codes.shape
+    if channels != program.in_channels:
+        raise ConfigError(f"crossbar layer expects {program.in_channels} input channels, "
+                          f"got {channels}")
+    out_h, out_w = geometry.output_size(height, width, program.kernel_size)
+    out = codes.new_zeros(batch, program.out_channels, out_h, out_w)
+    kernel = _select(implementation)
+    per_cycle_image = program.row_groups * out_h * out_w * (
+        program.columns + (program.out_channels * program.slices if program.read_sigma else 0))
+    chunk = max(1, max_chunk_elements // max(1, per_cycle_image * program.cycles))
+    padded_channels = program.row_groups * program.channels_per_group
+    skip_zero_cycles = program.zero_reads_zero()
+    for start in range(0, batch, chunk):
+        part = codes[start : start + chunk]
+        chunks, weights = input_cycles(part, program.input_bits, program.input_signed,
+                                       program.dac_bits)
+        kept = [i for i, c in enumerate(chunks) if not skip_zero_cycles or bool(c.any())]
+        if not kept:
+            continue
+        n = part.shape[0]
+        stacked = part.new_empty(len(kept) * n, padded_channels, height, width)
+        if padded_channels > channels:
+            stacked[:, channels:].zero_()
+        for slot, i in enumerate(kept):
+            stacked[slot * n : (slot + 1) * n, :channels] = chunks[i]
+        cycle_weight = torch.tensor([weights[i] for i in kept])
+        noise = _read_noise(stacked, program, geometry, generator) if program.read_sigma else None
+        kernel(stacked, program, geometry, cycle_weight, noise, out[start : start + n])
+    return out
+
+
+def _compiled_chunk(
+    stacked: Tensor, program: CrossbarProgram, geometry: ConvGeometry, cycle_weight: Tensor,
+    read_noise: Tensor | None, out: Tensor,
+) -> None:
+    extension = crossbar_extension()
+    assert extension is not None
+    extension.crossbar_conv2d(
+        stacked, program.weight, list(geometry.stride), list(geometry.padding),
+        list(geometry.dilation), program.row_groups, program.out_channels, program.slices,
+        program.pack, program.pack_base, program.slice_weight, program.adc_step,
+        program.adc_qmax, program.adc_offset_lsb, program.weight_offset,
+        program.column_values, cycle_weight, read_noise, out,
+    )
+
+
+ChunkKernel = Callable[
+    [Tensor, CrossbarProgram, ConvGeometry, Tensor, Tensor | None, Tensor], None]
+
+
+def _select(implementation: OperatorImplementation) -> ChunkKernel:
+    implementation = OperatorImplementation(implementation)
+    if implementation is OperatorImplementation.REFERENCE:
+        return _reference_chunk
+    if crossbar_extension() is not None:
+        return _compiled_chunk
+    if implementation is OperatorImplementation.COMPILED:
+        raise ConfigError("the compiled crossbar operator is unavailable (no C++ compiler or "
+                          "ninja, or the build failed; see the log): install g++ and ninja, "
+                          "or use implementation='reference'")
+    return _reference_chunk
+
+
+def conversions(program: CrossbarProgram, images: int, positions: int) -> int:
+    """ADC conversions the operator performs: every unmasked column, slice and cycle."""
+    active = int((program.column_values != 0).sum())
+    return active * program.slices * program.cycles * images * positions
