@@ -1,9 +1,14 @@
-"""Ideal-fidelity cost against plain torch, and the cost of a task switch.
+"""Ideal and crossbar fidelity against plain torch, and the cost of a task switch.
 
 Runs side by side in one process on the same inputs, alternating the variants
 so machine noise hits them alike, and reports medians and ratios:
 
-    python bench/engine.py [--batch 16] [--size 224] [--repeats 7]
+    python bench/engine.py [--batch 16] [--size 224] [--repeats 7] [--crossbar]
+
+With ``--crossbar`` it adds crossbar fidelity (5-bit calibrated ADC, multi-bit
+and bit-serial DAC) with the compiled operator and with the eager pure-torch
+reference, and measures each variant's peak memory (RSS) in a fresh process
+(``--memory VARIANT`` runs one variant alone and prints its peak RSS).
 
 glibc returns large freed blocks to the OS, so every forward pass would pay
 fresh page faults; the script re-executes itself with MALLOC_MMAP_MAX_=0 and
@@ -15,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -42,12 +49,16 @@ def main() -> None:
     parser.add_argument("--keep-malloc", action="store_true",
                         help="do not re-execute with the malloc settings")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("--crossbar", action="store_true",
+                        help="add crossbar fidelity (compiled, reference, bit-serial)")
+    parser.add_argument("--memory", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.keep_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
 
     from core.backbones import build_backbone
     from core.commands import imagenet_task, load_backbone
+    from core.config import CrossbarSettings
     from core.engine import CrossbarEngine
     from core.task_state import TaskState, random_task_state
 
@@ -63,12 +74,33 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.size, args.size)
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
+    def crossbar(dac_mode: str, implementation: str) -> Callable[[], object]:
+        other = CrossbarEngine(model, crossbar=CrossbarSettings(
+            dac_mode=dac_mode, implementation=implementation))  # type: ignore[arg-type]
+        other.add_task(engine.tasks["task-a"])
+        return lambda: other.forward(x, "task-a", "crossbar")
+
     variants: dict[str, Callable[[], object]] = {
         "fp32 torch": lambda: fp32(x),
         "fp32 torch, channels_last": lambda: fp32(x_cl),
         "ideal (task-a)": lambda: engine.forward(x, "task-a"),
         "ideal (task-a), channels_last": lambda: engine.forward(x_cl, "task-a"),
     }
+    if args.crossbar or args.memory:
+        variants.update({
+            "crossbar compiled": crossbar("multi_bit", "compiled"),
+            "crossbar reference": crossbar("multi_bit", "reference"),
+            "crossbar bit-serial compiled": crossbar("bit_serial", "compiled"),
+        })
+    if args.memory:
+        fn = variants[args.memory]
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        fn()
+        fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"variant": args.memory, "peak_rss_mb": peak,
+                          "loaded_rss_mb": before}))
+        return
     for fn in variants.values():  # warm-up: allocator, folded weights, oneDNN primitives
         fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
@@ -99,6 +131,14 @@ def main() -> None:
         "switch_over_batch": round(switch_ms / medians["ideal (task-a)"], 6),
         "prepare_uncached_ms": round(prepare_ms, 1),
     }
+    if args.crossbar:
+        ideal = medians["ideal (task-a)"]
+        result["crossbar_over_ideal"] = round(medians["crossbar compiled"] / ideal, 3)
+        result["reference_over_compiled"] = round(
+            medians["crossbar reference"] / medians["crossbar compiled"], 3)
+        result["bit_serial_over_ideal"] = round(
+            medians["crossbar bit-serial compiled"] / ideal, 3)
+        result["peak_rss_mb"] = {name: _peak_rss(name, args) for name in variants}
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -111,6 +151,24 @@ def main() -> None:
     print(f"  switch between cached tasks:     {switch_ms:.4f} ms "
           f"({100 * result['switch_over_batch']:.4f}% of one batch)")
     print(f"  fold an uncached task:           {prepare_ms:.1f} ms")
+    if args.crossbar:
+        print(f"  crossbar (compiled) / ideal:     {result['crossbar_over_ideal']:.3f}x")
+        print(f"  reference / compiled crossbar:   {result['reference_over_compiled']:.3f}x")
+        print(f"  bit-serial (compiled) / ideal:   {result['bit_serial_over_ideal']:.3f}x")
+        for name, mb in result["peak_rss_mb"].items():
+            print(f"  peak RSS, {name:29s} {mb['peak']:7.0f} MB "
+                  f"(+{mb['above_loaded']:.0f} MB while running)")
+
+
+def _peak_rss(variant: str, args: argparse.Namespace) -> dict[str, float]:
+    """Peak RSS of a fresh process that loads everything and runs one variant twice, and
+    how far running it rose above the process's peak once everything was loaded."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--batch", str(args.batch), "--size", str(args.size),
+         "--memory", variant], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"peak": round(result["peak_rss_mb"], 1),
+            "above_loaded": round(result["peak_rss_mb"] - result["loaded_rss_mb"], 1)}
 
 
 if __name__ == "__main__":

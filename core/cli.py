@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from core.errors import Xma2Error
+from core.errors import ConfigError, Xma2Error
 
 
 def _add_backbone_file(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--size", type=int, default=224, help="input resolution")
     inspect.add_argument("--summary", action="store_true",
                          help="print only the totals, not every layer's row")
+    inspect.add_argument("--fidelity", choices=["ideal", "crossbar"], default="ideal",
+                         help="crossbar: emulate ADCs and cell slices (5-bit calibrated ADC)")
 
     quantize = commands.add_parser(
         "quantize", help="quantize, calibrate and distill a backbone for the chip")
@@ -54,15 +56,79 @@ def build_parser() -> argparse.ArgumentParser:
     fidelity.add_argument("--test-limit", type=int, default=2000)
     fidelity.add_argument("--seed", type=int, default=0)
     fidelity.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+
+    calibrate = commands.add_parser(
+        "calibrate-adc", help="re-tune a saved backbone's column ADC ranges from images")
+    _add_backbone_file(calibrate)
+    calibrate.add_argument("--out", type=Path, default=None,
+                           help="where to write the backbone (default: over --backbone-file)")
+    calibrate.add_argument("--size", type=int, default=64)
+    calibrate.add_argument("--seed", type=int, default=0)
+
+    accuracy = commands.add_parser(
+        "crossbar-accuracy",
+        help="top-1 of a labelled image set in ideal vs crossbar fidelity (ADC, noise)")
+    _add_backbone_file(accuracy)
+    accuracy.add_argument("--dataset", default="animal_mnist")
+    accuracy.add_argument("--size", type=int, default=64)
+    accuracy.add_argument("--train-limit", type=int, default=2000)
+    accuracy.add_argument("--test-limit", type=int, default=500)
+    accuracy.add_argument("--seed", type=int, default=0)
+    accuracy.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    _add_adaptation_commands(commands)
     return parser
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    _add_backbone_file(parser)
+    parser.add_argument("--size", type=int, default=64, help="input resolution")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="training images (a fixed stratified subset; default: all)")
+    parser.add_argument("--test-limit", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="passes over the training images (default: the method's, 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+
+
+def _add_adaptation_commands(commands: argparse._SubParsersAction) -> None:
+    from core.methods.registry import method_names
+
+    adapt = commands.add_parser(
+        "adapt", help="adapt the frozen backbone to one dataset with one method")
+    adapt.add_argument("--method", default="xma2", choices=method_names())
+    adapt.add_argument("--dataset", required=True,
+                       help="fashion_mnist, mnist5k, animal_mnist, digits or imagefolder:PATH")
+    adapt.add_argument("--pe-fraction", type=float, default=None,
+                       help="xma2 only: share of PEs replaced by spare PEs (default 0.1)")
+    adapt.add_argument("--batch-size", type=int, default=None)
+    adapt.add_argument("--task-id", default=None, help="name of the task (default: the dataset)")
+    adapt.add_argument("--checkpoint-dir", type=Path, default=None,
+                       help="write resumable checkpoints here (an existing one is resumed)")
+    adapt.add_argument("--out", type=Path, default=None, help="write a JSON summary here")
+    _add_training_options(adapt)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="run the methods x datasets x P grid and write the results page")
+    evaluate.add_argument("--datasets", default="fashion_mnist,mnist5k,animal_mnist")
+    evaluate.add_argument("--methods", default=",".join(method_names()))
+    evaluate.add_argument("--pe-fractions", default="0.05,0.1,0.2,0.4",
+                          help="XMA2's P values, comma-separated fractions")
+    evaluate.add_argument("--out", type=Path, default=Path("docs/results/adaptation"),
+                          help="prefix of the .md/.json/.csv/.png outputs")
+    evaluate.add_argument("--fresh", action="store_true",
+                          help="rerun every cell instead of resuming from the JSON")
+    _add_training_options(evaluate)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        with torch.set_grad_enabled(args.command == "quantize"):
+        with torch.set_grad_enabled(args.command in ("quantize", "adapt", "evaluate")):
             return _run(args)
     except Xma2Error as e:
         print(f"xma2: error: {e}", file=sys.stderr)
@@ -73,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         from core.commands import inspect
 
-        inspect(args.backbone_file, args.image, args.size, not args.summary)
+        inspect(args.backbone_file, args.image, args.size, not args.summary, args.fidelity)
     elif args.command == "quantize":
         from core.commands import quantize
 
@@ -89,7 +155,98 @@ def _run(args: argparse.Namespace) -> int:
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")
+    elif args.command == "calibrate-adc":
+        from core.commands import calibrate_adc, default_backbone_path
+
+        out = args.out or args.backbone_file
+        if out is None:
+            raise ConfigError("give --out (or --backbone-file to update a backbone in place); "
+                              f"the shipped one is {default_backbone_path()}")
+        calibrate_adc(args.backbone_file, out, args.size, args.seed)
+    elif args.command == "crossbar-accuracy":
+        from core.commands import crossbar_accuracy, crossbar_accuracy_markdown
+
+        started = time.perf_counter()
+        result = crossbar_accuracy(args.backbone_file, args.dataset, args.size,
+                                   args.train_limit, args.test_limit, args.seed)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        print(crossbar_accuracy_markdown(result))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    elif args.command in ("adapt", "evaluate"):
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        _run_adaptation(args)
     return 0
+
+
+def _command_line(argv: list[str]) -> str:
+    import shlex
+
+    return " ".join(["xma2", *(shlex.quote(a) for a in argv)])
+
+
+def _run_adaptation(args: argparse.Namespace) -> None:
+    from core.commands import git_revision, load_backbone
+
+    if args.command == "evaluate":
+        from core.evaluate import GridConfig, render_markdown, run_grid
+
+        try:
+            fractions = tuple(float(p) for p in args.pe_fractions.split(","))
+        except ValueError as e:
+            raise ConfigError(f"--pe-fractions must be comma-separated numbers such as "
+                              f"0.05,0.1 ({e})") from e
+        grid = GridConfig(
+            datasets=tuple(args.datasets.split(",")), methods=tuple(args.methods.split(",")),
+            pe_fractions=fractions, image_size=args.size,
+            train_limit=args.train_limit or GridConfig.train_limit,
+            test_limit=args.test_limit, epochs=args.epochs or GridConfig.epochs, seed=args.seed)
+        result = run_grid(grid, load_backbone(args.backbone_file),
+                          load_backbone(args.backbone_file), args.out,
+                          command=_command_line(args.argv), git_revision=git_revision(),
+                          resume=not args.fresh, threads=torch.get_num_threads(),
+                          progress=True)
+        print(render_markdown(result, args.out))
+        return
+
+    from core.datasets import DatasetSpec, load_dataset
+    from core.methods import RunOptions, adapt, default_config
+    from core.methods.common import accuracy
+
+    data = load_dataset(DatasetSpec(args.dataset, image_size=args.size, seed=args.seed,
+                                    train_limit=args.train_limit, test_limit=args.test_limit))
+    config = default_config(args.method, pe_fraction=args.pe_fraction, epochs=args.epochs,
+                            batch_size=args.batch_size, seed=args.seed)
+    task_id = args.task_id or f"{args.dataset}-{args.method}".replace("_", "-").lower()
+    started = time.perf_counter()
+    result = adapt(args.method, load_backbone(args.backbone_file), data, task_id, config,
+                   RunOptions(checkpoint_dir=args.checkpoint_dir, progress=True))
+    seconds = time.perf_counter() - started
+    if result.task is not None:
+        from core.engine import CrossbarEngine
+
+        engine = CrossbarEngine(load_backbone(args.backbone_file))
+        engine.add_task(result.task)
+        test = accuracy(lambda x: engine.forward(x, task_id), data.test)
+    else:
+        assert result.trained_model is not None
+        test = accuracy(result.trained_model, data.test)
+    summary = {
+        "command": _command_line(args.argv), "git_revision": git_revision(),
+        "method": args.method, "dataset": data.describe()["sizes"] | {"name": args.dataset},
+        "threads": torch.get_num_threads(), "steps": result.steps,
+        "adapt_seconds": round(result.seconds, 1), "seconds_with_test": round(seconds, 1),
+        "val_accuracy": result.val_accuracy, "test_accuracy": test, "config": result.config,
+        "details": result.details, "history": result.history,
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

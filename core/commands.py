@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,12 @@ from rich.table import Table
 
 from core.backbones import build_backbone, imagenet_labels, preprocess_image
 from core.calibration import AGREEMENT_PHOTOS, calibration_images, load_photo
-from core.config import CrossbarConfig
+from core.config import AdcRange, CrossbarConfig, CrossbarSettings, DacMode, NonIdealities
 from core.distill import DistillConfig, distill_backbone
 from core.engine import CrossbarEngine
 from core.errors import ResourceUnavailable
 from core.model import HEAD_MODULES, CrossbarModel, imagenet_head
-from core.task_state import TaskState
+from core.task_state import TaskHead, TaskState
 
 logger = logging.getLogger(__name__)
 console = Console(width=None if sys.stdout.isatty() else 110)
@@ -65,7 +66,8 @@ def _photo_batch(names: tuple[str, ...], size: int) -> torch.Tensor:
     return torch.stack(images)
 
 
-def inspect(backbone_file: Path | None, image: Path | None, size: int, layers: bool) -> None:
+def inspect(backbone_file: Path | None, image: Path | None, size: int, layers: bool,
+            fidelity: str = "ideal") -> None:
     model = load_backbone(backbone_file)
     mapping = model.mapping
     assert mapping is not None
@@ -101,10 +103,10 @@ def inspect(backbone_file: Path | None, image: Path | None, size: int, layers: b
         except (OSError, UnidentifiedImageError) as e:
             raise ResourceUnavailable(f"cannot read image {image}: {e}") from e
         source = str(image)
-    probs = engine.forward(x, "imagenet").softmax(1)[0]
+    probs = engine.forward(x, "imagenet", fidelity).softmax(1)[0]
     top = probs.topk(5)
     labels = engine.tasks["imagenet"].head.labels
-    console.print(f"\n[bold]{source}[/bold], 4-bit backbone, ideal fidelity:")
+    console.print(f"\n[bold]{source}[/bold], 4-bit backbone, {fidelity} fidelity:")
     for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
         console.print(f"  {p:6.1%}  {labels[i]} ({i})")
     energy = engine.energy_per_image("imagenet", (size, size))
@@ -135,6 +137,7 @@ def quantize(backbone: str, weights: Path | None, out: Path, steps: int, size: i
         console.print(f"distillation: {steps} steps, loss {losses[0]:.4f} -> "
                       f"{sum(losses[-20:]) / 20:.4f}")
     model.build_mapping()
+    model.calibrate_adc(pool[:ADC_CALIBRATION_IMAGES])
     model.save(out, extra_metadata={
         "command": f"xma2 quantize --backbone {backbone} --steps {steps} --size {size} "
                    f"--seed {seed}",
@@ -143,6 +146,30 @@ def quantize(backbone: str, weights: Path | None, out: Path, steps: int, size: i
     })
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB), "
                   f"{time.perf_counter() - started:.0f} s in all")
+
+
+ADC_CALIBRATION_IMAGES = 64
+
+
+def calibrate_adc(backbone_file: Path | None, out: Path, size: int, seed: int) -> None:
+    """Re-tune the column ADC ranges of a saved backbone (its weights stay as they are)."""
+    from safetensors import safe_open
+
+    path = backbone_file or default_backbone_path()
+    model = load_backbone(path)
+    with safe_open(str(path), framework="pt") as f:
+        provenance = dict(f.metadata() or {})  # how the weights were made stays recorded
+    started = time.perf_counter()
+    model.calibrate_adc(calibration_images(ADC_CALIBRATION_IMAGES, size, seed=seed))
+    model.save(out, extra_metadata={
+        **provenance,
+        "adc_command": f"xma2 calibrate-adc --size {size} --seed {seed}",
+        "adc_git_revision": git_revision(),
+    })
+    console.print(f"calibrated {model.config.adc_bits}-bit ADC ranges of "
+                  f"{len(model.mapping.crossbar_layers) if model.mapping else 0} layers on "
+                  f"{ADC_CALIBRATION_IMAGES} images at {size}x{size} in "
+                  f"{time.perf_counter() - started:.0f} s; wrote {out}")
 
 
 def fidelity(backbone_file: Path | None, datasets: list[str], size: int, train_limit: int,
@@ -223,4 +250,100 @@ def fidelity_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {dataset} ({row['train']}/{row['test']}) | {row['fp32']:.2f} | "
                      f"{row['ptq']:.2f} | {row['distilled']:.2f} | "
                      f"{row['distilled'] - row['fp32']:+.2f} |")
+    return "\n".join(lines)
+
+
+NOISE_LEVELS = {
+    "low": NonIdealities(programming_sigma=0.05, read_sigma=0.02, stuck_on_rate=0.0005,
+                         stuck_off_rate=0.0005, adc_offset_sigma=0.1, seed=0),
+    "high": NonIdealities(programming_sigma=0.15, read_sigma=0.05, stuck_on_rate=0.005,
+                          stuck_off_rate=0.005, adc_offset_sigma=0.5, seed=0),
+}
+"""Device non-idealities of the accuracy study, in cell levels (0..3) and ADC LSB."""
+
+
+def crossbar_accuracy(backbone_file: Path | None, dataset: str, size: int, train_limit: int,
+                      test_limit: int, seed: int,
+                      adc_bits: tuple[int, ...] = (5, 6, 8, 10, 12)) -> dict[str, Any]:
+    """Top-1 of one fixed labelled image set in ideal and crossbar fidelity.
+
+    A linear head is fitted on ideal-fidelity features of the training split; the
+    same head then classifies the test split under each emulation: the chip's ADC,
+    other ADC resolutions (each with ranges re-calibrated for it), bit-serial inputs,
+    and device non-idealities at two levels, with a lossless ADC (device effects
+    alone) and with the chip's ADC.
+    """
+    import copy
+    from dataclasses import asdict
+
+    from core.datasets import DatasetSpec, load_dataset
+    from core.probe import extract_features, linear_probe
+
+    model = load_backbone(backbone_file)
+    data = load_dataset(DatasetSpec(dataset, image_size=size, seed=seed,
+                                    train_limit=train_limit, test_limit=test_limit))
+    engine = CrossbarEngine(model)
+    engine.add_task(imagenet_task(model))
+    train = extract_features(lambda x: engine.features(x, "imagenet"), data.train)
+    test_ideal = extract_features(lambda x: engine.features(x, "imagenet"), data.test)
+    with torch.enable_grad():
+        ideal_accuracy, weight, bias = linear_probe(train, test_ideal,
+                                                    num_classes=len(data.classes), seed=seed)
+    head = TaskHead(weight, bias, tuple(data.classes))
+    calibration = calibration_images(ADC_CALIBRATION_IMAGES, size, seed=seed)
+    result: dict[str, Any] = {
+        "backbone": model.backbone_name, "backbone_fingerprint": model.fingerprint(),
+        "crossbar_config": model.config.to_dict(), "dataset": dataset, "image_size": size,
+        "train": len(data.train), "test": len(data.test), "seed": seed,
+        "git_revision": git_revision(), "torch": torch.__version__,
+        "noise_levels": {k: asdict(v) for k, v in NOISE_LEVELS.items()},
+        "ideal": round(100 * ideal_accuracy, 2), "rows": [],
+    }
+    calibrated: dict[int, CrossbarModel] = {model.config.adc_bits: model}
+
+    def run(label: str, settings: CrossbarSettings, bits: int | None = None) -> None:
+        source = model
+        if bits is not None and settings.adc_range is AdcRange.CALIBRATED:
+            if bits not in calibrated:
+                calibrated[bits] = copy.deepcopy(model)
+                calibrated[bits].calibrate_adc(calibration, adc_bits=bits)
+            source = calibrated[bits]
+        emulated = CrossbarEngine(source, crossbar=settings)
+        emulated.add_task(TaskState("probe", model.config.shift_levels, head))
+        started = time.perf_counter()
+        correct = 0
+        for start in range(0, len(data.test), 64):
+            x, y = data.test.batch(slice(start, start + 64))
+            correct += int((emulated.forward(x, "probe", "crossbar").argmax(1) == y).sum())
+        accuracy = 100 * correct / len(data.test)
+        row = {"emulation": label, "top1": round(accuracy, 2),
+               "minus_ideal": round(accuracy - 100 * ideal_accuracy, 2),
+               "seconds": round(time.perf_counter() - started, 1)}
+        result["rows"].append(row)
+        console.print(row)
+
+    lossless = CrossbarSettings(adc_bits=16, adc_range=AdcRange.FULL_SCALE)
+    run("lossless ADC (16-bit, full scale)", lossless)
+    for bits in adc_bits:
+        run(f"{bits}-bit ADC, calibrated, multi-bit DAC", CrossbarSettings(adc_bits=bits), bits)
+    for bits in (5, 8):
+        run(f"{bits}-bit ADC, calibrated, bit-serial DAC",
+            CrossbarSettings(adc_bits=bits, dac_mode=DacMode.BIT_SERIAL), bits)
+    chip_bits = model.config.adc_bits
+    for level, noise in NOISE_LEVELS.items():
+        run(f"{level} non-idealities, lossless ADC",
+            replace(lossless, non_idealities=noise))
+        run(f"{level} non-idealities, {chip_bits}-bit ADC",
+            CrossbarSettings(non_idealities=noise), chip_bits)
+    return result
+
+
+def crossbar_accuracy_markdown(result: dict[str, Any]) -> str:
+    lines = [f"Ideal fidelity: **{result['ideal']:.2f}%** top-1 "
+             f"({result['dataset']}, {result['test']} test images at {result['image_size']}"
+             f"x{result['image_size']}).", "",
+             "| crossbar emulation | top-1 (%) | minus ideal | seconds |", "|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['emulation']} | {row['top1']:.2f} | {row['minus_ideal']:+.2f} | "
+                     f"{row['seconds']:.0f} |")
     return "\n".join(lines)

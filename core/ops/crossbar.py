@@ -28,6 +28,7 @@ sums in memory stay under a bound.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +85,8 @@ class CrossbarProgram:
     """``[slices]`` significance of each cell slice (slice 0 = most significant)."""
     adc_step: Tensor
     """``[slices]`` ADC step per cell slice, in partial-sum units."""
+    adc_inv_step: Tensor
+    """``1 / adc_step`` in float32: both implementations scale by it, so they round alike."""
     adc_qmax: float
     adc_offset_lsb: float
     weight_offset: float
@@ -115,9 +118,11 @@ class CrossbarProgram:
     def adc(self, analog: Tensor) -> Tensor:
         """The ADC's output for analog partial sums ``[..., slices, positions]``."""
         step = self.adc_step.reshape(-1, 1)
-        levels = torch.round(analog / step + self.adc_offset_lsb).clamp_(0, self.adc_qmax)
+        inverse = self.adc_inv_step.reshape(-1, 1)
+        levels = torch.round(analog * inverse + self.adc_offset_lsb).clamp_(0, self.adc_qmax)
         return levels * step
 
+    @functools.cached_property
     def zero_reads_zero(self) -> bool:
         """Whether a cycle whose inputs are all zero adds nothing (then it can be skipped)."""
         return self.read_sigma == 0 and bool(
@@ -192,11 +197,15 @@ def build_program(
     weight = torch.cat([columns, ones], dim=1).reshape(
         groups * (cout * packed + 1), layer.channels_per_row_group, *layer.kernel_size)
     slice_weight = 2.0 ** (layer.bits_per_cell * torch.arange(slices - 1, -1, -1).float())
+    adc_step = adc_step.float().reshape(slices).contiguous()
+    if not bool((adc_step > 0).all()):
+        raise ConfigError(f"layer {layer.name}: ADC steps must be > 0, got {adc_step.tolist()}")
     return CrossbarProgram(
         weight=weight.contiguous(),
         column_values=column_values.float().contiguous(),
         slice_weight=slice_weight,
-        adc_step=adc_step.float().reshape(slices).contiguous(),
+        adc_step=adc_step,
+        adc_inv_step=(1.0 / adc_step).contiguous(),
         adc_qmax=float(2**adc_bits - 1),
         adc_offset_lsb=float(adc_offset_lsb),
         weight_offset=float(2 ** (layer.weight_bits - 1)),
@@ -325,25 +334,44 @@ def crossbar_conv2d(
     per_cycle_image = program.row_groups * out_h * out_w * (
         program.columns + (program.out_channels * program.slices if program.read_sigma else 0))
     chunk = max(1, max_chunk_elements // max(1, per_cycle_image * program.cycles))
-    padded_channels = program.row_groups * program.channels_per_group
-    skip_zero_cycles = program.zero_reads_zero()
+    skip_zero_cycles = program.zero_reads_zero
     for start in range(0, batch, chunk):
         part = codes[start : start + chunk]
-        chunks, weights = input_cycles(part, program.input_bits, program.input_signed,
-                                       program.dac_bits)
-        kept = [i for i, c in enumerate(chunks) if not skip_zero_cycles or bool(c.any())]
-        if not kept:
+        stacked, cycle_weight = _stack_cycles(part, program, kernel is _compiled_chunk,
+                                              skip_zero_cycles)
+        if cycle_weight.numel() == 0:
             continue
-        n = part.shape[0]
-        stacked = part.new_empty(len(kept) * n, padded_channels, height, width)
-        if padded_channels > channels:
-            stacked[:, channels:].zero_()
-        for slot, i in enumerate(kept):
-            stacked[slot * n : (slot + 1) * n, :channels] = chunks[i]
-        cycle_weight = torch.tensor([weights[i] for i in kept])
         noise = _read_noise(stacked, program, geometry, generator) if program.read_sigma else None
-        kernel(stacked, program, geometry, cycle_weight, noise, out[start : start + n])
+        kernel(stacked, program, geometry, cycle_weight, noise, out[start : start + len(part)])
     return out
+
+
+def _stack_cycles(part: Tensor, program: CrossbarProgram, compiled: bool, skip_zero: bool
+                  ) -> tuple[Tensor, Tensor]:
+    """The operator's input: every cycle's chunk of ``part`` stacked along the batch,
+    channels zero-padded to whole row groups, and each cycle's weight. All-zero
+    cycles are dropped when a zero input reads as zero."""
+    n, channels, height, width = part.shape
+    padded = program.row_groups * program.channels_per_group
+    if compiled:
+        extension = crossbar_extension()
+        assert extension is not None
+        stacked, nonzero = extension.stack_input_cycles(
+            part, program.input_bits, program.input_signed, program.dac_bits, padded)
+        _, weights = input_cycles(part[:0], program.input_bits, program.input_signed,
+                                  program.dac_bits)
+        keep = nonzero.tolist() if skip_zero else [True] * len(weights)
+        if not all(keep):
+            rows = stacked.reshape(len(weights), n, padded, height, width)[torch.tensor(keep)]
+            stacked = rows.reshape(-1, padded, height, width)
+        return stacked, torch.tensor([w for w, k in zip(weights, keep, strict=True) if k])
+    chunks, weights = input_cycles(part, program.input_bits, program.input_signed,
+                                   program.dac_bits)
+    kept = [i for i, c in enumerate(chunks) if not skip_zero or bool(c.any())]
+    stacked = part.new_zeros(len(kept) * n, padded, height, width)
+    for slot, i in enumerate(kept):
+        stacked[slot * n : (slot + 1) * n, :channels] = chunks[i]
+    return stacked, torch.tensor([weights[i] for i in kept])
 
 
 def _compiled_chunk(
@@ -356,7 +384,7 @@ def _compiled_chunk(
         stacked, program.weight, list(geometry.stride), list(geometry.padding),
         list(geometry.dilation), program.row_groups, program.out_channels, program.slices,
         program.pack, program.pack_base, program.slice_weight, program.adc_step,
-        program.adc_qmax, program.adc_offset_lsb, program.weight_offset,
+        program.adc_inv_step, program.adc_qmax, program.adc_offset_lsb, program.weight_offset,
         program.column_values, cycle_weight, read_noise, out,
     )
 

@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -31,6 +33,7 @@ torch::Tensor crossbar_conv2d(
     double pack_base,
     const torch::Tensor& slice_weight,   // float [S]
     const torch::Tensor& adc_step,       // float [S]
+    const torch::Tensor& adc_inv_step,   // float [S], 1 / adc_step as the reference rounds it
     double adc_qmax,
     double adc_offset_lsb,
     double weight_offset,
@@ -58,10 +61,12 @@ torch::Tensor crossbar_conv2d(
   float* dst = out.data_ptr<float>();
   const auto sw = slice_weight.contiguous();
   const auto st = adc_step.contiguous();
+  const auto ist = adc_inv_step.contiguous();
   const auto cv = column_values.contiguous();
   const auto cw = cycle_weight.contiguous();
   const float* slice_w = sw.data_ptr<float>();
   const float* step = st.data_ptr<float>();
+  const float* inv_step = ist.data_ptr<float>();
   const float* col = cv.data_ptr<float>();
   const float* cyc = cw.data_ptr<float>();
   torch::Tensor noise_t;
@@ -101,13 +106,14 @@ torch::Tensor crossbar_conv2d(
                   ? noise + (((n * row_groups + r) * out_channels + o) * slices + s) * hw
                   : nullptr;
               const float s_step = s < slices ? step[s] : 1.0f;
+              const float s_inv = s < slices ? inv_step[s] : 1.0f;
               const float s_w = s < slices ? slice_w[s] : 0.0f;
               for (int64_t i = 0; i < hw; ++i) {
                 const float digit = t > 0 ? std::floor(rest[i] * inv_d) : rest[i];
                 rest[i] -= digit * d;
                 float analog = digit;
                 if (nz != nullptr) analog += nz[i];
-                float level = std::nearbyint(analog / s_step + offset_lsb);
+                float level = std::nearbyint(analog * s_inv + offset_lsb);
                 level = std::min(std::max(level, 0.0f), qmax);
                 value[i] += level * s_step * s_w;
               }
@@ -124,9 +130,74 @@ torch::Tensor crossbar_conv2d(
   return out;
 }
 
+// Splits integer input codes into the chunks the DAC applies per read cycle and lays
+// them out as the grouped convolution's input: row (phase * chunks + k) * B + b holds
+// chunk k of image b's positive (phase 0) or negative (phase 1) part, with channels
+// zero-padded to whole row groups. Same order as core/ops/crossbar.py:input_cycles.
+// Returns the stacked chunks and, per cycle, whether any input of it is non-zero.
+std::tuple<torch::Tensor, torch::Tensor> stack_input_cycles(
+    const torch::Tensor& codes_in,  // float [B, C, H, W], integer codes
+    int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t padded_channels)
+{
+  TORCH_CHECK(codes_in.scalar_type() == at::kFloat && codes_in.dim() == 4,
+              "input codes must be float [B, C, H, W]");
+  const auto codes = codes_in.contiguous();
+  const int64_t images = codes.size(0), channels = codes.size(1);
+  const int64_t hw = codes.size(2) * codes.size(3);
+  TORCH_CHECK(padded_channels >= channels, "padded channels below input channels");
+  const int64_t chunks = (input_bits + dac_bits - 1) / dac_bits;
+  const int64_t phases = input_signed ? 2 : 1;
+  const int64_t cycles = chunks * phases;
+  auto stacked = torch::empty({cycles * images, padded_channels, codes.size(2), codes.size(3)},
+                              codes.options());
+  const float* src = codes.data_ptr<float>();
+  float* dst = stacked.data_ptr<float>();
+  const int mask = (1 << dac_bits) - 1;
+  std::vector<uint8_t> any(cycles, 0);
+  std::mutex merge;
+  at::parallel_for(0, images * padded_channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> local(cycles, 0);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / padded_channels;
+      const int64_t c = item % padded_channels;
+      float* row0 = dst + (b * padded_channels + c) * hw;
+      const int64_t cycle_stride = images * padded_channels * hw;
+      if (c >= channels) {
+        for (int64_t k = 0; k < cycles; ++k) std::fill(row0 + k * cycle_stride,
+                                                       row0 + k * cycle_stride + hw, 0.0f);
+        continue;
+      }
+      const float* in = src + (b * channels + c) * hw;
+      for (int64_t phase = 0; phase < phases; ++phase) {
+        for (int64_t k = 0; k < chunks; ++k) {
+          float* out = row0 + (phase * chunks + k) * cycle_stride;
+          const int shift = static_cast<int>(k * dac_bits);
+          const bool last = k == chunks - 1;
+          uint8_t seen = 0;
+          for (int64_t i = 0; i < hw; ++i) {
+            const float v = phase == 0 ? in[i] : -in[i];
+            const int magnitude = v > 0.0f ? static_cast<int>(v) : 0;
+            const int chunk = last ? (magnitude >> shift) : ((magnitude >> shift) & mask);
+            out[i] = static_cast<float>(chunk);
+            seen |= chunk != 0;
+          }
+          local[phase * chunks + k] |= seen;
+        }
+      }
+    }
+    std::lock_guard<std::mutex> guard(merge);
+    for (int64_t k = 0; k < cycles; ++k) any[k] |= local[k];
+  });
+  auto nonzero = torch::empty({cycles}, torch::dtype(torch::kBool));
+  for (int64_t k = 0; k < cycles; ++k) nonzero[k] = static_cast<bool>(any[k]);
+  return {stacked, nonzero};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("crossbar_conv2d", &crossbar_conv2d,
         "Row-group partial sums, ADC, shift-add, column masks and adder tree of one layer");
+  m.def("stack_input_cycles", &stack_input_cycles,
+        "Input codes split into DAC cycles, stacked and channel-padded for the operator");
 }
