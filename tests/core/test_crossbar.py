@@ -310,3 +310,20 @@ def test_stuck_cells_and_adc_offset(quantized_mobilenet):
     assert len(offsets) > 10 and all(abs(o) < 5 for o in offsets)
     with pytest.raises(ConfigError, match="stuck_on_rate"):
         NonIdealities(stuck_on_rate=1.5)
+
+
+def test_without_a_compiler_auto_falls_back_to_the_reference():
+    from core.ops import crossbar as crossbar_ops
+    from core.ops import extension
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(extension, "compiler_available", lambda: False)
+        extension.crossbar_extension.cache_clear()
+        try:
+            assert extension.crossbar_extension() is None
+            assert crossbar_ops._select("auto") is crossbar_ops._reference_chunk
+            with pytest.raises(ConfigError, match="install g\\+\\+ and ninja"):
+                crossbar_ops._select("compiled")
+        finally:
+            extension.crossbar_extension.cache_clear()
+    assert crossbar_ops._select("auto") is crossbar_ops._compiled_chunk
