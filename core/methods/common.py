@@ -1,0 +1,386 @@
+"""The training loop every method shares: data order, progress, cancel, checkpoints.
+
+A run is deterministic for a seed: the data order of epoch ``e`` comes from a
+generator seeded with ``(seed, e)`` and the Gumbel noise of step ``s`` from one
+seeded with ``(seed, s)``, so a run resumed from a checkpoint takes exactly the
+steps an uninterrupted one would. Checkpoints are a safetensors file (trainable
+tensors and optimizer moments) plus a JSON file (step, config, history), both
+written atomically; the JSON is written last and names the step, so a crash
+between the two leaves the previous checkpoint readable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from core.datasets import ImageSplit
+from core.errors import ConfigError, Xma2Error
+from core.probe import linear_probe
+from core.task_state import TaskState
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "1"
+CHECKPOINT_TENSORS = "checkpoint.safetensors"
+CHECKPOINT_JSON = "checkpoint.json"
+
+__all__ = [
+    "AdaptationResult",
+    "RunOptions",
+    "StepInfo",
+    "TrainConfig",
+    "TrainingCancelled",
+    "accuracy",
+    "deterministic",
+    "fit",
+    "seeded_generator",
+    "warm_start_head",
+]
+
+
+class TrainingCancelled(Xma2Error):
+    """A run stopped between steps because its cancel event was set (checkpoint kept)."""
+
+    def __init__(self, step: int, checkpoint_dir: Path | None) -> None:
+        where = f"; resume from {checkpoint_dir}" if checkpoint_dir else ""
+        super().__init__(f"training cancelled after step {step}{where}")
+        self.step = step
+        self.checkpoint_dir = checkpoint_dir
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the loop shared by every method."""
+
+    epochs: int = 3
+    """Passes over the training split (3 x 10,000 images fit the 5-minute target on 2 cores)."""
+    batch_size: int = 64
+    lr_head: float = 1e-3
+    """Adam learning rate of the task head (warm-started by a linear probe)."""
+    lr_batchnorm: float = 1e-3
+    """Adam learning rate of the per-task BatchNorm affine terms."""
+    train_batchnorm: bool = True
+    """Learn per-task BatchNorm affine terms (digital state, no cell written)."""
+    warm_start_images: int = 2048
+    """Training images whose frozen features fit the initial head (linear probe)."""
+    cosine_schedule: bool = True
+    """Cosine decay of every learning rate to 0 over the run."""
+    channels_last: bool = True
+    seed: int = 0
+    checkpoint_every: int = 100
+    """Steps between checkpoints when a checkpoint folder is given (0: only at the end)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"epochs and batch_size must be >= 1, got {self.epochs}, "
+                              f"{self.batch_size}")
+        for name in ("lr_head", "lr_batchnorm"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warm_start_images < 0 or self.checkpoint_every < 0:
+            raise ConfigError("warm_start_images and checkpoint_every must be >= 0")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a progress callback learns after each step."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    accuracy: float
+    """Running training accuracy of the current epoch."""
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run (not what to learn): none of it changes the result.
+
+    Args:
+        cancel: set it to stop between steps (a checkpoint is written first if possible).
+        checkpoint_dir: folder for resumable checkpoints; an existing one is resumed.
+        progress: show a progress bar (on a terminal) or log every ``log_every`` steps.
+        on_step: called after every step (jobs report events with it).
+    """
+
+    cancel: threading.Event | None = None
+    checkpoint_dir: Path | None = None
+    progress: bool = False
+    log_every: int = 50
+    on_step: Callable[[StepInfo], None] | None = None
+
+
+@dataclass(frozen=True)
+class AdaptationResult:
+    """A finished adaptation: the servable task (None for fp32 fine-tuning) and its record."""
+
+    method: str
+    task: TaskState | None
+    val_accuracy: float
+    steps: int
+    seconds: float
+    """Wall time of the whole adaptation (warm start, ranking, training, validation)."""
+    config: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    trained_model: nn.Module | None = None
+    """The model as trained (logits out): the task model of a 4-bit method, the fp32
+    classifier of ``finetune_fp32`` (whose result cannot be a 4-bit task state)."""
+
+
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """torch's deterministic algorithms for the duration (restoring the caller's setting)."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def seeded_generator(seed: int, stream: int, index: int) -> torch.Generator:
+    """A generator for one purpose (``stream``) and one step or epoch of a seeded run."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + stream) * 1_000_033 + index)
+
+
+@torch.no_grad()
+def accuracy(predict: Callable[[Tensor], Tensor], split: ImageSplit, batch_size: int = 256,
+             channels_last: bool = False) -> float:
+    """Top-1 accuracy of ``predict`` (logits) on a split."""
+    if len(split) == 0:
+        return float("nan")
+    correct = 0
+    for start in range(0, len(split), batch_size):
+        x, y = split.batch(slice(start, start + batch_size))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        correct += int((predict(x).argmax(1) == y).sum())
+    return correct / len(split)
+
+
+@torch.no_grad()
+def warm_start_head(features: Callable[[Tensor], Tensor], head: nn.Linear, split: ImageSplit,
+                    config: TrainConfig) -> None:
+    """Fit the new head on frozen features of a seeded subset (a linear probe), so the
+    first steps (and the PE ranking) see a meaningful loss instead of a random head."""
+    n = min(config.warm_start_images, len(split))
+    if n == 0:
+        return
+    order = torch.randperm(len(split), generator=seeded_generator(config.seed, 2, 0))[:n]
+    feats, labels = [], []
+    for start in range(0, n, 256):
+        x, y = split.batch(order[start : start + 256])
+        feats.append(features(x))
+        labels.append(y)
+    train = (torch.cat(feats), torch.cat(labels))
+    with torch.enable_grad():
+        _, weight, bias = linear_probe(train, train, num_classes=head.out_features,
+                                       seed=config.seed)
+    head.weight.copy_(weight)
+    head.bias.copy_(bias)
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _save_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer,
+                     meta: dict[str, Any]) -> None:
+    tensors = {f"model.{k}": v.detach().contiguous().clone()
+               for k, v in module.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).contiguous().clone()
+    _atomic_write(folder / CHECKPOINT_TENSORS,
+                  lambda tmp: save_file(tensors, tmp, metadata={"format_version":
+                                                                 CHECKPOINT_FORMAT}))
+    _atomic_write(folder / CHECKPOINT_JSON,
+                  lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1, sort_keys=True)))
+
+
+def _load_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer,
+                     meta: dict[str, Any]) -> dict[str, Any] | None:
+    json_path = folder / CHECKPOINT_JSON
+    if not json_path.is_file():
+        return None
+    saved = json.loads(json_path.read_text())
+    if saved.get("format_version") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{folder}: checkpoint format {saved.get('format_version')!r}, "
+                          f"this xma2 reads {CHECKPOINT_FORMAT!r}")
+    for key in ("method", "config", "dataset"):
+        if saved.get(key) != meta.get(key):
+            raise ConfigError(f"{folder} holds a checkpoint of another run ({key} differs); "
+                              "use a new --checkpoint-dir or delete the old one")
+    tensors = load_file(str(folder / CHECKPOINT_TENSORS))
+    module.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
+                            if k.startswith("model.")})
+    state = optimizer.state_dict()
+    restored: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            restored.setdefault(int(index), {})[name] = value
+    state["state"] = restored
+    optimizer.load_state_dict(state)
+    return saved
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A rich progress bar on a terminal, periodic log lines elsewhere."""
+
+    def __init__(self, options: RunOptions, total: int, description: str) -> None:
+        self.options = options
+        self.bar = None
+        if options.progress and sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                TextColumn("{task.completed}/{task.total}"),
+                                TextColumn("loss {task.fields[loss]:.3f} "
+                                           "acc {task.fields[acc]:.1%}"),
+                                TimeRemainingColumn(), transient=True)
+            self.task = self.bar.add_task(description, total=total, loss=float("nan"), acc=0.0)
+            self.bar.start()
+        self.description = description
+
+    def update(self, info: StepInfo) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=info.step + 1, loss=info.loss,
+                            acc=info.accuracy)
+        elif self.options.progress and (info.step + 1) % self.options.log_every == 0:
+            logger.info("%s: step %d/%d epoch %d loss %.3f acc %.1f%% (%.0f s)",
+                        self.description, info.step + 1, info.total_steps, info.epoch,
+                        info.loss, 100 * info.accuracy, info.seconds)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def fit(
+    module: nn.Module,
+    param_groups: list[dict[str, Any]],
+    train_split: ImageSplit,
+    config: TrainConfig,
+    options: RunOptions,
+    *,
+    description: str,
+    checkpoint_meta: dict[str, Any],
+    after_step: Callable[[], None] | None = None,
+) -> tuple[int, list[dict[str, float]]]:
+    """Train ``module`` (logits out) with Adam on cross-entropy; returns (steps, history).
+
+    ``module.generator`` (if present) is reseeded every step for the Gumbel noise.
+    """
+    n = len(train_split)
+    steps_per_epoch = max(1, n // config.batch_size)
+    total = config.epochs * steps_per_epoch
+    groups = [g for g in param_groups if g["params"] and g["lr"] > 0]
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    optimizer = torch.optim.Adam(groups)
+    meta = {"format_version": CHECKPOINT_FORMAT, **checkpoint_meta}
+    history: list[dict[str, float]] = []
+    start = 0
+    folder = options.checkpoint_dir
+    if folder is not None:
+        saved = _load_checkpoint(folder, module, optimizer, meta)
+        if saved is not None:
+            start, history = int(saved["step"]), list(saved["history"])
+            logger.info("%s: resuming at step %d from %s", description, start, folder)
+
+    def save(step: int) -> None:
+        if folder is not None:
+            _save_checkpoint(folder, module, optimizer,
+                             {**meta, "step": step, "total_steps": total, "history": history})
+
+    progress = _Progress(options, total, description)
+    started = time.perf_counter()
+    order: Tensor | None = None
+    epoch_loss = epoch_correct = epoch_seen = 0.0
+    module.train()
+    try:
+        for step in range(start, total):
+            if options.cancel is not None and options.cancel.is_set():
+                save(step)
+                raise TrainingCancelled(step, folder)
+            epoch, index = divmod(step, steps_per_epoch)
+            if order is None or index == 0:  # a new epoch, or the first step of a resume
+                order = torch.randperm(n, generator=seeded_generator(config.seed, 0, epoch))
+                epoch_loss = epoch_correct = epoch_seen = 0.0
+            idx = order[index * config.batch_size : (index + 1) * config.batch_size]
+            x, y = train_split.batch(idx)
+            if hasattr(module, "generator"):
+                module.generator = seeded_generator(config.seed, 1, step)
+            factor = (0.5 * (1 + math.cos(math.pi * step / total))
+                      if config.cosine_schedule else 1.0)
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * factor
+            logits = module(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            value = float(loss.detach())
+            epoch_loss += value * len(y)
+            epoch_correct += float((logits.detach().argmax(1) == y).sum())
+            epoch_seen += len(y)
+            info = StepInfo(step, total, epoch, value, epoch_correct / epoch_seen,
+                            time.perf_counter() - started)
+            progress.update(info)
+            if options.on_step is not None:
+                options.on_step(info)
+            if index == steps_per_epoch - 1:
+                history.append({"epoch": epoch, "loss": epoch_loss / epoch_seen,
+                                "train_accuracy": epoch_correct / epoch_seen})
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                save(step + 1)
+        save(total)
+    finally:
+        progress.close()
+        module.eval()
+    return total, history
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A method config as plain JSON data."""
+    return json.loads(json.dumps(asdict(config)))

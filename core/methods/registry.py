@@ -1,0 +1,126 @@
+"""Method name -> default config and trainer, so the CLI, the grid and jobs share one table."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from core.datasets import TaskDataset
+from core.errors import ConfigError
+from core.methods.column_masks import (
+    ColumnMaskConfig,
+    HeadOnlyConfig,
+    XmaConfig,
+    adapt_column_mask,
+    adapt_head_only,
+)
+from core.methods.common import AdaptationResult, RunOptions, TrainConfig
+from core.methods.finetune import (
+    Fp32FinetuneConfig,
+    QatFinetuneConfig,
+    adapt_finetune_fp32,
+    adapt_finetune_qat,
+)
+from core.methods.piggyback import PiggybackConfig, adapt_piggyback
+from core.methods.xma2 import Xma2Config, adapt_xma2
+from core.model import CrossbarModel
+
+__all__ = ["METHODS", "MethodSpec", "adapt", "default_config", "method_names"]
+
+Trainer = Callable[[CrossbarModel, TaskDataset, str, Any, RunOptions], AdaptationResult]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One learning method: its defaults, its trainer and what it trains."""
+
+    name: str
+    config: Callable[[], Any]
+    trainer: Trainer
+    trains: str
+    servable: bool = True
+    """Whether the result is a 4-bit task state (False: an fp32 upper bound only)."""
+
+
+def _xbm_config() -> XmaConfig:
+    return XmaConfig(mask=ColumnMaskConfig(shift_levels=0))
+
+
+def _xbm(model: CrossbarModel, data: TaskDataset, task_id: str, config: XmaConfig,
+         options: RunOptions) -> AdaptationResult:
+    return adapt_column_mask(model, data, task_id, config, options, method="xbm")
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec for spec in (
+        MethodSpec("finetune_fp32", Fp32FinetuneConfig, adapt_finetune_fp32,
+                   "every fp32 weight (incl. depthwise), BatchNorm affine, head",
+                   servable=False),
+        MethodSpec("finetune_qat", QatFinetuneConfig, adapt_finetune_qat,
+                   "4-bit codes of every crossbar PE (all PEs are spare PEs), BatchNorm "
+                   "affine, head"),
+        MethodSpec("piggyback", PiggybackConfig, adapt_piggyback,
+                   "element-wise binary mask of every crossbar weight, BatchNorm affine, head"),
+        MethodSpec("xbm", _xbm_config, _xbm,
+                   "binary column mask of every PE, BatchNorm affine, head"),
+        MethodSpec("xma", XmaConfig, adapt_column_mask,
+                   "column shift mask (N=3) of every PE, BatchNorm affine, head"),
+        MethodSpec("xma2", Xma2Config, adapt_xma2,
+                   "4-bit codes of the top-P% PEs (spare PEs), column shift mask of the "
+                   "others, BatchNorm affine, head"),
+        MethodSpec("head_bn", HeadOnlyConfig, adapt_head_only,
+                   "BatchNorm affine and head only (no crossbar state)"),
+    )
+}
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(METHODS)
+
+
+def _spec(method: str) -> MethodSpec:
+    try:
+        return METHODS[method]
+    except KeyError as e:
+        raise ConfigError(f"unknown method {method!r}; choose one of "
+                          f"{', '.join(METHODS)}") from e
+
+
+def default_config(method: str, *, pe_fraction: float | None = None,
+                   **train_overrides: Any) -> Any:
+    """The method's defaults with overrides of its :class:`TrainConfig` fields (and P)."""
+    config = _spec(method).config()
+    unknown = sorted(set(train_overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"unknown training settings {unknown}")
+    train = dataclasses.replace(config.train, **{k: v for k, v in train_overrides.items()
+                                                 if v is not None})
+    config = dataclasses.replace(config, train=train)
+    if pe_fraction is not None:
+        if not isinstance(config, Xma2Config):
+            raise ConfigError(f"--pe-fraction only applies to xma2, not {method}")
+        config = dataclasses.replace(config, pe_fraction=pe_fraction)
+    return config
+
+
+def adapt(method: str, model: CrossbarModel, data: TaskDataset, task_id: str,
+          config: Any = None, options: RunOptions | None = None) -> AdaptationResult:
+    """Adapt the frozen backbone to a new task with one method (the backbone is not modified).
+
+    Args:
+        method: a name from :data:`METHODS`.
+        model: the frozen backbone; pass one that no engine drives.
+        data: the task's splits (train for learning, val for the reported val accuracy).
+        task_id: name of the resulting task state.
+        config: the method's config dataclass (default: :func:`default_config`).
+        options: cancel event, checkpoint folder, progress.
+    """
+    spec = _spec(method)
+    if config is None:
+        config = default_config(method)
+    expected = type(spec.config())
+    if not isinstance(config, expected):
+        raise ConfigError(f"{method} takes a {expected.__name__}, got {type(config).__name__}")
+    return spec.trainer(model, data, task_id, config, options or RunOptions())

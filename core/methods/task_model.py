@@ -1,0 +1,342 @@
+"""A trainable view of the frozen backbone: the model every 4-bit method trains.
+
+:class:`TaskModel` runs a private copy of the backbone. Before each forward pass
+every :class:`LayerAdapter` folds what it learns (column masks, spare-PE codes,
+an element-wise mask) into its layer's effective weight with
+:func:`core.ops.fold.fold_effective_weight`, the same function the engine uses,
+so the trained task state is served exactly as it was trained. The caller's
+backbone is never touched (its codes, scales and BatchNorm terms are copied).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from abc import abstractmethod
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.datasets import TaskDataset
+from core.errors import ConfigError
+from core.layers import CrossbarConv2d
+from core.mapping import LayerMapping
+from core.methods.common import (
+    AdaptationResult,
+    RunOptions,
+    TrainConfig,
+    accuracy,
+    config_dict,
+    deterministic,
+    fit,
+    warm_start_head,
+)
+from core.model import CrossbarModel
+from core.ops.fold import fold_effective_weight, replaced_columns, to_row_groups
+from core.quant import ActivationQuantizer, round_ste, signed_range
+from core.task_state import LayerTaskState, TaskHead, TaskState, ones_code
+
+__all__ = [
+    "CrossbarAdapter",
+    "FrozenInputQuant",
+    "LayerAdapter",
+    "TaskModel",
+    "pe_blocks",
+]
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Fake quantization with a frozen step: one fused forward, a clipped straight-through
+    backward (about 10% faster per training step than the LSQ path, which also computes the
+    gradient of the step that nobody trains here)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
+        y = x / step
+        ctx.save_for_backward((y >= qmin) & (y <= qmax))
+        return y.round_().clamp_(qmin, qmax).mul_(step)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
+
+
+class FrozenInputQuant(nn.Module):
+    """A crossbar input quantizer whose step is frozen (the backbone's DAC range)."""
+
+    def __init__(self, quant: ActivationQuantizer) -> None:
+        super().__init__()
+        self.register_buffer("step", quant.step.detach().clone())
+        self.qmin, self.qmax = quant.qrange
+        self.inplace = quant.inplace
+        self.enabled = quant.fake_quant_enabled
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if torch.is_grad_enabled():
+            return _FakeQuantSTE.apply(x, self.step, self.qmin, self.qmax)
+        # The same operations, in the same order, as ActivationQuantizer at inference.
+        y = x.div_(self.step) if self.inplace else x / self.step
+        return y.round_().clamp_(self.qmin, self.qmax).mul_(self.step)
+
+
+def pe_blocks(grouped: Tensor, layer: LayerMapping) -> Tensor:
+    """``[Cout, row_groups, rows]`` -> ``[row_groups, col_groups, outputs_per_pe, rows]``
+    (edge PEs zero-padded): indexing with a PE mask gives spare codes in task-state order."""
+    padded = layer.col_groups * layer.outputs_per_pe
+    grouped = F.pad(grouped, (0, 0, 0, 0, 0, padded - grouped.shape[0]))
+    blocks = grouped.reshape(layer.col_groups, layer.outputs_per_pe, layer.row_groups, -1)
+    return blocks.permute(2, 0, 1, 3)
+
+
+class LayerAdapter(nn.Module):
+    """Learns one crossbar layer's share of a task.
+
+    Args:
+        layer: the backbone layer (its codes and scale are copied, never modified).
+    """
+
+    def __init__(self, layer: CrossbarConv2d) -> None:
+        super().__init__()
+        if layer.mapping is None or not layer.on_crossbar:
+            raise ConfigError("only crossbar layers take masks (depthwise layers run digitally)")
+        self.mapping: LayerMapping = layer.mapping
+        codes = layer.weight_codes.detach().contiguous().float().clone()
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scale", layer.weight_scale.detach().float().clone(),
+                             persistent=False)
+
+    @abstractmethod
+    def fold(self, scale: Tensor, generator: torch.Generator | None, stochastic: bool) -> Tensor:
+        """The layer's weight for this step at per-channel ``scale`` (ones: code units)."""
+
+    def effective_weight(self, generator: torch.Generator | None, stochastic: bool) -> Tensor:
+        """The layer's fp32 weight for this step (differentiable)."""
+        return self.fold(self.scale, generator, stochastic)
+
+    def effective_codes(self) -> Tensor:
+        """The served weight in code units, computed as the engine computes it."""
+        return self.fold(torch.ones_like(self.scale), None, False)
+
+    @abstractmethod
+    def export(self, chip_shift_levels: int) -> LayerTaskState:
+        """The learned state as the engine serves it."""
+
+
+class CrossbarAdapter(LayerAdapter):
+    """Spare PEs (4-bit QAT codes) and/or a learned column shift mask on the other PEs.
+
+    Args:
+        layer: the backbone layer.
+        pe_mask: bool ``[row_groups, col_groups]`` of PEs replaced by trainable spare PEs
+            (None: none). Spare codes start from the backbone's codes.
+        column_mask: the learnable tier-2 mask (None: every column at 1).
+    """
+
+    def __init__(self, layer: CrossbarConv2d, pe_mask: Tensor | None = None,
+                 column_mask: nn.Module | None = None) -> None:
+        super().__init__(layer)
+        mapping = self.mapping
+        mask = (pe_mask if pe_mask is not None
+                else torch.zeros(mapping.row_groups, mapping.col_groups, dtype=torch.bool))
+        if mask.dtype != torch.bool or tuple(mask.shape) != (mapping.row_groups,
+                                                             mapping.col_groups):
+            raise ConfigError(f"layer {mapping.name}: pe_mask must be bool "
+                              f"{[mapping.row_groups, mapping.col_groups]}")
+        self.register_buffer("pe_mask", mask.clone())
+        grouped = to_row_groups(self.codes, mapping)
+        self.spare_latent = nn.Parameter(pe_blocks(grouped, mapping)[mask].clone())
+        valid = pe_blocks(to_row_groups(torch.ones_like(self.codes), mapping), mapping)[mask]
+        self.register_buffer("spare_valid", valid, persistent=False)
+        self.column_mask = column_mask
+        self.qmin, self.qmax = signed_range(mapping.weight_bits)
+
+    def spare_codes(self) -> Tensor:
+        """4-bit codes of the spare PEs: clamp to the signed range, round straight-through."""
+        return round_ste(self.spare_latent.clamp(self.qmin, self.qmax)) * self.spare_valid
+
+    def fold(self, scale: Tensor, generator: torch.Generator | None, stochastic: bool) -> Tensor:
+        values = None
+        if self.column_mask is not None:
+            values = self.column_mask(generator=generator, stochastic=stochastic)
+        return fold_effective_weight(self.codes, scale, self.mapping, column_values=values,
+                                     pe_mask=self.pe_mask, spare_codes=self.spare_codes())
+
+    def export(self, chip_shift_levels: int) -> LayerTaskState:
+        with torch.no_grad():
+            spare = self.spare_codes().round().to(torch.int8)
+        if self.column_mask is not None:
+            codes = self.column_mask.codes(chip_shift_levels)
+        else:
+            codes = torch.full((self.mapping.row_groups, self.mapping.out_channels),
+                               ones_code(chip_shift_levels), dtype=torch.uint8)
+        return LayerTaskState(self.pe_mask.clone(), spare.contiguous(), codes)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class TaskModel(nn.Module):
+    """Backbone copy + per-layer adapters + digital head (+ per-task BatchNorm affine terms).
+
+    Args:
+        model: the frozen, calibrated backbone (copied; never modified). Pass one that no
+            engine drives: an engine swaps task weights and BatchNorm terms into its model.
+        num_classes: outputs of the new head.
+        train_batchnorm: learn the BatchNorm affine terms as per-task digital state.
+        channels_last: run the copy in channels_last memory format (faster on CPU).
+    """
+
+    def __init__(self, model: CrossbarModel, num_classes: int, *, train_batchnorm: bool = True,
+                 channels_last: bool = True) -> None:
+        super().__init__()
+        if model.mapping is None:
+            raise ConfigError("the backbone has no crossbar mapping: calibrate or load it first")
+        self.mapping = model.mapping
+        self.shift_levels = model.config.shift_levels
+        backbone = copy.deepcopy(model).eval()
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self._quantizers: dict[str, tuple[nn.Module, nn.Module]] = {}
+        for name, layer in backbone.layers():
+            self._quantizers[name] = (layer.input_quant, FrozenInputQuant(layer.input_quant))
+            layer.reset_effective_weight()
+        self.channels_last = channels_last
+        if channels_last:
+            backbone = backbone.to(memory_format=torch.channels_last)
+        object.__setattr__(self, "backbone", backbone)  # not a submodule: never saved or moved
+        self._source_layers = dict(model.layers())
+        self._layers = dict(backbone.layers())
+        self.batchnorm = nn.ParameterDict()
+        self._bn_names: dict[str, str] = {}
+        if train_batchnorm:
+            for name, module in backbone.body.named_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                    for attr in ("weight", "bias"):
+                        param = getattr(module, attr)
+                        param.requires_grad_(True)
+                        self.batchnorm[_key(f"{name}.{attr}")] = param
+                        self._bn_names[_key(f"{name}.{attr}")] = f"{name}.{attr}"
+        features = int(backbone(torch.zeros(1, 3, 32, 32)).shape[1])
+        self.head = nn.Linear(features, num_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.adapters = nn.ModuleDict()
+        self._adapter_names: dict[str, str] = {}
+        self.generator: torch.Generator | None = None
+
+    backbone: CrossbarModel
+
+    def source_layer(self, name: str) -> CrossbarConv2d:
+        """A layer of the caller's backbone (read-only use: codes and scales)."""
+        return self._source_layers[name]
+
+    def crossbar_layer_names(self) -> list[str]:
+        return [m.name for m in self.mapping.crossbar_layers]
+
+    def current_adapters(self) -> dict[str, LayerAdapter]:
+        """Layer name -> adapter."""
+        return {self._adapter_names[k]: a for k, a in self.adapters.items()}  # type: ignore[misc]
+
+    def set_adapters(self, adapters: dict[str, LayerAdapter]) -> None:
+        """Replace the adapters; layers without one run the backbone's weights."""
+        unknown = sorted(set(adapters) - set(self.crossbar_layer_names()))
+        if unknown:
+            raise ConfigError(f"adapters for layers that are not on crossbars: {unknown[:3]}")
+        self.adapters = nn.ModuleDict({_key(n): a for n, a in adapters.items()})
+        self._adapter_names = {_key(n): n for n in adapters}
+        for name, layer in self._layers.items():
+            if name not in adapters:
+                layer.reset_effective_weight()
+
+    def load_weights(self) -> None:
+        """Fold every adapter into its layer of the copy (training: fresh Gumbel noise).
+
+        With gradients: differentiable fp32 weights and a frozen-step STE input quantizer.
+        Without: exactly what the engine serves (weights in code units where the layer
+        takes them, the backbone's own input quantizers), so outputs match bit for bit.
+        """
+        grad = torch.is_grad_enabled()
+        exact = not grad and hasattr(CrossbarConv2d, "effective_codes")
+        for name, layer in self._layers.items():
+            original, frozen = self._quantizers[name]
+            layer.input_quant = frozen if grad else original  # type: ignore[assignment]
+        for key, adapter in self.adapters.items():
+            layer = self._layers[self._adapter_names[key]]
+            if exact:
+                codes = adapter.effective_codes()
+                if self.channels_last:
+                    codes = codes.contiguous(memory_format=torch.channels_last)
+                layer.effective_codes = codes
+                continue
+            weight = adapter.effective_weight(self.generator, stochastic=self.training)
+            if self.channels_last:
+                weight = weight.contiguous(memory_format=torch.channels_last)
+            layer.effective_weight = weight
+
+    def features(self, x: Tensor) -> Tensor:
+        self.load_weights()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.features(x), self.head.weight, self.head.bias)
+
+    def export(self, task_id: str, labels: tuple[str, ...]) -> TaskState:
+        """The learned task as the engine serves it (bit-exact in ideal fidelity)."""
+        layers = {self._adapter_names[k]: a.export(self.shift_levels)
+                  for k, a in self.adapters.items()}
+        digital = {self._bn_names[k]: p.detach().clone() for k, p in self.batchnorm.items()}
+        head = TaskHead(self.head.weight.detach().clone(), self.head.bias.detach().clone(),
+                        tuple(labels))
+        return TaskState(task_id, self.shift_levels, head, layers, digital)
+
+
+def new_task_model(model: CrossbarModel, data: TaskDataset, train: TrainConfig) -> TaskModel:
+    """A task model whose head is warm-started on the frozen backbone's features."""
+    task_model = TaskModel(model, len(data.classes), train_batchnorm=train.train_batchnorm,
+                           channels_last=train.channels_last)
+    task_model.eval()
+    warm_start_head(task_model.features, task_model.head, data.train, train)
+    return task_model
+
+
+def train_task_model(
+    method: str, task_model: TaskModel, extra_groups: list[dict[str, Any]],
+    data: TaskDataset, task_id: str, config: Any, train: TrainConfig, options: RunOptions,
+    started: float, details: dict[str, Any] | None = None,
+) -> AdaptationResult:
+    """Train the adapters, head and BatchNorm terms; export and validate the task.
+
+    ``config`` is the method's config dataclass (recorded, and checked on resume).
+    """
+    groups = [{"params": list(task_model.head.parameters()), "lr": train.lr_head},
+              {"params": list(task_model.batchnorm.values()), "lr": train.lr_batchnorm},
+              *extra_groups]
+    cfg = config_dict(config)
+    with deterministic():
+        steps, history = fit(
+            task_model, groups, data.train, train, options,
+            description=f"{method} on {data.spec.name}",
+            checkpoint_meta={"method": method, "config": cfg, "dataset": data.describe()["name"]},
+        )
+        task = task_model.export(task_id, tuple(data.classes))
+        val = accuracy(task_model, data.val, channels_last=False)
+    details = dict(details or {})
+    frozen_codes = [
+        s.column_codes[~replaced_columns(s.pe_mask, task_model.mapping.layer(n))]
+        for n, s in task.layers.items()
+    ]
+    if frozen_codes:
+        counts = torch.bincount(torch.cat(frozen_codes).long(),
+                                minlength=task.shift_levels + 2)
+        details["column_code_counts"] = counts.tolist()
+    return AdaptationResult(method, task, val, steps, time.perf_counter() - started, cfg,
+                            history, details, trained_model=task_model)
+
