@@ -400,11 +400,18 @@ def _plots(result: dict[str, Any], out_prefix: Path) -> list[str]:
             inference.append(1e6 * sum(c["inference_j"] for c in cells) / len(cells))
     if labels:
         fig, ax = plt.subplots(figsize=(7, 4))
-        xs = range(len(labels))
-        ax.bar(xs, inference, label="inference over the test set")
-        ax.bar(xs, reprogram, bottom=inference, label="reprogramming (spare PEs written)")
-        ax.set_xticks(list(xs), labels, rotation=35, ha="right", fontsize=7)
+        xs = list(range(len(labels)))
+        floor = 0.01  # uJ: log axis; zero energy is drawn at the floor and labelled
+        ax.bar([x - 0.2 for x in xs], [max(v, floor) for v in reprogram], width=0.4,
+               label="reprogramming (as charged)")
+        ax.bar([x + 0.2 for x in xs], inference, width=0.4,
+               label="inference over the test set")
+        for x, v in zip(xs, reprogram, strict=True):
+            if v == 0:
+                ax.annotate("0", (x - 0.2, floor), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(xs, labels, rotation=35, ha="right", fontsize=7)
         ax.set_yscale("log")
+        ax.set_ylim(bottom=floor)
         ax.set_ylabel("energy per task (uJ, mean over datasets)")
         ax.legend(fontsize=7)
         fig.tight_layout()

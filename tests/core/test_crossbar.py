@@ -301,9 +301,8 @@ def test_read_noise_is_drawn_per_read(quantized_mobilenet, images32):
 def test_stuck_cells_and_adc_offset(quantized_mobilenet):
     on = _noisy(quantized_mobilenet, stuck_on_rate=1.0)
     prepared = on.activate("t", "crossbar")
-    program = next(iter((prepared.programs or {}).values()))
-    cells = on._cells(program_name := next(iter(prepared.programs or {})),
-                      dict(quantized_mobilenet.layers())[program_name])
+    name = next(iter(prepared.programs or {}))
+    cells = on._cells(name, dict(quantized_mobilenet.layers())[name])
     assert bool((cells == 3).all())
     offset = _noisy(quantized_mobilenet, adc_offset_sigma=0.5, seed=2)
     offsets = {p.adc_offset_lsb for p in (offset.activate("t", "crossbar").programs or {}).values()}
