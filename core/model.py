@@ -19,8 +19,6 @@ import copy
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from core.atomic import atomic_write
 from core.backbones.registry import build_backbone
 from core.config import CrossbarConfig, DacMode
 from core.errors import ConfigError, ResourceUnavailable
@@ -249,16 +248,7 @@ class CrossbarModel(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
         metadata = {**(extra_metadata or {}), **self._metadata()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> CrossbarModel:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from core.atomic import atomic_write
 from core.datasets import ImageSplit
 from core.errors import ConfigError, Xma2Error
 from core.probe import linear_probe
@@ -204,20 +203,6 @@ def warm_start_head(features: Callable[[Tensor], Tensor], head: nn.Linear, split
 # -- checkpoints ---------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _save_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer,
                      meta: dict[str, Any]) -> None:
     tensors = {f"model.{k}": v.detach().contiguous().clone()
@@ -225,10 +210,10 @@ def _save_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Opt
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).contiguous().clone()
-    _atomic_write(folder / CHECKPOINT_TENSORS,
+    atomic_write(folder / CHECKPOINT_TENSORS,
                   lambda tmp: save_file(tensors, tmp, metadata={"format_version":
                                                                  CHECKPOINT_FORMAT}))
-    _atomic_write(folder / CHECKPOINT_JSON,
+    atomic_write(folder / CHECKPOINT_JSON,
                   lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1, sort_keys=True)))
 
 
