@@ -5,7 +5,7 @@ setup:
 	bash deploy/setup.sh
 
 run: setup
-	.venv/bin/xma2 inspect
+	.venv/bin/xma2 serve
 
 test: setup
 	.venv/bin/python -m pytest -q

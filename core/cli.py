@@ -7,11 +7,23 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from core.errors import ConfigError, Xma2Error
+
+
+class CommandExtension(Protocol):
+    """Commands another package adds to ``xma2`` (the server adds ``serve``)."""
+
+    commands: tuple[str, ...]
+
+    def add(self, commands: argparse._SubParsersAction) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
 
 
 def _add_backbone_file(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +33,7 @@ def _add_backbone_file(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extensions: Sequence[CommandExtension] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xma2", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--seed", type=int, default=0)
     accuracy.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     _add_adaptation_commands(commands)
+    for extension in extensions:
+        extension.add(commands)
     return parser
 
 
@@ -122,12 +136,16 @@ def _add_adaptation_commands(commands: argparse._SubParsersAction) -> None:
     _add_training_options(evaluate)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None,
+         extensions: Sequence[CommandExtension] = ()) -> int:
+    args = build_parser(extensions).parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        for extension in extensions:
+            if args.command in extension.commands:
+                return extension.run(args)
         with torch.set_grad_enabled(args.command in ("quantize", "adapt", "evaluate")):
             return _run(args)
     except Xma2Error as e:
@@ -183,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_line(argv: list[str]) -> str:
+def command_line(argv: list[str]) -> str:
     import shlex
 
     return " ".join(["xma2", *(shlex.quote(a) for a in argv)])
@@ -207,7 +225,7 @@ def _run_adaptation(args: argparse.Namespace) -> None:
             test_limit=args.test_limit, epochs=args.epochs or GridConfig.epochs, seed=args.seed)
         result = run_grid(grid, load_backbone(args.backbone_file),
                           load_backbone(args.backbone_file), args.out,
-                          command=_command_line(args.argv), git_revision=git_revision(),
+                          command=command_line(args.argv), git_revision=git_revision(),
                           resume=not args.fresh, threads=torch.get_num_threads(),
                           progress=True)
         print(render_markdown(result, args.out))
@@ -236,7 +254,7 @@ def _run_adaptation(args: argparse.Namespace) -> None:
         assert result.trained_model is not None
         test = accuracy(result.trained_model, data.test)
     summary = {
-        "command": _command_line(args.argv), "git_revision": git_revision(),
+        "command": command_line(args.argv), "git_revision": git_revision(),
         "method": args.method, "dataset": data.describe()["sizes"] | {"name": args.dataset},
         "threads": torch.get_num_threads(), "steps": result.steps,
         "adapt_seconds": round(result.seconds, 1), "seconds_with_test": round(seconds, 1),

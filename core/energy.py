@@ -189,6 +189,9 @@ class EnergyReport:
         return EnergyReport(**{f.name: getattr(self, f.name) + getattr(other, f.name)
                                for f in fields(self)})
 
+    def scaled(self, factor: float) -> EnergyReport:
+        return EnergyReport(**{f.name: getattr(self, f.name) * factor for f in fields(self)})
+
     def to_dict(self) -> dict[str, float]:
         return {**asdict(self), "total_j": self.total_j}
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +34,7 @@ from core.energy import (
     energy_of,
 )
 from core.errors import ConfigError, TaskNotFound, TaskStateError
-from core.layers import CrossbarConv2d
+from core.layers import CrossbarConv2d, SampleGroup
 from core.lru import LRUCache
 from core.model import DAC_MODES, CrossbarModel
 from core.ops.crossbar import (
@@ -46,7 +46,12 @@ from core.ops.crossbar import (
     task_cell_levels,
 )
 from core.ops.fold import fold_effective_weight, replaced_columns
+from core.pool import Residency, SparePEPool
 from core.task_state import LayerTaskState, TaskState, shift_values
+
+MIXED_FULL_LAYER_FRACTION = 0.5
+"""In a mixed batch, a task that changes more than this share of a layer's output channels
+recomputes all of them (one dense conv beats gathering most channels)."""
 
 
 @dataclass
@@ -60,6 +65,9 @@ class PreparedTask:
     ops_per_image: dict[tuple[int, int], OpCounts] = field(default_factory=dict)
     programs: dict[str, CrossbarProgram] | None = None
     """Crossbar-fidelity layout of every crossbar layer, built on first crossbar use."""
+    changed: dict[str, tuple[Tensor | None, Tensor]] | None = None
+    """Per layer: output channels whose codes differ from the backbone's (None: most of
+    them, so all) and the task's codes of those channels; built on first mixed batch."""
 
 
 @dataclass
@@ -67,6 +75,8 @@ class EngineStats:
     switches: int = 0
     prepares: int = 0
     prepare_seconds: float = 0.0
+    last_activate_seconds: float = 0.0
+    """Wall time of the last :meth:`CrossbarEngine.activate` (folding, programming, swap)."""
 
 
 class CrossbarEngine:
@@ -78,12 +88,15 @@ class CrossbarEngine:
         energy: per-operation energy constants (defaults derive from the chip).
         fidelity: the default fidelity of :meth:`forward` and :meth:`features`.
         crossbar: how crossbar fidelity emulates the chip (ADC, DAC, non-idealities).
+        pool: the chip's spare PEs and mask buffers; when given, every activation makes the
+            task resident (programming its spare PEs, evicting others) and
+            :attr:`last_residency` says what that cost.
     """
 
     def __init__(
         self, model: CrossbarModel, *, max_prepared_tasks: int = 8,
         energy: EnergyConfig | None = None, fidelity: Fidelity | str = Fidelity.IDEAL,
-        crossbar: CrossbarSettings | None = None,
+        crossbar: CrossbarSettings | None = None, pool: SparePEPool | None = None,
     ) -> None:
         if model.mapping is None:
             raise ConfigError("the backbone has no crossbar mapping: calibrate or load it first")
@@ -98,6 +111,11 @@ class CrossbarEngine:
         self.prepared: LRUCache[str, PreparedTask] = LRUCache(max_prepared_tasks)
         self.active: str | None = None
         self.stats = EngineStats()
+        self.pool = pool
+        self.last_residency: Residency | None = None
+        """What the last :meth:`activate` did to the pool (None without a pool or state)."""
+        self.last_residencies: dict[str, Residency] = {}
+        """What the last :meth:`forward_mixed` did to the pool, per task."""
         self._layers = dict(model.layers())
         self._digital_names = self._overridable_names()
         self._digital_defaults: dict[str, nn.Parameter | Tensor] = {}
@@ -135,6 +153,8 @@ class CrossbarEngine:
         self._task(task_id)
         self.prepared.pop(task_id)
         del self.tasks[task_id]
+        if self.pool is not None:
+            self.pool.forget(task_id)
         if self.active == task_id:
             self.active = None
 
@@ -179,8 +199,17 @@ class CrossbarEngine:
 
     def activate(self, task_id: str, fidelity: Fidelity | str | None = None) -> PreparedTask:
         """Point every layer at the task's effective weights or programmed cells (no copy)."""
+        started = time.perf_counter()
+        try:
+            return self._activate(task_id, fidelity)
+        finally:
+            self.stats.last_activate_seconds = time.perf_counter() - started
+
+    def _activate(self, task_id: str, fidelity: Fidelity | str | None) -> PreparedTask:
         prepared = self.prepare(task_id)
         crossbar = _fidelity(fidelity or self.fidelity) is Fidelity.CROSSBAR
+        self.last_residency = (self.pool.ensure_resident(prepared.task)
+                               if self.pool is not None and prepared.task.layers else None)
         programs = self._programs(prepared) if crossbar else None
         for name, layer in self._layers.items():
             layer.program = programs.get(name) if programs is not None else None
@@ -220,6 +249,136 @@ class CrossbarEngine:
         head = self._task(task_id).head
         features = self.features(x, task_id, fidelity)
         return torch.nn.functional.linear(features, head.weight, head.bias)
+
+    @torch.no_grad()
+    def forward_mixed(self, x: Tensor, task_ids: Sequence[str],
+                      fidelity: Fidelity | str | None = None) -> list[Tensor]:
+        """Logits of each sample's own task for a batch that mixes tasks.
+
+        Ideal fidelity runs the backbone once for the whole batch: every crossbar layer
+        convolves all samples with the backbone's codes, then recomputes, for each task's
+        samples, only the output channels whose weights the task changed (its spare PEs
+        and shifted columns); per-task BatchNorm terms are applied to each task's samples.
+        This is the crossbar dataflow: shared per-column partial sums, then a per-task
+        shift and sum. Crossbar fidelity runs each task's samples through its own
+        programmed layout. Each sample's logits equal :meth:`forward` on its task alone.
+        With a pool, every task of the batch is made resident and pinned for the batch
+        (:attr:`last_residencies` says what that cost).
+
+        Returns:
+            one logits row ``[classes of its task]`` per sample (tasks differ in classes).
+        """
+        if len(task_ids) != x.shape[0]:
+            raise ConfigError(f"{len(task_ids)} task ids for a batch of {x.shape[0]} samples")
+        groups: dict[str, list[int]] = {}
+        for i, task_id in enumerate(task_ids):
+            groups.setdefault(task_id, []).append(i)
+        started = time.perf_counter()
+        prepared = {t: self.prepare(t) for t in groups}
+        fidelity = _fidelity(fidelity or self.fidelity)
+        out: list[Tensor | None] = [None] * len(task_ids)
+        self.last_residencies = {}
+        pinned = self._pin_all(prepared)
+        self.stats.last_activate_seconds = time.perf_counter() - started
+        try:
+            if len(groups) == 1 or fidelity is Fidelity.CROSSBAR or not self._exact():
+                for task_id, rows in groups.items():
+                    index = torch.tensor(rows)
+                    logits = self.forward(x.index_select(0, index), task_id, fidelity)
+                    if self.last_residency is not None:  # _pin_all saw it first otherwise
+                        self.last_residencies.setdefault(task_id, self.last_residency)
+                    for row, value in zip(rows, logits, strict=True):
+                        out[row] = value
+            else:
+                features = self._mixed_features(x, groups, prepared)
+                for task_id, rows in groups.items():
+                    head = prepared[task_id].task.head
+                    index = torch.tensor(rows)
+                    logits = torch.nn.functional.linear(features.index_select(0, index),
+                                                        head.weight, head.bias)
+                    for row, value in zip(rows, logits, strict=True):
+                        out[row] = value
+        finally:
+            if self.pool is not None:
+                for task_id in pinned:
+                    self.pool.unpin(task_id)
+        return [value for value in out if value is not None]
+
+    def _pin_all(self, prepared: dict[str, PreparedTask]) -> list[str]:
+        """Make every task of a batch resident at once; refuse a set the pool can't hold."""
+        if self.pool is None:
+            return []
+        pinned: list[str] = []
+        try:
+            for task_id, p in prepared.items():
+                if not p.task.layers:
+                    continue
+                self.last_residencies[task_id] = self.pool.ensure_resident(p.task)
+                self.pool.pin(task_id)
+                pinned.append(task_id)
+        except BaseException:
+            for task_id in pinned:
+                self.pool.unpin(task_id)
+            raise
+        return pinned
+
+    def _mixed_features(self, x: Tensor, groups: dict[str, list[int]],
+                        prepared: dict[str, PreparedTask]) -> Tensor:
+        self._activate_backbone()
+        for layer in self._layers.values():
+            layer.program = None
+        layer_groups: dict[str, list[SampleGroup]] = {}
+        norm_groups: dict[str, list[tuple[Tensor, dict[str, Tensor]]]] = {}
+        for task_id, rows in groups.items():
+            p = prepared[task_id]
+            samples = torch.tensor(rows)
+            for name, (channels, codes) in self._changed(p).items():
+                layer_groups.setdefault(name, []).append(SampleGroup(samples, codes, channels))
+            for module_name, values in _by_module(p.digital).items():
+                norm_groups.setdefault(module_name, []).append((samples, values))
+        hooks = [self.model.body.get_submodule(name).register_forward_hook(
+                     _per_sample_norm(entries)) for name, entries in norm_groups.items()]
+        for name, entries in layer_groups.items():
+            self._layers[name].sample_groups = entries
+        try:
+            return self.model(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for name in layer_groups:
+                self._layers[name].sample_groups = None
+
+    def _exact(self) -> bool:
+        """Whether every layer takes the code-domain path that mixed batches extend."""
+        return all(layer._exact_inputs() for layer in self._layers.values())
+
+    def _activate_backbone(self) -> None:
+        """Every layer and BatchNorm back to the backbone's own values (no task active)."""
+        if self.active is None:
+            return
+        previous = self.prepared.peek(self.active)
+        for name, layer in self._layers.items():
+            if previous is None or name in previous.weights:
+                layer.reset_effective_weight()
+        for name, value in self._digital_defaults.items():
+            self._set_tensor(name, value)
+        self.active = None
+
+    def _changed(self, prepared: PreparedTask) -> dict[str, tuple[Tensor | None, Tensor]]:
+        if prepared.changed is None:
+            changed = {}
+            for name, codes in prepared.weights.items():
+                differs = (codes != self._layers[name].weight_codes).flatten(1).any(1)
+                count = int(differs.sum())
+                if count == 0:
+                    continue
+                if count > MIXED_FULL_LAYER_FRACTION * differs.numel():
+                    changed[name] = (None, codes)
+                else:
+                    channels = differs.nonzero().flatten()
+                    changed[name] = (channels, codes.index_select(0, channels).contiguous())
+            prepared.changed = changed
+        return prepared.changed
 
     # -- the programmed chip (crossbar fidelity) -------------------------------------
 
@@ -406,6 +565,33 @@ class CrossbarEngine:
             module._parameters[attr] = value  # type: ignore[assignment]
         else:
             module._buffers[attr] = value
+
+
+def _by_module(digital: dict[str, nn.Parameter | Tensor]) -> dict[str, dict[str, Tensor]]:
+    """``{"a.b.weight": w}`` -> ``{"a.b": {"weight": w}}``."""
+    modules: dict[str, dict[str, Tensor]] = {}
+    for name, value in digital.items():
+        module_name, _, attr = name.rpartition(".")
+        modules.setdefault(module_name, {})[attr] = value
+    return modules
+
+
+def _per_sample_norm(entries: list[tuple[Tensor, dict[str, Tensor]]]
+                     ) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]:
+    """A forward hook that re-normalises each task's samples with that task's terms."""
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for samples, values in entries:
+            out[samples] = torch.nn.functional.batch_norm(
+                inputs[0].index_select(0, samples),
+                values.get("running_mean", module.running_mean),
+                values.get("running_var", module.running_var),
+                values.get("weight", module.weight), values.get("bias", module.bias),
+                False, 0.0, module.eps)
+        return out
+
+    return hook
 
 
 def _fidelity(value: Fidelity | str) -> Fidelity:

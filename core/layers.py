@@ -15,6 +15,8 @@ may set ``effective_weight`` (dequantized, differentiable) directly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -77,6 +79,10 @@ class CrossbarConv2d(nn.Module):
         self.implementation = OperatorImplementation.AUTO
         self.read_generator: torch.Generator | None = None
         self.max_chunk_elements = 1 << 23
+        self.sample_groups: list[SampleGroup] | None = None
+        """Set by the engine for a batch that mixes tasks: the samples of each task whose
+        weights differ from the backbone's, and their task's codes of the changed output
+        channels. The backbone's codes run once for the whole batch."""
 
     @property
     def on_crossbar(self) -> bool:
@@ -155,8 +161,11 @@ class CrossbarConv2d(nn.Module):
         if self.latent_weight is not None:
             weight = fake_quant_weight(self.latent_weight, self.weight_scale, self.weight_bits)
         elif self._task_codes is not None and self._exact_inputs():
-            out = F.conv2d(self.input_quant.codes(x), self._task_codes, None, self.stride,
-                           self.padding, self.dilation, self.groups)
+            codes = self.input_quant.codes(x)
+            out = F.conv2d(codes, self._task_codes, None, self.stride, self.padding,
+                           self.dilation, self.groups)
+            if self.sample_groups:
+                self._apply_sample_groups(codes, out)
             out = out.mul_((self.input_quant.step * self.weight_scale).reshape(1, -1, 1, 1))
             return out if self.bias is None else out.add_(self.bias.reshape(1, -1, 1, 1))
         else:
@@ -166,12 +175,40 @@ class CrossbarConv2d(nn.Module):
             self.dilation, self.groups,
         )
 
+    def _apply_sample_groups(self, codes: Tensor, out: Tensor) -> None:
+        """Overwrite each group's changed channels with its own task's weights."""
+        assert self.sample_groups is not None
+        for group in self.sample_groups:
+            inputs = codes.index_select(0, group.samples)
+            if group.channels is None:
+                out[group.samples] = F.conv2d(inputs, group.codes, None, self.stride,
+                                              self.padding, self.dilation, self.groups)
+                continue
+            part = F.conv2d(inputs, group.codes, None, self.stride, self.padding,
+                            self.dilation, self.groups)
+            out[group.samples.unsqueeze(1), group.channels.unsqueeze(0)] = part
+
     def extra_repr(self) -> str:
         where = self.mapping.placement.value if self.mapping else "unmapped"
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, groups={self.groups}, weight_bits={self.weight_bits}, {where}"
         )
+
+
+@dataclass(frozen=True)
+class SampleGroup:
+    """Samples of one task in a mixed batch, and that task's codes where they differ.
+
+    Args:
+        samples: long ``[n]`` batch positions of the task's samples.
+        codes: the task's code-unit weight of ``channels`` (all channels when None).
+        channels: long ``[c]`` output channels whose weights differ from the backbone's.
+    """
+
+    samples: Tensor
+    codes: Tensor
+    channels: Tensor | None
 
 
 def crossbar_layers(model: nn.Module) -> list[tuple[str, CrossbarConv2d]]:

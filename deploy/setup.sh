@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 VENV=${XMA2_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-# System packages: Fashion-MNIST (idx files under /usr/share/datasets) and a C++
-# compiler for the crossbar operator (without one xma2 falls back to pure torch).
+# System packages: Fashion-MNIST (idx files under /usr/share/datasets), a C++
+# compiler for the crossbar operator (without one xma2 falls back to pure torch),
+# and the Prometheus server that the metrics tests scrape the server with.
 need=()
 [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
 command -v g++ >/dev/null || need+=(g++)
+command -v prometheus >/dev/null || [ -x /usr/bin/prometheus ] || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq

@@ -1,0 +1,1 @@
+"""The HTTP server: task serving, adaptation jobs and metrics over the emulated chip."""

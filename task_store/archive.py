@@ -10,11 +10,10 @@ nothing is unpickled.
 from __future__ import annotations
 
 import io
-import os
 import tarfile
-import tempfile
 from pathlib import Path
 
+from core.atomic import atomic_write_bytes
 from task_store.errors import ChecksumMismatch, FormatError
 from task_store.format import (
     MANIFEST_FILE,
@@ -26,29 +25,6 @@ from task_store.format import (
 )
 
 DEFAULT_MAX_ARCHIVE_BYTES = 4 * 2**30
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    fsync_dir(path.parent)
 
 
 def write_archive(dest: str | Path, manifest_bytes: bytes, tensors: bytes) -> Path:
@@ -63,7 +39,7 @@ def write_archive(dest: str | Path, manifest_bytes: bytes, tensors: bytes) -> Pa
             info.mtime = 0
             tar.addfile(info, io.BytesIO(data))
     dest.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(dest, buffer.getvalue())
+    atomic_write_bytes(dest, buffer.getvalue())
     return dest
 
 

@@ -301,6 +301,11 @@ class TaskIndex:
         args.append(max(1, limit))
         return [self.job(r["id"]) for r in self._query(sql, tuple(args))]
 
+    def job_counts(self) -> dict[str, int]:
+        """Jobs per status."""
+        rows = self._query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+        return {r["status"]: int(r["n"]) for r in rows}
+
     def update_job(self, job_id: str, status: JobStatus, *,
                    result: dict[str, Any] | None = None, error: str | None = None) -> JobRecord:
         status = JobStatus(status)

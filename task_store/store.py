@@ -25,14 +25,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.atomic import fsync_dir
 from core.mapping import ModelMapping
 from core.task_state import TaskState, validate_task_name
-from task_store.archive import (
-    DEFAULT_MAX_ARCHIVE_BYTES,
-    fsync_dir,
-    read_archive,
-    write_archive,
-)
+from task_store.archive import DEFAULT_MAX_ARCHIVE_BYTES, read_archive, write_archive
 from task_store.cache import StoredTask, TaskCache, TaskCacheStats
 from task_store.errors import (
     ChecksumMismatch,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from core.errors import ConfigError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "preprocess_image"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "preprocess_fit", "preprocess_image"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -44,10 +44,28 @@ def _center_crop(image: Image.Image, size: int) -> Image.Image:
 
 def preprocess_image(image: Image.Image, size: int = 224) -> Tensor:
     """PIL image -> normalised float32 tensor ``[3, size, size]`` for ImageNet backbones."""
+    _check_size(size)
+    rgb = image.convert("RGB")  # greyscale and palette images get replicated/expanded
+    return _normalise(_center_crop(_resize_shorter(rgb, round(size * _RESIZE_RATIO)), size))
+
+
+def preprocess_fit(image: Image.Image, size: int) -> Tensor:
+    """Like :func:`preprocess_image` but the centre square is resized to ``size`` (no margin).
+
+    This is how task datasets are read (image folders are fitted the same way, and the
+    built-in datasets are square), so a task sees its images at inference as in training.
+    """
+    _check_size(size)
+    fitted = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.BILINEAR)
+    return _normalise(fitted)
+
+
+def _check_size(size: int) -> None:
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise ConfigError(f"size must be a positive int, got {size!r}")
-    rgb = image.convert("RGB")  # greyscale and palette images get replicated/expanded
-    rgb = _center_crop(_resize_shorter(rgb, round(size * _RESIZE_RATIO)), size)
+
+
+def _normalise(rgb: Image.Image) -> Tensor:
     arr = np.asarray(rgb, dtype=np.float32) / 255.0
     mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
     std = np.asarray(IMAGENET_STD, dtype=np.float32)

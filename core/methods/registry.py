@@ -100,7 +100,7 @@ def default_config(method: str, *, pe_fraction: float | None = None,
     config = dataclasses.replace(config, train=train)
     if pe_fraction is not None:
         if not isinstance(config, Xma2Config):
-            raise ConfigError(f"--pe-fraction only applies to xma2, not {method}")
+            raise ConfigError(f"pe_fraction (P) only applies to xma2, not {method}")
         config = dataclasses.replace(config, pe_fraction=pe_fraction)
     return config
 

@@ -1,0 +1,119 @@
+"""``xma2``: the core commands plus ``serve`` and ``build-default-tasks``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from core import cli as core_cli
+
+SECRET_SETTINGS = ("api_key",)
+"""Settings taken from the environment only (a flag would show in the process list)."""
+
+
+def _setting_flags(parser: argparse.ArgumentParser) -> None:
+    from server.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        if name in SECRET_SETTINGS:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        first_line = (field.description or '').splitlines()[0].replace('%', '%%')
+        help_text = f"{first_line} [XMA2_{name.upper()}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
+                                help=help_text)
+
+
+class ServerCommands:
+    commands = ("serve", "build-default-tasks")
+
+    def add(self, commands: argparse._SubParsersAction) -> None:
+        serve = commands.add_parser(
+            "serve", help="run the HTTP server (settings also come from XMA2_* variables)")
+        _setting_flags(serve)
+
+        build = commands.add_parser(
+            "build-default-tasks",
+            help="adapt the backbone to the shipped datasets and write the task archives")
+        build.add_argument("--out", type=Path, default=None,
+                           help="folder of archives and tasks.json (default: the server's "
+                                "shipped folder)")
+        build.add_argument("--tasks", default=None,
+                           help="comma-separated names (default: all shipped tasks)")
+        build.add_argument("--backbone-file", type=Path, default=None)
+        build.add_argument("--size", type=int, default=None)
+        build.add_argument("--train-limit", type=int, default=None)
+        build.add_argument("--test-limit", type=int, default=None)
+        build.add_argument("--epochs", type=int, default=None)
+        build.add_argument("--seed", type=int, default=None)
+        build.add_argument("--threads", type=int, default=None)
+
+    def run(self, args: argparse.Namespace) -> int:
+        if args.command == "serve":
+            return serve(args)
+        return build(args)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    overrides: dict[str, Any] = {
+        name: getattr(args, name) for name in Settings.model_fields
+        if getattr(args, name, None) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                             for err in e.errors())
+        print(f"xma2: error: bad setting: {problems}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level)
+    return 0
+
+
+def build(args: argparse.Namespace) -> int:
+    import torch
+
+    from server.shipped_tasks import SHIPPED, SHIPPED_DIR, BuildConfig, build_default_tasks
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    defaults = BuildConfig()
+    config = BuildConfig(
+        image_size=args.size or defaults.image_size,
+        train_limit=args.train_limit or defaults.train_limit,
+        test_limit=args.test_limit or defaults.test_limit,
+        epochs=args.epochs or defaults.epochs,
+        seed=defaults.seed if args.seed is None else args.seed)
+    names = args.tasks.split(",") if args.tasks else list(SHIPPED)
+    with torch.set_grad_enabled(True):
+        index = build_default_tasks(args.out or SHIPPED_DIR, names, config,
+                                    backbone_file=args.backbone_file,
+                                    command=core_cli.command_line(args.argv))
+    for entry in index["tasks"]:
+        print(f"{entry['name']}: test accuracy {entry['metrics']['test_accuracy']:.1%}, "
+              f"{entry['bytes']:,} bytes")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return core_cli.main(argv, extensions=[ServerCommands()])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""One HTTP status per error kind, so bad input never surfaces as a 500."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from core.errors import ConfigError, ResourceUnavailable, TaskNotFound, TaskStateError, Xma2Error
+from core.lru import CapacityError
+from task_store.errors import (
+    ChecksumMismatch,
+    FingerprintMismatch,
+    FormatError,
+    StoreError,
+    TaskInUse,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and a message that says what to do."""
+
+    def __init__(self, status_code: int, message: str, *,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.headers = headers
+
+
+# Most specific first: the first matching class decides the status.
+_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (TaskNotFound, 404),
+    (TaskInUse, 409),
+    (FingerprintMismatch, 409),
+    (CapacityError, 409),
+    (ChecksumMismatch, 422),
+    (FormatError, 422),
+    (TaskStateError, 422),
+    (ConfigError, 422),
+    (ResourceUnavailable, 422),
+    (StoreError, 503),  # the store is busy (write lock) or damaged: not the client's fault
+)
+
+
+def status_of(error: BaseException) -> int:
+    for kind, status in _STATUS:
+        if isinstance(error, kind):
+            return status
+    return 400 if isinstance(error, Xma2Error) else 500
+
+
+def _body(status: int, message: str) -> dict[str, object]:
+    return {"error": {"status": status, "message": message}}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(_body(error.status_code, error.message), error.status_code,
+                            headers=error.headers)
+
+    @app.exception_handler(Xma2Error)
+    async def xma2_error(_request: Request, error: Xma2Error) -> JSONResponse:
+        status = status_of(error)
+        if status >= 500:
+            logger.exception("unexpected error", exc_info=error)
+        return JSONResponse(_body(status, str(error)), status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = []
+        for item in error.errors():
+            where = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+            problems.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
+        return JSONResponse(_body(422, "; ".join(problems) or "invalid request"), 422)

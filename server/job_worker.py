@@ -1,0 +1,152 @@
+"""One adaptation job, run in its own process so that inference latency stays steady.
+
+The process loads the backbone, adapts it to the job's dataset with the job's method,
+and stores the result as the task's next version. It reports progress and events
+through the store's index (SQLite, safe across processes) and ends the job in a
+terminal state itself; the parent only steps in when the process dies or overstays a
+cancel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+JOB_KIND = "adaptation"
+PROGRESS_INTERVAL_S = 1.0
+
+
+class CancelFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the worker process needs from the server's settings (picklable)."""
+
+    store_root: str
+    backbone_file: str | None
+    threads: int
+    checkpoint_root: str
+
+
+def dataset_spec_name(params: dict[str, Any]) -> str:
+    """The core dataset name of a job: a built-in name or ``imagefolder:<resolved path>``."""
+    from core.datasets import IMAGEFOLDER_PREFIX
+
+    if params.get("dataset_path"):
+        return f"{IMAGEFOLDER_PREFIX}{params['dataset_path']}"
+    return str(params["dataset"])
+
+
+def run_job(job_id: str, config: WorkerConfig, cancel: CancelFlag) -> None:
+    """Process entry point: run ``job_id`` to a terminal state."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s job {job_id} %(message)s")
+    import torch
+
+    torch.set_num_threads(config.threads)
+    from core.commands import load_backbone
+    from task_store import JobStatus, TaskStore
+
+    model = load_backbone(Path(config.backbone_file) if config.backbone_file else None)
+    store = TaskStore.for_model(config.store_root, model)
+    index = store.index
+    try:
+        job = index.job(job_id)
+        if job.status.terminal:
+            return
+        index.update_job(job_id, JobStatus.RUNNING, result={"progress": _progress(0, 0)})
+        index.add_job_event(job_id, f"started (worker process {os.getpid()}, "
+                                    f"{config.threads} thread(s))")
+        _adapt(job_id, job.task or "", job.params, model, store, config, cancel)
+    except BaseException as e:  # every failure ends the job with its reason
+        from core.methods.common import TrainingCancelled
+
+        current = index.job(job_id)
+        if current.status.terminal:
+            return
+        if isinstance(e, TrainingCancelled) or cancel.is_set():
+            index.add_job_event(job_id, f"cancelled: {e}")
+            index.update_job(job_id, JobStatus.CANCELLED, result=current.result,
+                             error="cancelled by request")
+        else:
+            logging.exception("job failed")
+            index.add_job_event(job_id, f"failed: {e}", level="error")
+            index.update_job(job_id, JobStatus.FAILED, result=current.result,
+                             error=f"{type(e).__name__}: {e}")
+        if not isinstance(e, Exception):
+            raise
+    finally:
+        store.close()
+
+
+def _progress(step: int, total: int, **metrics: float) -> dict[str, Any]:
+    return {"step": step, "total_steps": total,
+            "fraction": round(step / total, 4) if total else 0.0, **metrics}
+
+
+def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, store: Any,
+           config: WorkerConfig, cancel: CancelFlag) -> None:
+    from core.datasets import DatasetSpec, load_dataset
+    from core.engine import CrossbarEngine
+    from core.methods import RunOptions, adapt, default_config
+    from core.methods.common import StepInfo, accuracy
+    from core.methods.common import TrainingCancelled as Cancelled
+    from task_store import JobStatus
+
+    index = store.index
+    spec = DatasetSpec(dataset_spec_name(params), image_size=params["image_size"],
+                       seed=params["seed"], train_limit=params.get("train_limit"),
+                       test_limit=params.get("test_limit"))
+    data = load_dataset(spec)
+    sizes = data.describe()["sizes"]
+    index.add_job_event(job_id, f"dataset {spec.name}: {sizes}, {len(data.classes)} classes")
+    method_config = default_config(params["method"], pe_fraction=params.get("pe_fraction"),
+                                   epochs=params.get("epochs"),
+                                   batch_size=params.get("batch_size"), seed=params["seed"])
+    last = [0.0]
+    server_pid = os.getppid()
+
+    def on_step(info: StepInfo) -> None:
+        if os.getppid() != server_pid:  # orphaned: nobody would serve or cancel the result
+            raise RuntimeError("the server process exited while this job ran")
+        now = time.monotonic()
+        done = info.step + 1
+        if now - last[0] < PROGRESS_INTERVAL_S and done < info.total_steps:
+            return
+        last[0] = now
+        index.update_job(job_id, JobStatus.RUNNING, result={"progress": _progress(
+            done, info.total_steps, epoch=info.epoch, loss=round(info.loss, 5),
+            train_accuracy=round(info.accuracy, 5))})
+        if done == info.total_steps or done % 50 == 0:
+            index.add_job_event(job_id, f"step {done}/{info.total_steps} epoch {info.epoch} "
+                                        f"loss {info.loss:.4f} train accuracy "
+                                        f"{info.accuracy:.1%}")
+
+    checkpoint = Path(config.checkpoint_root) / job_id
+    options = RunOptions(cancel=cancel, checkpoint_dir=checkpoint, on_step=on_step)  # type: ignore[arg-type]
+    result = adapt(params["method"], model, data, task_name, method_config, options)
+    assert result.task is not None
+    engine = CrossbarEngine(model)
+    engine.add_task(result.task)
+    test_accuracy = accuracy(lambda x: engine.forward(x, task_name), data.test)
+    if cancel.is_set():
+        raise Cancelled(result.steps, None)
+    metrics = {"val_accuracy": result.val_accuracy, "test_accuracy": test_accuracy}
+    hyper = {"dataset": spec.name, "image_size": spec.image_size, "preprocess": "fit",
+             "seed": spec.seed, "train_limit": spec.train_limit, "test_limit": spec.test_limit,
+             "job": job_id, "config": result.config}
+    record = store.put(result.task, method=params["method"], hyperparameters=hyper,
+                       metrics=metrics, activate=params.get("activate", True))
+    index.add_job_event(job_id, f"registered {task_name} version {record.version} "
+                                f"(test accuracy {test_accuracy:.1%})")
+    index.update_job(job_id, JobStatus.SUCCEEDED, result={
+        "progress": _progress(result.steps, result.steps), "task": task_name,
+        "version": record.version, "activated": record.active, **metrics,
+        "steps": result.steps, "seconds": round(result.seconds, 2)})
+    shutil.rmtree(checkpoint, ignore_errors=True)

@@ -1,0 +1,122 @@
+"""Adaptation jobs: create, list, inspect, follow the events of, and cancel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from core.datasets import dataset_names
+from core.methods import default_config
+from core.methods.registry import METHODS
+from server.deps import Jobs, Operator, Runtime, ServicesDep
+from server.errors import ApiError
+from server.schemas import (
+    ERROR_RESPONSES,
+    AdaptationJob,
+    AdaptationList,
+    AdaptationRequest,
+    JobEventList,
+    JobEventOut,
+)
+from task_store import JobRecord, JobStatus
+
+router = APIRouter(prefix="/adaptations", tags=["adaptations"], dependencies=Operator,
+                   responses=ERROR_RESPONSES)
+
+
+def job_out(job: JobRecord) -> AdaptationJob:
+    result = job.result or {}
+    return AdaptationJob(id=job.id, task=job.task, status=job.status.value,
+                         created=job.created, updated=job.updated, params=job.params,
+                         progress=result.get("progress"),
+                         result=({k: v for k, v in result.items() if k != "progress"}
+                                 if job.status is JobStatus.SUCCEEDED else None),
+                         error=job.error)
+
+
+def _resolve_dataset_path(raw: str, root: Path) -> str:
+    root = root.resolve()
+    path = Path(raw).expanduser()
+    resolved = (path if path.is_absolute() else root / path).resolve()
+    if not resolved.is_relative_to(root):
+        raise ApiError(403, f"dataset_path {raw!r} is outside the data root {root}; copy the "
+                            "dataset below it")
+    if not resolved.is_dir():
+        raise ApiError(422, f"dataset_path {raw!r} is not a folder below the data root "
+                            f"{root} (one sub-folder of images per class)")
+    return str(resolved)
+
+
+def validated_params(request: AdaptationRequest, runtime: Any, data_root: Path
+                     ) -> dict[str, Any]:
+    """The job's parameters, every one checked now so that a job cannot fail on a typo."""
+    spec = METHODS.get(request.method)
+    if spec is None:
+        raise ApiError(422, f"unknown method {request.method!r}; choose one of "
+                            f"{', '.join(n for n, m in METHODS.items() if m.servable)}")
+    if not spec.servable:
+        raise ApiError(422, f"{request.method} makes an fp32 model, not a task the chip can "
+                            "serve; choose another method")
+    if runtime.is_builtin(request.task):
+        raise ApiError(409, f"{request.task!r} is a built-in task; choose another name")
+    chip_levels = runtime.engine.mapping.config.shift_levels
+    if request.shift_levels is not None and request.shift_levels != chip_levels:
+        raise ApiError(422, f"shift_levels={request.shift_levels}, but this chip's mask "
+                            f"buffers hold N={chip_levels} shift levels; omit it or use "
+                            f"{chip_levels}")
+    params = request.model_dump()
+    params["shift_levels"] = chip_levels
+    if request.dataset is not None and request.dataset not in dataset_names():
+        raise ApiError(422, f"unknown dataset {request.dataset!r}; built-in datasets are "
+                            f"{', '.join(dataset_names())}, or give dataset_path")
+    if request.dataset_path is not None:
+        params["dataset_path"] = _resolve_dataset_path(request.dataset_path, data_root)
+    default_config(request.method, pe_fraction=request.pe_fraction, epochs=request.epochs,
+                   batch_size=request.batch_size, seed=request.seed)  # ConfigError -> 422
+    return params
+
+
+@router.post("", response_model=AdaptationJob, status_code=201)
+def create_adaptation(request: AdaptationRequest, runtime: Runtime, jobs: Jobs,
+                      services: ServicesDep) -> AdaptationJob:
+    params = validated_params(request, runtime, services.settings.data_dir)
+    return job_out(jobs.submit(request.task, params))
+
+
+@router.get("", response_model=AdaptationList)
+def list_adaptations(
+    jobs: Jobs,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="id of the last job of the previous "
+                                       "page")] = None,
+    status: JobStatus | None = None,
+) -> AdaptationList:
+    if after is not None:
+        jobs.get(after)
+    page = jobs.index.jobs(status=status, limit=limit + 1, after=after)
+    return AdaptationList(data=[job_out(j) for j in page[:limit]], has_more=len(page) > limit)
+
+
+@router.get("/{job_id}", response_model=AdaptationJob)
+def get_adaptation(job_id: str, jobs: Jobs) -> AdaptationJob:
+    return job_out(jobs.get(job_id))
+
+
+@router.get("/{job_id}/events", response_model=JobEventList)
+def adaptation_events(
+    job_id: str, jobs: Jobs,
+    after: Annotated[int, Query(ge=0, description="seq of the last event already seen")] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> JobEventList:
+    jobs.get(job_id)
+    events = jobs.index.job_events(job_id, after=after, limit=limit + 1)
+    return JobEventList(data=[JobEventOut(seq=e.seq, created=e.created, level=e.level,
+                                          message=e.message) for e in events[:limit]],
+                        has_more=len(events) > limit)
+
+
+@router.post("/{job_id}/cancel", response_model=AdaptationJob)
+def cancel_adaptation(job_id: str, jobs: Jobs) -> AdaptationJob:
+    return job_out(jobs.cancel(job_id))

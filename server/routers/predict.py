@@ -1,0 +1,104 @@
+"""``POST /predict?task=NAME``: classify one image with one task."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from core.config import Fidelity
+from server.deps import Runtime, ServicesDep, require_predict
+from server.errors import ApiError, status_of
+from server.images import decode_base64, decode_image
+from server.runtime import Prediction
+from server.schemas import ERROR_RESPONSES, LabelScore, PredictResponse, RequestEnergy
+
+router = APIRouter(tags=["inference"])
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "the image: raw bytes (image/jpeg, image/png, ...), a multipart "
+                       "field 'file', or JSON {\"image_base64\": ...}",
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}}}},
+            "application/json": {"schema": {
+                "type": "object", "required": ["image_base64"],
+                "properties": {"image_base64": {"type": "string"}}}},
+        },
+    }
+}
+
+
+async def image_bytes(request: Request, field: str = "file") -> bytes:
+    """The uploaded file of a raw, multipart or JSON/base64 body."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        form = await request.form()
+        upload = form.get(field)
+        if upload is None or isinstance(upload, str):
+            raise ApiError(422, f"the multipart body has no file field {field!r}")
+        return await upload.read()
+    if kind == "application/json":
+        try:
+            payload = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(422, f"the JSON body is not valid JSON: {e}") from e
+        if not isinstance(payload, dict) or not isinstance(payload.get("image_base64"), str):
+            raise ApiError(422, "the JSON body must be {\"image_base64\": \"<base64 image>\"}")
+        return decode_base64(payload["image_base64"])
+    return await request.body()
+
+
+def _response(p: Prediction) -> PredictResponse:
+    return PredictResponse(
+        task=p.task, version=p.version, fidelity=p.fidelity,
+        predictions=[LabelScore(label=label, probability=prob) for label, prob in p.top],
+        energy=RequestEnergy(crossbar_read_j=p.energy.cell_read_j, adc_j=p.energy.adc_j,
+                             total_j=p.energy.total_j, reprogramming_j=p.reprogramming_j,
+                             breakdown=p.energy.to_dict()),
+        programmed=p.programmed, evicted=list(p.evicted),
+        load_ms=round(p.load_seconds * 1e3, 3), compute_ms=round(p.compute_seconds * 1e3, 3))
+
+
+@router.post("/predict", response_model=PredictResponse, openapi_extra=_BODY_DOC,
+             dependencies=[Depends(require_predict)],
+             responses=ERROR_RESPONSES)
+async def predict(
+    request: Request, runtime: Runtime, services: ServicesDep,
+    task: Annotated[str, Query(description="the task to answer with", min_length=1)],
+    fidelity: Annotated[Fidelity | None, Query(description="ideal or crossbar (default: "
+                                                "the server's)")] = None,
+    top_k: Annotated[int | None, Query(ge=1, le=100)] = None,
+) -> PredictResponse:
+    started = time.perf_counter()
+    metrics = services.metrics
+    assert metrics is not None
+    label = task if task in runtime.served else "unknown"
+    status = "ok"
+    try:
+        runtime.task(task)
+        data = await image_bytes(request)
+        settings = services.settings
+        image = await run_in_threadpool(decode_image, data, max_pixels=settings.max_image_pixels)
+        x = await run_in_threadpool(runtime.preprocess, task, image)
+        batcher = services.batcher
+        assert batcher is not None
+        prediction = await batcher.submit(task, x, fidelity, top_k or settings.top_k)
+        return _response(prediction)
+    except ApiError as e:
+        status = str(e.status_code)
+        raise
+    except Exception as e:
+        status = str(status_of(e))
+        raise
+    finally:
+        metrics.requests.labels(label, status).inc()
+        if status == "ok":
+            metrics.latency.labels(label).observe(time.perf_counter() - started)

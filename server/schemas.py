@@ -1,0 +1,187 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+from core.config import Fidelity
+from core.task_state import TASK_NAME_PATTERN
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    message: str = Field(description="what went wrong and how to fix it")
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description} for status, description in (
+        (401, "no API key"), (403, "wrong API key, or a path outside the data root"),
+        (404, "unknown task, version or job"), (409, "conflicts with the current state"),
+        (413, "body or image too large"), (415, "not an image"),
+        (422, "invalid parameters or a truncated/corrupt upload"),
+        (503, "starting (retry after Retry-After seconds) or the store is busy"))
+}
+
+
+class ImagePayload(BaseModel):
+    """An image in a JSON body."""
+
+    image_base64: str = Field(description="the image file, base64-encoded (a data URL works)")
+
+
+class LabelScore(BaseModel):
+    label: str
+    probability: float
+
+
+class RequestEnergy(BaseModel):
+    """Emulated chip energy of one request, in joules."""
+
+    crossbar_read_j: float
+    adc_j: float
+    total_j: float
+    reprogramming_j: float = Field(
+        description="spare-PE writes and mask loads this request caused (0 when resident)")
+    breakdown: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    task: str
+    version: int | None = Field(description="store version that answered; null: built-in")
+    fidelity: Fidelity
+    predictions: list[LabelScore]
+    energy: RequestEnergy
+    programmed: bool = Field(description="this request made the task resident on the chip")
+    evicted: list[str] = Field(description="tasks that lost residency to make room")
+    load_ms: float
+    compute_ms: float
+
+
+class TaskEnergy(BaseModel):
+    requests: int
+    images: int
+    inference_j: float
+    crossbar_read_j: float
+    adc_j: float
+    reprogramming_j: float
+    cell_writes: int
+    residency_loads: int
+    residency_evictions: int
+    resident: bool
+
+
+class VersionInfo(BaseModel):
+    version: int
+    method: str
+    created: str
+    bytes: int
+    active: bool
+
+
+class TaskSummary(BaseModel):
+    name: str
+    version: int | None
+    method: str
+    builtin: bool
+    image_size: int
+    classes: int
+    accuracy: float | None = Field(description="test accuracy recorded when it was made")
+    bytes: int
+    resident: bool
+    serving: bool = Field(description="false when the stored task could not be loaded")
+    error: str | None = None
+
+
+class TaskDetail(TaskSummary):
+    labels: list[str]
+    versions: list[VersionInfo]
+    metrics: dict[str, float]
+    hyperparameters: dict[str, Any]
+    replaced_pes: int
+    energy: TaskEnergy
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskSummary]
+
+
+class EnergyResponse(BaseModel):
+    tasks: dict[str, TaskEnergy]
+    total_inference_j: float
+    total_reprogramming_j: float
+
+
+class AdaptationRequest(BaseModel):
+    """An XMA2 (or baseline) adaptation of the frozen backbone to a dataset."""
+
+    model_config = {"extra": "forbid"}
+
+    task: str = Field(pattern=TASK_NAME_PATTERN.pattern,
+                      description="name of the task to create or give a new version")
+    dataset: str | None = Field(None, description="a built-in dataset (fashion_mnist, "
+                                "mnist5k, animal_mnist, digits)")
+    dataset_path: str | None = Field(
+        None, description="an ImageFolder (one sub-folder per class) below the server's "
+        "data root; relative paths are taken from the data root")
+    method: str = "xma2"
+    pe_fraction: float | None = Field(None, gt=0, le=1,
+                                      description="P: share of PEs replaced (xma2 only)")
+    shift_levels: int | None = Field(None, ge=0, le=8, description="N of the shift mask; "
+                                     "must be the chip's (its mask buffers' width)")
+    epochs: int | None = Field(None, ge=1, le=100)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    seed: int = Field(0, ge=0)
+    image_size: int = Field(64, ge=16, le=512)
+    train_limit: int | None = Field(None, ge=1)
+    test_limit: int | None = Field(None, ge=1)
+    activate: bool = True
+
+    @model_validator(mode="after")
+    def _one_dataset(self) -> AdaptationRequest:
+        if (self.dataset is None) == (self.dataset_path is None):
+            raise ValueError("give exactly one of dataset (a built-in name) and "
+                             "dataset_path (an image folder below the data root)")
+        return self
+
+
+class AdaptationJob(BaseModel):
+    id: str
+    task: str | None
+    status: str
+    created: str
+    updated: str
+    params: dict[str, Any]
+    progress: dict[str, Any] | None
+    result: dict[str, Any] | None
+    error: str | None
+
+
+class AdaptationList(BaseModel):
+    data: list[AdaptationJob]
+    has_more: bool
+
+
+class JobEventOut(BaseModel):
+    seq: int
+    created: str
+    level: str
+    message: str
+
+
+class JobEventList(BaseModel):
+    data: list[JobEventOut]
+    has_more: bool
+
+
+class Health(BaseModel):
+    status: str
+    tasks: int = 0
+    detail: str | None = None

@@ -1,0 +1,131 @@
+"""What one running server owns: settings, the chip runtime, jobs and metrics.
+
+Created by the app's lifespan; the backbone loads in the background so that
+``/healthz`` answers at once and ``/readyz`` turns ready when the chip is programmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from core.commands import imagenet_task, load_backbone
+from core.pool import PoolConfig
+from server.batcher import Batcher
+from server.job_worker import WorkerConfig
+from server.jobs import JobManager
+from server.metrics import ServerMetrics
+from server.runtime import TaskRuntime
+from server.scheduler import BatchScheduler, ChipView
+from server.settings import Settings
+from server.shipped_tasks import import_default_tasks
+from task_store import JobStatus, TaskStore
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_INPUT_SIZE = 224
+CHECKPOINTS_DIR = "job_checkpoints"
+
+
+class Services:
+    """The server's state; :meth:`start` runs in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime: TaskRuntime | None = None
+        self.metrics: ServerMetrics | None = None
+        self.jobs: JobManager | None = None
+        self.store: TaskStore | None = None
+        self.batcher: Batcher | None = None
+        self.error: str | None = None
+        self.started_at = time.time()
+        self.ready = threading.Event()
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except Exception as e:  # reported by /readyz rather than crashing the process
+            logger.exception("start-up failed")
+            self.error = f"{type(e).__name__}: {e}"
+
+    def _start(self) -> None:
+        s = self.settings
+        began = time.perf_counter()
+        torch.set_num_threads(s.inference_threads)
+        model = load_backbone(s.backbone_file)
+        store = TaskStore.for_model(s.store_root, model, max_archive_bytes=s.max_body_bytes)
+        self.store = store
+        if s.default_tasks:
+            imported = import_default_tasks(store)
+            if imported:
+                logger.info("imported the shipped tasks %s", ", ".join(imported))
+        builtin = {"imagenet": (imagenet_task(model), IMAGENET_INPUT_SIZE)}
+        runtime = TaskRuntime(
+            model, store, builtin=builtin, fidelity=s.fidelity,
+            pool=PoolConfig(spare_pes=s.spare_pes, mask_entries=s.mask_entries),
+            eviction=s.eviction, max_prepared_tasks=s.max_prepared_tasks)
+        metrics = ServerMetrics(runtime.pool)
+        metrics.add_collector(self._job_states)
+        runtime.on_prediction = metrics.observe_prediction
+        runtime.worker.submit(runtime.load_all).result()
+        self.runtime, self.metrics = runtime, metrics
+        worker = WorkerConfig(store_root=str(s.store_root),
+                              backbone_file=str(s.backbone_file) if s.backbone_file else None,
+                              threads=s.job_threads,
+                              checkpoint_root=str(s.store_root / CHECKPOINTS_DIR))
+        self.jobs = JobManager(store.index, worker, max_concurrent=s.max_concurrent_jobs,
+                               cancel_grace_s=s.cancel_grace_s, on_success=self._job_done)
+        interrupted = self.jobs.start()
+        if interrupted:
+            logger.warning("marked %d interrupted job(s) failed: %s", len(interrupted),
+                           ", ".join(interrupted))
+        logger.info("loaded in %.1f s: %d tasks (%s)", time.perf_counter() - began,
+                    len(runtime.served), ", ".join(sorted(runtime.served)))
+        for name, error in runtime.load_errors.items():
+            logger.error("not serving %s: %s", name, error)
+
+    def start_batching(self) -> None:
+        """On the event loop, once :meth:`start` succeeded: the batcher, then ready."""
+        runtime, metrics, s = self.runtime, self.metrics, self.settings
+        if runtime is None or metrics is None:
+            return
+        chip = ChipView(resident=runtime.resident_tasks, fits=runtime.fits,
+                        reload_energy_j=runtime.reload_energy_j)
+        scheduler = BatchScheduler(s.scheduler, s.max_batch_size, s.max_reorder_wait_ms / 1e3,
+                                   chip)
+        batcher = Batcher(runtime, scheduler, max_queue=s.max_queue,
+                          max_delay_s=s.max_queue_delay_ms / 1e3,
+                          on_batch=metrics.observe_batch, on_reject=metrics.observe_reject)
+        metrics.watch_queue(lambda: batcher.depth)
+        batcher.start()
+        self.batcher = batcher
+        metrics.ready.set(1)
+        self.ready.set()
+        logger.info("ready: batches of up to %d, %s scheduler", s.max_batch_size, s.scheduler)
+
+    def _job_done(self, task: str) -> None:
+        runtime = self.runtime
+        if runtime is not None:
+            runtime.worker.submit(runtime.sync, task)
+
+    def _job_states(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily("xma2_adaptation_jobs", "Adaptation jobs by state",
+                                  labels=["state"])
+        if self.store is not None:
+            counts = self.store.index.job_counts()
+            for state in JobStatus:
+                gauge.add_metric([state.value], counts.get(state.value, 0))
+        yield gauge
+
+    def stop(self) -> None:
+        if self.jobs is not None:
+            self.jobs.shutdown()
+        if self.runtime is not None:
+            self.runtime.close()
+        if self.store is not None:
+            self.store.close()

@@ -1,0 +1,126 @@
+"""The adapted tasks shipped with the server, and the command that makes them.
+
+``xma2 build-default-tasks`` adapts the shipped backbone to a few built-in datasets with
+XMA2 and writes one task archive each, plus ``tasks.json`` recording the command,
+configuration, seed and accuracy. The server imports each archive into its store once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.atomic import atomic_write_bytes
+from task_store import FingerprintMismatch, TaskStore
+from task_store.format import sha256_hex
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_DIR = Path(__file__).parent / "default_tasks"
+INDEX_FILE = "tasks.json"
+IMPORTED_MARKER = "default_tasks.json"
+SHIPPED = {"fashion-mnist": "fashion_mnist", "mnist": "mnist5k", "animal-mnist": "animal_mnist"}
+"""Task name -> built-in dataset."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    method: str = "xma2"
+    image_size: int = 64
+    train_limit: int = 3000
+    test_limit: int = 2000
+    epochs: int = 3
+    seed: int = 0
+
+
+def import_default_tasks(store: TaskStore, folder: Path = SHIPPED_DIR) -> list[str]:
+    """Import each shipped archive whose name the store lacks, once per store.
+
+    A task the operator deleted stays deleted. Archives made on another backbone are
+    skipped with a warning (a server on a custom backbone serves only its own tasks).
+    """
+    index_file = folder / INDEX_FILE
+    if not index_file.exists():
+        return []
+    shipped = json.loads(index_file.read_text())["tasks"]
+    marker = store.root / IMPORTED_MARKER
+    done: set[str] = set(json.loads(marker.read_text())) if marker.exists() else set()
+    existing = {r.name for r in store.list()}
+    imported = []
+    for entry in shipped:
+        name = entry["name"]
+        if name in done:
+            continue
+        if name not in existing:
+            try:
+                store.import_archive(folder / entry["archive"], name=name)
+            except FingerprintMismatch as e:
+                logger.warning("not importing the shipped task %s: %s", name, e)
+                continue
+            imported.append(name)
+        done.add(name)
+        atomic_write_bytes(marker, json.dumps(sorted(done)).encode())
+    return imported
+
+
+def build_default_tasks(out: Path, names: list[str], config: BuildConfig, *,
+                        backbone_file: Path | None, command: str) -> dict[str, Any]:
+    """Adapt, test and export each named task to ``out``; returns the index written."""
+    from core.commands import git_revision, load_backbone
+    from core.datasets import DatasetSpec, load_dataset
+    from core.engine import CrossbarEngine
+    from core.errors import ConfigError
+    from core.methods import RunOptions, adapt, default_config
+    from core.methods.common import accuracy
+
+    unknown = sorted(set(names) - set(SHIPPED))
+    if unknown:
+        raise ConfigError(f"unknown shipped task(s) {unknown}; choose from {sorted(SHIPPED)}")
+    out.mkdir(parents=True, exist_ok=True)
+    index_path = out / INDEX_FILE
+    index = (json.loads(index_path.read_text()) if index_path.exists()
+             else {"tasks": []})
+    entries = {e["name"]: e for e in index["tasks"]}
+    for name in names:
+        started = time.perf_counter()
+        spec = DatasetSpec(SHIPPED[name], image_size=config.image_size, seed=config.seed,
+                           train_limit=config.train_limit, test_limit=config.test_limit)
+        data = load_dataset(spec)
+        method_config = default_config(config.method, epochs=config.epochs, seed=config.seed)
+        model = load_backbone(backbone_file)
+        fingerprint = model.fingerprint()  # before an engine swaps task terms into the model
+        result = adapt(config.method, model, data, name, method_config,
+                       RunOptions(progress=True))
+        assert result.task is not None
+        engine = CrossbarEngine(model)
+        engine.add_task(result.task)
+        test = accuracy(functools.partial(engine.forward, task_id=name), data.test)
+        metrics = {"val_accuracy": result.val_accuracy, "test_accuracy": test}
+        hyper = {"dataset": spec.name, "image_size": spec.image_size, "preprocess": "fit",
+                 "seed": spec.seed, "train_limit": spec.train_limit,
+                 "test_limit": spec.test_limit, "config": result.config}
+        with tempfile.TemporaryDirectory() as folder:
+            store = TaskStore(folder, backbone_fingerprint=fingerprint, mapping=model.mapping)
+            store.put(result.task, method=config.method, hyperparameters=hyper, metrics=metrics)
+            archive = store.export(name, Path(folder) / f"{name}.tar")
+            data_bytes = archive.read_bytes()
+            store.close()
+        atomic_write_bytes(out / f"{name}.tar", data_bytes)
+        entries[name] = {
+            "name": name, "archive": f"{name}.tar", "dataset": spec.name,
+            "method": config.method, "metrics": metrics, "bytes": len(data_bytes),
+            "sha256": sha256_hex(data_bytes), "replaced_pes": result.task.replaced_pes,
+            "adapt_seconds": round(result.seconds, 1),
+            "seconds": round(time.perf_counter() - started, 1),
+            "build": {**config.__dict__, "command": command, "git_revision": git_revision()},
+        }
+        logger.info("%s: test accuracy %.1f%% (%d bytes)", name, 100 * test, len(data_bytes))
+        index = {"tasks": [entries[n] for n in SHIPPED if n in entries]}
+        atomic_write_bytes(index_path, (json.dumps(index, indent=1) + "\n").encode())
+    return index

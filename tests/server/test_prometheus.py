@@ -1,0 +1,95 @@
+"""A real Prometheus scrapes the server and sees per-task reprogramming energy."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.live import LiveServer, encode, free_port, photo, wait_for
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+
+
+@pytest.fixture
+def small_pool_server(tmp_path: Path) -> Iterator[LiveServer]:
+    # 110 spare PEs hold one shipped task (about 102 replaced PEs each), so every switch
+    # between the shipped tasks evicts one and programs the other.
+    live = LiveServer(tmp_path / "server", spare_pes=110).start()
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path, small_pool_server: LiveServer) -> Iterator[str]:
+    assert Path(PROMETHEUS).exists(), (
+        "the Prometheus server is missing: `apt-get install prometheus` (deploy/setup.sh "
+        "installs it)")
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: xma2\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{small_pool_server.port}']\n")
+    log = (tmp_path / "prometheus.log").open("wb")
+    process = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _ready(url), timeout=60, what="Prometheus to be ready")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _query(url: str, promql: str) -> dict[str, float]:
+    r = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=10)
+    r.raise_for_status()
+    return {s["metric"].get("task", ""): float(s["value"][1]) for s in r.json()["data"]["result"]}
+
+
+def test_prometheus_sees_reprogramming_energy_per_task(small_pool_server: LiveServer,
+                                                       prometheus: str) -> None:
+    body = encode(photo("camera"))
+    with small_pool_server.client() as c:
+        for _ in range(2):
+            for task in ("mnist", "fashion-mnist", "animal-mnist"):
+                r = c.post("/predict", params={"task": task}, content=body)
+                assert r.status_code == 200, r.text
+                assert r.json()["programmed"] and r.json()["energy"]["reprogramming_j"] > 0
+        energy = c.get("/energy").json()["tasks"]
+
+    def scraped() -> dict[str, float] | None:
+        series = _query(prometheus, "xma2_reprogramming_energy_joules_total")
+        loads = _query(prometheus, "xma2_task_loads_total")
+        tasks = ("mnist", "fashion-mnist", "animal-mnist")
+        if all(loads.get(t) == 2 for t in tasks):
+            return series
+        return None
+
+    series = wait_for(scraped, timeout=60, every=1, what="Prometheus to scrape the switches")
+    for task in ("mnist", "fashion-mnist", "animal-mnist"):
+        assert series[task] == pytest.approx(energy[task]["reprogramming_j"], rel=1e-9)
+        assert series[task] > 0
+    evictions = _query(prometheus, "xma2_task_evictions_total")
+    assert sum(evictions.values()) >= 5
+    requests = _query(prometheus, 'sum by (task) (xma2_requests_total{status="ok"})')
+    assert requests["mnist"] == 2
