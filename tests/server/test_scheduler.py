@@ -63,7 +63,7 @@ def test_residency_aware_prefers_resident_tasks() -> None:
     queue = [_pending("a", 0.0, 0), _pending("b", 0.01, 1), _pending("b", 0.02, 2)]
     assert [p.task for p in scheduler.select(queue, now=0.05)] == ["b", "b"]
     # once "a" has waited max_wait_s it goes first, whatever is resident
-    assert [p.task for p in scheduler.select(queue, now=1.0)][0] == "a"
+    assert scheduler.select(queue, now=1.0)[0].task == "a"
 
 
 def test_energy_policy_loads_the_most_requests_per_joule() -> None:
