@@ -54,6 +54,10 @@ __all__ = [
 ]
 
 
+LAYOUT_CACHE_SIZE = 32
+"""Tasks whose spare-PE levels the pool keeps (about 0.5 MB each at P = 10%)."""
+
+
 def default_spare_pes(mapping: ModelMapping, *, tasks: int = 2, pe_fraction: float = 0.1) -> int:
     """Spare PEs for ``tasks`` tasks that each replace ``pe_fraction`` of the crossbar PEs."""
     return tasks * math.ceil(pe_fraction * mapping.num_pes)
@@ -341,6 +345,8 @@ class SparePEPool:
                                     for m in mapping.crossbar_layers)
         self.events: deque[ProgrammingEvent] = deque(maxlen=self.config.event_history)
         self.task_stats: dict[str, TaskPoolStats] = {}
+        self._layouts: OrderedDict[str, tuple[list[PEId], Tensor, Tensor, ProgrammingReport]] = (
+            OrderedDict())
         self._seq = 0
 
     # -- queries -----------------------------------------------------------------------
@@ -404,9 +410,8 @@ class SparePEPool:
             self.policy.on_access(task_id)
             self._stats(task_id).hits += 1
             return Residency(task_id, False, current.slots, current.mask_entry)
-        task.validate(self.mapping)
-        pe_ids, levels, valid = task_pe_levels(task, self.mapping,
-                                               self.programming.bits_per_cell)
+        digest = _task_digest(task)
+        pe_ids, levels, valid, reload = self._layout(task, digest)
         if len(pe_ids) > self.num_slots:
             raise CapacityError(
                 f"task {task_id} replaces {len(pe_ids)} PEs but the chip has "
@@ -430,17 +435,33 @@ class SparePEPool:
             self._holds[slot] = (task_id, pe)
         entry = self._mask_entries.index(None)
         self._mask_entries[entry] = task_id
-        self._resident[task_id] = _Resident(task, _task_digest(task), slots, entry)
+        self._resident[task_id] = _Resident(task, digest, slots, entry)
         bits = self.mask_bits(task.shift_levels)
         event = self._record(EventKind.PROGRAM, task_id, slots, report, bits, evicted)
         stats = self._stats(task_id)
         stats.loads += 1
         stats.programming = stats.programming + report
         stats.mask_energy_j += event.mask_energy_j
-        initial = torch.full_like(levels, self.config.initial_level)
-        reload = programming_cost(initial, torch.where(valid, levels, initial), self.programming)
         self.policy.on_load(task_id, reload.energy_j + event.mask_energy_j)
         return Residency(task_id, True, slots, entry, event)
+
+    def _layout(self, task: TaskState, digest: str
+                ) -> tuple[list[PEId], Tensor, Tensor, ProgrammingReport]:
+        """A task's spare-PE levels and the cost of writing them into blank PEs, computed
+        once per task content (switching back and forth must not redo it)."""
+        cached = self._layouts.get(digest)
+        if cached is not None:
+            self._layouts.move_to_end(digest)
+            return cached
+        task.validate(self.mapping)
+        pe_ids, levels, valid = task_pe_levels(task, self.mapping,
+                                               self.programming.bits_per_cell)
+        initial = torch.full_like(levels, self.config.initial_level)
+        reload = programming_cost(initial, torch.where(valid, levels, initial), self.programming)
+        self._layouts[digest] = (pe_ids, levels, valid, reload)
+        while len(self._layouts) > LAYOUT_CACHE_SIZE:
+            self._layouts.popitem(last=False)
+        return pe_ids, levels, valid, reload
 
     def evict(self, task_id: str) -> ProgrammingEvent:
         """Stop holding a task (pinned or not); its cells stay until overwritten."""

@@ -162,17 +162,23 @@ def programming_cost(
     """
     cfg = config if config is not None else ProgrammingConfig()
     _check_levels(old_levels, new_levels, cfg.levels)
-    old = old_levels.to(torch.int64)
-    new = new_levels.to(torch.int64)
-    steps = (new - old).abs()
+    # Every cell's cost depends only on its (old, new) pair: count the pairs, then price
+    # the few possible transitions once (levels^2 of them) instead of every cell.
+    levels = cfg.levels
+    pairs = old_levels.reshape(-1).to(torch.int32) * levels + new_levels.reshape(-1)
+    counts = torch.bincount(pairs, minlength=levels * levels).view(levels, levels)
+    level = torch.arange(levels)
+    steps = (level.view(1, -1) - level.view(-1, 1)).abs()  # [old, new]
     pulses = steps * cfg.pulses_per_level
-    g_avg = (cfg.conductance_s(old) + cfg.conductance_s(new)) / 2
-    energy = (cfg.write_voltage_v**2 * cfg.pulse_width_s) * (g_avg * pulses).sum()
+    conductance = cfg.conductance_s(level)
+    g_avg = (conductance.view(-1, 1) + conductance.view(1, -1)) / 2
+    energy = (cfg.write_voltage_v**2 * cfg.pulse_width_s) * (
+        counts.to(torch.float64) * g_avg * pulses).sum()
     return ProgrammingReport(
         energy_j=float(energy),
-        cells_written=int((steps != 0).sum()),
-        pulses=int(pulses.sum()),
-        level_changes=int(steps.sum()),
+        cells_written=int(counts[steps != 0].sum()),
+        pulses=int((counts * pulses).sum()),
+        level_changes=int((counts * steps).sum()),
     )
 
 

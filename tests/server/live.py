@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,85 +12,11 @@ import httpx
 import numpy as np
 from PIL import Image
 
-STARTUP_TIMEOUT_S = 180.0
+from server.launcher import ServerProcess, free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """Starts ``python -m server.cli serve`` with its own store and settings."""
-
-    def __init__(self, root: Path, *, api_key: str | None = None, **settings: Any) -> None:
-        self.root = root
-        self.api_key = api_key
-        self.settings = settings
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = root / f"server-{self.port}.log"
-
-    @property
-    def store(self) -> Path:
-        return self.root / "store"
-
-    @property
-    def data_root(self) -> Path:
-        return self.root / "data"
-
-    def start(self) -> LiveServer:
-        self.data_root.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "XMA2_STORE": str(self.store), "XMA2_DATA_ROOT": str(self.data_root),
-               "XMA2_PORT": str(self.port), "XMA2_LOG_LEVEL": "info", "XMA2_JOB_THREADS": "1"}
-        env.pop("XMA2_API_KEY", None)
-        if self.api_key is not None:
-            env["XMA2_API_KEY"] = self.api_key
-        for name, value in self.settings.items():
-            env[f"XMA2_{name.upper()}"] = str(value)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env,
-                                        stdout=log, stderr=subprocess.STDOUT)
-        self.wait_ready()
-        return self
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited with {self.process.returncode}:\n"
-                                     f"{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
-
-    def client(self, *, key: str | None = None, timeout: float = 120.0) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
-
-    def operator(self) -> httpx.Client:
-        return self.client(key=self.api_key)
+LiveServer = ServerProcess
+__all__ = ["LiveServer", "encode", "free_port", "photo", "photo_dataset", "wait_for",
+           "wait_job"]
 
 
 def wait_for(check: Callable[[], Any], *, timeout: float = 180.0, every: float = 0.5,

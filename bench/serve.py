@@ -1,0 +1,231 @@
+"""Serving under load: a mixed-task stream against a single-task stream, and the
+reprogramming energy of the residency-aware scheduler against FIFO.
+
+Starts real ``xma2 serve`` processes on loopback and drives them with an open-loop
+generator (Poisson arrivals, at most ``--max-in-flight`` requests outstanding):
+
+1. capacity: a closed loop of ``--clients`` clients on one task for ``--seconds``;
+2. at ``--loads`` x capacity, a single-task stream and a mixed stream over 8 tasks of
+   Zipf popularity (alternating, same seed), with throughput, p50/p99 latency and the
+   mixed/single throughput ratio;
+3. with a pool that holds 2 of the 8 tasks, the mixed stream under each scheduler
+   (``lru``, ``energy``, ``fifo``): reprogramming energy per 1000 requests.
+
+    python bench/serve.py [--seconds 20] [--loads 0.7,1.0] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from server.launcher import ServerProcess
+
+SHIPPED = ("mnist", "fashion-mnist", "animal-mnist")
+COPIES = ("mnist-b", "fashion-mnist-b", "animal-mnist-b", "mnist-c", "fashion-mnist-c")
+TASKS = (*SHIPPED, *COPIES)
+TASK_PES = 103  # spare PEs of each shipped task (at most)
+
+
+def zipf_weights(n: int, s: float = 1.0) -> list[float]:
+    return [1.0 / (k + 1) ** s for k in range(n)]
+
+
+def images(count: int, seed: int) -> list[bytes]:
+    """Small PNGs (64x64 crops of noise-free gradients + noise) so decoding stays cheap."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        base = np.linspace(0, 255, 64)[None, :] * rng.random() + rng.normal(0, 30, (64, 64))
+        buffer = io.BytesIO()
+        Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def add_copies(server: ServerProcess) -> None:
+    with server.client() as c:
+        for copy in COPIES:
+            source = copy.rsplit("-", 1)[0]
+            archive = c.get(f"/tasks/{source}/archive").content
+            r = c.post("/tasks", params={"name": copy}, content=archive)
+            r.raise_for_status()
+
+
+async def closed_loop(url: str, task: str, bodies: list[bytes], clients: int,
+                      seconds: float) -> float:
+    """Requests per second of ``clients`` back-to-back clients."""
+    done = 0
+    deadline = time.monotonic() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal done
+        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+            k = i
+            while time.monotonic() < deadline:
+                r = await c.post("/predict", params={"task": task}, content=bodies[k % len(bodies)])
+                r.raise_for_status()
+                done += 1
+                k += clients
+
+    started = time.monotonic()
+    await asyncio.gather(*[client(i) for i in range(clients)])
+    return done / (time.monotonic() - started)
+
+
+async def open_loop(url: str, tasks: list[str], bodies: list[bytes], rate: float,
+                    seconds: float, max_in_flight: int, seed: int) -> dict[str, Any]:
+    """Poisson arrivals at ``rate``/s; the i-th request asks for ``tasks[i]``."""
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    dropped = 0
+    in_flight = asyncio.Semaphore(max_in_flight)
+    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+
+        async def one(task: str, body: bytes) -> None:
+            started = time.monotonic()
+            try:
+                r = await c.post("/predict", params={"task": task}, content=body)
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    latencies.append(time.monotonic() - started)
+            finally:
+                in_flight.release()
+
+        pending = []
+        started = time.monotonic()
+        next_at = started
+        i = 0
+        while next_at < started + seconds:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            if in_flight.locked():
+                dropped += 1  # the generator is bounded: it never queues without limit
+            else:
+                await in_flight.acquire()
+                pending.append(asyncio.create_task(one(tasks[i % len(tasks)],
+                                                       bodies[i % len(bodies)])))
+            i += 1
+            next_at += rng.expovariate(rate)
+        await asyncio.gather(*pending)
+        elapsed = time.monotonic() - started
+    latencies.sort()
+    ok = statuses.get(200, 0)
+    return {
+        "offered_rps": round(i / seconds, 2), "throughput_rps": round(ok / elapsed, 2),
+        "p50_ms": round(1e3 * statistics.median(latencies), 1) if latencies else None,
+        "p99_ms": round(1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1)
+        if latencies else None,
+        "statuses": statuses, "dropped_by_generator": dropped, "requests": i,
+    }
+
+
+def mixed_stream(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return rng.choices(list(TASKS), zipf_weights(len(TASKS)), k=n)
+
+
+def energy(server: ServerProcess) -> tuple[float, int]:
+    with server.client() as c:
+        table = c.get("/energy").json()
+    return table["total_reprogramming_j"], sum(t["requests"] for t in table["tasks"].values())
+
+
+def metric_sum(server: ServerProcess, name: str) -> float:
+    with server.client() as c:
+        text = c.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--loads", default="0.7,1.0",
+                        help="offered loads as fractions of the measured capacity")
+    parser.add_argument("--max-in-flight", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    bodies = images(32, args.seed)
+    result: dict[str, Any] = {"command": "python bench/serve.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "tasks": list(TASKS), "zipf_weights": [round(w, 3) for w in zipf_weights(8)]}
+    with tempfile.TemporaryDirectory() as root:
+        server = ServerProcess(Path(root) / "large-pool", spare_pes=8 * TASK_PES,
+                               mask_entries=8, max_batch_size=args.max_batch_size).start()
+        try:
+            add_copies(server)
+            capacity = asyncio.run(closed_loop(server.url, "mnist", bodies, args.clients,
+                                               args.seconds))
+            result["capacity_rps"] = round(capacity, 2)
+            print(f"capacity (closed loop, {args.clients} clients, mnist): {capacity:.1f} req/s")
+            streams = {"single": ["mnist"] * 100_000, "mixed": mixed_stream(100_000, args.seed)}
+            result["loads"] = []
+            for load in (float(x) for x in args.loads.split(",")):
+                rate = load * capacity
+                row: dict[str, Any] = {"load": load, "rate_rps": round(rate, 2)}
+                for name, tasks in streams.items():
+                    batches = metric_sum(server, "xma2_batch_size_count")
+                    served = metric_sum(server, "xma2_batch_size_sum")
+                    row[name] = asyncio.run(open_loop(server.url, tasks, bodies, rate,
+                                                      args.seconds, args.max_in_flight,
+                                                      args.seed))
+                    b = metric_sum(server, "xma2_batch_size_count") - batches
+                    s = metric_sum(server, "xma2_batch_size_sum") - served
+                    row[name]["mean_batch"] = round(s / b, 2) if b else None
+                    print(f"load {load:.1f} {name}: {row[name]}")
+                row["mixed_over_single"] = round(
+                    row["mixed"]["throughput_rps"] / row["single"]["throughput_rps"], 3)
+                print(f"load {load:.1f}: mixed/single throughput {row['mixed_over_single']}")
+                result["loads"].append(row)
+        finally:
+            server.stop()
+
+        result["reprogramming"] = {}
+        rate = 0.7 * result["capacity_rps"]
+        for policy in ("lru", "energy", "fifo"):
+            server = ServerProcess(Path(root) / f"small-{policy}", spare_pes=2 * TASK_PES,
+                                   mask_entries=4, scheduler=policy,
+                                   max_batch_size=args.max_batch_size).start()
+            try:
+                add_copies(server)
+                before_j, before_n = energy(server)
+                run = asyncio.run(open_loop(server.url, mixed_stream(100_000, args.seed),
+                                            bodies, rate, args.seconds, args.max_in_flight,
+                                            args.seed))
+                after_j, after_n = energy(server)
+                loads = metric_sum(server, "xma2_task_loads_total")
+            finally:
+                server.stop()
+            per_1000 = 1000 * (after_j - before_j) / max(1, after_n - before_n)
+            result["reprogramming"][policy] = {
+                "joules_per_1000_requests": per_1000, "task_loads": loads, **run}
+            print(f"{policy}: {per_1000 * 1e3:.3f} mJ reprogramming per 1000 requests, "
+                  f"{loads:.0f} loads, {run['throughput_rps']} req/s, p99 {run['p99_ms']} ms")
+    fifo = result["reprogramming"]["fifo"]["joules_per_1000_requests"]
+    for policy in ("lru", "energy"):
+        mine = result["reprogramming"][policy]["joules_per_1000_requests"]
+        result["reprogramming"][policy]["fifo_over_this"] = round(fifo / mine, 2) if mine else None
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "loads"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
