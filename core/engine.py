@@ -65,6 +65,8 @@ class PreparedTask:
     ops_per_image: dict[tuple[int, int], OpCounts] = field(default_factory=dict)
     programs: dict[str, CrossbarProgram] | None = None
     """Crossbar-fidelity layout of every crossbar layer, built on first crossbar use."""
+    norms: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    """The task's BatchNorm terms by module (``{"features.1.1": {"weight": w, ...}}``)."""
     changed: dict[str, tuple[Tensor | None, Tensor]] | None = None
     """Per layer: output channels whose codes differ from the backbone's (None: most of
     them, so all) and the task's codes of those channels; built on first mixed batch."""
@@ -191,7 +193,7 @@ class CrossbarEngine:
             for name, t in task.digital.items()
         }
         seconds = time.perf_counter() - started
-        prepared = PreparedTask(task, weights, digital, seconds)
+        prepared = PreparedTask(task, weights, digital, seconds, norms=_by_module(digital))
         self.stats.prepares += 1
         self.stats.prepare_seconds += seconds
         self.prepared.put(task_id, prepared)
@@ -328,23 +330,29 @@ class CrossbarEngine:
         for layer in self._layers.values():
             layer.program = None
         layer_groups: dict[str, list[SampleGroup]] = {}
-        norm_groups: dict[str, list[tuple[Tensor, dict[str, Tensor]]]] = {}
-        for task_id, rows in groups.items():
+        sample_task = torch.empty(x.shape[0], dtype=torch.long)
+        overridden: set[str] = set()
+        for index, (task_id, rows) in enumerate(groups.items()):
             p = prepared[task_id]
             samples = torch.tensor(rows)
+            sample_task[samples] = index
             for name, (channels, codes) in self._changed(p).items():
                 layer_groups.setdefault(name, []).append(SampleGroup(samples, codes, channels))
-            for module_name, values in _by_module(p.digital).items():
-                norm_groups.setdefault(module_name, []).append((samples, values))
-        hooks = [self.model.body.get_submodule(name).register_forward_hook(
-                     _per_sample_norm(entries)) for name, entries in norm_groups.items()]
+            overridden.update(p.norms)
+        norms = []
+        for module_name in overridden:
+            module = self.model.body.get_submodule(module_name)
+            assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+            terms = [prepared[t].norms.get(module_name, {}) for t in groups]
+            module.forward = _per_sample_norm(module, terms, sample_task)  # type: ignore[method-assign]
+            norms.append(module)
         for name, entries in layer_groups.items():
             self._layers[name].sample_groups = entries
         try:
             return self.model(x)
         finally:
-            for hook in hooks:
-                hook.remove()
+            for module in norms:
+                del module.forward
             for name in layer_groups:
                 self._layers[name].sample_groups = None
 
@@ -576,22 +584,26 @@ def _by_module(digital: dict[str, nn.Parameter | Tensor]) -> dict[str, dict[str,
     return modules
 
 
-def _per_sample_norm(entries: list[tuple[Tensor, dict[str, Tensor]]]
-                     ) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]:
-    """A forward hook that re-normalises each task's samples with that task's terms."""
+def _per_sample_norm(module: nn.modules.batchnorm._BatchNorm, terms: list[dict[str, Tensor]],
+                     sample_task: Tensor) -> Callable[[Tensor], Tensor]:
+    """A BatchNorm forward that uses each sample's own task's terms, in one kernel call.
 
-    def hook(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
-        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
-        for samples, values in entries:
-            out[samples] = torch.nn.functional.batch_norm(
-                inputs[0].index_select(0, samples),
-                values.get("running_mean", module.running_mean),
-                values.get("running_var", module.running_var),
-                values.get("weight", module.weight), values.get("bias", module.bias),
-                False, 0.0, module.eps)
-        return out
+    The batch is viewed as one sample of ``B * C`` channels whose statistics and affine
+    terms are gathered per sample, so every element is normalised by the same kernel, with
+    the same per-channel arithmetic, as a batch of its task alone.
+    """
+    stacked = {attr: torch.stack([t.get(attr, getattr(module, attr)).detach() for t in terms])
+               .index_select(0, sample_task).reshape(-1)
+               for attr in ("running_mean", "running_var", "weight", "bias")}
 
-    return hook
+    def forward(x: Tensor) -> Tensor:
+        flat = x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
+        out = torch.nn.functional.batch_norm(
+            flat, stacked["running_mean"], stacked["running_var"], stacked["weight"],
+            stacked["bias"], False, 0.0, module.eps)
+        return out.view(x.shape)
+
+    return forward
 
 
 def _fidelity(value: Fidelity | str) -> Fidelity:
