@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+from server.cli import MALLOC_ENV
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> list[float]:

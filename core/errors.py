@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class Xma2Error(Exception):
     """Base class of every error the xma2 packages raise on purpose."""
@@ -24,3 +26,13 @@ class TaskNotFound(TaskStateError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class TrainingCancelled(Xma2Error):
+    """A run stopped between steps because its cancel event was set (checkpoint kept)."""
+
+    def __init__(self, step: int, checkpoint_dir: Path | None) -> None:
+        where = f"; resume from {checkpoint_dir}" if checkpoint_dir else ""
+        super().__init__(f"training cancelled after step {step}{where}")
+        self.step = step
+        self.checkpoint_dir = checkpoint_dir

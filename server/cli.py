@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from core import cli as core_cli
+
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+"""glibc returns large freed blocks to the OS, so every forward pass would pay fresh page
+faults for its activations; these keep freed memory in the process (docs/performance.md)."""
 
 SECRET_SETTINGS = ("api_key",)
 """Settings taken from the environment only (a flag would show in the process list)."""
@@ -62,6 +67,8 @@ class ServerCommands:
 
 
 def serve(args: argparse.Namespace) -> int:
+    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
     import uvicorn
     from pydantic import ValidationError
 

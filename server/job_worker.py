@@ -65,7 +65,7 @@ def run_job(job_id: str, config: WorkerConfig, cancel: CancelFlag) -> None:
                                     f"{config.threads} thread(s))")
         _adapt(job_id, job.task or "", job.params, model, store, config, cancel)
     except BaseException as e:  # every failure ends the job with its reason
-        from core.methods.common import TrainingCancelled
+        from core.errors import TrainingCancelled
 
         current = index.job(job_id)
         if current.status.terminal:
@@ -94,9 +94,9 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
            config: WorkerConfig, cancel: CancelFlag) -> None:
     from core.datasets import DatasetSpec, load_dataset
     from core.engine import CrossbarEngine
+    from core.errors import TrainingCancelled as Cancelled
     from core.methods import RunOptions, adapt, default_config
     from core.methods.common import StepInfo, accuracy
-    from core.methods.common import TrainingCancelled as Cancelled
     from task_store import JobStatus
 
     index = store.index

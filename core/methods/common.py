@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from core.atomic import atomic_write
 from core.datasets import ImageSplit
-from core.errors import ConfigError, Xma2Error
+from core.errors import ConfigError, TrainingCancelled
 from core.probe import linear_probe
 from core.task_state import TaskState
 
@@ -52,16 +52,6 @@ __all__ = [
     "seeded_generator",
     "warm_start_head",
 ]
-
-
-class TrainingCancelled(Xma2Error):
-    """A run stopped between steps because its cancel event was set (checkpoint kept)."""
-
-    def __init__(self, step: int, checkpoint_dir: Path | None) -> None:
-        where = f"; resume from {checkpoint_dir}" if checkpoint_dir else ""
-        super().__init__(f"training cancelled after step {step}{where}")
-        self.step = step
-        self.checkpoint_dir = checkpoint_dir
 
 
 @dataclass(frozen=True)
