@@ -49,6 +49,7 @@ from core.errors import TaskNotFound, Xma2Error
 from core.pool import PoolConfig
 from server.app import BodyLimit
 from server.batcher import Batcher
+from server.cli import MALLOC_ENV
 from server.errors import ApiError, install_error_handlers, status_of
 from server.images import decode_image
 from server.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, LOAD_BUCKETS
@@ -85,6 +86,9 @@ class RayOptions:
     """Ray CPUs reserved per chip replica (match XMA2_INFERENCE_THREADS)."""
     ingress_replicas: int = 1
     ingress_cpus: float = 0.25
+    ingress_max_ongoing_requests: int = 256
+    """Requests an ingress replica holds at once; it only waits on chips, so this is high:
+    at Serve's default (5) the proxy backs off and retries, and throughput collapses."""
     max_ongoing_requests: int = 32
     """Requests a chip replica accepts at once (room for a batch running and one forming);
     the router sends more to a replica that does not hold the task yet."""
@@ -94,7 +98,7 @@ class RayOptions:
 
     def __post_init__(self) -> None:
         for name in ("replicas", "tasks_per_replica", "ingress_replicas",
-                     "max_ongoing_requests"):
+                     "max_ongoing_requests", "ingress_max_ongoing_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.replica_cpus < 0 or self.ingress_cpus < 0 or self.refresh_s < 0:
@@ -533,9 +537,13 @@ def build(settings: Settings, options: RayOptions) -> serve.Application:
     chip = serve.deployment(
         chip_class(options.tasks_per_replica), name="Chip", num_replicas=options.replicas,
         max_ongoing_requests=options.max_ongoing_requests,
-        ray_actor_options={"num_cpus": options.replica_cpus})
+        # The same malloc settings as `xma2 serve` (freed activations stay in the process);
+        # glibc reads them at start, so they go into the replica's environment.
+        ray_actor_options={"num_cpus": options.replica_cpus,
+                           "runtime_env": {"env_vars": dict(MALLOC_ENV)}})
     gateway = serve.deployment(
         serve.ingress()(Gateway), name="Gateway", num_replicas=options.ingress_replicas,
+        max_ongoing_requests=options.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": options.ingress_cpus})
     return gateway.bind(chip.bind(settings, options.refresh_s), settings, options.refresh_s)
 

@@ -31,6 +31,24 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def upload_body(description: str, raw_type: str, *, base64_json: bool = False
+                ) -> dict[str, Any]:
+    """OpenAPI request body of an uploaded file: raw bytes or a multipart field ``file``
+    (and a JSON ``{"image_base64": ...}`` form where ``base64_json``)."""
+    binary = {"type": "string", "format": "binary"}
+    content: dict[str, Any] = {
+        raw_type: {"schema": binary},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                           "properties": {"file": binary}}},
+    }
+    if base64_json:
+        content["application/json"] = {"schema": {
+            "type": "object", "required": ["image_base64"],
+            "properties": {"image_base64": {"type": "string"}}}}
+    return {"requestBody": {"required": True, "description": description,
+                            "content": content}}
+
+
 class ImagePayload(BaseModel):
     """An image in a JSON body."""
 

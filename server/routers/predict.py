@@ -14,26 +14,13 @@ from server.deps import Runtime, ServicesDep, require_predict
 from server.errors import ApiError, status_of
 from server.images import decode_base64, decode_image
 from server.runtime import Prediction
-from server.schemas import ERROR_RESPONSES, LabelScore, PredictResponse, RequestEnergy
+from server.schemas import ERROR_RESPONSES, LabelScore, PredictResponse, RequestEnergy, upload_body
 
 router = APIRouter(tags=["inference"])
 
-_BODY_DOC = {
-    "requestBody": {
-        "required": True,
-        "description": "the image: raw bytes (image/jpeg, image/png, ...), a multipart "
-                       "field 'file', or JSON {\"image_base64\": ...}",
-        "content": {
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["file"],
-                "properties": {"file": {"type": "string", "format": "binary"}}}},
-            "application/json": {"schema": {
-                "type": "object", "required": ["image_base64"],
-                "properties": {"image_base64": {"type": "string"}}}},
-        },
-    }
-}
+_BODY_DOC = upload_body("the image: raw bytes (image/jpeg, image/png, ...), a multipart "
+                        "field 'file', or JSON {\"image_base64\": ...}", "image/*",
+                        base64_json=True)
 
 
 async def image_bytes(request: Request, field: str = "file") -> bytes:

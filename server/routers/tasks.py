@@ -23,25 +23,15 @@ from server.schemas import (
     TaskList,
     TaskSummary,
     VersionInfo,
+    upload_body,
 )
 from task_store import TaskStore
 
 router = APIRouter(prefix="/tasks", tags=["tasks"], dependencies=Operator,
                    responses=ERROR_RESPONSES)
 
-_ARCHIVE_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": "a task archive made by GET /tasks/{name}/archive: the raw "
-                       "bytes, or a multipart field 'file'",
-        "content": {
-            "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["file"],
-                "properties": {"file": {"type": "string", "format": "binary"}}}},
-        },
-    }
-}
+_ARCHIVE_BODY = upload_body("a task archive made by GET /tasks/{name}/archive: the raw "
+                            "bytes, or a multipart field 'file'", "application/x-tar")
 
 
 def _energy(runtime: TaskRuntime, name: str) -> TaskEnergy:
