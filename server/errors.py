@@ -31,6 +31,13 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers
 
+    def __reduce__(self) -> tuple[object, ...]:  # picklable across processes (Ray Serve)
+        return (_api_error, (self.status_code, self.message, self.headers))
+
+
+def _api_error(status_code: int, message: str, headers: dict[str, str] | None) -> ApiError:
+    return ApiError(status_code, message, headers=headers)
+
 
 # Most specific first: the first matching class decides the status.
 _STATUS: tuple[tuple[type[BaseException], int], ...] = (

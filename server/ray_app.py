@@ -29,20 +29,17 @@ import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any
 
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from PIL import Image
 from ray import serve
 from ray.serve import metrics as ray_metrics
 from ray.serve.handle import DeploymentHandle
-from torch import Tensor
 
-from core.backbones.preprocess import preprocess_fit, preprocess_image
 from core.commands import imagenet_task, load_backbone
 from core.config import Fidelity
 from core.errors import TaskNotFound, Xma2Error
@@ -53,8 +50,8 @@ from server.cli import MALLOC_ENV
 from server.errors import ApiError, install_error_handlers, status_of
 from server.images import decode_image
 from server.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, LOAD_BUCKETS
-from server.routers.predict import _response, image_bytes
-from server.runtime import PREPROCESS_IMAGENET, Prediction, ServedTask, TaskRuntime
+from server.routers.predict import image_bytes, prediction_response
+from server.runtime import Prediction, ServedTask, TaskRuntime, preprocess_for
 from server.scheduler import BatchScheduler, ChipView
 from server.schemas import ERROR_RESPONSES, Health, PredictResponse
 from server.services import IMAGENET_INPUT_SIZE
@@ -252,7 +249,7 @@ class ChipReplica:
             model, store, builtin=builtin, fidelity=settings.fidelity,
             pool=PoolConfig(spare_pes=settings.spare_pes, mask_entries=settings.mask_entries),
             eviction=settings.eviction, max_prepared_tasks=settings.max_prepared_tasks)
-        self.runtime.worker.submit(_register_builtins, self.runtime, builtin).result()
+        self.runtime.worker.submit(self.runtime.load_builtins).result()
         self.settings = settings
         self.refresh_s = refresh_s
         context = serve.get_replica_context()
@@ -369,7 +366,7 @@ class ChipReplica:
             served = self._fresh(task) or await self.runtime.run(self._current, task)
             image = await asyncio.to_thread(
                 decode_image, data, max_pixels=self.settings.max_image_pixels)
-            x = await asyncio.to_thread(_preprocess, served, image)
+            x = await asyncio.to_thread(preprocess_for, served, image)
             if self.batcher is None:
                 self.batcher = self._start_batcher()
             k = top_k or self.settings.top_k
@@ -386,27 +383,11 @@ class ChipReplica:
             return ChipAnswer(self.replica_id, self.held_tasks(), status=status_of(e),
                               message=str(e))
         return ChipAnswer(self.replica_id, self.held_tasks(),
-                          response=_response(prediction).model_dump(mode="json"))
+                          response=prediction_response(prediction).model_dump(mode="json"))
 
     def __del__(self) -> None:  # Serve calls this when it stops the replica
         self.runtime.close()
         self.runtime.store.close()
-
-
-def _register_builtins(runtime: TaskRuntime,
-                       builtin: dict[str, tuple[Any, int]]) -> None:
-    """Serve the built-in tasks only; stored tasks come one by one through the loader."""
-    for name, (task, size) in builtin.items():
-        runtime.engine.add_task(task)
-        runtime.served[name] = ServedTask(
-            name=name, version=None, method="builtin", image_size=size,
-            preprocess=PREPROCESS_IMAGENET, labels=task.head.labels, builtin=True)
-
-
-def _preprocess(served: ServedTask, image: Image.Image) -> Tensor:
-    if served.preprocess == PREPROCESS_IMAGENET:
-        return preprocess_image(image, served.image_size)
-    return preprocess_fit(image, served.image_size)
 
 
 def chip_class(tasks_per_replica: int) -> type[ChipReplica]:
@@ -534,6 +515,10 @@ class Gateway:
 
 def build(settings: Settings, options: RayOptions) -> serve.Application:
     """The Serve application (call ``serve.run`` on it); the store must exist already."""
+    if settings.predict_requires_key:  # refuse rather than serve /predict unkeyed
+        raise ValueError("XMA2_PREDICT_REQUIRES_KEY is not supported on Ray Serve: the "
+                         "Gateway does not check API keys; put an authenticating proxy in "
+                         "front of it")
     chip = serve.deployment(
         chip_class(options.tasks_per_replica), name="Chip", num_replicas=options.replicas,
         max_ongoing_requests=options.max_ongoing_requests,
@@ -561,14 +546,6 @@ def build_app(args: dict[str, str]) -> serve.Application:
     settings = Settings()
     prepare_store(settings)
     return build(settings, options)
-
-
-@dataclass
-class _Stop:
-    event: threading.Event = field(default_factory=threading.Event)
-
-    def __call__(self, *_args: object) -> None:
-        self.event.set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -604,10 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.run(build(settings, options), name=APP_NAME, route_prefix="/")
     logger.info("serving on http://%s:%d with %d chip replica(s)", settings.host,
                 settings.port, options.replicas)
-    stop = _Stop()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    stop.event.wait()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
     serve.shutdown()
     ray.shutdown()
     return 0

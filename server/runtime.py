@@ -113,6 +113,13 @@ def served_from_store(stored: StoredTask, record: VersionRecord) -> ServedTask:
     )
 
 
+def preprocess_for(served: ServedTask, image: Image.Image) -> Tensor:
+    """An image as ``served``'s input: resized the way its training images were."""
+    if served.preprocess == PREPROCESS_IMAGENET:
+        return preprocess_image(image, served.image_size)
+    return preprocess_fit(image, served.image_size)
+
+
 class TaskRuntime:
     """Serves every task of one store on one emulated chip.
 
@@ -156,13 +163,17 @@ class TaskRuntime:
 
     # -- registration (on the worker) --------------------------------------------------
 
-    def load_all(self) -> None:
-        """Register the built-in tasks and the active version of every stored task."""
+    def load_builtins(self) -> None:
+        """Register the built-in tasks (they have no store entry)."""
         for name, (task, size) in self._builtin.items():
             self.engine.add_task(task)
             self.served[name] = ServedTask(
                 name=name, version=None, method="builtin", image_size=size,
                 preprocess=PREPROCESS_IMAGENET, labels=task.head.labels, builtin=True)
+
+    def load_all(self) -> None:
+        """Register the built-in tasks and the active version of every stored task."""
+        self.load_builtins()
         for record in self.store.list():
             if record.name in self._builtin:
                 self.load_errors[record.name] = "shadowed by the built-in task of that name"
@@ -217,10 +228,7 @@ class TaskRuntime:
 
     def preprocess(self, name: str, image: Image.Image) -> Tensor:
         """An image as the task's input (runs on the caller's thread)."""
-        served = self.task(name)
-        if served.preprocess == PREPROCESS_IMAGENET:
-            return preprocess_image(image, served.image_size)
-        return preprocess_fit(image, served.image_size)
+        return preprocess_for(self.task(name), image)
 
     def infer(self, name: str, x: Tensor, fidelity: Fidelity | None, top_k: int) -> Prediction:
         """Run one request on the chip (call it on the worker)."""

@@ -43,7 +43,7 @@ async def image_bytes(request: Request, field: str = "file") -> bytes:
     return await request.body()
 
 
-def _response(p: Prediction) -> PredictResponse:
+def prediction_response(p: Prediction) -> PredictResponse:
     return PredictResponse(
         task=p.task, version=p.version, fidelity=p.fidelity,
         predictions=[LabelScore(label=label, probability=prob) for label, prob in p.top],
@@ -78,7 +78,7 @@ async def predict(
         batcher = services.batcher
         assert batcher is not None
         prediction = await batcher.submit(task, x, fidelity, top_k or settings.top_k)
-        return _response(prediction)
+        return prediction_response(prediction)
     except ApiError as e:
         status = str(e.status_code)
         raise
