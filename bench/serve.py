@@ -4,10 +4,13 @@ reprogramming energy of the residency-aware scheduler against FIFO.
 Starts real ``xma2 serve`` processes on loopback and drives them with an open-loop
 generator (Poisson arrivals, at most ``--max-in-flight`` requests outstanding):
 
+0. the chip alone, in process: a batch of ``--max-batch-size`` single-task images
+   against the same batch mixing the 8 tasks (Zipf), alternating, median of
+   ``--repeats``;
 1. capacity: a closed loop of ``--clients`` clients on one task for ``--seconds``;
 2. at ``--loads`` x capacity, a single-task stream and a mixed stream over 8 tasks of
-   Zipf popularity (alternating, same seed), with throughput, p50/p99 latency and the
-   mixed/single throughput ratio;
+   Zipf popularity, alternating for ``--rounds`` rounds (same seed), with throughput,
+   p50/p99 latency and the ratio of the median throughputs;
 3. with a pool that holds 2 of the 8 tasks, the mixed stream under each scheduler
    (``lru``, ``energy``, ``fifo``): reprogramming energy per 1000 requests.
 
@@ -133,6 +136,43 @@ async def open_loop(url: str, tasks: list[str], bodies: list[bytes], rate: float
     }
 
 
+def chip_only(batch: int, repeats: int, seed: int) -> dict[str, Any]:
+    """Forward time of one batch: single task vs 8 Zipf-mixed tasks, same images."""
+    import torch
+
+    from core.commands import load_backbone
+    from core.engine import CrossbarEngine
+    from core.task_state import TaskState
+    from server.shipped_tasks import SHIPPED_DIR
+    from task_store.archive import read_archive
+    from task_store.format import decode_task
+
+    torch.set_num_threads(1)
+    engine = CrossbarEngine(load_backbone(None), max_prepared_tasks=len(TASKS))
+    for name in TASKS:
+        source = name.rsplit("-", 1)[0] if name in COPIES else name
+        manifest, data = read_archive(SHIPPED_DIR / f"{source}.tar")
+        task = decode_task(data, manifest)
+        engine.add_task(TaskState(name, task.shift_levels, task.head, task.layers,
+                                  task.digital))
+    x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    mixed = mixed_stream(batch, seed)
+    single = ["mnist"] * batch
+    times: dict[str, list[float]] = {"single": [], "mixed": []}
+    for _ in range(2):  # warm: fold every task, build its changed-channel tables
+        engine.forward_mixed(x, mixed)
+        engine.forward_mixed(x, single)
+    for _ in range(repeats):
+        for name, ids in (("single", single), ("mixed", mixed)):
+            started = time.perf_counter()
+            engine.forward_mixed(x, ids)
+            times[name].append(time.perf_counter() - started)
+    single_ms = 1e3 * statistics.median(times["single"])
+    mixed_ms = 1e3 * statistics.median(times["mixed"])
+    return {"batch": batch, "distinct_tasks": len(set(mixed)), "single_ms": round(single_ms, 1),
+            "mixed_ms": round(mixed_ms, 1), "single_over_mixed": round(single_ms / mixed_ms, 3)}
+
+
 def mixed_stream(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return rng.choices(list(TASKS), zipf_weights(len(TASKS)), k=n)
@@ -159,6 +199,8 @@ def main() -> None:
                         help="offered loads as fractions of the measured capacity")
     parser.add_argument("--max-in-flight", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -166,6 +208,8 @@ def main() -> None:
     result: dict[str, Any] = {"command": "python bench/serve.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "tasks": list(TASKS), "zipf_weights": [round(w, 3) for w in zipf_weights(8)]}
+    result["chip"] = chip_only(args.max_batch_size, args.repeats, args.seed)
+    print(f"chip alone: {result['chip']}")
     with tempfile.TemporaryDirectory() as root:
         server = ServerProcess(Path(root) / "large-pool", spare_pes=8 * TASK_PES,
                                mask_entries=8, max_batch_size=args.max_batch_size).start()
@@ -179,19 +223,24 @@ def main() -> None:
             result["loads"] = []
             for load in (float(x) for x in args.loads.split(",")):
                 rate = load * capacity
-                row: dict[str, Any] = {"load": load, "rate_rps": round(rate, 2)}
-                for name, tasks in streams.items():
-                    batches = metric_sum(server, "xma2_batch_size_count")
-                    served = metric_sum(server, "xma2_batch_size_sum")
-                    row[name] = asyncio.run(open_loop(server.url, tasks, bodies, rate,
-                                                      args.seconds, args.max_in_flight,
-                                                      args.seed))
-                    b = metric_sum(server, "xma2_batch_size_count") - batches
-                    s = metric_sum(server, "xma2_batch_size_sum") - served
-                    row[name]["mean_batch"] = round(s / b, 2) if b else None
-                    print(f"load {load:.1f} {name}: {row[name]}")
-                row["mixed_over_single"] = round(
-                    row["mixed"]["throughput_rps"] / row["single"]["throughput_rps"], 3)
+                row: dict[str, Any] = {"load": load, "rate_rps": round(rate, 2),
+                                       "single": [], "mixed": []}
+                for _ in range(args.rounds):
+                    for name, tasks in streams.items():
+                        batches = metric_sum(server, "xma2_batch_size_count")
+                        served = metric_sum(server, "xma2_batch_size_sum")
+                        run = asyncio.run(open_loop(server.url, tasks, bodies, rate,
+                                                    args.seconds, args.max_in_flight,
+                                                    args.seed))
+                        b = metric_sum(server, "xma2_batch_size_count") - batches
+                        s = metric_sum(server, "xma2_batch_size_sum") - served
+                        run["mean_batch"] = round(s / b, 2) if b else None
+                        row[name].append(run)
+                        print(f"load {load:.1f} {name}: {run}")
+                medians = {name: statistics.median(r["throughput_rps"] for r in row[name])
+                           for name in streams}
+                row["median_throughput_rps"] = medians
+                row["mixed_over_single"] = round(medians["mixed"] / medians["single"], 3)
                 print(f"load {load:.1f}: mixed/single throughput {row['mixed_over_single']}")
                 result["loads"].append(row)
         finally:
