@@ -23,12 +23,17 @@ import yaml
 from dockerfile_parse import DockerfileParser
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.live import LiveServer, encode, free_port, photo, wait_for
+from tests.server.live import (
+    LiveServer,
+    encode,
+    photo,
+    prometheus_server,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "xma2.json"
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 GRID_COLUMNS = 24
 
@@ -247,15 +252,7 @@ def prometheus(live: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> It
     config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
     (job,) = config["scrape_configs"]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{live.port}"]}]
-    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = (folder / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}",
-         f"--storage.tsdb.path={folder / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with prometheus_server(folder, yaml.safe_dump(config)) as url:
         def scraped() -> bool:
             try:
                 r = httpx.get(f"{url}/api/v1/query", params={"query": "count(up == 1)"},
@@ -266,12 +263,6 @@ def prometheus(live: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> It
             return bool(result) and float(result[0]["value"][1]) >= 1
         wait_for(scraped, timeout=60, what="Prometheus to scrape the server")
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def test_dashboard_queries_run_on_prometheus(live: LiveServer, prometheus: str) -> None:

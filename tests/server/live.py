@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,44 @@ from PIL import Image
 from server.launcher import ServerProcess, free_port
 
 LiveServer = ServerProcess
-__all__ = ["LiveServer", "encode", "free_port", "photo", "photo_dataset", "wait_for",
-           "wait_job"]
+__all__ = ["LiveServer", "encode", "free_port", "photo", "photo_dataset",
+           "prometheus_server", "wait_for", "wait_job"]
+
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+
+
+@contextmanager
+def prometheus_server(folder: Path, config: str) -> Iterator[str]:
+    """A real Prometheus on a free loopback port with ``config`` (YAML); yields its URL."""
+    assert Path(PROMETHEUS).exists(), (
+        "the Prometheus server is missing: `apt-get install prometheus` (deploy/setup.sh "
+        "installs it)")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prometheus.yml").write_text(config)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with (folder / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}",
+             f"--storage.tsdb.path={folder / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: _prometheus_ready(url), timeout=60, what="Prometheus to be ready")
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _prometheus_ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def wait_for(check: Callable[[], Any], *, timeout: float = 180.0, every: float = 0.5,

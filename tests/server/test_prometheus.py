@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server.live import LiveServer, encode, free_port, photo, wait_for
-
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+from tests.server.live import LiveServer, encode, photo, prometheus_server, wait_for
 
 
 @pytest.fixture
@@ -28,36 +24,11 @@ def small_pool_server(tmp_path: Path) -> Iterator[LiveServer]:
 
 @pytest.fixture
 def prometheus(tmp_path: Path, small_pool_server: LiveServer) -> Iterator[str]:
-    assert Path(PROMETHEUS).exists(), (
-        "the Prometheus server is missing: `apt-get install prometheus` (deploy/setup.sh "
-        "installs it)")
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: xma2\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{small_pool_server.port}']\n")
-    log = (tmp_path / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _ready(url), timeout=60, what="Prometheus to be ready")
+    config = ("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+              "scrape_configs:\n  - job_name: xma2\n    static_configs:\n"
+              f"      - targets: ['127.0.0.1:{small_pool_server.port}']\n")
+    with prometheus_server(tmp_path / "prometheus", config) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _query(url: str, promql: str) -> dict[str, float]:
