@@ -7,11 +7,15 @@ configuration, seed and accuracy. The server imports each archive into its store
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import logging
+import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ logger = logging.getLogger(__name__)
 SHIPPED_DIR = Path(__file__).parent / "default_tasks"
 INDEX_FILE = "tasks.json"
 IMPORTED_MARKER = "default_tasks.json"
+IMPORT_LOCK = ".default_tasks.lock"
 SHIPPED = {"fashion-mnist": "fashion_mnist", "mnist": "mnist5k", "animal-mnist": "animal_mnist"}
 """Task name -> built-in dataset."""
 
@@ -49,6 +54,24 @@ def import_default_tasks(store: TaskStore, folder: Path = SHIPPED_DIR) -> list[s
     if not index_file.exists():
         return []
     shipped = json.loads(index_file.read_text())["tasks"]
+    # Servers (or Ray replicas) sharing a store start together: one imports, the others
+    # then find the marker. A lock of its own, since the store's writer lock is taken
+    # inside import_archive.
+    with _locked(store.root / IMPORT_LOCK):
+        return _import_once(store, folder, shipped)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _import_once(store: TaskStore, folder: Path, shipped: list[dict[str, Any]]) -> list[str]:
     marker = store.root / IMPORTED_MARKER
     done: set[str] = set(json.loads(marker.read_text())) if marker.exists() else set()
     existing = {r.name for r in store.list()}

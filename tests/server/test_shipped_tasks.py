@@ -1,0 +1,55 @@
+"""The shipped tasks: imported once per store, even by servers starting together."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from core.commands import load_backbone
+from core.model import CrossbarModel
+from server.shipped_tasks import SHIPPED, SHIPPED_DIR, import_default_tasks
+from task_store import TaskStore
+
+
+@pytest.fixture(scope="module")
+def backbone() -> CrossbarModel:
+    return load_backbone(None)
+
+
+def test_index_records_how_each_task_was_made() -> None:
+    index = json.loads((SHIPPED_DIR / "tasks.json").read_text())
+    assert [e["name"] for e in index["tasks"]] == list(SHIPPED)
+    for entry in index["tasks"]:
+        assert (SHIPPED_DIR / entry["archive"]).stat().st_size == entry["bytes"]
+        assert entry["build"]["command"].startswith("xma2 build-default-tasks")
+        assert entry["build"]["seed"] == 0 and entry["metrics"]["test_accuracy"] > 0.7
+
+
+def test_concurrent_imports_make_one_version_each(backbone: CrossbarModel,
+                                                  tmp_path: Path) -> None:
+    results: list[list[str]] = []
+
+    def start() -> None:
+        with TaskStore.for_model(tmp_path, backbone) as store:
+            results.append(import_default_tasks(store))
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(name for r in results for name in r) == sorted(SHIPPED)
+    with TaskStore.for_model(tmp_path, backbone) as store:
+        assert {r.name: r.versions for r in store.list()} == {n: (1,) for n in SHIPPED}
+        store.delete("mnist")
+        assert import_default_tasks(store) == []  # a deleted shipped task stays deleted
+        assert "mnist" not in {r.name for r in store.list()}
+
+
+def test_another_backbone_skips_the_shipped_tasks(tmp_path: Path) -> None:
+    with TaskStore(tmp_path, backbone_fingerprint="0" * 64) as store:
+        assert import_default_tasks(store) == []
+        assert store.list() == []
