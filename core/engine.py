@@ -34,7 +34,7 @@ from core.energy import (
     energy_of,
 )
 from core.errors import ConfigError, TaskNotFound, TaskStateError
-from core.layers import CrossbarConv2d, SampleGroup
+from core.layers import CrossbarConv2d, SampleGroup, SpareRead
 from core.lru import LRUCache
 from core.model import DAC_MODES, CrossbarModel
 from core.ops.crossbar import (
@@ -42,6 +42,7 @@ from core.ops.crossbar import (
     build_program,
     full_scale_adc_step,
     layer_cell_levels,
+    restrict_row_groups,
     spare_cell_levels,
     task_cell_levels,
 )
@@ -112,6 +113,9 @@ class CrossbarEngine:
         self.tasks: dict[str, TaskState] = {}
         self.prepared: LRUCache[str, PreparedTask] = LRUCache(max_prepared_tasks)
         self.active: str | None = None
+        self._backbone_active = False
+        """Whether every layer is known to hold the backbone's own values (the model may
+        come from elsewhere with a task's state in it)."""
         self.stats = EngineStats()
         self.pool = pool
         self.last_residency: Residency | None = None
@@ -233,6 +237,7 @@ class CrossbarEngine:
                 self._digital_defaults[name] = self._get_tensor(name)
             self._set_tensor(name, value)
         self.active = task_id
+        self._backbone_active = False
         self.stats.switches += 1
         return prepared
 
@@ -257,13 +262,16 @@ class CrossbarEngine:
                       fidelity: Fidelity | str | None = None) -> list[Tensor]:
         """Logits of each sample's own task for a batch that mixes tasks.
 
-        Ideal fidelity runs the backbone once for the whole batch: every crossbar layer
-        convolves all samples with the backbone's codes, then recomputes, for each task's
-        samples, only the output channels whose weights the task changed (its spare PEs
-        and shifted columns); per-task BatchNorm terms are applied to each task's samples.
-        This is the crossbar dataflow: shared per-column partial sums, then a per-task
-        shift and sum. Crossbar fidelity runs each task's samples through its own
-        programmed layout. Each sample's logits equal :meth:`forward` on its task alone.
+        This is the crossbar dataflow: per-column partial sums of the shared backbone,
+        then a per-task shift and sum. Ideal fidelity convolves all samples with the
+        backbone's codes once, then recomputes, for each task's samples, only the output
+        channels the task changed (spare PEs, shifted columns); its results equal
+        :meth:`forward` on each task's samples alone bit for bit. Crossbar fidelity reads
+        the backbone's programmed cells once for the whole batch, each sample's ADC
+        outputs scaled by its own task's shift mask (0 on its replaced PEs), then adds
+        each task's spare PEs, read for its samples on just their row groups; results
+        equal each task alone up to float summation order (and read noise, if any).
+        Per-task BatchNorm terms are applied to each task's samples.
         With a pool, every task of the batch is made resident and pinned for the batch
         (:attr:`last_residencies` says what that cost).
 
@@ -283,7 +291,7 @@ class CrossbarEngine:
         pinned = self._pin_all(prepared)
         self.stats.last_activate_seconds = time.perf_counter() - started
         try:
-            if len(groups) == 1 or fidelity is Fidelity.CROSSBAR or not self._exact():
+            if len(groups) == 1 or not self._exact():
                 for task_id, rows in groups.items():
                     index = torch.tensor(rows)
                     logits = self.forward(x.index_select(0, index), task_id, fidelity)
@@ -292,7 +300,8 @@ class CrossbarEngine:
                     for row, value in zip(rows, logits, strict=True):
                         out[row] = value
             else:
-                features = self._mixed_features(x, groups, prepared)
+                features = self._mixed_features(x, groups, prepared,
+                                                crossbar=fidelity is Fidelity.CROSSBAR)
                 for task_id, rows in groups.items():
                     head = prepared[task_id].task.head
                     index = torch.tensor(rows)
@@ -325,36 +334,81 @@ class CrossbarEngine:
         return pinned
 
     def _mixed_features(self, x: Tensor, groups: dict[str, list[int]],
-                        prepared: dict[str, PreparedTask]) -> Tensor:
+                        prepared: dict[str, PreparedTask], *, crossbar: bool) -> Tensor:
         self._activate_backbone()
         for layer in self._layers.values():
             layer.program = None
-        layer_groups: dict[str, list[SampleGroup]] = {}
+            layer.implementation = self.crossbar.implementation
+            layer.read_generator = self._read_generator
+            layer.max_chunk_elements = self.crossbar.max_chunk_elements
         sample_task = torch.empty(x.shape[0], dtype=torch.long)
-        overridden: set[str] = set()
-        for index, (task_id, rows) in enumerate(groups.items()):
-            p = prepared[task_id]
-            samples = torch.tensor(rows)
-            sample_task[samples] = index
-            for name, (channels, codes) in self._changed(p).items():
-                layer_groups.setdefault(name, []).append(SampleGroup(samples, codes, channels))
-            overridden.update(p.norms)
+        samples = {task_id: torch.tensor(rows) for task_id, rows in groups.items()}
+        for index, task_id in enumerate(groups):
+            sample_task[samples[task_id]] = index
+        touched = (self._mixed_crossbar_layers(x.shape[0], samples, prepared) if crossbar
+                   else self._mixed_ideal_layers(samples, prepared))
         norms = []
-        for module_name in overridden:
+        for module_name in {m for p in prepared.values() for m in p.norms}:
             module = self.model.body.get_submodule(module_name)
             assert isinstance(module, nn.modules.batchnorm._BatchNorm)
             terms = [prepared[t].norms.get(module_name, {}) for t in groups]
             module.forward = _per_sample_norm(module, terms, sample_task)  # type: ignore[method-assign]
             norms.append(module)
-        for name, entries in layer_groups.items():
-            self._layers[name].sample_groups = entries
         try:
             return self.model(x)
         finally:
             for module in norms:
                 del module.forward
-            for name in layer_groups:
-                self._layers[name].sample_groups = None
+            for layer in touched:
+                layer.sample_groups = None
+                layer.sample_column_values = None
+                layer.spare_reads = None
+                layer.program = None
+
+    def _mixed_ideal_layers(self, samples: dict[str, Tensor],
+                            prepared: dict[str, PreparedTask]) -> list[CrossbarConv2d]:
+        """Per layer, each task's samples and its codes of the channels it changed."""
+        layer_groups: dict[str, list[SampleGroup]] = {}
+        for task_id, rows in samples.items():
+            for name, (channels, codes) in self._changed(prepared[task_id]).items():
+                layer_groups.setdefault(name, []).append(SampleGroup(rows, codes, channels))
+        for name, entries in layer_groups.items():
+            self._layers[name].sample_groups = entries
+        return [self._layers[name] for name in layer_groups]
+
+    def _mixed_crossbar_layers(self, batch: int, samples: dict[str, Tensor],
+                               prepared: dict[str, PreparedTask]) -> list[CrossbarConv2d]:
+        """The backbone's programmed cells for the whole batch with each sample's shift
+        mask (0 on its task's replaced PEs), plus each task's spare PEs read on their own
+        row groups for its samples."""
+        self._check_adc()
+        touched = []
+        for name, layer in self._layers.items():
+            if not layer.on_crossbar:
+                continue
+            mapping = layer.mapping
+            assert mapping is not None
+            column_values = torch.ones(batch, mapping.row_groups, mapping.out_channels)
+            reads = []
+            for task_id, rows in samples.items():
+                task = prepared[task_id].task
+                state = task.layers.get(name)
+                if state is None:
+                    continue
+                values = shift_values(task.shift_levels)[state.column_codes.long()]
+                if state.replaced_pes:
+                    replaced = replaced_columns(state.pe_mask, mapping)
+                    values = torch.where(replaced, 0.0, values)
+                    groups = replaced.any(1).nonzero().flatten()
+                    program = self._programs(prepared[task_id])[name]
+                    reads.append(SpareRead(rows, groups, restrict_row_groups(
+                        program, groups, replaced.index_select(0, groups))))
+                column_values[rows] = values
+            layer.program = self._backbone_program(name, layer)
+            layer.sample_column_values = column_values
+            layer.spare_reads = reads
+            touched.append(layer)
+        return touched
 
     def _exact(self) -> bool:
         """Whether every layer takes the code-domain path that mixed batches extend."""
@@ -362,15 +416,16 @@ class CrossbarEngine:
 
     def _activate_backbone(self) -> None:
         """Every layer and BatchNorm back to the backbone's own values (no task active)."""
-        if self.active is None:
+        if self.active is None and self._backbone_active:
             return
-        previous = self.prepared.peek(self.active)
+        previous = self.prepared.peek(self.active) if self.active is not None else None
         for name, layer in self._layers.items():
             if previous is None or name in previous.weights:
                 layer.reset_effective_weight()
         for name, value in self._digital_defaults.items():
             self._set_tensor(name, value)
         self.active = None
+        self._backbone_active = True
 
     def _changed(self, prepared: PreparedTask) -> dict[str, tuple[Tensor | None, Tensor]]:
         if prepared.changed is None:

@@ -23,7 +23,12 @@ from torch import Tensor, nn
 
 from core.config import OperatorImplementation
 from core.mapping import LayerMapping, Placement
-from core.ops.crossbar import ConvGeometry, CrossbarProgram, crossbar_conv2d
+from core.ops.crossbar import (
+    ConvGeometry,
+    CrossbarProgram,
+    crossbar_conv2d,
+    row_group_inputs,
+)
 from core.quant import (
     ActivationQuantizer,
     fake_quant_weight,
@@ -79,6 +84,12 @@ class CrossbarConv2d(nn.Module):
         self.implementation = OperatorImplementation.AUTO
         self.read_generator: torch.Generator | None = None
         self.max_chunk_elements = 1 << 23
+        self.sample_column_values: Tensor | None = None
+        """Crossbar fidelity, batch mixing tasks: each sample's own shift-mask values
+        ``[B, R, Cout]`` for the backbone's cells (0 where its task replaced the PE)."""
+        self.spare_reads: list[SpareRead] | None = None
+        """Crossbar fidelity, batch mixing tasks: each task's spare PEs, read for its
+        samples on their own row groups and added in."""
         self.sample_groups: list[SampleGroup] | None = None
         """Set by the engine for a batch that mixes tasks: the samples of each task whose
         weights differ from the backbone's, and their task's codes of the changed output
@@ -154,7 +165,14 @@ class CrossbarConv2d(nn.Module):
             acc = crossbar_conv2d(
                 codes, self.program, self.geometry, implementation=self.implementation,
                 generator=self.read_generator, max_chunk_elements=self.max_chunk_elements,
+                column_values=self.sample_column_values,
             )
+            for read in self.spare_reads or ():
+                inputs = row_group_inputs(codes.index_select(0, read.samples), self.program,
+                                          read.row_groups)
+                acc[read.samples] += crossbar_conv2d(
+                    inputs, read.program, self.geometry, implementation=self.implementation,
+                    generator=self.read_generator, max_chunk_elements=self.max_chunk_elements)
             scale = (self.input_quant.step * self.weight_scale).reshape(1, -1, 1, 1)
             out = acc.mul_(scale)
             return out if self.bias is None else out.add_(self.bias.reshape(1, -1, 1, 1))
@@ -209,6 +227,16 @@ class SampleGroup:
     samples: Tensor
     codes: Tensor
     channels: Tensor | None
+
+
+@dataclass(frozen=True)
+class SpareRead:
+    """One task's replaced PEs in a mixed batch: its samples, the row groups holding
+    replaced PEs, and a program of just those groups (1 on replaced columns, else 0)."""
+
+    samples: Tensor
+    row_groups: Tensor
+    program: CrossbarProgram
 
 
 def crossbar_layers(model: nn.Module) -> list[tuple[str, CrossbarConv2d]]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -282,7 +282,11 @@ def _adc_shift_add_reference(
         analog = analog + read_noise
     value = (program.adc(analog) * program.slice_weight.reshape(-1, 1)).sum(3)
     value = value - program.weight_offset * input_sum[:, :, None]
-    value = (value * program.column_values[None, :, :, None]).sum(1)
+    if program.column_values.dim() == 3:  # per image [B, R, Cout] (a batch mixing tasks)
+        value = value.reshape(-1, images, groups, cout, height * width)
+        value = (value * program.column_values[None, :, :, :, None]).sum(2)
+    else:
+        value = (value * program.column_values[None, :, :, None]).sum(1)
     value = value.reshape(-1, images, cout, height * width)
     out += (value * cycle_weight.reshape(-1, 1, 1, 1)).sum(0).reshape(out.shape)
 
@@ -313,6 +317,7 @@ def crossbar_conv2d(
     codes: Tensor, program: CrossbarProgram, geometry: ConvGeometry, *,
     implementation: OperatorImplementation = OperatorImplementation.AUTO,
     generator: torch.Generator | None = None, max_chunk_elements: int = 1 << 23,
+    column_values: Tensor | None = None,
 ) -> Tensor:
     """``sum(input_code * weight_code * mask)`` per output, as the crossbars compute it.
 
@@ -323,6 +328,8 @@ def crossbar_conv2d(
         implementation: compiled C++ operator, pure-torch reference, or auto.
         generator: source of read noise (when the program has any).
         max_chunk_elements: bound on the partial sums computed at once.
+        column_values: ``[B, R, Cout]`` shift-mask values per image, replacing the
+            program's (a batch whose images belong to different tasks).
     """
     batch, channels, height, width = codes.shape
     if channels != program.in_channels:
@@ -341,9 +348,38 @@ def crossbar_conv2d(
                                               skip_zero_cycles)
         if cycle_weight.numel() == 0:
             continue
+        chunk_program = program if column_values is None else replace(
+            program, column_values=column_values[start : start + len(part)].contiguous())
         noise = _read_noise(stacked, program, geometry, generator) if program.read_sigma else None
-        kernel(stacked, program, geometry, cycle_weight, noise, out[start : start + len(part)])
+        kernel(stacked, chunk_program, geometry, cycle_weight, noise,
+               out[start : start + len(part)])
     return out
+
+
+def restrict_row_groups(program: CrossbarProgram, groups: Tensor,
+                        column_values: Tensor) -> CrossbarProgram:
+    """The same cells, only the row groups ``groups`` (long), with these column values
+    ``[len(groups), Cout]``: the spare PEs of a task read on their own."""
+    per_group = program.weight.reshape(program.row_groups, program.columns,
+                                       program.channels_per_group, *program.kernel_size)
+    kept = len(groups)
+    return replace(
+        program,
+        weight=per_group.index_select(0, groups).reshape(
+            kept * program.columns, program.channels_per_group, *program.kernel_size),
+        column_values=column_values.float().contiguous(), row_groups=kept,
+        in_channels=kept * program.channels_per_group)
+
+
+def row_group_inputs(codes: Tensor, program: CrossbarProgram, groups: Tensor) -> Tensor:
+    """The input channels of row groups ``groups`` of ``program``'s layer, zero-padded to
+    whole groups: the input of :func:`restrict_row_groups`'s program."""
+    n, channels, height, width = codes.shape
+    padded = program.row_groups * program.channels_per_group
+    if padded != channels:
+        codes = F.pad(codes, (0, 0, 0, 0, 0, padded - channels))
+    per_group = codes.reshape(n, program.row_groups, program.channels_per_group, height, width)
+    return per_group.index_select(1, groups).reshape(n, -1, height, width)
 
 
 def _stack_cycles(part: Tensor, program: CrossbarProgram, compiled: bool, skip_zero: bool

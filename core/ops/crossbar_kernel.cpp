@@ -37,7 +37,7 @@ torch::Tensor crossbar_conv2d(
     double adc_qmax,
     double adc_offset_lsb,
     double weight_offset,
-    const torch::Tensor& column_values,  // float [R, Cout]
+    const torch::Tensor& column_values,  // float [R, Cout], or [B, R, Cout] per image
     const torch::Tensor& cycle_weight,   // float [cycles]
     const c10::optional<torch::Tensor>& read_noise,  // float [N, R, Cout, S, HW]
     torch::Tensor out)                   // float [B, Cout, Ho, Wo], accumulated into
@@ -57,6 +57,10 @@ torch::Tensor crossbar_conv2d(
   TORCH_CHECK(out.is_contiguous() && out.size(0) == images && out.size(1) == out_channels &&
               out.size(2) * out.size(3) == hw, "output does not match the input");
 
+  TORCH_CHECK(column_values.dim() == 2 || (column_values.dim() == 3 &&
+              column_values.size(0) == images), "column values must be [R, Cout] or "
+              "[B, R, Cout]");
+  const int64_t col_image_stride = column_values.dim() == 3 ? row_groups * out_channels : 0;
   const float* ps = psum.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const auto sw = slice_weight.contiguous();
@@ -90,7 +94,7 @@ torch::Tensor crossbar_conv2d(
       for (int64_t c = 0; c < n_cycles; ++c) {
         const int64_t n = c * images + b;
         for (int64_t r = 0; r < row_groups; ++r) {
-          const float mask = col[r * out_channels + o];
+          const float mask = col[b * col_image_stride + r * out_channels + o];
           if (mask == 0.0f) continue;  // switched-off column: no conversion
           const float factor = cyc[c] * mask;
           const float* group = ps + (n * row_groups + r) * columns * hw;
