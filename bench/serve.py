@@ -136,7 +136,7 @@ async def open_loop(url: str, tasks: list[str], bodies: list[bytes], rate: float
     }
 
 
-def chip_only(batch: int, repeats: int, seed: int) -> dict[str, Any]:
+def chip_only(batch: int, repeats: int, seed: int, fidelity: str = "ideal") -> dict[str, Any]:
     """Forward time of one batch: single task vs 8 Zipf-mixed tasks, same images."""
     import torch
 
@@ -160,16 +160,17 @@ def chip_only(batch: int, repeats: int, seed: int) -> dict[str, Any]:
     single = ["mnist"] * batch
     times: dict[str, list[float]] = {"single": [], "mixed": []}
     for _ in range(2):  # warm: fold every task, build its changed-channel tables
-        engine.forward_mixed(x, mixed)
-        engine.forward_mixed(x, single)
+        engine.forward_mixed(x, mixed, fidelity)
+        engine.forward_mixed(x, single, fidelity)
     for _ in range(repeats):
         for name, ids in (("single", single), ("mixed", mixed)):
             started = time.perf_counter()
-            engine.forward_mixed(x, ids)
+            engine.forward_mixed(x, ids, fidelity)
             times[name].append(time.perf_counter() - started)
     single_ms = 1e3 * statistics.median(times["single"])
     mixed_ms = 1e3 * statistics.median(times["mixed"])
-    return {"batch": batch, "distinct_tasks": len(set(mixed)), "single_ms": round(single_ms, 1),
+    return {"fidelity": fidelity, "batch": batch, "distinct_tasks": len(set(mixed)),
+            "single_ms": round(single_ms, 1),
             "mixed_ms": round(mixed_ms, 1), "single_over_mixed": round(single_ms / mixed_ms, 3)}
 
 
@@ -203,6 +204,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--chip-only", action="store_true",
+                        help="only step 0, in both fidelities (no server)")
     args = parser.parse_args()
     bodies = images(32, args.seed)
     result: dict[str, Any] = {"command": "python bench/serve.py " + " ".join(
@@ -210,6 +213,13 @@ def main() -> None:
         "tasks": list(TASKS), "zipf_weights": [round(w, 3) for w in zipf_weights(8)]}
     result["chip"] = chip_only(args.max_batch_size, args.repeats, args.seed)
     print(f"chip alone: {result['chip']}")
+    if args.chip_only:
+        result["chip_crossbar"] = chip_only(args.max_batch_size, max(3, args.repeats // 5),
+                                            args.seed, "crossbar")
+        print(f"chip alone, crossbar fidelity: {result['chip_crossbar']}")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+        return
     with tempfile.TemporaryDirectory() as root:
         server = ServerProcess(Path(root) / "large-pool", spare_pes=8 * TASK_PES,
                                mask_entries=8, max_batch_size=args.max_batch_size).start()

@@ -42,7 +42,7 @@ from core.ops.crossbar import (
     build_program,
     full_scale_adc_step,
     layer_cell_levels,
-    restrict_row_groups,
+    restrict_program,
     spare_cell_levels,
     task_cell_levels,
 )
@@ -400,9 +400,11 @@ class CrossbarEngine:
                     replaced = replaced_columns(state.pe_mask, mapping)
                     values = torch.where(replaced, 0.0, values)
                     groups = replaced.any(1).nonzero().flatten()
+                    outputs = replaced.any(0).nonzero().flatten()
                     program = self._programs(prepared[task_id])[name]
-                    reads.append(SpareRead(rows, groups, restrict_row_groups(
-                        program, groups, replaced.index_select(0, groups))))
+                    values_read = replaced.index_select(0, groups).index_select(1, outputs)
+                    reads.append(SpareRead(rows, groups, outputs, restrict_program(
+                        program, groups, outputs, values_read)))
                 column_values[rows] = values
             layer.program = self._backbone_program(name, layer)
             layer.sample_column_values = column_values

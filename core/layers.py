@@ -170,9 +170,11 @@ class CrossbarConv2d(nn.Module):
             for read in self.spare_reads or ():
                 inputs = row_group_inputs(codes.index_select(0, read.samples), self.program,
                                           read.row_groups)
-                acc[read.samples] += crossbar_conv2d(
+                part = crossbar_conv2d(
                     inputs, read.program, self.geometry, implementation=self.implementation,
                     generator=self.read_generator, max_chunk_elements=self.max_chunk_elements)
+                rows, outputs = read.samples.unsqueeze(1), read.outputs.unsqueeze(0)
+                acc[rows, outputs] += part
             scale = (self.input_quant.step * self.weight_scale).reshape(1, -1, 1, 1)
             out = acc.mul_(scale)
             return out if self.bias is None else out.add_(self.bias.reshape(1, -1, 1, 1))
@@ -231,11 +233,13 @@ class SampleGroup:
 
 @dataclass(frozen=True)
 class SpareRead:
-    """One task's replaced PEs in a mixed batch: its samples, the row groups holding
-    replaced PEs, and a program of just those groups (1 on replaced columns, else 0)."""
+    """One task's replaced PEs in a mixed batch: its samples, the row groups and output
+    channels holding replaced PEs, and a program of just those (1 on replaced columns,
+    else 0)."""
 
     samples: Tensor
     row_groups: Tensor
+    outputs: Tensor
     program: CrossbarProgram
 
 

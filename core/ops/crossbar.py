@@ -356,19 +356,22 @@ def crossbar_conv2d(
     return out
 
 
-def restrict_row_groups(program: CrossbarProgram, groups: Tensor,
-                        column_values: Tensor) -> CrossbarProgram:
-    """The same cells, only the row groups ``groups`` (long), with these column values
-    ``[len(groups), Cout]``: the spare PEs of a task read on their own."""
+def restrict_program(program: CrossbarProgram, groups: Tensor, outputs: Tensor,
+                     column_values: Tensor) -> CrossbarProgram:
+    """The same cells, only row groups ``groups`` and output channels ``outputs`` (long),
+    with these column values ``[len(groups), len(outputs)]``: a task's spare PEs read on
+    their own."""
+    packed = program.packed_columns
     per_group = program.weight.reshape(program.row_groups, program.columns,
                                        program.channels_per_group, *program.kernel_size)
-    kept = len(groups)
+    columns = (outputs.reshape(-1, 1) * packed + torch.arange(packed)).reshape(-1)
+    columns = torch.cat([columns, torch.tensor([program.columns - 1])])  # the input sum
+    weight = per_group.index_select(0, groups).index_select(1, columns)
     return replace(
         program,
-        weight=per_group.index_select(0, groups).reshape(
-            kept * program.columns, program.channels_per_group, *program.kernel_size),
-        column_values=column_values.float().contiguous(), row_groups=kept,
-        in_channels=kept * program.channels_per_group)
+        weight=weight.reshape(-1, program.channels_per_group, *program.kernel_size).contiguous(),
+        column_values=column_values.float().contiguous(), row_groups=len(groups),
+        in_channels=len(groups) * program.channels_per_group, out_channels=len(outputs))
 
 
 def row_group_inputs(codes: Tensor, program: CrossbarProgram, groups: Tensor) -> Tensor:
