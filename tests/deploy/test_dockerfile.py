@@ -11,7 +11,10 @@ import fnmatch
 import json
 import re
 import shlex
+import shutil
 import subprocess
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,3 +169,19 @@ def test_copied_paths_exist(dockerfile: DockerfileParser) -> None:
         *sources, _dest = shlex.split(value)
         for source in sources:
             assert (ROOT / source).exists(), source
+
+
+def test_the_installed_package_carries_its_runtime_files(tmp_path: Path) -> None:
+    """The image installs the project as a wheel (not editable): the backbone, the C++
+    operator's source (compiled on first use) and the shipped tasks must be inside it."""
+    source = tmp_path / "source"  # a copy, so that the build leaves the checkout alone
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "__pycache__", "*.egg-info", ".pytest_cache", "var"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")], check=True,
+                   capture_output=True, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("xma2-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("core/artifacts/mobilenet_v2_w4a4.safetensors", "core/ops/crossbar_kernel.cpp",
+                   "server/default_tasks/tasks.json", "server/default_tasks/mnist.tar"):
+        assert needed in names, needed
