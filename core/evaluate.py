@@ -289,6 +289,7 @@ def run_grid(config: GridConfig, model: CrossbarModel, serve_model: CrossbarMode
             assert adapted.trained_model is not None
             row["test_accuracy"] = accuracy(adapted.trained_model, data.test)
         row["seconds"] = round(time.perf_counter() - started, 1)
+        row["git_revision"] = git_revision  # a resumed grid mixes cells of several revisions
         result["cells"][key] = row
         logger.info("%s: test %.2f%% val %.2f%% (%.0f s)", key, 100 * row["test_accuracy"],
                     100 * row["val_accuracy"], row["seconds"])
