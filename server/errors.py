@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,6 +55,24 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (ResourceUnavailable, 422),
     (StoreError, 503),  # the store is busy (write lock) or damaged: not the client's fault
 )
+
+
+@contextmanager
+def recorded_outcome(record: Callable[[str, float], None]) -> Iterator[None]:
+    """Calls ``record(status, seconds)`` once the block ends: "ok", or the HTTP status
+    its error maps to (the error still propagates)."""
+    started = time.perf_counter()
+    status = "ok"
+    try:
+        yield
+    except ApiError as e:
+        status = str(e.status_code)
+        raise
+    except Exception as e:
+        status = str(status_of(e))
+        raise
+    finally:
+        record(status, time.perf_counter() - started)
 
 
 def status_of(error: BaseException) -> int:

@@ -202,6 +202,3 @@ class JobManager:
             return
         self.index.add_job_event(job_id, message, level="error")
         self.index.update_job(job_id, status, result=job.result, error=message)
-
-    def running_ids(self) -> list[str]:
-        return list(self._running)

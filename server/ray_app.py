@@ -47,7 +47,7 @@ from core.pool import PoolConfig
 from server.app import BodyLimit
 from server.batcher import Batcher
 from server.cli import MALLOC_ENV
-from server.errors import ApiError, install_error_handlers, status_of
+from server.errors import ApiError, install_error_handlers, recorded_outcome, status_of
 from server.images import decode_image
 from server.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, LOAD_BUCKETS
 from server.routers.predict import image_bytes, prediction_response
@@ -456,9 +456,14 @@ class Gateway:
 
     async def predict(self, request: Request, task: str, fidelity: Fidelity | None,
                       top_k: int | None) -> JSONResponse:
-        started = time.perf_counter()
-        label, status = "unknown", "ok"
-        try:
+        label = "unknown"
+
+        def record(status: str, seconds: float) -> None:
+            self.metrics.requests.inc(1, tags={"task": label, "status": status})
+            if status == "ok":
+                self.metrics.latency.observe(seconds, tags={"task": label})
+
+        with recorded_outcome(record):
             self._check_task(task)
             label = task
             data = await image_bytes(request)
@@ -470,17 +475,6 @@ class Gateway:
                 raise ApiError(answer.status, answer.message, headers=answer.headers)
             return JSONResponse(answer.response, headers={
                 REPLICA_HEADER: answer.replica, REPLICA_TASKS_HEADER: ",".join(answer.tasks)})
-        except ApiError as e:
-            status = str(e.status_code)
-            raise
-        except Exception as e:
-            status = str(status_of(e))
-            raise
-        finally:
-            self.metrics.requests.inc(1, tags={"task": label, "status": status})
-            if status == "ok":
-                self.metrics.latency.observe(time.perf_counter() - started,
-                                             tags={"task": label})
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """The FastAPI app, built per replica so that it can use this replica's settings."""

@@ -43,7 +43,6 @@ class Services:
         self.store: TaskStore | None = None
         self.batcher: Batcher | None = None
         self.error: str | None = None
-        self.started_at = time.time()
         self.ready = threading.Event()
 
     def start(self) -> None:

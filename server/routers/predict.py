@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -11,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from core.config import Fidelity
 from server.deps import Runtime, ServicesDep, require_predict
-from server.errors import ApiError, status_of
+from server.errors import ApiError, recorded_outcome
 from server.images import decode_base64, decode_image
 from server.runtime import Prediction
 from server.schemas import ERROR_RESPONSES, LabelScore, PredictResponse, RequestEnergy, upload_body
@@ -64,12 +63,16 @@ async def predict(
                                                 "the server's)")] = None,
     top_k: Annotated[int | None, Query(ge=1, le=100)] = None,
 ) -> PredictResponse:
-    started = time.perf_counter()
     metrics = services.metrics
     assert metrics is not None
     label = task if task in runtime.served else "unknown"
-    status = "ok"
-    try:
+
+    def record(status: str, seconds: float) -> None:
+        metrics.requests.labels(label, status).inc()
+        if status == "ok":
+            metrics.latency.labels(label).observe(seconds)
+
+    with recorded_outcome(record):
         runtime.task(task)
         data = await image_bytes(request)
         settings = services.settings
@@ -79,13 +82,3 @@ async def predict(
         assert batcher is not None
         prediction = await batcher.submit(task, x, fidelity, top_k or settings.top_k)
         return prediction_response(prediction)
-    except ApiError as e:
-        status = str(e.status_code)
-        raise
-    except Exception as e:
-        status = str(status_of(e))
-        raise
-    finally:
-        metrics.requests.labels(label, status).inc()
-        if status == "ok":
-            metrics.latency.labels(label).observe(time.perf_counter() - started)
