@@ -104,6 +104,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--set", dest="settings", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a method default, e.g. --set mask.init_logit=8 "
+                             "--set train.lr_head=3e-3 (repeatable; see docs/adaptation.md)")
 
 
 def _add_adaptation_commands(commands: argparse._SubParsersAction) -> None:
@@ -209,6 +213,7 @@ def command_line(argv: list[str]) -> str:
 
 def _run_adaptation(args: argparse.Namespace) -> None:
     from core.commands import git_revision, load_backbone
+    from core.methods.registry import override_config, parse_settings
 
     if args.command == "evaluate":
         from core.evaluate import GridConfig, render_markdown, run_grid
@@ -222,7 +227,8 @@ def _run_adaptation(args: argparse.Namespace) -> None:
             datasets=tuple(args.datasets.split(",")), methods=tuple(args.methods.split(",")),
             pe_fractions=fractions, image_size=args.size,
             train_limit=args.train_limit or GridConfig.train_limit,
-            test_limit=args.test_limit, epochs=args.epochs or GridConfig.epochs, seed=args.seed)
+            test_limit=args.test_limit, epochs=args.epochs or GridConfig.epochs, seed=args.seed,
+            settings=tuple(parse_settings(args.settings).items()))
         result = run_grid(grid, load_backbone(args.backbone_file),
                           load_backbone(args.backbone_file), args.out,
                           command=command_line(args.argv), git_revision=git_revision(),
@@ -237,8 +243,10 @@ def _run_adaptation(args: argparse.Namespace) -> None:
 
     data = load_dataset(DatasetSpec(args.dataset, image_size=args.size, seed=args.seed,
                                     train_limit=args.train_limit, test_limit=args.test_limit))
-    config = default_config(args.method, pe_fraction=args.pe_fraction, epochs=args.epochs,
-                            batch_size=args.batch_size, seed=args.seed)
+    config = override_config(
+        default_config(args.method, pe_fraction=args.pe_fraction, epochs=args.epochs,
+                       batch_size=args.batch_size, seed=args.seed),
+        parse_settings(args.settings))
     task_id = args.task_id or f"{args.dataset}-{args.method}".replace("_", "-").lower()
     started = time.perf_counter()
     result = adapt(args.method, load_backbone(args.backbone_file), data, task_id, config,

@@ -36,7 +36,13 @@ from core.datasets import DatasetSpec, TaskDataset, load_dataset
 from core.engine import CrossbarEngine
 from core.errors import ConfigError
 from core.methods.common import RunOptions, accuracy
-from core.methods.registry import METHODS, adapt, default_config
+from core.methods.registry import (
+    METHODS,
+    adapt,
+    default_config,
+    override_config,
+    setting_names,
+)
 from core.methods.task_model import pe_blocks
 from core.model import CrossbarModel
 from core.ops.fold import to_row_groups
@@ -72,11 +78,17 @@ class GridConfig:
     test_limit: int = 2000
     epochs: int = 3
     seed: int = 0
+    settings: tuple[tuple[str, str], ...] = ()
+    """Dotted overrides of the methods' defaults (``("mask.init_logit", "8")``), applied to
+    every method whose config has that setting."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        for key, _ in self.settings:
+            if not any(key in setting_names(default_config(m)) for m in self.methods):
+                raise ConfigError(f"no method in the grid has the setting {key!r}")
         if not self.pe_fractions or any(not 0 <= p <= 1 for p in self.pe_fractions):
             raise ConfigError("pe_fractions must be fractions in [0, 1], e.g. 0.05,0.1")
 
@@ -228,6 +240,17 @@ def _write_outputs(prefix: Path, result: dict[str, Any]) -> None:
                 writer.writerow(row)
 
 
+def _same_run(previous: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether cells of a previous grid answer this one (it may add datasets, methods, P)."""
+    grown = ("datasets", "methods", "pe_fractions")
+    previous = {k: (list(map(list, v)) if k == "settings" else v)
+                for k, v in previous.items() if k not in grown}
+    current = {k: (list(map(list, v)) if k == "settings" else v)
+               for k, v in current.items() if k not in grown}
+    previous.setdefault("settings", [])
+    return previous == current
+
+
 def run_grid(config: GridConfig, model: CrossbarModel, serve_model: CrossbarModel,
              out_prefix: Path, *, command: str, git_revision: str, resume: bool = True,
              threads: int = 1, progress: bool = False) -> dict[str, Any]:
@@ -246,7 +269,7 @@ def run_grid(config: GridConfig, model: CrossbarModel, serve_model: CrossbarMode
     }
     if resume and path.is_file():
         previous = json.loads(path.read_text())
-        if previous.get("grid", {}).get("seed") == config.seed and previous.get(
+        if _same_run(previous.get("grid", {}), result["grid"]) and previous.get(
                 "backbone_fingerprint") == result["backbone_fingerprint"]:
             result["cells"] = previous.get("cells", {})
     engine = CrossbarEngine(serve_model, max_prepared_tasks=2)
@@ -263,6 +286,9 @@ def run_grid(config: GridConfig, model: CrossbarModel, serve_model: CrossbarMode
         data = data_cache[dataset]
         method_config = default_config(method, pe_fraction=p, epochs=config.epochs,
                                        seed=config.seed)
+        accepted = setting_names(method_config)
+        method_config = override_config(
+            method_config, {k: v for k, v in config.settings if k in accepted})
         task_id = f"{dataset}-{method}" + ("" if p is None else f"-p{round(100 * p)}")
         task_id = task_id.replace("_", "-")
         started = time.perf_counter()
@@ -435,6 +461,8 @@ def render_markdown(result: dict[str, Any], out_prefix: Path) -> str:
         pe_fractions=tuple(grid["pe_fractions"])).cells()]
     missing = [k for k in expected if k not in cells]
     any_cell = next(iter(cells.values()), {})
+    settings = ", ".join(f"`{k}={v}`" for k, v in grid.get("settings", []))
+    name = out_prefix.name
     lines = [
         "# Adaptation results: XMA2 and its baselines",
         "",
@@ -449,10 +477,11 @@ def render_markdown(result: dict[str, Any], out_prefix: Path) -> str:
         f"{result['backbone_fingerprint'][:16]}). {grid['image_size']}x{grid['image_size']} "
         f"inputs, {grid['epochs']} epochs over at most {grid['train_limit']} training images "
         f"(a fixed stratified subset), test on at most {grid['test_limit']} images. "
-        "Every 4-bit method's test accuracy is measured on the task state served by the "
+        + (f"Settings changed from the defaults: {settings}. " if settings else "")
+        + "Every 4-bit method's test accuracy is measured on the task state served by the "
         "engine (ideal fidelity). Methods and defaults: [docs/adaptation.md]"
-        "(../adaptation.md). Raw numbers: [adaptation.json](adaptation.json), "
-        "[adaptation.csv](adaptation.csv).",
+        f"(../adaptation.md). Raw numbers: [{name}.json]({name}.json), "
+        f"[{name}.csv]({name}.csv).",
         "",
     ]
     if missing:

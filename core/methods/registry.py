@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +29,8 @@ from core.methods.piggyback import PiggybackConfig, adapt_piggyback
 from core.methods.xma2 import Xma2Config, adapt_xma2
 from core.model import CrossbarModel
 
-__all__ = ["METHODS", "MethodSpec", "adapt", "default_config", "method_names"]
+__all__ = ["METHODS", "MethodSpec", "adapt", "default_config", "method_names",
+           "override_config", "parse_settings", "setting_names"]
 
 Trainer = Callable[[CrossbarModel, TaskDataset, str, Any, RunOptions], AdaptationResult]
 
@@ -102,6 +105,72 @@ def default_config(method: str, *, pe_fraction: float | None = None,
         if not isinstance(config, Xma2Config):
             raise ConfigError(f"pe_fraction (P) only applies to xma2, not {method}")
         config = dataclasses.replace(config, pe_fraction=pe_fraction)
+    return config
+
+
+def parse_settings(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``["mask.init_logit=8", ...]`` -> ``{"mask.init_logit": "8"}``."""
+    settings: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"a setting is KEY=VALUE, e.g. mask.init_logit=8; got {pair!r}")
+        settings[key.strip()] = value.strip()
+    return settings
+
+
+def setting_names(config: Any, prefix: str = "") -> list[str]:
+    """Every dotted setting a config accepts (what ``--set`` can name)."""
+    names: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            names += setting_names(value, f"{prefix}{f.name}.")
+        else:
+            names.append(prefix + f.name)
+    return names
+
+
+def _parse_value(annotation: Any, text: str, key: str) -> Any:
+    """Parse ``text`` as the field's annotated type (``int | None`` takes ``none``)."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (
+        typing.Union, types.UnionType) else (annotation,)
+    if type(None) in options and text.lower() == "none":
+        return None
+    for kind in (bool, int, float, str):
+        if kind not in options:
+            continue
+        if kind is bool:
+            if text.lower() in ("true", "false"):
+                return text.lower() == "true"
+            continue
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"setting {key}: {text!r} is not a valid {names}")
+
+
+def _with_setting(config: Any, path: list[str], text: str, key: str) -> Any:
+    head, rest = path[0], path[1:]
+    if rest:
+        inner = _with_setting(getattr(config, head), rest, text, key)
+        return dataclasses.replace(config, **{head: inner})
+    annotation = typing.get_type_hints(type(config))[head]
+    return dataclasses.replace(config, **{head: _parse_value(annotation, text, key)})
+
+
+def override_config(config: Any, settings: dict[str, str]) -> Any:
+    """A copy of ``config`` with dotted settings replaced (``train.batch_size``,
+    ``mask.init_logit``); values are parsed as the field's current type and every
+    dataclass re-validates its own."""
+    accepted = setting_names(config)
+    for key, text in settings.items():
+        if key not in accepted:
+            raise ConfigError(f"{type(config).__name__} has no setting {key!r}; it has "
+                              f"{', '.join(accepted)}")
+        config = _with_setting(config, key.split("."), text, key)
     return config
 
 

@@ -30,3 +30,9 @@ def test_adapt_command_rejects_pe_fraction_for_other_methods(capsys):
     assert main(["adapt", "--method", "xma", "--dataset", "digits", "--pe-fraction",
                  "0.1"]) == 2
     assert "only applies to xma2" in capsys.readouterr().err
+
+
+def test_evaluate_command_rejects_a_setting_no_method_has(capsys):
+    assert main(["evaluate", "--methods", "head_bn", "--set", "mask.init_logit=8",
+                 "--datasets", "digits"]) == 2
+    assert "no method in the grid has the setting 'mask.init_logit'" in capsys.readouterr().err

@@ -1,13 +1,18 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+from dataclasses import asdict
 
+import pytest
 import torch
 
 from core.engine import CrossbarEngine
+from core.errors import ConfigError
 from core.evaluate import (
     GridConfig,
+    _same_run,
     cell_energy,
     render_markdown,
     reprogramming_cost,
@@ -107,3 +112,17 @@ def test_results_page_renders_tables_ratios_and_plots(quantized_mobilenet, tmp_p
     assert f"{piggyback['total_j'] / xma2['total_j']:.2f}x" in text
     assert (tmp_path / "adaptation_accuracy.png").stat().st_size > 1000
     assert (tmp_path / "adaptation_energy.png").stat().st_size > 1000
+
+
+def test_grid_settings_are_checked_and_decide_what_a_resumed_grid_reuses():
+    with pytest.raises(ConfigError, match="no method in the grid has the setting"):
+        GridConfig(methods=("head_bn",), settings=(("mask.init_logit", "8"),))
+    quiet = asdict(GridConfig(methods=("xma",), settings=(("mask.init_logit", "8"),)))
+    default = asdict(GridConfig(methods=("xma",)))
+    grown = asdict(GridConfig(methods=("xma", "head_bn"), datasets=("digits",)))
+    stored = json.loads(json.dumps(quiet))  # as read back from the results file
+    assert _same_run(stored, quiet) and _same_run(default, grown)
+    assert not _same_run(stored, default)
+    assert not _same_run(default, asdict(GridConfig(methods=("xma",), epochs=12)))
+    old_file = {k: v for k, v in default.items() if k != "settings"}  # before settings existed
+    assert _same_run(old_file, default)

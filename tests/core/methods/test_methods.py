@@ -12,7 +12,7 @@ from core.engine import CrossbarEngine
 from core.errors import ConfigError
 from core.methods import RunOptions, TrainingCancelled, adapt, default_config
 from core.methods.common import StepInfo
-from core.methods.registry import METHODS
+from core.methods.registry import METHODS, override_config, parse_settings
 from core.task_state import TaskState
 from tests.core.methods.conftest import state_bytes
 
@@ -154,3 +154,21 @@ def test_configs_reject_bad_settings():
         default_config("xma2", pe_fraction=1.5)
     with pytest.raises(ConfigError, match="takes a"):
         adapt("xma", None, None, "x", default_config("xma2"))  # type: ignore[arg-type]
+
+
+def test_settings_override_nested_defaults_by_their_types():
+    config = override_config(default_config("xma2"), parse_settings(
+        ["mask.init_logit=8", "train.batch_size=32", "mask.shift_levels=none",
+         "train.cosine_schedule=false", "pe_fraction=0.2"]))
+    assert config.mask.init_logit == 8.0 and config.train.batch_size == 32
+    assert config.mask.shift_levels is None and config.train.cosine_schedule is False
+    assert config.pe_fraction == 0.2
+    assert default_config("xma2").mask.init_logit == 4.0  # defaults untouched
+    with pytest.raises(ConfigError, match=r"no setting 'mask\.init'"):
+        override_config(default_config("xma2"), {"mask.init": "1"})
+    with pytest.raises(ConfigError, match="not a valid int"):
+        override_config(default_config("xma"), {"train.batch_size": "big"})
+    with pytest.raises(ConfigError, match="must be >= 1"):  # the dataclass re-validates
+        override_config(default_config("xma"), {"train.epochs": "0"})
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_settings(["mask.init_logit"])
