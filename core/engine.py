@@ -34,7 +34,7 @@ from core.energy import (
     energy_of,
 )
 from core.errors import ConfigError, TaskNotFound, TaskStateError
-from core.layers import CrossbarConv2d, SampleGroup, SpareRead
+from core.layers import CrossbarConv2d, DigitalNorm, SampleGroup, SpareRead
 from core.lru import LRUCache
 from core.model import DAC_MODES, CrossbarModel
 from core.ops.crossbar import (
@@ -350,15 +350,15 @@ class CrossbarEngine:
         norms = []
         for module_name in {m for p in prepared.values() for m in p.norms}:
             module = self.model.body.get_submodule(module_name)
-            assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+            assert isinstance(module, DigitalNorm)
             terms = [prepared[t].norms.get(module_name, {}) for t in groups]
-            module.forward = _per_sample_norm(module, terms, sample_task)  # type: ignore[method-assign]
+            module.sample_terms = _per_sample_terms(module, terms, sample_task)
             norms.append(module)
         try:
             return self.model(x)
         finally:
             for module in norms:
-                del module.forward
+                module.sample_terms = None
             for layer in touched:
                 layer.sample_groups = None
                 layer.sample_column_values = None
@@ -641,26 +641,17 @@ def _by_module(digital: dict[str, nn.Parameter | Tensor]) -> dict[str, dict[str,
     return modules
 
 
-def _per_sample_norm(module: nn.modules.batchnorm._BatchNorm, terms: list[dict[str, Tensor]],
-                     sample_task: Tensor) -> Callable[[Tensor], Tensor]:
-    """A BatchNorm forward that uses each sample's own task's terms, in one kernel call.
+def _per_sample_terms(module: DigitalNorm, terms: list[dict[str, Tensor]],
+                      sample_task: Tensor) -> dict[str, Tensor]:
+    """Each sample's own task's BatchNorm terms, gathered into ``[B * C]`` vectors.
 
-    The batch is viewed as one sample of ``B * C`` channels whose statistics and affine
-    terms are gathered per sample, so every element is normalised by the same kernel, with
-    the same per-channel arithmetic, as a batch of its task alone.
+    The norm then views the batch as one sample of ``B * C`` channels, so every element
+    is normalised by the same kernel, with the same per-channel arithmetic, as a batch of
+    its task alone.
     """
-    stacked = {attr: torch.stack([t.get(attr, getattr(module, attr)).detach() for t in terms])
-               .index_select(0, sample_task).reshape(-1)
-               for attr in ("running_mean", "running_var", "weight", "bias")}
-
-    def forward(x: Tensor) -> Tensor:
-        flat = x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
-        out = torch.nn.functional.batch_norm(
-            flat, stacked["running_mean"], stacked["running_var"], stacked["weight"],
-            stacked["bias"], False, 0.0, module.eps)
-        return out.view(x.shape)
-
-    return forward
+    return {attr: torch.stack([t.get(attr, getattr(module, attr)).detach() for t in terms])
+            .index_select(0, sample_task).reshape(-1)
+            for attr in ("running_mean", "running_var", "weight", "bias")}
 
 
 def _fidelity(value: Fidelity | str) -> Fidelity:

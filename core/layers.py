@@ -11,6 +11,13 @@ smallest shift) below ``2**24``, so that is exact and equals what a lossless
 crossbar computes, bit for bit. When the engine sets ``program`` (crossbar
 fidelity) the layer runs the crossbar-exact operator instead. Training code
 may set ``effective_weight`` (dequantized, differentiable) directly.
+
+The digital periphery between two layers is a :class:`DigitalNorm`: in that
+code domain it takes the partial sums of the layer before it, applies that
+layer's output scale, the BatchNorm, the ReLU6 and the next layer's DAC
+quantization as one BatchNorm kernel call plus a clamp and a round, and hands
+the next layer its input codes. Both fidelities and the training code's
+inference pass run the same modules, so they stay equal bit for bit.
 """
 
 from __future__ import annotations
@@ -94,6 +101,10 @@ class CrossbarConv2d(nn.Module):
         """Set by the engine for a batch that mixes tasks: the samples of each task whose
         weights differ from the backbone's, and their task's codes of the changed output
         channels. The backbone's codes run once for the whole batch."""
+        self.scale_in_norm = False
+        """The :class:`DigitalNorm` after this layer applies its output scale (code domain)."""
+        self.codes_from_norm = False
+        """The :class:`DigitalNorm` before this layer hands it input codes (code domain)."""
 
     @property
     def on_crossbar(self) -> bool:
@@ -152,6 +163,34 @@ class CrossbarConv2d(nn.Module):
         return (not torch.is_grad_enabled() and type(quant) is ActivationQuantizer
                 and quant.observer is None and quant.fake_quant_enabled)
 
+    def code_domain(self) -> bool:
+        """Whether this forward pass takes integer input codes to integer partial sums."""
+        return self.program is not None or (
+            self.latent_weight is None and self._task_codes is not None
+            and self._exact_inputs())
+
+    def emits_partial_sums(self) -> bool:
+        """Whether forward returns unscaled partial sums (the next norm scales them)."""
+        return self.scale_in_norm and not self.training and self.code_domain()
+
+    def takes_codes(self) -> bool:
+        """Whether forward's input is already the DAC codes (the norm before made them)."""
+        return self.codes_from_norm and not self.training and self.code_domain()
+
+    def input_codes(self, x: Tensor) -> Tensor:
+        """The DAC codes of this layer's forward input (which may be codes already)."""
+        return x if self.takes_codes() else self.input_quant.codes(x)
+
+    def output_scale(self) -> Tensor:
+        """``[Cout]`` real units of one partial-sum unit: input step times weight scale."""
+        return (self.input_quant.step * self.weight_scale).detach()
+
+    def _finish(self, acc: Tensor) -> Tensor:
+        if self.emits_partial_sums():
+            return acc
+        out = acc.mul_(self.output_scale().reshape(1, -1, 1, 1))
+        return out if self.bias is None else out.add_(self.bias.reshape(1, -1, 1, 1))
+
     def add_adc_range(self, dac_modes: int, slices: int) -> None:
         self.adc_range = torch.zeros(dac_modes, slices)
 
@@ -161,7 +200,7 @@ class CrossbarConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.program is not None:
-            codes = self.input_quant.codes(x)
+            codes = self.input_codes(x)
             acc = crossbar_conv2d(
                 codes, self.program, self.geometry, implementation=self.implementation,
                 generator=self.read_generator, max_chunk_elements=self.max_chunk_elements,
@@ -175,19 +214,16 @@ class CrossbarConv2d(nn.Module):
                     generator=self.read_generator, max_chunk_elements=self.max_chunk_elements)
                 rows, outputs = read.samples.unsqueeze(1), read.outputs.unsqueeze(0)
                 acc[rows, outputs] += part
-            scale = (self.input_quant.step * self.weight_scale).reshape(1, -1, 1, 1)
-            out = acc.mul_(scale)
-            return out if self.bias is None else out.add_(self.bias.reshape(1, -1, 1, 1))
+            return self._finish(acc)
         if self.latent_weight is not None:
             weight = fake_quant_weight(self.latent_weight, self.weight_scale, self.weight_bits)
         elif self._task_codes is not None and self._exact_inputs():
-            codes = self.input_quant.codes(x)
-            out = F.conv2d(codes, self._task_codes, None, self.stride, self.padding,
+            codes = self.input_codes(x)
+            acc = F.conv2d(codes, self._task_codes, None, self.stride, self.padding,
                            self.dilation, self.groups)
             if self.sample_groups:
-                self._apply_sample_groups(codes, out)
-            out = out.mul_((self.input_quant.step * self.weight_scale).reshape(1, -1, 1, 1))
-            return out if self.bias is None else out.add_(self.bias.reshape(1, -1, 1, 1))
+                self._apply_sample_groups(codes, acc)
+            return self._finish(acc)
         else:
             weight = self.effective_weight
         return F.conv2d(
@@ -214,6 +250,90 @@ class CrossbarConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, groups={self.groups}, weight_bits={self.weight_bits}, {where}"
         )
+
+
+class DigitalNorm(nn.BatchNorm2d):
+    """A BatchNorm of the digital periphery, optionally with the ReLU6 after it.
+
+    In the code domain of its neighbours it also applies the output scale of the
+    layer before it (``producer``: that layer then skips its own multiply) and the
+    DAC quantization of the layer after it (``consumer``, which alone reads this
+    output: it then skips its own), folded into the BatchNorm's per-channel terms
+    so the whole periphery costs one BatchNorm pass plus a clamp and a round, not
+    six passes. Elsewhere (training, calibration) it is BatchNorm then ReLU6.
+    ``sample_terms`` (set by the engine for a batch mixing tasks) holds each
+    sample's own task's terms, gathered so that one kernel call normalises the batch.
+    """
+
+    clamp_top: float | None = None
+    """The absorbed ReLU6's top (None: no activation here)."""
+    sample_terms: dict[str, Tensor] | None = None
+
+    @classmethod
+    def from_batchnorm(cls, norm: nn.BatchNorm2d) -> DigitalNorm:
+        digital = cls(norm.num_features, norm.eps, norm.momentum, norm.affine,
+                      norm.track_running_stats)
+        digital.load_state_dict(norm.state_dict())
+        return digital.train(norm.training)
+
+    def link(self, producer: CrossbarConv2d | None, consumer: CrossbarConv2d | None) -> None:
+        """Fold ``producer``'s output scale and ``consumer``'s input quantization in here."""
+        if producer is not None and producer.bias is not None:
+            producer = None  # a bias lands between the scale and the norm: keep them apart
+        # Plain attributes (not submodules): the layers stay where the model tree has them.
+        object.__setattr__(self, "_producer", producer)
+        object.__setattr__(self, "_consumer", consumer)
+        if producer is not None:
+            producer.scale_in_norm = True
+        if consumer is not None:
+            consumer.codes_from_norm = True
+
+    def _links(self) -> tuple[CrossbarConv2d | None, CrossbarConv2d | None]:
+        return self.__dict__.get("_producer"), self.__dict__.get("_consumer")
+
+    def _terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if self.sample_terms is not None:
+            terms = self.sample_terms
+            return (terms["running_mean"], terms["running_var"], terms["weight"],
+                    terms["bias"])
+        assert self.running_mean is not None and self.running_var is not None
+        ones = torch.ones_like(self.running_mean)
+        return (self.running_mean, self.running_var,
+                ones if self.weight is None else self.weight,
+                torch.zeros_like(ones) if self.bias is None else self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        producer, consumer = self._links()
+        scaled = producer is not None and producer.emits_partial_sums()
+        quantize = consumer is not None and consumer.takes_codes()
+        if self.training or not (scaled or quantize or self.sample_terms is not None):
+            out = super().forward(x)
+            return out if self.clamp_top is None else F.hardtanh(out, 0.0, self.clamp_top,
+                                                                 inplace=True)
+        mean, var, weight, bias = self._terms()
+        if scaled:
+            assert producer is not None
+            scale = producer.output_scale()
+            if self.sample_terms is not None:
+                scale = scale.repeat(x.shape[0])
+            mean, weight = mean / scale, weight * scale
+        if quantize:
+            assert consumer is not None
+            step = consumer.input_quant.step.detach()
+            weight, bias = weight / step, bias / step
+        shape = x.shape
+        if self.sample_terms is not None:
+            x = x.reshape(1, shape[0] * shape[1], *shape[2:])
+        out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps).view(shape)
+        if quantize:
+            assert consumer is not None
+            low, high = consumer.input_quant.qrange
+            if self.clamp_top is not None:
+                low, high = max(low, 0), min(float(high), self.clamp_top / float(step))
+            return out.clamp_(low, high).round_()
+        if self.clamp_top is not None:
+            out = F.hardtanh(out, 0.0, self.clamp_top, inplace=True)
+        return out
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from core.atomic import atomic_write
+from core.backbones.mobilenet_v2 import InvertedResidual
 from core.backbones.registry import build_backbone
 from core.config import CrossbarConfig, DacMode
 from core.errors import ConfigError, ResourceUnavailable
-from core.layers import CrossbarConv2d, crossbar_layers
+from core.layers import CrossbarConv2d, DigitalNorm, crossbar_layers
 from core.mapping import ModelMapping, map_layer
 from core.ops.crossbar import input_cycles, layer_cell_levels
 from core.quant import ActivationQuantizer
@@ -67,6 +68,64 @@ def _input_is_exclusive(root: nn.Module, name: str) -> bool:
         if [n for n, _ in parent.named_children()].index(parts[depth]) > 0:
             return True
     return False
+
+
+def _first_leaf(module: nn.Module) -> nn.Module | None:
+    """The module that alone receives ``module``'s input, descending into Sequentials and
+    residual-free inverted residuals (whose forward hands the input to ``conv`` only)."""
+    while True:
+        if isinstance(module, nn.Sequential) and len(module) > 0:
+            module = module[0]
+        elif isinstance(module, InvertedResidual) and not module.use_residual:
+            module = module.conv
+        elif isinstance(module, (nn.Sequential, InvertedResidual)):
+            return None
+        else:
+            return module
+
+
+def _sole_reader(root: nn.Module, name: str) -> nn.Module | None:
+    """The leaf module that alone reads module ``name``'s output, when the module tree
+    says so (a later sibling in a Sequential chain); None when unknown or shared."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        parent = root.get_submodule(".".join(parts[:depth]))
+        if isinstance(parent, InvertedResidual) and not parent.use_residual:
+            continue  # its output is its ``conv``'s output
+        if not isinstance(parent, nn.Sequential):
+            return None
+        children = [n for n, _ in parent.named_children()]
+        index = children.index(parts[depth])
+        if index + 1 < len(children):
+            return _first_leaf(parent.get_submodule(children[index + 1]))
+    return None
+
+
+def _build_periphery(body: nn.Module) -> None:
+    """Every BatchNorm becomes a :class:`DigitalNorm` that absorbs the ReLU6 after it and
+    is linked to the crossbar layers it can fold (see :mod:`core.layers`)."""
+    for name, module in list(body.named_modules()):
+        if not isinstance(module, nn.BatchNorm2d) or isinstance(module, DigitalNorm):
+            continue
+        norm = DigitalNorm.from_batchnorm(module)
+        _set_submodule(body, name, norm)
+        parent_name, _, child = name.rpartition(".")
+        parent = body.get_submodule(parent_name) if parent_name else body
+        producer = None
+        last = name
+        if isinstance(parent, nn.Sequential):
+            children = [n for n, _ in parent.named_children()]
+            index = children.index(child)
+            before = parent.get_submodule(children[index - 1]) if index > 0 else None
+            if isinstance(before, CrossbarConv2d):
+                producer = before
+            after = (children[index + 1] if index + 1 < len(children) else None)
+            if after is not None and type(parent.get_submodule(after)) is nn.ReLU6:
+                norm.clamp_top = 6.0
+                setattr(parent, after, nn.Identity())
+                last = f"{parent_name}.{after}" if parent_name else after
+        reader = _sole_reader(body, last)
+        norm.link(producer, reader if isinstance(reader, CrossbarConv2d) else None)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -110,6 +169,7 @@ class CrossbarModel(nn.Module):
             if not depthwise:
                 layer.add_adc_range(len(DAC_MODES), math.ceil(w_bits / config.bits_per_cell))
             _set_submodule(body, name, layer)
+        _build_periphery(body)
         self.body = body
         self.mapping: ModelMapping | None = None
         self.adc_calibrated_bits: int | None = None
@@ -174,7 +234,8 @@ class CrossbarModel(nn.Module):
             def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
                 quant = layer.input_quant
                 qmin, qmax = quant.qrange
-                codes = (inputs[0] / quant.step).round().clamp(qmin, qmax)
+                x = inputs[0]  # never in place: the layer reads it next
+                codes = x if layer.takes_codes() else (x / quant.step).round().clamp(qmin, qmax)
                 for mode_index, mode in enumerate(DAC_MODES):
                     psums, cycle_weight = _slice_partial_sums(
                         codes, layer, weights[name], replace(self.config, dac_mode=mode).dac_bits)
