@@ -106,7 +106,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--set", dest="settings", action="append", default=[],
                         metavar="KEY=VALUE",
-                        help="override a method default, e.g. --set mask.init_logit=8 "
+                        help="override a method default, e.g. --set mask.init_logit=6 "
                              "--set train.lr_head=3e-3 (repeatable; see docs/adaptation.md)")
 
 

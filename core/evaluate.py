@@ -79,7 +79,7 @@ class GridConfig:
     epochs: int = 3
     seed: int = 0
     settings: tuple[tuple[str, str], ...] = ()
-    """Dotted overrides of the methods' defaults (``("mask.init_logit", "8")``), applied to
+    """Dotted overrides of the methods' defaults (``("mask.init_logit", "6")``), applied to
     every method whose config has that setting."""
 
     def __post_init__(self) -> None:

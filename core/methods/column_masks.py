@@ -30,10 +30,11 @@ class ColumnMaskConfig:
     """N of the learned mask (None: the chip's, 3 by default; 0: binary)."""
     temperature: float = 1.0
     """Gumbel-sigmoid temperature T: the soft sample's slope, i.e. the gradient scale."""
-    init_logit: float = 4.0
-    """Starting logit: sigmoid(4) = 0.98, so 98% of columns sample 1 in a training step and
-    the rest 1/2 (round(sigmoid(4))); the served mask starts at all 1. At 2.0 the sampling
-    noise (12% of columns halved per step) lowered validation accuracy (docs/adaptation.md)."""
+    init_logit: float = 8.0
+    """Starting logit: the served mask starts at all 1 and a column samples 1/2 (0 for XBM)
+    in 0.03% of training steps. Lower starts trained under more sampling noise than the
+    noise-free served mask has, which cost validation accuracy: 12% of columns per step at
+    2.0, 1.8% at 4.0 (docs/adaptation.md)."""
     lr: float = 1e-1
     """Adam learning rate of the logits: a logit must be able to cross 0 (and reach the
     shift levels below it) within a few hundred steps."""

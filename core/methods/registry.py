@@ -109,12 +109,12 @@ def default_config(method: str, *, pe_fraction: float | None = None,
 
 
 def parse_settings(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """``["mask.init_logit=8", ...]`` -> ``{"mask.init_logit": "8"}``."""
+    """``["mask.init_logit=6", ...]`` -> ``{"mask.init_logit": "6"}``."""
     settings: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip() or not value.strip():
-            raise ConfigError(f"a setting is KEY=VALUE, e.g. mask.init_logit=8; got {pair!r}")
+            raise ConfigError(f"a setting is KEY=VALUE, e.g. mask.init_logit=6; got {pair!r}")
         settings[key.strip()] = value.strip()
     return settings
 

@@ -33,6 +33,6 @@ def test_adapt_command_rejects_pe_fraction_for_other_methods(capsys):
 
 
 def test_evaluate_command_rejects_a_setting_no_method_has(capsys):
-    assert main(["evaluate", "--methods", "head_bn", "--set", "mask.init_logit=8",
+    assert main(["evaluate", "--methods", "head_bn", "--set", "mask.init_logit=6",
                  "--datasets", "digits"]) == 2
     assert "no method in the grid has the setting 'mask.init_logit'" in capsys.readouterr().err

@@ -116,8 +116,8 @@ def test_results_page_renders_tables_ratios_and_plots(quantized_mobilenet, tmp_p
 
 def test_grid_settings_are_checked_and_decide_what_a_resumed_grid_reuses():
     with pytest.raises(ConfigError, match="no method in the grid has the setting"):
-        GridConfig(methods=("head_bn",), settings=(("mask.init_logit", "8"),))
-    quiet = asdict(GridConfig(methods=("xma",), settings=(("mask.init_logit", "8"),)))
+        GridConfig(methods=("head_bn",), settings=(("mask.init_logit", "6"),))
+    quiet = asdict(GridConfig(methods=("xma",), settings=(("mask.init_logit", "6"),)))
     default = asdict(GridConfig(methods=("xma",)))
     grown = asdict(GridConfig(methods=("xma", "head_bn"), datasets=("digits",)))
     stored = json.loads(json.dumps(quiet))  # as read back from the results file

@@ -158,12 +158,12 @@ def test_configs_reject_bad_settings():
 
 def test_settings_override_nested_defaults_by_their_types():
     config = override_config(default_config("xma2"), parse_settings(
-        ["mask.init_logit=8", "train.batch_size=32", "mask.shift_levels=none",
+        ["mask.init_logit=6", "train.batch_size=32", "mask.shift_levels=none",
          "train.cosine_schedule=false", "pe_fraction=0.2"]))
-    assert config.mask.init_logit == 8.0 and config.train.batch_size == 32
+    assert config.mask.init_logit == 6.0 and config.train.batch_size == 32
     assert config.mask.shift_levels is None and config.train.cosine_schedule is False
     assert config.pe_fraction == 0.2
-    assert default_config("xma2").mask.init_logit == 4.0  # defaults untouched
+    assert default_config("xma2").mask.init_logit == 8.0  # defaults untouched
     with pytest.raises(ConfigError, match=r"no setting 'mask\.init'"):
         override_config(default_config("xma2"), {"mask.init": "1"})
     with pytest.raises(ConfigError, match="not a valid int"):
