@@ -486,6 +486,13 @@ def render_markdown(result: dict[str, Any], out_prefix: Path) -> str:
     ]
     if missing:
         lines += [f"**Not run (grid cut short):** {', '.join(missing)}.", ""]
+    revisions: dict[str, list[str]] = {}
+    for key, cell in cells.items():
+        revisions.setdefault(cell.get("git_revision", "unknown"), []).append(key)
+    if len(revisions) > 1:
+        lines += ["Cells were computed by several revisions (the grid resumed): " + "; ".join(
+            f"{rev}: {', '.join(sorted({cells[k]['method'] for k in keys}))} "
+            f"({len(keys)} cells)" for rev, keys in revisions.items()) + ".", ""]
     lines += ["## Accuracy (test top-1 %)", ""]
     lines += _table(result, lambda c: f"{100 * c['test_accuracy']:.2f}", "method")
     lines += ["", "Validation top-1 % (the split any choice was made on):", ""]

@@ -92,6 +92,8 @@ def test_results_page_renders_tables_ratios_and_plots(quantized_mobilenet, tmp_p
         row.update(task_storage(quantized_mobilenet, task, method, 3))
         cells[f"digits/{method}" + ("" if p is None else f"@{p:g}")] = row
         engine.remove_task("spare")
+    for key, row in cells.items():  # a resumed grid: one cell from an older revision
+        row["git_revision"] = "old1234" if key == "digits/xma" else "abc"
     result = {"command": "xma2 evaluate --datasets digits", "git_revision": "abc",
               "threads": 1, "torch": "x", "backbone": "mobilenet_v2",
               "backbone_fingerprint": "0" * 64, "cells": cells,
@@ -103,6 +105,8 @@ def test_results_page_renders_tables_ratios_and_plots(quantized_mobilenet, tmp_p
     assert (tmp_path / "adaptation.md").read_text() == text
     assert "xma2 evaluate --datasets digits" in text
     assert "digits/xma2@0.2" in text  # reported as missing
+    assert "old1234: xma (1 cells)" in text and "abc: finetune_qat, piggyback, xma2 (3 cells)" \
+        in text
     assert "| XMA2, P = 10% | 60.00 |" in text
     assert "does not hold" in text  # 60 > 50 but XMA (50) < piggyback (70)
     xma2 = cells["digits/xma2@0.1"]
