@@ -242,13 +242,12 @@ def _write_outputs(prefix: Path, result: dict[str, Any]) -> None:
 
 def _same_run(previous: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether cells of a previous grid answer this one (it may add datasets, methods, P)."""
-    grown = ("datasets", "methods", "pe_fractions")
-    previous = {k: (list(map(list, v)) if k == "settings" else v)
-                for k, v in previous.items() if k not in grown}
-    current = {k: (list(map(list, v)) if k == "settings" else v)
-               for k, v in current.items() if k not in grown}
-    previous.setdefault("settings", [])
-    return previous == current
+    def decisive(grid: dict[str, Any]) -> dict[str, Any]:
+        grid = json.loads(json.dumps(grid))  # tuples as lists, as the file holds them
+        kept = {k: v for k, v in grid.items() if k not in ("datasets", "methods", "pe_fractions")}
+        return kept | {"settings": grid.get("settings", [])}  # files from before settings
+
+    return decisive(previous) == decisive(current)
 
 
 def run_grid(config: GridConfig, model: CrossbarModel, serve_model: CrossbarModel,

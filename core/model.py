@@ -19,7 +19,7 @@ import copy
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,26 +53,30 @@ def _head_linear(head: nn.Module) -> nn.Linear:
     return linears[0]
 
 
-def _input_is_exclusive(root: nn.Module, name: str) -> bool:
-    """Whether a layer's input is an intermediate that nothing else reads.
-
-    True when, climbing the module tree, the layer follows a sibling inside an
-    ``nn.Sequential`` (which hands that sibling's fresh output to it alone) before
-    it reaches a block whose forward may reuse its input (a residual add).
-    """
+def _chain_positions(root: nn.Module, name: str) -> Iterator[tuple[nn.Sequential, list[str], int]]:
+    """``(sequential, child names, index)`` of module ``name`` and of each ancestor, climbing
+    while the chain passes values on unchanged: through Sequentials, and through
+    residual-free inverted residuals (whose input and output are their ``conv``'s)."""
     parts = name.split(".")
     for depth in range(len(parts) - 1, 0, -1):
         parent = root.get_submodule(".".join(parts[:depth]))
+        if isinstance(parent, InvertedResidual) and not parent.use_residual:
+            continue
         if not isinstance(parent, nn.Sequential):
-            return False
-        if [n for n, _ in parent.named_children()].index(parts[depth]) > 0:
-            return True
-    return False
+            return
+        children = [n for n, _ in parent.named_children()]
+        yield parent, children, children.index(parts[depth])
+
+
+def _input_is_exclusive(root: nn.Module, name: str) -> bool:
+    """Whether a layer's input is an intermediate that nothing else reads: the layer
+    follows a sibling in a Sequential chain (which hands that sibling's fresh output to it
+    alone) before the chain reaches a block whose forward may reuse its input."""
+    return any(index > 0 for _, _, index in _chain_positions(root, name))
 
 
 def _first_leaf(module: nn.Module) -> nn.Module | None:
-    """The module that alone receives ``module``'s input, descending into Sequentials and
-    residual-free inverted residuals (whose forward hands the input to ``conv`` only)."""
+    """The module that alone receives ``module``'s input (None when it is shared)."""
     while True:
         if isinstance(module, nn.Sequential) and len(module) > 0:
             module = module[0]
@@ -87,15 +91,7 @@ def _first_leaf(module: nn.Module) -> nn.Module | None:
 def _sole_reader(root: nn.Module, name: str) -> nn.Module | None:
     """The leaf module that alone reads module ``name``'s output, when the module tree
     says so (a later sibling in a Sequential chain); None when unknown or shared."""
-    parts = name.split(".")
-    for depth in range(len(parts) - 1, 0, -1):
-        parent = root.get_submodule(".".join(parts[:depth]))
-        if isinstance(parent, InvertedResidual) and not parent.use_residual:
-            continue  # its output is its ``conv``'s output
-        if not isinstance(parent, nn.Sequential):
-            return None
-        children = [n for n, _ in parent.named_children()]
-        index = children.index(parts[depth])
+    for parent, children, index in _chain_positions(root, name):
         if index + 1 < len(children):
             return _first_leaf(parent.get_submodule(children[index + 1]))
     return None

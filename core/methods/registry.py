@@ -163,7 +163,7 @@ def _with_setting(config: Any, path: list[str], text: str, key: str) -> Any:
 
 def override_config(config: Any, settings: dict[str, str]) -> Any:
     """A copy of ``config`` with dotted settings replaced (``train.batch_size``,
-    ``mask.init_logit``); values are parsed as the field's current type and every
+    ``mask.init_logit``); values are parsed as the field's annotated type and every
     dataclass re-validates its own."""
     accepted = setting_names(config)
     for key, text in settings.items():

@@ -73,7 +73,8 @@ def test_in_place_input_quantization_changes_no_result_and_no_caller_tensor(
     layers = quantized_mobilenet.layers()
     flags = {n: layer.input_quant.inplace for n, layer in layers}
     assert not flags["features.0.0"]  # the caller's images
-    assert not flags["features.2.conv.0.0"]  # the block input also feeds the residual add
+    assert not flags["features.3.conv.0.0"]  # the block input also feeds the residual add
+    assert flags["features.2.conv.0.0"]  # a residual-free block hands its input on alone
     assert flags["features.2.conv.1.0"] and flags["features.2.conv.2"]
     for _, layer in layers:
         layer.reset_effective_weight()
