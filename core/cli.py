@@ -76,6 +76,15 @@ def build_parser(extensions: Sequence[CommandExtension] = ()) -> argparse.Argume
                            help="where to write the backbone (default: over --backbone-file)")
     calibrate.add_argument("--size", type=int, default=64)
     calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--images", type=int, default=None,
+                           help="calibration photo crops (default 512)")
+    for name, choices in (("weight-encoding", ["offset", "differential"]),
+                          ("dac-mode", ["multi_bit", "bit_serial"])):
+        calibrate.add_argument(f"--{name}", choices=choices, default=None,
+                               help="move the backbone to this periphery first")
+    for name in ("rows-per-read", "adc-bits"):
+        calibrate.add_argument(f"--{name}", type=int, default=None,
+                               help="move the backbone to this periphery first")
 
     accuracy = commands.add_parser(
         "crossbar-accuracy",
@@ -184,7 +193,11 @@ def _run(args: argparse.Namespace) -> int:
         if out is None:
             raise ConfigError("give --out (or --backbone-file to update a backbone in place); "
                               f"the shipped one is {default_backbone_path()}")
-        calibrate_adc(args.backbone_file, out, args.size, args.seed)
+        chip = {name: getattr(args, name) for name in
+                ("weight_encoding", "dac_mode", "rows_per_read", "adc_bits")
+                if getattr(args, name) is not None}
+        calibrate_adc(args.backbone_file, out, args.size, args.seed, chip=chip,
+                      images=args.images, command=command_line(args.argv))
     elif args.command == "crossbar-accuracy":
         from core.commands import crossbar_accuracy, crossbar_accuracy_markdown
 
