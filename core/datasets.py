@@ -103,6 +103,10 @@ class ImageSplit(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _normalise(self.images[index]), self.labels[index]
 
