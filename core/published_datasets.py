@@ -207,13 +207,14 @@ class _Tree:
 def _loadmat(path: Path, layout: str) -> dict[str, Any]:
     """A MATLAB v5 file (scipy reads data only: no code runs while loading)."""
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     try:
         return loadmat(str(path), squeeze_me=True)
     except NotImplementedError as e:  # v7.3 is HDF5
         raise ConfigError(f"{layout}: {path.name} is a MATLAB v7.3 file; the published file "
                           "is v5, download it again") from e
-    except (ValueError, TypeError, OSError) as e:
+    except (MatReadError, ValueError, TypeError, OSError) as e:
         raise ConfigError(f"{layout}: {path.name} is not a readable .mat file: {e}") from e
 
 
@@ -536,13 +537,17 @@ class PhotoSplit(ImageSplit):
         self.files = tuple(files)
         self.labels = labels.to(torch.int64)
         self.classes = list(classes)
-        self.image_size = image_size
+        self._side = image_size
         self.augment = augment
         self.boxes = boxes
         self.seed = seed
 
     def __len__(self) -> int:
         return len(self.files)
+
+    @property
+    def image_size(self) -> int:
+        return self._side
 
     def _load(self, i: int, rng: np.random.Generator | None) -> torch.Tensor:
         with _open(self.files[i]) as raw:
