@@ -131,6 +131,7 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     batch_size = method_config.train.batch_size
     last = [0.0]
     first: list[tuple[int, float]] = []  # (step, time) of the first step, for the rate
+    pace: dict[str, float] = {}  # the latest rate and ETA, kept in the final progress
     server_pid = os.getppid()
 
     def on_step(info: StepInfo) -> None:
@@ -147,15 +148,16 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
         eta = (info.total_steps - done) * batch_size / rate if rate else None
         timing = {} if rate is None else {"images_per_second": round(rate, 2),
                                           "eta_s": round(eta or 0.0, 1)}
+        pace.update(timing)
         index.update_job(job_id, JobStatus.RUNNING, result={"progress": _progress(
             done, info.total_steps, epoch=info.epoch, loss=round(info.loss, 5),
             train_accuracy=round(info.accuracy, 5), **timing)})
         if done == info.total_steps or done % 50 == 0 or done == first[0][0] + 5:
-            pace = ("" if rate is None else
-                    f", {rate:.1f} images/s, training ETA {_duration(eta or 0.0)}")
+            speed = ("" if rate is None else
+                     f", {rate:.1f} images/s, training ETA {_duration(eta or 0.0)}")
             index.add_job_event(job_id, f"step {done}/{info.total_steps} epoch {info.epoch} "
                                         f"loss {info.loss:.4f} train accuracy "
-                                        f"{info.accuracy:.1%}{pace}")
+                                        f"{info.accuracy:.1%}{speed}")
 
     checkpoint = Path(config.checkpoint_root) / job_id
     options = RunOptions(cancel=cancel, checkpoint_dir=checkpoint, on_step=on_step)  # type: ignore[arg-type]
@@ -175,7 +177,7 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     index.add_job_event(job_id, f"registered {task_name} version {record.version} "
                                 f"(test accuracy {test_accuracy:.1%})")
     index.update_job(job_id, JobStatus.SUCCEEDED, result={
-        "progress": _progress(result.steps, result.steps), "task": task_name,
+        "progress": _progress(result.steps, result.steps, **pace), "task": task_name,
         "version": record.version, "activated": record.active, **metrics,
         "steps": result.steps, "seconds": round(result.seconds, 2)})
     shutil.rmtree(checkpoint, ignore_errors=True)
