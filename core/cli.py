@@ -237,7 +237,12 @@ def adapt_dataset_name(dataset: str, path: Path | None) -> str:
 def _run_adaptation(args: argparse.Namespace) -> None:
     from core.commands import git_revision, load_backbone
     from core.methods.registry import override_config, parse_settings
-    from core.published_datasets import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE, is_layout_name
+    from core.published_datasets import (
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_IMAGE_SIZE,
+        is_layout_name,
+        photo_method_config,
+    )
 
     if args.command == "evaluate":
         from core.evaluate import GridConfig, render_markdown, run_grid
@@ -252,6 +257,7 @@ def _run_adaptation(args: argparse.Namespace) -> None:
         settings = parse_settings(args.settings)
         if photos:  # 224-px steps at the usual batch of 64 need twice the memory
             settings.setdefault("train.batch_size", str(DEFAULT_BATCH_SIZE))
+            settings.setdefault("ranking_batch_size", settings["train.batch_size"])
         grid = GridConfig(
             datasets=datasets, methods=tuple(args.methods.split(",")),
             pe_fractions=fractions,
@@ -281,6 +287,8 @@ def _run_adaptation(args: argparse.Namespace) -> None:
         default_config(args.method, pe_fraction=args.pe_fraction, epochs=args.epochs,
                        batch_size=batch_size, seed=args.seed),
         parse_settings(args.settings))
+    if photos:
+        config = photo_method_config(config)
     short = dataset.partition(":")[0] if photos else args.dataset
     task_id = args.task_id or f"{short}-{args.method}".replace("_", "-").lower()
     started = time.perf_counter()

@@ -15,7 +15,7 @@ import math
 import os
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from core.errors import ConfigError, ResourceUnavailable
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_IMAGE_SIZE", "FLOWERS102_CLASSES", "LAYOUTS",
            "PREPROCESS", "Augmentation", "LayoutIndex", "OutsideDataRoot", "PhotoSplit",
            "is_layout_name", "layout_name", "load_layout_dataset", "parse_layout_name",
-           "scan_layout", "split_rows", "training_record"]
+           "photo_method_config", "scan_layout", "split_rows", "training_record"]
 
 DEFAULT_IMAGE_SIZE = 224
 """The resolution the paper (and piggyback, CPG) adapts these photos at."""
@@ -634,6 +634,15 @@ def load_layout_dataset(spec: DatasetSpec, *, data_root: str | os.PathLike[str] 
             index.classes, spec.image_size, augment=augment if name == "train" else None,
             boxes=index.boxes[rows] if index.boxes is not None else None, seed=spec.seed)
     return TaskDataset(spec=spec, classes=list(index.classes), **splits)
+
+
+def photo_method_config(config: Any) -> Any:
+    """A method config fitted to 224-px photos: the training batch defaults to
+    :data:`DEFAULT_BATCH_SIZE` unless given, and XMA2's one ranking mini-batch (which keeps
+    gradients) is no larger than a training batch, so ranking is not the memory peak."""
+    if getattr(config, "ranking_batch_size", 0) > config.train.batch_size:
+        config = replace(config, ranking_batch_size=config.train.batch_size)
+    return config
 
 
 def training_record(data: TaskDataset) -> dict[str, Any]:

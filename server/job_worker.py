@@ -115,7 +115,7 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     from core.errors import TrainingCancelled as Cancelled
     from core.methods import RunOptions, adapt, default_config
     from core.methods.common import StepInfo, accuracy
-    from core.published_datasets import training_record
+    from core.published_datasets import PhotoSplit, photo_method_config, training_record
     from task_store import JobStatus
 
     index = store.index
@@ -128,6 +128,8 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     method_config = default_config(params["method"], pe_fraction=params.get("pe_fraction"),
                                    epochs=params.get("epochs"),
                                    batch_size=params.get("batch_size"), seed=params["seed"])
+    if isinstance(data.train, PhotoSplit):
+        method_config = photo_method_config(method_config)
     batch_size = method_config.train.batch_size
     last = [0.0]
     first: list[tuple[int, float]] = []  # (step, time) of the first step, for the rate
