@@ -253,13 +253,15 @@ def _run_adaptation(args: argparse.Namespace) -> None:
             raise ConfigError(f"--pe-fractions must be comma-separated numbers such as "
                               f"0.05,0.1 ({e})") from e
         datasets = tuple(args.datasets.split(","))
+        methods = tuple(args.methods.split(","))
         photos = any(is_layout_name(d) for d in datasets)
         settings = parse_settings(args.settings)
         if photos:  # 224-px steps at the usual batch of 64 need twice the memory
             settings.setdefault("train.batch_size", str(DEFAULT_BATCH_SIZE))
-            settings.setdefault("ranking_batch_size", settings["train.batch_size"])
+            if "xma2" in methods:
+                settings.setdefault("ranking_batch_size", settings["train.batch_size"])
         grid = GridConfig(
-            datasets=datasets, methods=tuple(args.methods.split(",")),
+            datasets=datasets, methods=methods,
             pe_fractions=fractions,
             image_size=args.size or (DEFAULT_IMAGE_SIZE if photos else GridConfig.image_size),
             train_limit=args.train_limit or GridConfig.train_limit,

@@ -317,3 +317,16 @@ def test_xma2_adapt_reads_a_layout_by_name_and_path(trees: dict[str, Path], tmp_
     assert "give --dataset-path" in capsys.readouterr().err
     assert main(["adapt", "--dataset", "digits", "--dataset-path", "/tmp"]) == 2
     assert "goes with a published layout" in capsys.readouterr().err
+
+
+def test_xma2_evaluate_takes_layouts_as_layout_colon_path(trees: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    name = f"split_folders:{trees['split_folders']}"
+    prefix = tmp_path / "grid"
+    assert main(["evaluate", "--datasets", name, "--methods", "head_bn", "--size", "32",
+                 "--epochs", "1", "--threads", "1", "--out", str(prefix)]) == 0
+    result = json.loads(prefix.with_suffix(".json").read_text())
+    assert result["grid"]["datasets"] == [name] and result["grid"]["image_size"] == 32
+    assert ["train.batch_size", "32"] in result["grid"]["settings"]  # photos: piggyback's
+    (cell,) = result["cells"].values()
+    assert (cell["train_images"], cell["val_images"], cell["test_images"]) == (12, 6, 6)
