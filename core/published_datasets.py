@@ -3,17 +3,14 @@
 Flowers-102, CUB-200-2011 and Stanford Cars are parsed from their own metadata files
 (``.mat`` and ``.txt``); piggyback-style ``train/`` + ``test/`` (+ ``val/``) class-per-folder
 trees (Sketch, WikiArt) keep their folders as splits. Only file names and labels are held in
-memory: each batch is decoded on demand (training: random resized crop and flip; evaluation:
-resize and centre crop, exactly as ``/predict`` does), so a 200-class set at 224 px costs
-megabytes, not gigabytes. Every file is resolved (symlinks followed) and, when a confinement
-root is given (the server's data root), refused if it lands outside it.
+memory: each batch is decoded on demand (:mod:`core.photo_split`), so a 200-class set at
+224 px costs megabytes, not gigabytes. Every file is resolved (symlinks followed) and, when
+a confinement root is given (the server's data root), refused if it lands outside it.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,23 +18,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from core.backbones.preprocess import normalise_image, preprocess_image
 from core.datasets import (
     IMAGE_EXTENSIONS,
     DatasetSpec,
-    ImageSplit,
     TaskDataset,
     _stratified_pick,
     split_indices,
 )
 from core.errors import ConfigError, ResourceUnavailable
+from core.photo_split import Augmentation, PhotoSplit, open_image
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_IMAGE_SIZE", "FLOWERS102_CLASSES", "LAYOUTS",
-           "PREPROCESS", "Augmentation", "LayoutIndex", "OutsideDataRoot", "PhotoSplit",
-           "is_layout_name", "layout_name", "load_layout_dataset", "parse_layout_name",
-           "photo_method_config", "scan_layout", "split_rows", "training_record"]
+           "PREPROCESS", "LayoutIndex", "OutsideDataRoot", "is_layout_name", "layout_name",
+           "load_layout_dataset", "parse_layout_name", "photo_method_config", "scan_layout",
+           "split_rows", "training_record"]
 
 DEFAULT_IMAGE_SIZE = 224
 """The resolution the paper (and piggyback, CPG) adapts these photos at."""
@@ -76,55 +71,6 @@ FLOWERS102_CLASSES: tuple[str, ...] = (
 
 class OutsideDataRoot(ConfigError):
     """A dataset file resolves (through a symlink or ``..``) outside the allowed root."""
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """Training-time augmentation of fine-grained photos (torchvision's RandomResizedCrop
-    defaults and a horizontal flip, as piggyback trained); recorded with the task."""
-
-    scale: tuple[float, float] = (0.08, 1.0)
-    """Share of the image area a crop covers, drawn uniformly."""
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    """Aspect ratio of a crop, drawn log-uniformly."""
-    flip: bool = True
-    """Mirror half of the crops left-right."""
-
-    def __post_init__(self) -> None:
-        lo, hi = self.scale
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ConfigError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
-
-    def crop_box(self, width: int, height: int, rng: np.random.Generator
-                 ) -> tuple[int, int, int, int]:
-        """(left, top, right, bottom) of one random crop, torchvision's algorithm."""
-        area = width * height
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        for _ in range(10):
-            target = area * rng.uniform(*self.scale)
-            aspect = math.exp(rng.uniform(*log_ratio))
-            w = round(math.sqrt(target * aspect))
-            h = round(math.sqrt(target / aspect))
-            if 0 < w <= width and 0 < h <= height:
-                left = int(rng.integers(0, width - w + 1))
-                top = int(rng.integers(0, height - h + 1))
-                return left, top, left + w, top + h
-        aspect = width / height  # fallback: the largest centred crop within the ratio range
-        if aspect < self.ratio[0]:
-            w, h = width, round(width / self.ratio[0])
-        elif aspect > self.ratio[1]:
-            w, h = round(height * self.ratio[1]), height
-        else:
-            w, h = width, height
-        left, top = (width - w) // 2, (height - h) // 2
-        return left, top, left + w, top + h
-
-    def apply(self, image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
-        box = self.crop_box(*image.size, rng)
-        out = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
-        return ImageOps.mirror(out) if self.flip and rng.random() < 0.5 else out
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,7 +140,8 @@ class _Tree:
         if missing:
             shown = ", ".join(str(p.relative_to(self.root)) if p.is_relative_to(self.root)
                               else str(p) for p in missing[:_MISSING_SHOWN])
-            more = f" and {len(missing) - _MISSING_SHOWN} more" if len(missing) > 5 else ""
+            more = (f" and {len(missing) - _MISSING_SHOWN} more"
+                    if len(missing) > _MISSING_SHOWN else "")
             raise ResourceUnavailable(f"{self.layout}: {len(missing)} of {len(names)} images "
                                       f"listed in {listed_in} are missing from {self.root}: "
                                       f"{shown}{more}")
@@ -499,93 +446,11 @@ def scan_layout(layout: str, path: str | os.PathLike[str], *,
             raise ConfigError(f"{layout}: the official {split} split of {path} is empty")
     if check_headers:
         for file in index.files:
-            _open(file).close()
+            open_image(file).close()
     return index
 
 
-# -- lazy splits -----------------------------------------------------------------------------
-
-
-def _open(path: Path) -> Image.Image:
-    try:
-        image = Image.open(path)
-        image.size  # noqa: B018 - the header is parsed here, pixels later
-        return image
-    except (UnidentifiedImageError, OSError) as e:
-        raise ConfigError(f"cannot read image {path}: {e}") from e
-
-
-class PhotoSplit(ImageSplit):
-    """One split whose images stay on disk until a batch asks for them.
-
-    Args:
-        files: resolved image paths.
-        labels: class index per image.
-        classes: class names.
-        image_size: side of the square the backbone sees.
-        augment: training augmentation; None decodes for evaluation (resize, centre crop).
-        boxes: optional crop box per image, applied before either transform.
-        seed: with the indices of a batch, seeds its augmentation, so a resumed run
-            draws the crops an uninterrupted one would.
-    """
-
-    def __init__(self, files: Sequence[Path], labels: torch.Tensor, classes: Sequence[str],
-                 image_size: int, *, augment: Augmentation | None = None,
-                 boxes: np.ndarray | None = None, seed: int = 0) -> None:
-        if len(files) != len(labels):
-            raise ConfigError(f"{len(files)} files but {len(labels)} labels")
-        self.files = tuple(files)
-        self.labels = labels.to(torch.int64)
-        self.classes = list(classes)
-        self._side = image_size
-        self.augment = augment
-        self.boxes = boxes
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    @property
-    def image_size(self) -> int:
-        return self._side
-
-    def _load(self, i: int, rng: np.random.Generator | None) -> torch.Tensor:
-        with _open(self.files[i]) as raw:
-            try:
-                image = raw.convert("RGB")
-            except OSError as e:  # truncated or corrupt pixel data
-                raise ConfigError(f"cannot decode image {self.files[i]}: {e}") from e
-        if self.boxes is not None:
-            left, top, right, bottom = self.boxes[i]
-            w, h = image.size
-            box = (max(0, int(left)), max(0, int(top)), min(w, math.ceil(right)),
-                   min(h, math.ceil(bottom)))
-            if box[2] - box[0] >= 2 and box[3] - box[1] >= 2:
-                image = image.crop(box)
-        if self.augment is None or rng is None:
-            return preprocess_image(image, self.image_size)
-        return normalise_image(self.augment.apply(image, self.image_size, rng))
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.batch([int(index)])
-        return x[0], y[0]
-
-    def batch(self, index: slice | torch.Tensor | Sequence[int]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = (list(range(len(self)))[index] if isinstance(index, slice)
-                else [int(i) for i in torch.as_tensor(index, dtype=torch.int64).reshape(-1)])
-        rng = None
-        if self.augment is not None:
-            digest = zlib.crc32(np.asarray(rows, dtype=np.int64).tobytes())
-            rng = np.random.default_rng([self.seed, digest, len(rows)])
-        if not rows:
-            empty = torch.empty(0, 3, self.image_size, self.image_size)
-            return empty, self.labels[:0]
-        x = torch.stack([self._load(i, rng) for i in rows])
-        return x, self.labels[torch.as_tensor(rows, dtype=torch.int64)]
-
-    def class_counts(self) -> list[int]:
-        return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
+# -- splits ------------------------------------------------------------------------------------
 
 
 def _limit(rows: np.ndarray, labels: np.ndarray, n: int | None, rng_stage: int,

@@ -115,7 +115,8 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     from core.errors import TrainingCancelled as Cancelled
     from core.methods import RunOptions, adapt, default_config
     from core.methods.common import StepInfo, accuracy
-    from core.published_datasets import PhotoSplit, photo_method_config, training_record
+    from core.photo_split import PhotoSplit
+    from core.published_datasets import photo_method_config, training_record
     from task_store import JobStatus
 
     index = store.index

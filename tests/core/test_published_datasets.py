@@ -17,11 +17,11 @@ from core.cli import main
 from core.datasets import DatasetSpec, ImageSplit, load_dataset, load_image_folder
 from core.errors import ConfigError, ResourceUnavailable
 from core.methods.common import eval_batch_size
+from core.photo_split import PhotoSplit
 from core.published_datasets import (
     FLOWERS102_CLASSES,
     LAYOUTS,
     OutsideDataRoot,
-    PhotoSplit,
     load_layout_dataset,
     parse_layout_name,
     scan_layout,
@@ -330,3 +330,14 @@ def test_xma2_evaluate_takes_layouts_as_layout_colon_path(trees: dict[str, Path]
     assert ["train.batch_size", "32"] in result["grid"]["settings"]  # photos: piggyback's
     (cell,) = result["cells"].values()
     assert (cell["train_images"], cell["val_images"], cell["test_images"]) == (12, 6, 6)
+
+
+def test_a_file_turned_into_a_link_after_the_check_is_not_read(tmp_path: Path) -> None:
+    path = flowers102_tree(tmp_path / "flowers", per_split=(1, 1, 1))
+    split = load_layout_dataset(_spec("flowers102", path)).test
+    assert isinstance(split, PhotoSplit)
+    target = split.files[0]
+    target.rename(tmp_path / "moved.jpg")
+    target.symlink_to(tmp_path / "moved.jpg")
+    with pytest.raises(ConfigError, match="became a link after the dataset was checked"):
+        split.batch([0])
