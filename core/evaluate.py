@@ -291,7 +291,8 @@ def run_grid(config: GridConfig, model: CrossbarModel, serve_model: CrossbarMode
         accepted = setting_names(method_config)
         method_config = override_config(
             method_config, {k: v for k, v in config.settings if k in accepted})
-        task_id = f"{dataset}-{method}" + ("" if p is None else f"-p{round(100 * p)}")
+        short = dataset.partition(":")[0]  # LAYOUT:PATH and imagefolder:PATH: no path
+        task_id = f"{short}-{method}" + ("" if p is None else f"-p{round(100 * p)}")
         task_id = task_id.replace("_", "-")
         started = time.perf_counter()
         adapted = adapt(method, model, data, task_id, method_config,

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, Field, model_validator
 
 from core.config import Fidelity
+from core.published_datasets import LAYOUTS
 from core.task_state import TASK_NAME_PATTERN
 
 
@@ -145,10 +146,12 @@ class AdaptationRequest(BaseModel):
     task: str = Field(pattern=TASK_NAME_PATTERN.pattern,
                       description="name of the task to create or give a new version")
     dataset: str | None = Field(None, description="a built-in dataset (fashion_mnist, "
-                                "mnist5k, animal_mnist, digits)")
+                                "mnist5k, animal_mnist, digits), or the published layout "
+                                f"found at dataset_path ({', '.join(LAYOUTS)})")
     dataset_path: str | None = Field(
-        None, description="an ImageFolder (one sub-folder per class) below the server's "
-        "data root; relative paths are taken from the data root")
+        None, description="below the server's data root (relative paths are taken from it): "
+        "the folder a published layout was unpacked to, or alone an ImageFolder (one "
+        "sub-folder per class)")
     method: str = "xma2"
     pe_fraction: float | None = Field(None, gt=0, le=1,
                                       description="P: share of PEs replaced (xma2 only)")
@@ -157,16 +160,23 @@ class AdaptationRequest(BaseModel):
     epochs: int | None = Field(None, ge=1, le=100)
     batch_size: int | None = Field(None, ge=1, le=4096)
     seed: int = Field(0, ge=0)
-    image_size: int = Field(64, ge=16, le=512)
+    image_size: int | None = Field(None, ge=16, le=512, description="input side in pixels "
+                                   "(default: 224 for a published layout, else 64)")
     train_limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
     activate: bool = True
 
     @model_validator(mode="after")
     def _one_dataset(self) -> AdaptationRequest:
-        if (self.dataset is None) == (self.dataset_path is None):
+        if self.dataset in LAYOUTS:
+            if self.dataset_path is None:
+                raise ValueError(f"dataset {self.dataset} is a published layout: give "
+                                 "dataset_path, the folder it was unpacked to below the data "
+                                 "root")
+        elif (self.dataset is None) == (self.dataset_path is None):
             raise ValueError("give exactly one of dataset (a built-in name) and "
-                             "dataset_path (an image folder below the data root)")
+                             "dataset_path (an image folder below the data root), or a "
+                             f"published layout ({', '.join(LAYOUTS)}) with its dataset_path")
         return self
 
 

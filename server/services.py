@@ -76,7 +76,8 @@ class Services:
         worker = WorkerConfig(store_root=str(s.store_root),
                               backbone_file=str(s.backbone_file) if s.backbone_file else None,
                               threads=s.job_threads,
-                              checkpoint_root=str(s.store_root / CHECKPOINTS_DIR))
+                              checkpoint_root=str(s.store_root / CHECKPOINTS_DIR),
+                              data_root=str(s.data_dir))
         self.jobs = JobManager(store.index, worker, max_concurrent=s.max_concurrent_jobs,
                                cancel_grace_s=s.cancel_grace_s, on_success=self._job_done)
         interrupted = self.jobs.start()
