@@ -76,6 +76,9 @@ class ServerCommands:
         frontier.add_argument("--seed", type=int, default=0)
         frontier.add_argument("--backbone-file", type=Path, default=None)
         frontier.add_argument("--threads", type=int, default=None)
+        frontier.add_argument("--noise", action="store_true",
+                              help="instead: each device effect alone (and all four) on the "
+                                   "backbone's own chip, at the low and high levels")
 
     def run(self, args: argparse.Namespace) -> int:
         if args.command == "serve":
@@ -145,6 +148,13 @@ def chip_frontier(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.noise:
+        noise = frontier.noise_study(args.out, test_limit=args.test_limit,
+                                     command=core_cli.command_line(args.argv),
+                                     backbone_file=args.backbone_file)
+        for row in noise["rows"]:
+            print(f"{row['level']:>4} {row['effect']:<22} worst {row['worst_minus_ideal']:+.1f}")
+        return 0
     points = frontier.grid(args.encodings.split(","), [int(r) for r in args.rows.split(",")],
                            [int(b) for b in args.adc_bits.split(",")], args.dac.split(","))
     result = frontier.run(args.out, points, test_limit=args.test_limit,
