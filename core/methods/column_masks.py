@@ -23,10 +23,10 @@ from core.methods.task_model import CrossbarAdapter, TaskModel, new_task_model, 
 from core.model import CrossbarModel
 
 __all__ = ["ColumnMaskConfig", "HeadOnlyConfig", "XmaConfig", "adapt_column_mask",
-           "adapt_head_only", "column_masks_for", "mask_training"]
+           "adapt_head_only", "column_masks_for", "mask_training", "new_column_mask"]
 
 
-MASK_KINDS = ("categorical", "sigmoid")
+MASK_KINDS = ("threshold", "categorical")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -34,39 +34,38 @@ LR_SCHEDULES = ("cosine", "constant")
 class ColumnMaskConfig:
     """The learnable tier-2 mask.
 
-    ``kind="categorical"`` (the default) learns one logit per shift level with a
-    straight-through Gumbel-softmax whose noise is annealed to 0 (:mod:`.shift_mask`);
-    ``kind="sigmoid"`` is the earlier binary Gumbel-sigmoid with a rounded real part
-    (:mod:`.gumbel`), which left every column at 1 in runs of a few hundred steps.
+    ``kind="threshold"`` (paper 3.3.1) learns one logit ``m`` per column: 1 where
+    ``m > 0``, else ``sigmoid(m)`` rounded to the nearest lower shift level, sampled in
+    training by a Gumbel-sigmoid whose noise is annealed to 0. ``kind="categorical"``
+    learns one logit per level (:mod:`.shift_mask`).
     """
 
-    kind: str = "categorical"
-    """``categorical`` (logit per level) or ``sigmoid`` (binary logit + rounded real part)."""
+    kind: str = "threshold"
+    """``threshold`` (one logit per column) or ``categorical`` (one logit per level)."""
     learn: bool = True
     """False freezes every column at 1 (no mask parameters, no sampling): the ablation."""
     shift_levels: int | None = None
     """N of the learned mask (None: the chip's, 3 by default; 0: binary)."""
+    init_logit: float = 1.0
+    """Threshold: starting logit, near the decision boundary so that a column whose
+    gradient keeps its sign leaves 1 within about ``init_logit / lr`` steps. The earlier
+    start of 8 at lr 0.1 left every column at 1 after 138 steps."""
     prior: float = 3.0
-    """Categorical: starting logit of the level 1 above the other levels' 0. At the start a
-    column samples another level in ``(N + 1) / (N + 1 + e**prior)`` of steps (17% for
-    N = 3), falling to 0 as the noise anneals; and a column leaves 1 in the served mask
-    once another logit overtakes it (about ``prior / (2 lr)`` steps of consistent push)."""
+    """Categorical: starting logit of the level 1 above the other levels' 0."""
     temperature: float = 1.0
-    """Starting temperature T: the softmax's (sigmoid's) slope, i.e. the gradient scale."""
-    final_temperature: float = 0.5
-    """Categorical: T at the end of the noise annealing (geometric decay), so the
-    straight-through gradient comes from sharper probabilities as the mask settles."""
-    noise: float = 1.0
-    """Categorical: scale of the Gumbel noise at the start of training."""
+    """Starting temperature T: the sigmoid's (softmax's) slope, i.e. the gradient scale."""
+    final_temperature: float = 1.0
+    """T at the end of the annealing (geometric decay from ``temperature``)."""
+    noise: float = 0.0
+    """Scale of the Gumbel noise at the start of training (1: the plain Gumbel-sigmoid).
+    The noise is sampled in training and absent from the served mask; at 0 every step
+    trains on exactly the mask that will be served."""
     noise_until: float = 2 / 3
-    """Categorical: share of training after which the noise is 0 and T is final: the rest
-    of the run trains on exactly the mask that will be served (the last epoch of 3)."""
+    """Share of training after which the noise is 0 and T final (> 1: the noise never
+    reaches 0)."""
     l1: float = 0.0
-    """Categorical: weight of the mean expected mask value added to the loss (pressure
+    """Weight of the penalty on the mean mask probability added to the loss (pressure
     toward cheaper levels; a column at 0 needs no ADC conversion). 0: none."""
-    init_logit: float = 8.0
-    """Sigmoid: starting logit. At 8 the served mask starts at all 1 and a column samples
-    1/2 (0 for XBM) in 0.03% of steps, and no column left 1 in 138 steps."""
     lr: float = 5e-2
     """Adam learning rate of the logits (moves a logit about this much per step)."""
     lr_schedule: str = "cosine"
@@ -83,8 +82,8 @@ class ColumnMaskConfig:
             raise ConfigError(f"shift_levels must be in 0..7, got {self.shift_levels}")
         if not (self.temperature > 0 and self.final_temperature > 0 and self.lr > 0):
             raise ConfigError("the mask temperatures and learning rate must be > 0")
-        if self.noise < 0 or self.l1 < 0 or not 0 <= self.noise_until <= 1:
-            raise ConfigError("mask noise and l1 must be >= 0 and noise_until in [0, 1]")
+        if self.noise < 0 or self.l1 < 0 or self.noise_until < 0:
+            raise ConfigError("mask noise, l1 and noise_until must be >= 0")
 
     def schedule(self, progress: float) -> tuple[float, float]:
         """(temperature, noise scale) at ``progress`` in [0, 1] of training."""
@@ -119,15 +118,20 @@ def column_masks_for(task_model: TaskModel, mask: ColumnMaskConfig
                           f"{task_model.shift_levels} shift levels")
     if not mask.learn:
         return {}
-    layers = task_model.mapping.crossbar_layers
-    if mask.kind == "sigmoid":
-        return {m.name: ColumnMask(m.row_groups, m.out_channels, shift_levels=levels,
-                                   temperature=mask.temperature, init_logit=mask.init_logit)
-                for m in layers}
-    return {m.name: CategoricalColumnMask(m.row_groups, m.out_channels, shift_levels=levels,
-                                          prior=mask.prior, temperature=mask.temperature,
-                                          noise=mask.noise, l1=mask.l1)
-            for m in layers}
+    return {m.name: new_column_mask(m.row_groups, m.out_channels, levels, mask)
+            for m in task_model.mapping.crossbar_layers}
+
+
+def new_column_mask(row_groups: int, out_channels: int, shift_levels: int,
+                    mask: ColumnMaskConfig) -> ColumnMaskModule:
+    """One layer's learnable mask of the configured kind."""
+    if mask.kind == "threshold":
+        return ColumnMask(row_groups, out_channels, shift_levels=shift_levels,
+                          temperature=mask.temperature, init_logit=mask.init_logit,
+                          noise=mask.noise, l1=mask.l1)
+    return CategoricalColumnMask(row_groups, out_channels, shift_levels=shift_levels,
+                                 prior=mask.prior, temperature=mask.temperature,
+                                 noise=mask.noise, l1=mask.l1)
 
 
 def mask_training(masks: dict[str, ColumnMaskModule], mask: ColumnMaskConfig
@@ -137,14 +141,13 @@ def mask_training(masks: dict[str, ColumnMaskModule], mask: ColumnMaskConfig
         return [], None
     group = {"params": [m.logits for m in masks.values()], "lr": mask.lr,
              "schedule": mask.lr_schedule}
-    annealed = [m for m in masks.values() if isinstance(m, CategoricalColumnMask)]
 
     def before_step(progress: float) -> None:
         temperature, noise = mask.schedule(progress)
-        for m in annealed:
+        for m in masks.values():
             m.set_schedule(temperature, noise)
 
-    return [group], before_step if annealed else None
+    return [group], before_step
 
 
 def adapt_column_mask(model: CrossbarModel, data: TaskDataset, task_id: str,
