@@ -70,6 +70,11 @@ class ColumnMaskConfig:
     """Adam learning rate of the logits (moves a logit about this much per step)."""
     lr_schedule: str = "cosine"
     """``cosine`` (decay to 0 over the run, so the mask settles) or ``constant``."""
+    lr_warmup: float = 0.0
+    """Share of training over which the mask learning rate rises linearly from 0. Adam's
+    first steps move every logit by about the full rate whatever the gradient's size, so
+    a start near 0 at a high rate flips columns together before the head and BatchNorm
+    terms have adapted (docs/adaptation.md)."""
 
     def __post_init__(self) -> None:
         if self.kind not in MASK_KINDS:
@@ -82,6 +87,8 @@ class ColumnMaskConfig:
             raise ConfigError(f"shift_levels must be in 0..7, got {self.shift_levels}")
         if not (self.temperature > 0 and self.final_temperature > 0 and self.lr > 0):
             raise ConfigError("the mask temperatures and learning rate must be > 0")
+        if not 0 <= self.lr_warmup < 1:
+            raise ConfigError(f"mask lr_warmup must be in [0, 1), got {self.lr_warmup}")
         if self.noise < 0 or self.l1 < 0 or self.noise_until < 0:
             raise ConfigError("mask noise, l1 and noise_until must be >= 0")
 
@@ -140,7 +147,7 @@ def mask_training(masks: dict[str, ColumnMaskModule], mask: ColumnMaskConfig
     if not masks:
         return [], None
     group = {"params": [m.logits for m in masks.values()], "lr": mask.lr,
-             "schedule": mask.lr_schedule}
+             "schedule": mask.lr_schedule, "warmup": mask.lr_warmup}
 
     def before_step(progress: float) -> None:
         temperature, noise = mask.schedule(progress)

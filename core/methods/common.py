@@ -291,7 +291,8 @@ def fit(
 
     ``module.generator`` (if present) is reseeded every step for the Gumbel noise;
     ``before_step`` gets the share of training done (annealing); a group with
-    ``"schedule": "constant"`` keeps its learning rate (the others decay by cosine);
+    ``"schedule": "constant"`` keeps its learning rate (the others decay by cosine), one
+    with ``"warmup": w`` rises linearly over the first ``w`` of training;
     ``module.regularization()`` (if present and not None) is added to the loss and
     ``module.epoch_metrics()`` (if present) is recorded at the end of every epoch.
     """
@@ -339,7 +340,9 @@ def fit(
                       if config.cosine_schedule else 1.0)
             for g in optimizer.param_groups:
                 constant = g.get("schedule") == "constant"
-                g["lr"] = g["initial_lr"] * (1.0 if constant else factor)
+                warmup = g.get("warmup", 0.0) * total
+                rise = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+                g["lr"] = g["initial_lr"] * (1.0 if constant else factor) * rise
             if before_step is not None:
                 before_step(step / total)
             logits = module(x)
