@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from core.commands import load_backbone
+from core.datasets import ImageSplit
 from core.engine import CrossbarEngine
 from core.errors import ConfigError
 from core.methods import RunOptions, adapt, default_config
 from core.methods.column_masks import ColumnMaskConfig, mask_training, new_column_mask
-from core.methods.common import StepInfo
+from core.methods.common import StepInfo, TrainConfig, fit
 from core.methods.registry import override_config, parse_settings
 from core.methods.shift_mask import CategoricalColumnMask, anneal
 from core.methods.task_model import CrossbarAdapter, TaskModel
@@ -196,3 +197,30 @@ def test_tasks_made_by_the_earlier_recipe_still_load_and_serve(tmp_path):
     engine.add_task(stored.task)
     x = torch.rand(2, 3, 64, 64)
     assert engine.forward(x, stored.task.task_id).shape == (2, 10)
+
+
+class _Bias(torch.nn.Module):
+    """Logits = a learnable per-class bias: the smallest module ``fit`` can train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(x.shape[0], 3)
+
+
+@pytest.mark.parametrize("warmup", [0.0, 0.5])
+def test_a_warmed_up_group_starts_with_small_steps(warmup):
+    split = ImageSplit(torch.zeros(64, 1, 4, 4, dtype=torch.uint8),
+                       torch.zeros(64, dtype=torch.int64), ["a", "b", "c"])
+    module = _Bias()
+    trace = []
+    group = {"params": [module.bias], "lr": 0.1, "schedule": "constant", "warmup": warmup}
+    fit(module, [group], split, TrainConfig(epochs=1, batch_size=8, checkpoint_every=0),
+        RunOptions(on_step=lambda _: trace.append(float(module.bias.detach()[0]))),
+        description="warmup", checkpoint_meta={})
+    first, last = trace[0], trace[-1] - trace[-2]
+    # Adam's first step moves by the full rate whatever the gradient: 0.1, or 0.1 / 4 steps.
+    assert first == pytest.approx(0.1 if warmup == 0 else 0.1 / 4, rel=1e-3)
+    assert last == pytest.approx(0.1, rel=0.2)
