@@ -129,7 +129,7 @@ def test_default_recipe_moves_columns_off_one_in_a_short_run(changes):
 
 def test_l1_pressure_moves_columns_to_cheaper_levels():
     plain, _, _ = _synthetic_run(ColumnMaskConfig(), steps=150)
-    pressed, _, _ = _synthetic_run(ColumnMaskConfig(l1=5.0), steps=150)
+    pressed, _, _ = _synthetic_run(ColumnMaskConfig(l1=20.0), steps=150)
     assert pressed.penalty() is not None and plain.penalty() is None
     assert float(pressed(stochastic=False).detach().sum()) < float(
         plain(stochastic=False).detach().sum())
@@ -180,8 +180,8 @@ def test_frozen_masks_are_the_ablation(quantized_mobilenet, digits32, tiny_train
 
 def test_the_earlier_recipe_is_a_setting_and_never_moved(quantized_mobilenet, digits32,
                                                           tiny_train):
-    earlier = parse_settings(["mask.init_logit=8", "mask.lr=0.1", "mask.noise=1",
-                              "mask.noise_until=1e9", "mask.lr_schedule=cosine"])
+    earlier = parse_settings(["mask.init_logit=8", "mask.lr=0.1", "mask.lr_warmup=0",
+                              "mask.noise=1", "mask.noise_until=1e9"])
     config = override_config(dataclasses.replace(default_config("xbm"), train=tiny_train),
                              earlier)
     result = adapt("xbm", quantized_mobilenet, digits32, "earlier", config)
