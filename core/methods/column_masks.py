@@ -2,9 +2,9 @@
 
 XMA (Zhang et al. 2022b) learns the tier-2 shift mask ``{0, 1/8, 1/4, 1/2, 1}``
 on every PE; XBM (Zhang et al. 2022a) is the same with N = 0 shift levels, a
-binary column mask. Both learn the mask (by default a categorical choice of shift
-level per column, :mod:`core.methods.shift_mask`), the task head and the BatchNorm
-affine terms.
+binary column mask. Both learn the mask (by default one logit per column that walks
+down the levels, :mod:`core.methods.gumbel`; optionally a categorical choice of level,
+:mod:`core.methods.shift_mask`), the task head and the BatchNorm affine terms.
 """
 
 from __future__ import annotations

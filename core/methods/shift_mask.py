@@ -6,13 +6,12 @@ straight-through Gumbel-softmax: the forward pass uses the one-hot argmax of
 ``(logits + s * g) / T`` (``g`` Gumbel noise, ``s`` its scale), the backward pass the
 softmax's gradient. The served mask is the noise-free argmax of the logits.
 
-Why this and not the binary Gumbel-sigmoid of :mod:`core.methods.gumbel`: there a
-column leaves 1 only when one logit crosses 0 from its start, and a start far
-from 0 (needed to keep the sampling noise down) leaves every column at 1 after
-a few hundred steps. Here the logit of 1 starts only ``prior`` above the
-others, and the noise is annealed to 0 part-way through training: once
-``s = 0`` every forward pass uses exactly the mask that will be served, so the
-network's last steps adapt to that mask rather than to a noisy version of it.
+The alternative to the threshold mask of :mod:`core.methods.gumbel` (one logit
+that walks down the levels in order). Each level has its own logit, so a column
+can jump straight to any level; but it needs the noise (without it Adam raises
+every lower level's logit at the same rate), and in a short run that noise cost
+more accuracy than the noise-free last epoch recovered (docs/adaptation.md), so
+it is an option (``mask.kind=categorical``), not the default.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 2. Rank every crossbar PE by ``|dL/dm_PE|`` on one mini-batch; the top ``P``
    become spare PEs whose codes start from the backbone's and are trained with
    straight-through rounding at the backbone's per-channel scale.
-3. Train spare codes, the column shift mask of the frozen PEs (a categorical choice of
-   shift level per column, noise annealed to the served mask), the head and the
-   BatchNorm affine terms together.
+3. Train spare codes, the column shift mask of the frozen PEs (one logit per column,
+   trained on the mask that is served), the head and the BatchNorm affine terms
+   together.
 """
 
 from __future__ import annotations
