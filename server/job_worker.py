@@ -144,6 +144,9 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
         done = info.step + 1
         if not first:
             first.append((done, now))
+        if info.epoch_metrics:  # e.g. the share of columns at each mask level
+            index.add_job_event(job_id, f"epoch {info.epoch} " + ", ".join(
+                f"{k} {v:.4g}" for k, v in info.epoch_metrics.items()))
         if now - last[0] < PROGRESS_INTERVAL_S and done < info.total_steps:
             return
         last[0] = now

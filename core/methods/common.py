@@ -98,6 +98,9 @@ class StepInfo:
     accuracy: float
     """Running training accuracy of the current epoch."""
     seconds: float
+    epoch_metrics: dict[str, float] | None = None
+    """Set on the last step of an epoch: what the model reports about itself then (the
+    share of columns at each mask level), also recorded in the run's history."""
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,9 @@ class _Progress:
         self.description = description
 
     def update(self, info: StepInfo) -> None:
+        if info.epoch_metrics and self.options.progress:
+            logger.info("%s: epoch %d %s", self.description, info.epoch,
+                        " ".join(f"{k} {v:.4g}" for k, v in info.epoch_metrics.items()))
         if self.bar is not None:
             self.bar.update(self.task, completed=info.step + 1, loss=info.loss,
                             acc=info.accuracy)
@@ -293,10 +299,16 @@ def fit(
     description: str,
     checkpoint_meta: dict[str, Any],
     after_step: Callable[[], None] | None = None,
+    before_step: Callable[[float], None] | None = None,
 ) -> tuple[int, list[dict[str, float]]]:
     """Train ``module`` (logits out) with Adam on cross-entropy; returns (steps, history).
 
-    ``module.generator`` (if present) is reseeded every step for the Gumbel noise.
+    ``module.generator`` (if present) is reseeded every step for the Gumbel noise;
+    ``before_step`` gets the share of training done (annealing); a group with
+    ``"schedule": "constant"`` keeps its learning rate (the others decay by cosine), one
+    with ``"warmup": w`` rises linearly over the first ``w`` of training;
+    ``module.regularization()`` (if present and not None) is added to the loss and
+    ``module.epoch_metrics()`` (if present) is recorded at the end of every epoch.
     """
     n = len(train_split)
     steps_per_epoch = max(1, n // config.batch_size)
@@ -341,9 +353,18 @@ def fit(
             factor = (0.5 * (1 + math.cos(math.pi * step / total))
                       if config.cosine_schedule else 1.0)
             for g in optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * factor
+                constant = g.get("schedule") == "constant"
+                warmup = g.get("warmup", 0.0) * total
+                rise = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+                g["lr"] = g["initial_lr"] * (1.0 if constant else factor) * rise
+            if before_step is not None:
+                before_step(step / total)
             logits = module(x)
             loss = F.cross_entropy(logits, y)
+            penalty = (module.regularization() if hasattr(module, "regularization")
+                       else None)
+            if penalty is not None:
+                loss = loss + penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -353,14 +374,16 @@ def fit(
             epoch_loss += value * len(y)
             epoch_correct += float((logits.detach().argmax(1) == y).sum())
             epoch_seen += len(y)
+            metrics = None
+            if index == steps_per_epoch - 1:
+                metrics = module.epoch_metrics() if hasattr(module, "epoch_metrics") else {}
+                history.append({"epoch": epoch, "loss": epoch_loss / epoch_seen,
+                                "train_accuracy": epoch_correct / epoch_seen, **metrics})
             info = StepInfo(step, total, epoch, value, epoch_correct / epoch_seen,
-                            time.perf_counter() - started)
+                            time.perf_counter() - started, metrics or None)
             progress.update(info)
             if options.on_step is not None:
                 options.on_step(info)
-            if index == steps_per_epoch - 1:
-                history.append({"epoch": epoch, "loss": epoch_loss / epoch_seen,
-                                "train_accuracy": epoch_correct / epoch_seen})
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                 save(step + 1)
         save(total)

@@ -35,17 +35,22 @@ def _logistic_noise(shape: torch.Size, generator: torch.Generator | None) -> Ten
 
 def gumbel_sigmoid(
     logits: Tensor, temperature: float, generator: torch.Generator | None = None,
-    hard: bool = True,
+    hard: bool = True, noise: float = 1.0,
 ) -> Tensor:
-    """``sigmoid((m + g0 - g1) / T)``; with ``hard`` the forward value is 0/1 (threshold 0.5)
-    and the gradient is the soft sample's (straight-through)."""
+    """``sigmoid((m + s * (g0 - g1)) / T)``; with ``hard`` the forward value is 0/1
+    (threshold 0.5) and the gradient is the soft sample's (straight-through). At noise
+    scale ``s = 0`` the forward value is the noise-free ``m > 0``."""
     if not temperature > 0:
         raise ConfigError(f"Gumbel-sigmoid temperature must be > 0, got {temperature}")
-    noise = _logistic_noise(logits.shape, generator).to(logits.dtype)
-    soft = torch.sigmoid((logits + noise) / temperature)
+    if noise < 0:
+        raise ConfigError(f"Gumbel-sigmoid noise scale must be >= 0, got {noise}")
+    scores = logits
+    if noise > 0:
+        scores = logits + noise * _logistic_noise(logits.shape, generator).to(logits.dtype)
+    soft = torch.sigmoid(scores / temperature)
     if not hard:
         return soft
-    binary = (soft > 0.5).to(soft.dtype)
+    binary = (scores > 0).to(soft.dtype)  # soft > 0.5, without sigmoid's rounding at 0
     return binary + (soft - soft.detach())
 
 
@@ -60,17 +65,18 @@ def round_to_shift(values: Tensor, shift_levels: int) -> Tensor:
 
 def shift_mask_values(
     logits: Tensor, shift_levels: int, *, temperature: float = 1.0,
-    generator: torch.Generator | None = None, stochastic: bool = True,
+    generator: torch.Generator | None = None, stochastic: bool = True, noise: float = 1.0,
 ) -> Tensor:
     """Column multipliers in ``shift_values(N)``: 1 where the binary part is 1, else the
     power-of-two-rounded normalised real mask; differentiable in ``logits``.
 
     ``stochastic=False`` is the deterministic mask that is exported and served:
-    binary part ``sigmoid(m) > 0.5`` (the noise-free Gumbel-sigmoid).
+    binary part ``sigmoid(m) > 0.5`` (the noise-free Gumbel-sigmoid). Training at noise
+    scale 0 has exactly these forward values (with straight-through gradients).
     """
     normalised = torch.sigmoid(logits)
     if stochastic:
-        binary = gumbel_sigmoid(logits, temperature, generator)
+        binary = gumbel_sigmoid(logits, temperature, generator, noise=noise)
     else:
         binary = (logits > 0).to(logits.dtype)
     rounded = normalised + (round_to_shift(normalised, shift_levels) - normalised).detach()
@@ -107,24 +113,45 @@ class ColumnMask(torch.nn.Module):
         out_channels: logical columns per row group.
         shift_levels: N of this mask (0: binary, as XBM); at most the chip's.
         temperature: Gumbel-sigmoid temperature T.
-        init_logit: starting logit; large positive starts every column at 1 (the backbone).
+        init_logit: starting logit; positive starts every column at 1 (the backbone).
+        noise: scale of the logistic noise (1: the plain Gumbel-sigmoid; 0: none).
+        l1: weight of the penalty on the mean ``sigmoid(m)`` (pressure toward cheaper
+            levels; a column at 0 needs no ADC conversion).
     """
 
     def __init__(self, row_groups: int, out_channels: int, *, shift_levels: int,
-                 temperature: float, init_logit: float) -> None:
+                 temperature: float, init_logit: float, noise: float = 1.0,
+                 l1: float = 0.0) -> None:
         super().__init__()
         if shift_levels < 0:
             raise ConfigError(f"shift_levels must be >= 0, got {shift_levels}")
+        if noise < 0 or l1 < 0:
+            raise ConfigError("noise and l1 must be >= 0")
         self.shift_levels = shift_levels
         self.temperature = temperature
+        self.noise = noise
+        self.l1 = l1
         self.logits = torch.nn.Parameter(torch.full((row_groups, out_channels), init_logit))
+
+    def set_schedule(self, temperature: float, noise: float) -> None:
+        """Temperature and noise scale of the next training steps (the annealing)."""
+        if not temperature > 0 or noise < 0:
+            raise ConfigError("temperature must be > 0 and noise >= 0")
+        self.temperature, self.noise = temperature, noise
 
     def forward(self, generator: torch.Generator | None = None, stochastic: bool = True) -> Tensor:
         return shift_mask_values(self.logits, self.shift_levels, temperature=self.temperature,
-                                 generator=generator, stochastic=stochastic)
+                                 generator=generator, stochastic=stochastic, noise=self.noise)
+
+    def penalty(self) -> Tensor | None:
+        """``l1`` times the mean ``sigmoid(m)`` (None when ``l1`` is 0)."""
+        if self.l1 == 0:
+            return None
+        return self.l1 * torch.sigmoid(self.logits).mean()
 
     def codes(self, chip_shift_levels: int) -> Tensor:
         return shift_mask_codes(self.logits, self.shift_levels, chip_shift_levels)
 
     def extra_repr(self) -> str:
-        return f"shift_levels={self.shift_levels}, temperature={self.temperature}"
+        return (f"shift_levels={self.shift_levels}, temperature={self.temperature:g}, "
+                f"noise={self.noise:g}, l1={self.l1:g}")

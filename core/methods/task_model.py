@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,13 +37,15 @@ from core.methods.common import (
 from core.model import CrossbarModel
 from core.ops.fold import fold_effective_weight, replaced_columns, to_row_groups
 from core.quant import ActivationQuantizer, round_ste, signed_range
-from core.task_state import LayerTaskState, TaskHead, TaskState, ones_code
+from core.task_state import LayerTaskState, TaskHead, TaskState, ones_code, shift_values
 
 __all__ = [
     "CrossbarAdapter",
     "FrozenInputQuant",
     "LayerAdapter",
     "TaskModel",
+    "level_label",
+    "level_shares",
     "pe_blocks",
 ]
 
@@ -279,6 +282,31 @@ class TaskModel(nn.Module):
                 weight = weight.contiguous(memory_format=torch.channels_last)
             layer.effective_weight = weight
 
+    def regularization(self) -> Tensor | None:
+        """The column masks' penalties (None when no mask has one)."""
+        terms = [a.column_mask.penalty() for a in self.adapters.values()
+                 if hasattr(getattr(a, "column_mask", None), "penalty")]
+        present = [t for t in terms if t is not None]
+        return torch.stack(present).sum() if present else None
+
+    def column_code_counts(self) -> Tensor | None:
+        """Frozen-PE columns of the served mask at each code of the chip's shift table
+        (columns of replaced PEs take no mask); None when no adapter has a column mask."""
+        codes = []
+        for key, adapter in self.adapters.items():
+            if isinstance(adapter, CrossbarAdapter) and adapter.column_mask is not None:
+                mask = adapter.column_mask.codes(self.shift_levels)
+                layer = self.mapping.layer(self._adapter_names[key])
+                codes.append(mask[~replaced_columns(adapter.pe_mask, layer)])
+        if not codes:
+            return None
+        return torch.bincount(torch.cat(codes).long(), minlength=self.shift_levels + 2)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Share of frozen-PE columns at each shift level (``columns_at_1/8``: 0.02, ...)."""
+        counts = self.column_code_counts()
+        return {} if counts is None else level_shares(counts, self.shift_levels)
+
     def features(self, x: Tensor) -> Tensor:
         self.load_weights()
         if self.channels_last:
@@ -298,6 +326,18 @@ class TaskModel(nn.Module):
         return TaskState(task_id, self.shift_levels, head, layers, digital)
 
 
+def level_label(value: float) -> str:
+    """``0``, ``1/8``, ..., ``1``: how a shift-mask value is named in reports."""
+    return "0" if value == 0 else "1" if value == 1 else f"1/{round(1 / value)}"
+
+
+def level_shares(counts: Tensor, shift_levels: int) -> dict[str, float]:
+    """``{"columns_at_0": share, ..., "columns_at_1": share}`` from per-code counts."""
+    total = max(1, int(counts.sum()))
+    return {f"columns_at_{level_label(float(v))}": int(c) / total
+            for v, c in zip(shift_values(shift_levels).tolist(), counts.tolist(), strict=True)}
+
+
 def new_task_model(model: CrossbarModel, data: TaskDataset, train: TrainConfig) -> TaskModel:
     """A task model whose head is warm-started on the frozen backbone's features."""
     task_model = TaskModel(model, len(data.classes), train_batchnorm=train.train_batchnorm,
@@ -311,10 +351,12 @@ def train_task_model(
     method: str, task_model: TaskModel, extra_groups: list[dict[str, Any]],
     data: TaskDataset, task_id: str, config: Any, train: TrainConfig, options: RunOptions,
     started: float, details: dict[str, Any] | None = None,
+    before_step: Callable[[float], None] | None = None,
 ) -> AdaptationResult:
     """Train the adapters, head and BatchNorm terms; export and validate the task.
 
-    ``config`` is the method's config dataclass (recorded, and checked on resume).
+    ``config`` is the method's config dataclass (recorded, and checked on resume);
+    ``before_step`` gets the share of training done (mask annealing).
     """
     groups = [{"params": list(task_model.head.parameters()), "lr": train.lr_head},
               {"params": list(task_model.batchnorm.values()), "lr": train.lr_batchnorm},
@@ -325,6 +367,7 @@ def train_task_model(
             task_model, groups, data.train, train, options,
             description=f"{method} on {data.spec.name}",
             checkpoint_meta={"method": method, "config": cfg, "dataset": data.describe()["name"]},
+            before_step=before_step,
         )
         task = task_model.export(task_id, tuple(data.classes))
         val = accuracy(task_model, data.val, channels_last=False)
@@ -337,6 +380,7 @@ def train_task_model(
         counts = torch.bincount(torch.cat(frozen_codes).long(),
                                 minlength=task.shift_levels + 2)
         details["column_code_counts"] = counts.tolist()
+        details["column_level_shares"] = level_shares(counts, task.shift_levels)
     return AdaptationResult(method, task, val, steps, time.perf_counter() - started, cfg,
                             history, details, trained_model=task_model)
 

@@ -4,8 +4,9 @@
 2. Rank every crossbar PE by ``|dL/dm_PE|`` on one mini-batch; the top ``P``
    become spare PEs whose codes start from the backbone's and are trained with
    straight-through rounding at the backbone's per-channel scale.
-3. Train spare codes, the column shift mask of the frozen PEs (Gumbel-sigmoid,
-   power-of-two rounding), the head and the BatchNorm affine terms together.
+3. Train spare codes, the column shift mask of the frozen PEs (one logit per column,
+   trained on the mask that is served), the head and the BatchNorm affine terms
+   together.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from core.datasets import TaskDataset
 from core.errors import ConfigError
-from core.methods.column_masks import ColumnMaskConfig, column_masks_for
+from core.methods.column_masks import ColumnMaskConfig, column_masks_for, mask_training
 from core.methods.common import AdaptationResult, RunOptions, TrainConfig, seeded_generator
 from core.methods.ranking import pe_sensitivity, select_top_pes
 from core.methods.task_model import CrossbarAdapter, new_task_model, train_task_model
@@ -57,14 +58,16 @@ def adapt_xma2(model: CrossbarModel, data: TaskDataset, task_id: str, config: Xm
     pe_masks = select_top_pes(scores, config.pe_fraction)
     masks = column_masks_for(task_model, config.mask)
     adapters = {n: CrossbarAdapter(task_model.source_layer(n), pe_mask=pe_masks[n],
-                                   column_mask=masks[n]) for n in masks}
+                                   column_mask=masks.get(n))
+                for n in task_model.crossbar_layer_names()}
     task_model.set_adapters(adapters)  # type: ignore[arg-type]
+    mask_groups, before_step = mask_training(masks, config.mask)
     groups = [{"params": [a.spare_latent for a in adapters.values()], "lr": config.lr_spare},
-              {"params": [m.logits for m in masks.values()], "lr": config.mask.lr}]
+              *mask_groups]
     replaced = sum(int(m.sum()) for m in pe_masks.values())
     details = {"replaced_pes": replaced,
                "total_pes": sum(m.numel() for m in pe_masks.values()),
                "warm_start_and_ranking_seconds": round(time.perf_counter() - started, 2),
                "replaced_per_layer": {n: int(m.sum()) for n, m in pe_masks.items() if m.any()}}
     return train_task_model("xma2", task_model, groups, data, task_id, config, config.train,
-                            options, started, details)
+                            options, started, details, before_step=before_step)

@@ -11,6 +11,7 @@ import torch
 from core.engine import CrossbarEngine
 from core.errors import ConfigError
 from core.methods import RunOptions, TrainingCancelled, adapt, default_config
+from core.methods.column_masks import ColumnMaskConfig
 from core.methods.common import StepInfo
 from core.methods.registry import METHODS, override_config, parse_settings
 from core.task_state import TaskState
@@ -163,7 +164,7 @@ def test_settings_override_nested_defaults_by_their_types():
     assert config.mask.init_logit == 6.0 and config.train.batch_size == 32
     assert config.mask.shift_levels is None and config.train.cosine_schedule is False
     assert config.pe_fraction == 0.2
-    assert default_config("xma2").mask.init_logit == 8.0  # defaults untouched
+    assert default_config("xma2").mask.init_logit == ColumnMaskConfig().init_logit  # untouched
     with pytest.raises(ConfigError, match=r"no setting 'mask\.init'"):
         override_config(default_config("xma2"), {"mask.init": "1"})
     with pytest.raises(ConfigError, match="not a valid int"):
