@@ -98,7 +98,8 @@ def _predictions(engine: CrossbarEngine, task: ShippedTask, fidelity: str,
     out = []
     stop = len(task.images) if stop is None else min(stop, len(task.images))
     for start in range(first, stop, batch):
-        logits = engine.forward(task.images[start : start + batch], task.name, fidelity)
+        logits = engine.forward(task.images[start : min(start + batch, stop)], task.name,
+                                fidelity)
         out.append(logits.argmax(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -36,6 +37,22 @@ def compiler_available() -> bool:
     return shutil.which(compiler) is not None and shutil.which("ninja") is not None
 
 
+STALE_LOCK_S = 600
+"""A build lock older than this was left by a killed build (one takes about a minute):
+torch's loader would wait on it forever."""
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing the crossbar operator's build lock %s, left %.0f s ago by a "
+                    "build that did not finish", lock, age)
+        lock.unlink(missing_ok=True)
+
+
 @functools.cache
 def crossbar_extension() -> ModuleType | None:
     """The compiled operator module, or None (with a logged reason) if it cannot be built."""
@@ -43,8 +60,9 @@ def crossbar_extension() -> ModuleType | None:
         log.warning("no C++ compiler or ninja found: crossbar fidelity uses the pure-torch "
                     "reference (install g++ and ninja for the compiled operator)")
         return None
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
+    _clear_stale_lock(Path(_get_build_directory("xma2_crossbar", verbose=False)) / "lock")
     try:
         return load(name="xma2_crossbar", sources=[str(KERNEL_SOURCE)], extra_cflags=_FLAGS,
                     verbose=False)
