@@ -188,7 +188,7 @@ def test_the_earlier_recipe_is_a_setting_and_never_moved(quantized_mobilenet, di
     assert result.details["column_level_shares"]["columns_at_1"] == 1.0
 
 
-def test_tasks_made_by_the_earlier_recipe_still_load_and_serve(tmp_path):
+def test_the_shipped_archive_loads_and_serves(tmp_path):
     backbone = load_backbone(None)
     with TaskStore.for_model(tmp_path, backbone) as store:
         record = store.import_archive(SHIPPED_DIR / "mnist.tar")
