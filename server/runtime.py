@@ -29,6 +29,7 @@ from core.errors import TaskNotFound, TaskStateError
 from core.model import CrossbarModel
 from core.pool import EnergyAwareEviction, LRUEviction, PoolConfig, SparePEPool
 from core.task_state import TaskState
+from server.errors import ApiError
 from task_store import StoredTask, TaskStore, VersionRecord
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,11 @@ class Prediction:
     compute_seconds: float
 
 
+def _task_failed(task: str, error: Exception) -> Exception:
+    return ApiError(500, f"task {task!r} failed on the chip ({type(error).__name__}); the "
+                         "server log has the details. Other tasks are not affected")
+
+
 def served_from_store(stored: StoredTask, record: VersionRecord) -> ServedTask:
     manifest = stored.manifest
     hyper = manifest.hyperparameters
@@ -152,6 +158,41 @@ class TaskRuntime:
         self.ready = threading.Event()
         self.on_prediction: Callable[[Prediction], None] | None = None
         self._builtin = builtin
+        self._features = next(iter(builtin.values()))[0].head.weight.shape[1] if builtin else None
+        self._digital = {
+            f"{module_name}.{attr}": tensor
+            for module_name, module in model.body.named_modules()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            for attr, tensor in (*module.named_parameters(recurse=False),
+                                 *module.named_buffers(recurse=False))
+            if attr in ("weight", "bias", "running_mean", "running_var")}
+        store.check = self.check_task
+
+    # -- validation ----------------------------------------------------------------------
+
+    def check_task(self, task: TaskState) -> None:
+        """Refuse a task this backbone cannot run (the store calls it before it writes or
+        serves one): its head must read the backbone's features, its digital tensors must
+        be BatchNorm terms of the backbone of the same shape and dtype. The store's format
+        has already checked that every such tensor is finite float32."""
+        where = f"task {task.task_id}"
+        weight = task.head.weight
+        if self._features is not None and weight.shape[1] != self._features:
+            raise TaskStateError(f"{where}: tensor head/weight is {list(weight.shape)}, but the "
+                                 f"backbone has {self._features} features")
+        for name, value in (("head/weight", weight), ("head/bias", task.head.bias),
+                            *((f"digital/{n}", t) for n, t in task.digital.items())):
+            if value.dtype != torch.float32 or not bool(torch.isfinite(value).all()):
+                raise TaskStateError(f"{where}: tensor {name} must be finite float32")
+        for name, value in task.digital.items():
+            own = self._digital.get(name)
+            if own is None:
+                raise TaskStateError(f"{where}: tensor digital/{name} is not a BatchNorm "
+                                     "tensor of this backbone")
+            if value.shape != own.shape or value.dtype != own.dtype:
+                raise TaskStateError(f"{where}: tensor digital/{name} is {value.dtype} "
+                                     f"{list(value.shape)}, the backbone's is {own.dtype} "
+                                     f"{list(own.shape)}")
 
     # -- running on the chip's thread --------------------------------------------------
 
@@ -256,6 +297,27 @@ class TaskRuntime:
             runnable.append(i)
         if not runnable:
             return results
+        try:
+            self._run_batch(items, runnable, results)
+        except Exception as e:
+            tasks = list(dict.fromkeys(items[i].task for i in runnable))
+            if len(tasks) > 1:  # run each task alone so that only the failing one's fail
+                logger.warning("a batch of %d tasks failed (%s); running them one by one",
+                               len(tasks), e)
+            for task in tasks:
+                group = [i for i in runnable if items[i].task == task]
+                try:
+                    if len(tasks) == 1:
+                        raise
+                    self._run_batch(items, group, results)
+                except Exception as error:
+                    logger.exception("task %s failed on the chip", task, exc_info=error)
+                    for i in group:
+                        results[i] = _task_failed(task, error)
+        return results
+
+    def _run_batch(self, items: list[BatchItem], runnable: list[int],
+                   results: list[Prediction | Exception]) -> None:
         batch = [items[i] for i in runnable]
         fidelity = batch[0].fidelity
         tasks = [item.task for item in batch]
@@ -264,6 +326,10 @@ class TaskRuntime:
         started = time.perf_counter()
         logits = self.engine.forward_mixed(x, tasks, fidelity)
         seconds = time.perf_counter() - started
+        bad = sorted({t for t, row in zip(tasks, logits, strict=True)
+                      if not bool(torch.isfinite(row).all())})
+        if bad:
+            raise TaskStateError(f"task(s) {', '.join(bad)} produced non-finite logits")
         load = self.engine.stats.last_activate_seconds
         residencies = dict(self.engine.last_residencies)
         size = (int(x.shape[-2]), int(x.shape[-1]))
@@ -290,7 +356,6 @@ class TaskRuntime:
             results[i] = prediction
             if self.on_prediction is not None:
                 self.on_prediction(prediction)
-        return results
 
     # -- what the scheduler asks -------------------------------------------------------
 

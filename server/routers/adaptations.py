@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,10 +11,11 @@ from fastapi import APIRouter, Query
 from core.datasets import dataset_names
 from core.methods import default_config
 from core.methods.registry import METHODS
-from server.deps import Jobs, Operator, Runtime, ServicesDep
+from server.deps import Jobs, Runtime, ServicesDep
 from server.errors import ApiError
 from server.schemas import (
     ERROR_RESPONSES,
+    MAX_INDEX_INT,
     AdaptationJob,
     AdaptationList,
     AdaptationRequest,
@@ -22,8 +24,7 @@ from server.schemas import (
 )
 from task_store import JobRecord, JobStatus
 
-router = APIRouter(prefix="/adaptations", tags=["adaptations"], dependencies=Operator,
-                   responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/adaptations", tags=["adaptations"], responses=ERROR_RESPONSES)
 
 
 def job_out(job: JobRecord) -> AdaptationJob:
@@ -37,16 +38,50 @@ def job_out(job: JobRecord) -> AdaptationJob:
 
 
 def _resolve_dataset_path(raw: str, root: Path) -> str:
+    if "\x00" in raw:
+        raise ApiError(422, "dataset_path holds a NUL character; give a folder name below "
+                            "the data root")
     root = root.resolve()
-    path = Path(raw).expanduser()
-    resolved = (path if path.is_absolute() else root / path).resolve()
-    if not resolved.is_relative_to(root):
-        raise ApiError(403, f"dataset_path {raw!r} is outside the data root {root}; copy the "
-                            "dataset below it")
-    if not resolved.is_dir():
-        raise ApiError(422, f"dataset_path {raw!r} is not a folder below the data root "
-                            f"{root} (one sub-folder of images per class)")
+    try:
+        path = Path(raw).expanduser()
+        resolved = (path if path.is_absolute() else root / path).resolve()
+        inside = resolved.is_relative_to(root)
+        is_dir = inside and resolved.is_dir()
+    except (OSError, RuntimeError, ValueError) as e:  # too long, a symlink loop, ...
+        raise ApiError(422, f"dataset_path {raw[:200]!r} cannot be resolved "
+                            f"({type(e).__name__}); give a folder below the data root") from e
+    if not inside:
+        raise ApiError(403, f"dataset_path {raw[:200]!r} is outside the data root {root}; "
+                            "copy the dataset below it")
+    if not is_dir:
+        raise ApiError(422, f"dataset_path {raw[:200]!r} is not a folder below the data "
+                            f"root {root} (one sub-folder of images per class)")
+    if not any(p.is_dir() and not p.name.startswith(".") for p in resolved.iterdir()):
+        raise ApiError(422, f"dataset_path {raw[:200]!r} has no class sub-folders (one "
+                            "sub-folder of images per class)")
+    escaped = outside_links(resolved, root)
+    if escaped:
+        raise ApiError(403, f"dataset_path {raw[:200]!r} links outside the data root "
+                            f"({', '.join(escaped[:3])}); copy those images below it")
     return str(resolved)
+
+
+def outside_links(folder: Path, root: Path) -> list[str]:
+    """Entries of an ImageFolder (class folders and their images) that are symbolic links
+    resolving outside ``root``, so a job never reads files an operator did not put there."""
+    found = []
+    for current, dirs, files in os.walk(folder):
+        for entry in (*dirs, *files):
+            path = Path(current) / entry
+            if path.is_symlink():
+                try:
+                    target = path.resolve()
+                except (OSError, RuntimeError):
+                    found.append(str(path.relative_to(folder)))
+                    continue
+                if not target.is_relative_to(root):
+                    found.append(str(path.relative_to(folder)))
+    return found
 
 
 def validated_params(request: AdaptationRequest, runtime: Any, data_root: Path
@@ -107,7 +142,8 @@ def get_adaptation(job_id: str, jobs: Jobs) -> AdaptationJob:
 @router.get("/{job_id}/events", response_model=JobEventList)
 def adaptation_events(
     job_id: str, jobs: Jobs,
-    after: Annotated[int, Query(ge=0, description="seq of the last event already seen")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_INDEX_INT,
+                                       description="seq of the last event already seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobEventList:
     jobs.get(job_id)
