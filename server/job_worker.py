@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,10 +69,14 @@ def run_job(job_id: str, config: WorkerConfig, cancel: CancelFlag) -> None:
         from core.errors import TrainingCancelled
 
         current = index.job(job_id)
-        if current.status.terminal:
+        if current.status.terminal:  # ended by the server meanwhile: nothing to record
+            logging.warning("job already %s; its result is discarded (%s)",
+                            current.status.value, e)
             return
         if isinstance(e, TrainingCancelled) or cancel.is_set():
-            index.add_job_event(job_id, f"cancelled: {e}")
+            step = f" after step {e.step}" if isinstance(e, TrainingCancelled) else ""
+            index.add_job_event(job_id, f"cancelled{step}; jobs do not resume: submit it "
+                                        "again to start afresh")
             index.update_job(job_id, JobStatus.CANCELLED, result=current.result,
                              error="cancelled by request")
         else:
@@ -82,7 +87,27 @@ def run_job(job_id: str, config: WorkerConfig, cancel: CancelFlag) -> None:
         if not isinstance(e, Exception):
             raise
     finally:
+        # Jobs never resume (a resubmission is a new job): the checkpoint goes whatever
+        # the outcome, also when this worker outlived its server.
+        shutil.rmtree(Path(config.checkpoint_root) / job_id, ignore_errors=True)
         store.close()
+
+
+def registration_fence(index: Any, job_id: str, summary: dict[str, Any]
+                       ) -> Callable[[Any, Any], None]:
+    """The store commits a job's version only while the job still runs, and ends the job
+    as succeeded in that same transaction: a worker orphaned by a server restart (which
+    marked its job failed) registers nothing."""
+    from task_store import JobStatus
+
+    def fence(db: Any, record: Any) -> None:
+        row = db.execute("SELECT active_version FROM tasks WHERE name = ?",
+                         (record.task,)).fetchone()
+        result = {**summary, "version": record.version,
+                  "activated": row is not None and row["active_version"] == record.version}
+        index.finish_job_in(db, job_id, JobStatus.SUCCEEDED, result=result)
+
+    return fence
 
 
 def _progress(step: int, total: int, **metrics: float) -> dict[str, Any]:
@@ -141,12 +166,10 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     hyper = {"dataset": spec.name, "image_size": spec.image_size, "preprocess": "fit",
              "seed": spec.seed, "train_limit": spec.train_limit, "test_limit": spec.test_limit,
              "job": job_id, "config": result.config}
+    summary = {"progress": _progress(result.steps, result.steps), "task": task_name,
+               **metrics, "steps": result.steps, "seconds": round(result.seconds, 2)}
     record = store.put(result.task, method=params["method"], hyperparameters=hyper,
-                       metrics=metrics, activate=params.get("activate", True))
+                       metrics=metrics, activate=params.get("activate", True),
+                       fence=registration_fence(index, job_id, summary))
     index.add_job_event(job_id, f"registered {task_name} version {record.version} "
                                 f"(test accuracy {test_accuracy:.1%})")
-    index.update_job(job_id, JobStatus.SUCCEEDED, result={
-        "progress": _progress(result.steps, result.steps), "task": task_name,
-        "version": record.version, "activated": record.active, **metrics,
-        "steps": result.steps, "seconds": round(result.seconds, 2)})
-    shutil.rmtree(checkpoint, ignore_errors=True)

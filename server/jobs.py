@@ -77,6 +77,7 @@ class JobManager:
             self.index.update_job(job.id, JobStatus.FAILED, result=job.result, error=message)
             self._discard_checkpoint(job.id)
             interrupted.append(job.id)
+        self._remove_orphaned_checkpoints()
         self._thread.start()
         return interrupted
 
@@ -191,6 +192,17 @@ class JobManager:
             job = self.index.job(job_id)
             if job.status is JobStatus.SUCCEEDED and self.on_success is not None and job.task:
                 self.on_success(job.task)
+
+    def _remove_orphaned_checkpoints(self) -> None:
+        """Checkpoints of jobs that are not running (a killed server or worker left them)."""
+        root = Path(self.worker.checkpoint_root)
+        if not root.is_dir():
+            return
+        running = {j.id for j in self._all(JobStatus.RUNNING)}
+        for folder in root.iterdir():
+            if folder.name not in running:
+                logger.info("removing the orphaned checkpoint of job %s", folder.name)
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _discard_checkpoint(self, job_id: str) -> None:
         """A job is never resumed (a resubmission is a new job), so its checkpoint goes."""

@@ -22,6 +22,7 @@ from server.jobs import JobManager
 from server.metrics import ServerMetrics
 from server.runtime import TaskRuntime
 from server.scheduler import BatchScheduler, ChipView
+from server.scratch import remove_orphaned_scratch
 from server.settings import Settings
 from server.shipped_tasks import import_default_tasks
 from task_store import JobStatus, TaskStore
@@ -59,6 +60,10 @@ class Services:
         model = load_backbone(s.backbone_file)
         store = TaskStore.for_model(s.store_root, model, max_archive_bytes=s.max_body_bytes)
         self.store = store
+        scratch = remove_orphaned_scratch(store.root)
+        if scratch:
+            logger.info("removed %d temporary folder(s) a stopped server left: %s",
+                        len(scratch), ", ".join(scratch))
         if s.default_tasks:
             imported = import_default_tasks(store)
             if imported:

@@ -14,9 +14,11 @@ next writer removes; readers only ever follow committed rows.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -295,6 +297,7 @@ class TaskStore:
     def put(
         self, task: TaskState, *, method: str, hyperparameters: Mapping[str, Any] | None = None,
         metrics: Mapping[str, float] | None = None, activate: bool = True,
+        fence: Callable[[sqlite3.Connection, VersionRecord], None] | None = None,
     ) -> VersionRecord:
         """Store a task as its next version (active unless ``activate=False`` and another is).
 
@@ -304,6 +307,10 @@ class TaskStore:
             hyperparameters: the method's settings, recorded in the manifest.
             metrics: e.g. ``accuracy`` and ``energy_j``.
             activate: serve this version from now on.
+            fence: called inside the index transaction that commits the version, after
+                its row is added; raising there rolls the version back (a job worker
+                uses it to commit only while its job still runs, and to end the job in
+                the same transaction).
         """
         self._validate(task)
         encoded = encode_task(task, self._layer_bits)
@@ -313,10 +320,13 @@ class TaskStore:
                                   backbone_fingerprint=self.backbone_fingerprint,
                                   hyperparameters=hyperparameters, metrics=metrics)
 
-        return self._commit(task.task_id, manifest_for, encoded.data, activate=activate)
+        return self._commit(task.task_id, manifest_for, encoded.data, activate=activate,
+                            fence=fence)
 
     def _commit(self, name: str, manifest_for: Callable[[int], Manifest], data: bytes, *,
-                activate: bool) -> VersionRecord:
+                activate: bool,
+                fence: Callable[[sqlite3.Connection, VersionRecord], None] | None = None,
+                ) -> VersionRecord:
         with self._writer():
             version = self.index.next_version(name)
             manifest = manifest_for(version)
@@ -342,8 +352,12 @@ class TaskStore:
             try:
                 with self.index.transaction() as db:
                     self.index.add_version(db, record, activate=activate)
+                    if fence is not None:
+                        fence(db, record)
             except BaseException:
                 shutil.rmtree(final, ignore_errors=True)
+                with contextlib.suppress(OSError):  # only when no other version is there
+                    task_dir.rmdir()
                 raise
         return self.index.version(name, version)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -26,6 +27,7 @@ from server.schemas import (
     VersionInfo,
     upload_body,
 )
+from server.scratch import scratch_prefix
 from task_store import TaskStore
 
 router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
@@ -103,7 +105,8 @@ async def import_task(
     store = runtime.store
 
     def import_file() -> str:
-        with tempfile.TemporaryDirectory(dir=store.root) as folder:
+        with tempfile.TemporaryDirectory(dir=store.root, prefix=scratch_prefix("upload")
+                                         ) as folder:
             path = Path(folder) / "upload.tar"
             path.write_bytes(data)
             target = name or _archive_task_name(store, path)
@@ -143,7 +146,7 @@ async def export_task(
                                               description="default: the active one")] = None,
 ) -> FileResponse:
     _not_builtin(runtime, name)
-    folder = tempfile.mkdtemp(dir=runtime.store.root)
+    folder = tempfile.mkdtemp(dir=runtime.store.root, prefix=scratch_prefix("export"))
     try:
         record = runtime.store.index.version(name, version)
         path = await run_in_threadpool(runtime.store.export, name,
@@ -157,8 +160,6 @@ async def export_task(
 
 
 def _remove(folder: str) -> None:
-    import shutil
-
     shutil.rmtree(folder, ignore_errors=True)
 
 
