@@ -34,6 +34,7 @@ class WorkerConfig:
     backbone_file: str | None
     threads: int
     checkpoint_root: str
+    log_level: str = "info"
 
 
 def dataset_spec_name(params: dict[str, Any]) -> str:
@@ -47,7 +48,8 @@ def dataset_spec_name(params: dict[str, Any]) -> str:
 
 def run_job(job_id: str, config: WorkerConfig, cancel: CancelFlag) -> None:
     """Process entry point: run ``job_id`` to a terminal state."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s job {job_id} %(message)s")
+    logging.basicConfig(level=config.log_level.upper(),
+                        format=f"%(asctime)s level=%(levelname)s job={job_id} %(message)s")
     import torch
 
     torch.set_num_threads(config.threads)

@@ -106,6 +106,7 @@ class JobManager:
         self.index.add_job_event(job.id, f"queued: {params['method']} on "
                                          f"{params.get('dataset') or params['dataset_path']} "
                                          f"for task {task}")
+        logger.info("job %s queued: task=%s method=%s", job.id, task, params["method"])
         with self._wake:
             self._wake.notify_all()
         return job
@@ -123,6 +124,7 @@ class JobManager:
                 running.cancel_requested = time.monotonic()
                 running.cancel.set()
                 self.index.add_job_event(job_id, "cancel requested; stopping after this step")
+                logger.info("job %s cancel requested", job_id)
             self._wake.notify_all()
         return self.get(job_id)
 
@@ -190,6 +192,8 @@ class JobManager:
                                   "before finishing")
             self._discard_checkpoint(job_id)
             job = self.index.job(job_id)
+            logger.info("job %s ended: status=%s task=%s%s", job_id, job.status.value, job.task,
+                        f" error={job.error}" if job.error else "")
             if job.status is JobStatus.SUCCEEDED and self.on_success is not None and job.task:
                 self.on_success(job.task)
 

@@ -45,6 +45,9 @@ class RedactSecrets(logging.Filter):
 def configure(level: str, secrets: Iterable[str] = ()) -> None:
     """The server's log level and format, and redaction on the access log."""
     logging.basicConfig(level=level.upper(), format=FORMAT, force=True)
+    for noisy in ("PIL", "multipart", "python_multipart"):  # per-chunk debug lines
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLevelName(
+            level.upper())))
     for name in ("uvicorn.access", "uvicorn.error"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactSecrets) for f in logger.filters):

@@ -167,6 +167,7 @@ class TaskRuntime:
                                  *module.named_buffers(recurse=False))
             if attr in ("weight", "bias", "running_mean", "running_var")}
         store.check = self.check_task
+        self._crossbar_used = False
 
     # -- validation ----------------------------------------------------------------------
 
@@ -324,8 +325,19 @@ class TaskRuntime:
         cold = {t for t in tasks if self.engine.prepared.peek(t) is None}
         x = torch.stack([item.x for item in batch])
         started = time.perf_counter()
+        first_crossbar = fidelity == Fidelity.CROSSBAR and not self._crossbar_used
+        if first_crossbar:
+            logger.info("first crossbar-fidelity batch: building the crossbar operator (a "
+                        "C++ extension, compiled once and cached; up to a minute)")
         logits = self.engine.forward_mixed(x, tasks, fidelity)
         seconds = time.perf_counter() - started
+        if first_crossbar:
+            self._crossbar_used = True
+            logger.info("crossbar operator ready: seconds=%.1f", seconds)
+        for task, residency in self.engine.last_residencies.items():
+            if residency.programmed or residency.evicted:
+                logger.debug("task %s made resident: evicted=%s", task,
+                             ",".join(residency.evicted) or "none")
         bad = sorted({t for t, row in zip(tasks, logits, strict=True)
                       if not bool(torch.isfinite(row).all())})
         if bad:

@@ -175,7 +175,8 @@ class AdaptationRequest(BaseModel):
     image_size: int = Field(64, ge=16, le=512)
     train_limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
-    activate: bool = True
+    activate: bool = Field(True, description="serve the new version when the job "
+                           "succeeds; a task's first version is served whatever this says")
 
     @model_validator(mode="after")
     def _one_dataset(self) -> AdaptationRequest:

@@ -95,7 +95,10 @@ async def import_task(
     name: Annotated[str | None, Query(description="store under this name (default: the "
                                       "archive's)",
                                       pattern=TASK_NAME_PATTERN.pattern)] = None,
-    activate: Annotated[bool, Query(description="serve the imported version now")] = True,
+    activate: Annotated[bool, Query(
+        description="serve the imported version now; a task's first version is served "
+                    "whatever this says (a task without an active version could not "
+                    "serve)")] = True,
 ) -> TaskDetail:
     if name is not None:
         _not_builtin(runtime, name)
