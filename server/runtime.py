@@ -26,6 +26,7 @@ from core.config import Fidelity
 from core.energy import EnergyReport
 from core.engine import CrossbarEngine
 from core.errors import TaskNotFound, TaskStateError
+from core.lru import CapacityError
 from core.model import CrossbarModel
 from core.pool import EnergyAwareEviction, LRUEviction, PoolConfig, SparePEPool
 from core.task_state import TaskState
@@ -298,11 +299,41 @@ class TaskRuntime:
             runnable.append(i)
         if not runnable:
             return results
+        for part in self._fitting_parts(items, runnable):
+            self._run_isolated(items, part, results)
+        return results
+
+    def _fitting_parts(self, items: list[BatchItem], runnable: list[int]) -> list[list[int]]:
+        """The batch split, by task, into parts whose tasks fit on the chip at once.
+
+        The scheduler chose the batch from what it saw then; tasks imported, activated
+        or deleted since (their registration runs on this thread before the batch) may
+        have changed what fits. Checked here, where nothing else changes the chip, a
+        valid request never meets a capacity error because of such churn.
+        """
+        tasks = list(dict.fromkeys(items[i].task for i in runnable))
+        if self.fits(set(tasks)):
+            return [runnable]
+        groups: list[list[str]] = []
+        for task in tasks:
+            home = next((g for g in groups if self.fits({*g, task})), None)
+            if home is None:
+                groups.append([task])
+            else:
+                home.append(task)
+        logger.info("a batch of %d tasks no longer fits on the chip; running it in %d parts",
+                    len(tasks), len(groups))
+        return [[i for i in runnable if items[i].task in group] for group in groups]
+
+    def _run_isolated(self, items: list[BatchItem], runnable: list[int],
+                      results: list[Prediction | Exception]) -> None:
+        """Run a batch; if it fails, run its tasks one by one so that only the failing
+        task's requests get the error."""
         try:
             self._run_batch(items, runnable, results)
         except Exception as e:
             tasks = list(dict.fromkeys(items[i].task for i in runnable))
-            if len(tasks) > 1:  # run each task alone so that only the failing one's fail
+            if len(tasks) > 1:
                 logger.warning("a batch of %d tasks failed (%s); running them one by one",
                                len(tasks), e)
             for task in tasks:
@@ -311,11 +342,13 @@ class TaskRuntime:
                     if len(tasks) == 1:
                         raise
                     self._run_batch(items, group, results)
+                except CapacityError as error:  # this task alone exceeds the chip
+                    for i in group:
+                        results[i] = error
                 except Exception as error:
                     logger.exception("task %s failed on the chip", task, exc_info=error)
                     for i in group:
                         results[i] = _task_failed(task, error)
-        return results
 
     def _run_batch(self, items: list[BatchItem], runnable: list[int],
                    results: list[Prediction | Exception]) -> None:
