@@ -35,6 +35,26 @@ class WorkerConfig:
     threads: int
     checkpoint_root: str
     log_level: str = "info"
+    data_root: str | None = None
+    """Image folders must stay below it, also when links in them changed after submission."""
+
+
+def outside_links(folder: Path, root: Path) -> list[str]:
+    """Entries of an ImageFolder (class folders and their images) that are symbolic links
+    resolving outside ``root``, so a job never reads files an operator did not put there."""
+    found = []
+    for current, dirs, files in os.walk(folder):
+        for entry in (*dirs, *files):
+            path = Path(current) / entry
+            if path.is_symlink():
+                try:
+                    target = path.resolve()
+                except (OSError, RuntimeError):
+                    found.append(str(path.relative_to(folder)))
+                    continue
+                if not target.is_relative_to(root):
+                    found.append(str(path.relative_to(folder)))
+    return found
 
 
 def dataset_spec_name(params: dict[str, Any]) -> str:
@@ -127,6 +147,11 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     from task_store import JobStatus
 
     index = store.index
+    if params.get("dataset_path") and config.data_root is not None:
+        escaped = outside_links(Path(params["dataset_path"]), Path(config.data_root).resolve())
+        if escaped:
+            raise PermissionError(f"{', '.join(escaped[:3])} link(s) outside the data root; "
+                                  "copy those images below it")
     spec = DatasetSpec(dataset_spec_name(params), image_size=params["image_size"],
                        seed=params["seed"], train_limit=params.get("train_limit"),
                        test_limit=params.get("test_limit"))

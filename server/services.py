@@ -86,7 +86,7 @@ class Services:
                               backbone_file=str(s.backbone_file) if s.backbone_file else None,
                               threads=s.job_threads,
                               checkpoint_root=str(s.store_root / CHECKPOINTS_DIR),
-                              log_level=s.log_level)
+                              log_level=s.log_level, data_root=str(s.data_dir))
         self.jobs = JobManager(store.index, worker, max_concurrent=s.max_concurrent_jobs,
                                cancel_grace_s=s.cancel_grace_s, on_success=self._job_done)
         interrupted = self.jobs.start()

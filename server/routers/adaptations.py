@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +12,7 @@ from core.methods import default_config
 from core.methods.registry import METHODS
 from server.deps import Jobs, Runtime, ServicesDep
 from server.errors import ApiError
+from server.job_worker import outside_links
 from server.schemas import (
     ERROR_RESPONSES,
     MAX_INDEX_INT,
@@ -64,24 +64,6 @@ def _resolve_dataset_path(raw: str, root: Path) -> str:
         raise ApiError(403, f"dataset_path {raw[:200]!r} links outside the data root "
                             f"({', '.join(escaped[:3])}); copy those images below it")
     return str(resolved)
-
-
-def outside_links(folder: Path, root: Path) -> list[str]:
-    """Entries of an ImageFolder (class folders and their images) that are symbolic links
-    resolving outside ``root``, so a job never reads files an operator did not put there."""
-    found = []
-    for current, dirs, files in os.walk(folder):
-        for entry in (*dirs, *files):
-            path = Path(current) / entry
-            if path.is_symlink():
-                try:
-                    target = path.resolve()
-                except (OSError, RuntimeError):
-                    found.append(str(path.relative_to(folder)))
-                    continue
-                if not target.is_relative_to(root):
-                    found.append(str(path.relative_to(folder)))
-    return found
 
 
 def validated_params(request: AdaptationRequest, runtime: Any, data_root: Path

@@ -7,11 +7,12 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server.live import LiveServer
+from tests.server.live import LiveServer, photo_dataset
 
 BIG = 2**63  # one past SQLite's largest integer
 BROKEN_MULTIPART = b"--x\r\nContent-Type: text/plain\r\n\r\nabc\r\n--x--\r\n"  # no name
@@ -166,3 +167,22 @@ def test_the_api_key_never_reaches_the_access_log(server: LiveServer) -> None:
     log = server.log_path.read_text(errors="replace")
     assert "/healthz?key=***" in log
     assert server.api_key not in log and "tok-123456" not in log
+
+
+def test_a_class_folder_linking_outside_the_data_root_is_refused(server: LiveServer,
+                                                                 tmp_path: Path) -> None:
+    outside = tmp_path / "outside" / "secretclass"
+    photo_dataset(outside.parent, {"secretclass": "coffee"}, per_class=2)
+    escape = server.data_root / "escape"
+    photo_dataset(escape, {"inside": "chelsea"}, per_class=2)
+    (escape / "secret").symlink_to(outside, target_is_directory=True)
+    inner = server.data_root / "inner-link"
+    photo_dataset(inner, {"cats": "chelsea"}, per_class=2)
+    (inner / "cats" / "stolen.png").symlink_to(next(outside.iterdir()))
+    with server.operator() as op:
+        for folder in ("escape", "inner-link"):
+            r = op.post("/adaptations", json={"task": "escape", "dataset_path": folder,
+                                               "epochs": 1})
+            message = _error(r, 403)
+            assert "outside the data root" in message and str(outside) not in message
+        assert all(j["task"] != "escape" for j in op.get("/adaptations").json()["data"])
