@@ -122,10 +122,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if error.status_code == 404 and message == "Not Found":
             message = "no such endpoint; the API is described at /openapi.json and /docs"
         elif error.status_code == 405:
-            allowed = _allowed_methods(app, request)
+            allowed = _allowed_methods(app, request) or sorted(
+                m.strip() for m in headers.get("Allow", "").split(",") if m.strip())
             message = (f"{request.method} is not allowed here; use "
                        f"{' or '.join(allowed) or 'another path'}")
-            headers["Allow"] = ", ".join(allowed)
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
         return JSONResponse(_body(error.status_code, message), error.status_code,
                             headers=headers or None)
 
