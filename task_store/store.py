@@ -429,13 +429,14 @@ class TaskStore:
         return write_archive(dest, manifest_bytes, data)
 
     def import_archive(self, path: str | Path, *, name: str | None = None,
-                       activate: bool = True) -> VersionRecord:
+                       activate: bool = True, max_bytes: int | None = None) -> VersionRecord:
         """Add an exported version as the next version of ``name`` (default: its own name).
 
         Every member is checked (names, types, sizes, SHA-256), the backbone fingerprint
         must match, and the tensors are decoded and validated before anything is written.
+        ``max_bytes`` overrides the store's archive size limit (trusted, shipped archives).
         """
-        manifest, data = read_archive(path, max_bytes=self.max_archive_bytes)
+        manifest, data = read_archive(path, max_bytes=max_bytes or self.max_archive_bytes)
         self._check_fingerprint(manifest)
         target = validate_task_name(name or manifest.task)
         task = decode_task(data, manifest.renamed(target, manifest.version, origin=None))
