@@ -76,6 +76,15 @@ def build_parser(extensions: Sequence[CommandExtension] = ()) -> argparse.Argume
                            help="where to write the backbone (default: over --backbone-file)")
     calibrate.add_argument("--size", type=int, default=64)
     calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--images", type=int, default=None,
+                           help="calibration photo crops (default 512)")
+    for name, choices in (("weight-encoding", ["offset", "differential"]),
+                          ("dac-mode", ["multi_bit", "bit_serial"])):
+        calibrate.add_argument(f"--{name}", choices=choices, default=None,
+                               help="move the backbone to this periphery first")
+    for name in ("rows-per-read", "adc-bits"):
+        calibrate.add_argument(f"--{name}", type=int, default=None,
+                               help="move the backbone to this periphery first")
 
     accuracy = commands.add_parser(
         "crossbar-accuracy",
@@ -95,7 +104,8 @@ def build_parser(extensions: Sequence[CommandExtension] = ()) -> argparse.Argume
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     _add_backbone_file(parser)
-    parser.add_argument("--size", type=int, default=64, help="input resolution")
+    parser.add_argument("--size", type=int, default=None,
+                        help="input resolution (default: 224 for a published layout, else 64)")
     parser.add_argument("--train-limit", type=int, default=None,
                         help="training images (a fixed stratified subset; default: all)")
     parser.add_argument("--test-limit", type=int, default=2000)
@@ -117,7 +127,12 @@ def _add_adaptation_commands(commands: argparse._SubParsersAction) -> None:
         "adapt", help="adapt the frozen backbone to one dataset with one method")
     adapt.add_argument("--method", default="xma2", choices=method_names())
     adapt.add_argument("--dataset", required=True,
-                       help="fashion_mnist, mnist5k, animal_mnist, digits or imagefolder:PATH")
+                       help="fashion_mnist, mnist5k, animal_mnist, digits, imagefolder:PATH, "
+                            "or a published layout (flowers102, cub200, cub200_cropped, "
+                            "stanford_cars, stanford_cars_cropped, split_folders) with "
+                            "--dataset-path, or as LAYOUT:PATH")
+    adapt.add_argument("--dataset-path", type=Path, default=None,
+                       help="folder a published layout was unpacked to")
     adapt.add_argument("--pe-fraction", type=float, default=None,
                        help="xma2 only: share of PEs replaced by spare PEs (default 0.1)")
     adapt.add_argument("--batch-size", type=int, default=None)
@@ -129,7 +144,9 @@ def _add_adaptation_commands(commands: argparse._SubParsersAction) -> None:
 
     evaluate = commands.add_parser(
         "evaluate", help="run the methods x datasets x P grid and write the results page")
-    evaluate.add_argument("--datasets", default="fashion_mnist,mnist5k,animal_mnist")
+    evaluate.add_argument("--datasets", default="fashion_mnist,mnist5k,animal_mnist",
+                          help="comma-separated; a published layout as LAYOUT:PATH, e.g. "
+                               "flowers102:/data/flowers")
     evaluate.add_argument("--methods", default=",".join(method_names()))
     evaluate.add_argument("--pe-fractions", default="0.05,0.1,0.2,0.4",
                           help="XMA2's P values, comma-separated fractions")
@@ -184,7 +201,11 @@ def _run(args: argparse.Namespace) -> int:
         if out is None:
             raise ConfigError("give --out (or --backbone-file to update a backbone in place); "
                               f"the shipped one is {default_backbone_path()}")
-        calibrate_adc(args.backbone_file, out, args.size, args.seed)
+        chip = {name: getattr(args, name) for name in
+                ("weight_encoding", "dac_mode", "rows_per_read", "adc_bits")
+                if getattr(args, name) is not None}
+        calibrate_adc(args.backbone_file, out, args.size, args.seed, chip=chip,
+                      images=args.images, command=command_line(args.argv))
     elif args.command == "crossbar-accuracy":
         from core.commands import crossbar_accuracy, crossbar_accuracy_markdown
 
@@ -211,9 +232,30 @@ def command_line(argv: list[str]) -> str:
     return " ".join(["xma2", *(shlex.quote(a) for a in argv)])
 
 
+def adapt_dataset_name(dataset: str, path: Path | None) -> str:
+    """``--dataset flowers102 --dataset-path P`` -> ``flowers102:P``; other names unchanged."""
+    from core.published_datasets import LAYOUTS, layout_name
+
+    if dataset in LAYOUTS:
+        if path is None:
+            raise ConfigError(f"{dataset} is a published layout: give --dataset-path, the "
+                              "folder it was unpacked to (or --dataset LAYOUT:PATH)")
+        return layout_name(dataset, path)
+    if path is not None:
+        raise ConfigError(f"--dataset-path goes with a published layout "
+                          f"({', '.join(LAYOUTS)}), not {dataset}")
+    return dataset
+
+
 def _run_adaptation(args: argparse.Namespace) -> None:
     from core.commands import git_revision, load_backbone
     from core.methods.registry import override_config, parse_settings
+    from core.published_datasets import (
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_IMAGE_SIZE,
+        is_layout_name,
+        photo_method_config,
+    )
 
     if args.command == "evaluate":
         from core.evaluate import GridConfig, render_markdown, run_grid
@@ -223,12 +265,21 @@ def _run_adaptation(args: argparse.Namespace) -> None:
         except ValueError as e:
             raise ConfigError(f"--pe-fractions must be comma-separated numbers such as "
                               f"0.05,0.1 ({e})") from e
+        datasets = tuple(args.datasets.split(","))
+        methods = tuple(args.methods.split(","))
+        photos = any(is_layout_name(d) for d in datasets)
+        settings = parse_settings(args.settings)
+        if photos:  # 224-px steps at the usual batch of 64 need twice the memory
+            settings.setdefault("train.batch_size", str(DEFAULT_BATCH_SIZE))
+            if "xma2" in methods:
+                settings.setdefault("ranking_batch_size", settings["train.batch_size"])
         grid = GridConfig(
-            datasets=tuple(args.datasets.split(",")), methods=tuple(args.methods.split(",")),
-            pe_fractions=fractions, image_size=args.size,
+            datasets=datasets, methods=methods,
+            pe_fractions=fractions,
+            image_size=args.size or (DEFAULT_IMAGE_SIZE if photos else GridConfig.image_size),
             train_limit=args.train_limit or GridConfig.train_limit,
             test_limit=args.test_limit, epochs=args.epochs or GridConfig.epochs, seed=args.seed,
-            settings=tuple(parse_settings(args.settings).items()))
+            settings=tuple(settings.items()))
         result = run_grid(grid, load_backbone(args.backbone_file),
                           load_backbone(args.backbone_file), args.out,
                           command=command_line(args.argv), git_revision=git_revision(),
@@ -241,13 +292,20 @@ def _run_adaptation(args: argparse.Namespace) -> None:
     from core.methods import RunOptions, adapt, default_config
     from core.methods.common import accuracy
 
-    data = load_dataset(DatasetSpec(args.dataset, image_size=args.size, seed=args.seed,
-                                    train_limit=args.train_limit, test_limit=args.test_limit))
+    dataset = adapt_dataset_name(args.dataset, args.dataset_path)
+    photos = is_layout_name(dataset)
+    data = load_dataset(DatasetSpec(
+        dataset, image_size=args.size or (DEFAULT_IMAGE_SIZE if photos else 64),
+        seed=args.seed, train_limit=args.train_limit, test_limit=args.test_limit))
+    batch_size = args.batch_size or (DEFAULT_BATCH_SIZE if photos else None)
     config = override_config(
         default_config(args.method, pe_fraction=args.pe_fraction, epochs=args.epochs,
-                       batch_size=args.batch_size, seed=args.seed),
+                       batch_size=batch_size, seed=args.seed),
         parse_settings(args.settings))
-    task_id = args.task_id or f"{args.dataset}-{args.method}".replace("_", "-").lower()
+    if photos:
+        config = photo_method_config(config)
+    short = dataset.partition(":")[0] if photos else args.dataset
+    task_id = args.task_id or f"{short}-{args.method}".replace("_", "-").lower()
     started = time.perf_counter()
     result = adapt(args.method, load_backbone(args.backbone_file), data, task_id, config,
                    RunOptions(checkpoint_dir=args.checkpoint_dir, progress=True))
@@ -263,7 +321,7 @@ def _run_adaptation(args: argparse.Namespace) -> None:
         test = accuracy(result.trained_model, data.test)
     summary = {
         "command": command_line(args.argv), "git_revision": git_revision(),
-        "method": args.method, "dataset": data.describe()["sizes"] | {"name": args.dataset},
+        "method": args.method, "dataset": data.describe()["sizes"] | {"name": dataset},
         "threads": torch.get_num_threads(), "steps": result.steps,
         "adapt_seconds": round(result.seconds, 1), "seconds_with_test": round(seconds, 1),
         "val_accuracy": result.val_accuracy, "test_accuracy": test, "config": result.config,

@@ -148,27 +148,35 @@ def quantize(backbone: str, weights: Path | None, out: Path, steps: int, size: i
                   f"{time.perf_counter() - started:.0f} s in all")
 
 
-ADC_CALIBRATION_IMAGES = 64
+ADC_CALIBRATION_IMAGES = 512
+"""Photo crops the column ADC ranges are calibrated on (CrossSim calibrates on ~500)."""
 
 
-def calibrate_adc(backbone_file: Path | None, out: Path, size: int, seed: int) -> None:
-    """Re-tune the column ADC ranges of a saved backbone (its weights stay as they are)."""
+def calibrate_adc(backbone_file: Path | None, out: Path, size: int, seed: int, *,
+                  chip: dict[str, Any] | None = None, images: int | None = None,
+                  command: str | None = None) -> None:
+    """Re-tune the column ADC ranges of a saved backbone (its weights stay as they are),
+    first moving it to another periphery when ``chip`` names one."""
     from safetensors import safe_open
 
     path = backbone_file or default_backbone_path()
     model = load_backbone(path)
+    if chip:
+        model = model.with_chip(**chip)
     with safe_open(str(path), framework="pt") as f:
         provenance = dict(f.metadata() or {})  # how the weights were made stays recorded
+    count = images or ADC_CALIBRATION_IMAGES
     started = time.perf_counter()
-    model.calibrate_adc(calibration_images(ADC_CALIBRATION_IMAGES, size, seed=seed))
+    model.calibrate_adc(calibration_images(count, size, seed=seed))
     model.save(out, extra_metadata={
         **provenance,
-        "adc_command": f"xma2 calibrate-adc --size {size} --seed {seed}",
+        "adc_command": command or f"xma2 calibrate-adc --size {size} --seed {seed}",
+        "adc_calibration_images": str(count),
         "adc_git_revision": git_revision(),
     })
-    console.print(f"calibrated {model.config.adc_bits}-bit ADC ranges of "
-                  f"{len(model.mapping.crossbar_layers) if model.mapping else 0} layers on "
-                  f"{ADC_CALIBRATION_IMAGES} images at {size}x{size} in "
+    console.print(f"calibrated the ADC ranges of "
+                  f"{len(model.mapping.crossbar_layers) if model.mapping else 0} layers for "
+                  f"{model.config.describe()} on {count} images at {size}x{size} in "
                   f"{time.perf_counter() - started:.0f} s; wrote {out}")
 
 

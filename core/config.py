@@ -1,13 +1,17 @@
 """Frozen configuration of the emulated crossbar accelerator.
 
-Defaults follow the XMA2 paper (sections 3.3.2, 4 and 5): 72x72 crossbars,
-4-bit weights and activations, 2-bit cells, one 5-bit SAR ADC per column and
-a three-level shift mask.
+Array and precision defaults follow the XMA2 paper (sections 3.3.2, 4 and 5): 72x72
+crossbars, 4-bit weights and activations, 2-bit cells, one 5-bit SAR ADC per column
+and a three-level shift mask. The periphery default differs from the paper's (all 72
+rows read at once through a 4-bit DAC, :data:`PAPER_CHIP`), at which a 5-bit ADC
+classifies at chance: inputs are applied bit-serially and 9 rows are read per
+conversion, so every column sum fits the ADC exactly (docs/results.md, chip frontier).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum, StrEnum
 from typing import Any
@@ -67,7 +71,13 @@ class WeightEncoding(StrEnum):
 
     OFFSET = "offset"
     """Cell level ``w + 2**(bits-1)``; the periphery subtracts ``offset * sum(inputs)``
-    once per row group (one digital accumulation shared by every column of the PE)."""
+    once per row group (one digital accumulation shared by every column of the PE).
+    Column sums are non-negative: the ADC range is unsigned."""
+    DIFFERENTIAL = "differential"
+    """A PE is a pair of arrays: ``max(w, 0)`` in the positive array, ``max(-w, 0)`` in the
+    negative one, and each bit line pair's currents are subtracted before the ADC. Column
+    sums are signed and centred near zero: the ADC range is signed. Twice the cells (and
+    cell reads and writes) of OFFSET, no digital offset correction."""
 
 
 @dataclass(frozen=True)
@@ -94,14 +104,22 @@ class CrossbarConfig:
     """Precision of depthwise weights, which run in the digital periphery."""
     adc_bits: int = 5
     """SAR ADC resolution, one ADC per column."""
-    dac_mode: DacMode = DacMode.MULTI_BIT
+    dac_mode: DacMode = DacMode.BIT_SERIAL
+    """Bit-serial by default: with 2-bit cells, 1-bit inputs and 9 rows per read every
+    column sum fits the 5-bit ADC (docs/results.md, chip frontier)."""
+    rows_per_read: int = 9
+    """Word lines driven together for one ADC conversion. A PE's rows are read in groups
+    of whole input channels that tile its row group evenly (the largest such group of at
+    most this many rows, and at least one channel: 9 rows of a 3x3 kernel); each group's
+    column sums are converted on their own and added digitally."""
     shift_levels: int = 3
     """Shift levels N of the tier-2 mask: values {0, 2**-N, ..., 1/2, 1}; N=0 is binary."""
     depthwise: DepthwiseMapping = DepthwiseMapping.DIGITAL
     weight_encoding: WeightEncoding = WeightEncoding.OFFSET
 
     def __post_init__(self) -> None:
-        for name in ("rows", "cols", "bits_per_cell", "weight_bits", "activation_bits"):
+        for name in ("rows", "cols", "bits_per_cell", "weight_bits", "activation_bits",
+                     "rows_per_read"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("edge_bits", "signed_input_bits", "depthwise_bits", "adc_bits"):
@@ -114,6 +132,8 @@ class CrossbarConfig:
                 f"cols ({self.cols}) must be a multiple of the cell slices per weight "
                 f"({self.slices} = ceil(weight_bits / bits_per_cell))"
             )
+        if self.rows_per_read > self.rows:  # "at most N rows" of a smaller crossbar: all
+            object.__setattr__(self, "rows_per_read", self.rows)
         if not 0 <= self.shift_levels <= 7:
             raise ConfigError(f"shift_levels must be in 0..7, got {self.shift_levels}")
         for name, enum in (("dac_mode", DacMode), ("depthwise", DepthwiseMapping),
@@ -144,7 +164,23 @@ class CrossbarConfig:
     @property
     def weight_offset(self) -> int:
         """Level added to a signed weight code so that it is a non-negative conductance."""
-        return 2 ** (self.weight_bits - 1)
+        return 2 ** (self.weight_bits - 1) if self.weight_encoding is WeightEncoding.OFFSET else 0
+
+    @property
+    def arrays_per_pe(self) -> int:
+        """Crossbar arrays per PE: 2 for differential pairs."""
+        return 2 if self.weight_encoding is WeightEncoding.DIFFERENTIAL else 1
+
+    @property
+    def adc_signed(self) -> bool:
+        """Whether column sums (and so the ADC's range) are signed."""
+        return self.weight_encoding is WeightEncoding.DIFFERENTIAL
+
+    def describe(self) -> str:
+        """One line naming the chip's periphery, for logs and reports."""
+        return (f"{self.weight_encoding.value} cells, {self.rows_per_read} rows per read, "
+                f"{self.dac_mode.value} DAC, {self.adc_bits}-bit "
+                f"{'signed' if self.adc_signed else 'unsigned'} ADC")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -153,13 +189,43 @@ class CrossbarConfig:
                 out[f.name] = out[f.name].value
         return out
 
+    def identity_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` less the settings added after task archives first bound to a
+        chip, where they hold the value that chip had: one chip, one identity, before
+        and after a field is added (:meth:`CrossbarModel.fingerprint`)."""
+        out = self.to_dict()
+        for name in _ADDED_AFTER_FINGERPRINTS:
+            if out[name] == _LEGACY_DEFAULTS[name](out):
+                del out[name]
+        return out
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CrossbarConfig:
+        """A saved config; fields it predates take the values the chip then had."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown crossbar settings {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        legacy = {name: value(data) for name, value in _LEGACY_DEFAULTS.items()
+                  if name not in data}
+        return cls(**{**legacy, **data})
+
+
+_LEGACY_DEFAULTS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "rows_per_read": lambda data: data.get("rows", 72),
+    "weight_encoding": lambda data: WeightEncoding.OFFSET.value,
+    "dac_mode": lambda data: DacMode.MULTI_BIT.value,
+}
+"""What a config saved before a field existed meant: the first chip read every row of a
+PE at once, offset-encoded, through a multi-bit DAC."""
+_ADDED_AFTER_FINGERPRINTS = ("rows_per_read",)
+"""Fields newer than the shipped task archives (whose backbone fingerprint hashed the
+config without them)."""
+
+PAPER_CHIP = {"weight_encoding": "offset", "rows_per_read": 72, "dac_mode": "multi_bit",
+              "adc_bits": 5}
+"""The paper's periphery (72 rows at once, offset cells, 4-bit DAC, 5-bit ADC); its
+crossbar fidelity collapses to chance (docs/results.md)."""
 
 
 @dataclass(frozen=True)

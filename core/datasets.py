@@ -103,6 +103,10 @@ class ImageSplit(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _normalise(self.images[index]), self.labels[index]
 
@@ -321,6 +325,9 @@ def load_image_folder(root: str | os.PathLike[str], image_size: int) -> RawImage
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise ConfigError(f"{root} has no class sub-folders")
+    if {"train", "test"} <= {d.name for d in class_dirs} <= {"train", "val", "test"}:
+        raise ConfigError(f"{root} holds train/ and test/ splits, not classes; read it as "
+                          f"split_folders:{root} to keep those splits")
     pictures: list[Image.Image] = []
     labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
@@ -366,7 +373,8 @@ def load_raw(
     if name not in _OTHERS:
         raise ConfigError(
             f"unknown dataset {name!r}; choose one of "
-            f"{', '.join(dataset_names())} or {IMAGEFOLDER_PREFIX}<path>"
+            f"{', '.join(dataset_names())} or {IMAGEFOLDER_PREFIX}<path> (or a published "
+            "layout as LAYOUT:<path>, e.g. flowers102:<path>)"
         )
     return _OTHERS[name]()
 
@@ -444,9 +452,20 @@ def _resize(images: np.ndarray, size: int) -> torch.Tensor:
 
 
 def load_dataset(
-    spec: DatasetSpec, *, fashion_mnist_dir: str | os.PathLike[str] | None = None
+    spec: DatasetSpec,
+    *,
+    fashion_mnist_dir: str | os.PathLike[str] | None = None,
+    data_root: str | os.PathLike[str] | None = None,
 ) -> TaskDataset:
-    """Load, split and resize; raises ResourceUnavailable naming the install command if absent."""
+    """Load, split and resize; raises ResourceUnavailable naming the install command if absent.
+
+    ``LAYOUT:PATH`` names (``flowers102:/data/flowers``) read a published layout lazily
+    (:mod:`core.published_datasets`), refusing files outside ``data_root`` when it is given.
+    """
+    from core.published_datasets import is_layout_name, load_layout_dataset
+
+    if is_layout_name(spec.name):
+        return load_layout_dataset(spec, data_root=data_root)
     raw = load_raw(spec.name, image_size=spec.image_size, fashion_mnist_dir=fashion_mnist_dir)
     index = split_indices(raw.labels, spec, raw.test_start)
     splits = {

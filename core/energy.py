@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor
 
-from core.config import CrossbarConfig
+from core.config import CrossbarConfig, WeightEncoding
 from core.errors import ConfigError
 from core.mapping import LayerMapping, Placement
 
@@ -122,7 +122,8 @@ class EnergyConfig:
         """Defaults re-derived for another geometry: ADC bits and rows, mask entry width."""
         mask_bits = math.ceil(math.log2(config.shift_levels + 2))
         derived = {
-            "adc_conversion_j": sar_adc_energy_j(config.adc_bits, R_ON_OHM / config.rows),
+            "adc_conversion_j": sar_adc_energy_j(config.adc_bits,
+                                                 R_ON_OHM / min(config.rows, config.rows_per_read)),
             "mask_buffer_read_j": mask_bits * _BUFFER_J_PER_BIT,
         }
         derived.update(overrides)
@@ -265,10 +266,16 @@ def count_layer_ops(
     the same (a shift is free in the shift-adder). Replaced (spare) PEs ignore
     the column mask.
 
+    Rows per read: a row group's rows are driven in ``ceil(rows_in_group /
+    rows_per_conversion)`` read groups, each converted on its own, so conversions and
+    shift-adds scale with the reads, and the adder tree sums every read's partial sum.
+
     Offset encoding: per vector, each row group with an active column sums its
     ``rows_in_group`` inputs once per cycle (shared by every column of every PE
     of that row group), and each active logical column subtracts
-    ``offset * sum`` once. Inputs are read from the input buffer once per row
+    ``offset * sum`` once. Differential encoding reads both arrays of a PE (twice the
+    cell reads), subtracts each pair's currents before the ADC (one conversion per pair)
+    and needs no offset correction. Inputs are read from the input buffer once per row
     group (broadcast along the row of PEs); ``output_bits`` (default
     ``activation_bits``: BN/ReLU/requant happen before the write) per output.
 
@@ -306,6 +313,7 @@ def count_layer_ops(
 
     starts = torch.arange(n_rg, dtype=torch.int64) * layer.rows_per_group
     rows = (layer.weight_rows - starts).clamp(max=layer.rows_per_group)  # [R]
+    reads = -(-rows // layer.rows_per_conversion)  # [R] read groups holding weights
     col_group = torch.arange(n_out) // layer.outputs_per_pe  # [O]
     if pe_mask is not None:
         replaced = pe_mask[:, col_group]  # [R, O]
@@ -320,15 +328,16 @@ def count_layer_ops(
     rg_active = active_per_rg > 0
 
     logical_active = int(active_per_rg.sum())
-    bit_lines = logical_active * layer.slices
     active_rows = int((rows * rg_active).sum())
-    conversions = bit_lines * cycles * vectors
+    conversions = int((reads * active_per_rg).sum()) * layer.slices * cycles * vectors
+    offset = layer.weight_encoding is not WeightEncoding.DIFFERENTIAL
     return OpCounts(
-        cell_reads=int((rows * active_per_rg).sum()) * layer.slices * cycles * vectors,
+        cell_reads=(int((rows * active_per_rg).sum()) * layer.slices * layer.arrays_per_pe
+                    * cycles * vectors),
         adc_conversions=conversions,
         shift_adds=conversions,
-        adder_tree_adds=n_out * (n_rg - 1) * vectors,
-        offset_correction_adds=(active_rows * cycles + logical_active) * vectors,
+        adder_tree_adds=n_out * (int(reads.sum()) - 1) * vectors,
+        offset_correction_adds=(active_rows * cycles + logical_active) * vectors if offset else 0,
         input_buffer_bits=active_rows * layer.input_bits * vectors,
         output_buffer_bits=output_buffer_bits,
         mask_buffer_reads=int((~replaced).sum()) * images if column_codes is not None else 0,

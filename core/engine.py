@@ -39,6 +39,7 @@ from core.lru import LRUCache
 from core.model import DAC_MODES, CrossbarModel
 from core.ops.crossbar import (
     CrossbarProgram,
+    adc_code_range,
     build_program,
     full_scale_adc_step,
     layer_cell_levels,
@@ -388,6 +389,13 @@ class CrossbarEngine:
                 continue
             mapping = layer.mapping
             assert mapping is not None
+            if self._backbone_program(name, layer).lossless:
+                entries = [SampleGroup(rows, *_swap(self._changed(prepared[task_id]).get(name)))
+                           for task_id, rows in samples.items()
+                           if name in self._changed(prepared[task_id])]
+                layer.sample_groups = entries
+                touched.append(layer)
+                continue
             column_values = torch.ones(batch, mapping.row_groups, mapping.out_channels)
             reads = []
             for task_id, rows in samples.items():
@@ -541,10 +549,9 @@ class CrossbarEngine:
         mapping = layer.mapping
         assert mapping is not None and layer.adc_range is not None
         chip = self.chip
-        qmax = 2**chip.adc_bits - 1
+        qmax = adc_code_range(chip.adc_bits, chip.adc_signed)[1]
         if self.crossbar.adc_range is AdcRange.FULL_SCALE:
-            step = full_scale_adc_step(mapping, dac_bits=chip.dac_bits, adc_bits=chip.adc_bits,
-                                       crossbar_rows=chip.rows)
+            step = full_scale_adc_step(mapping, dac_bits=chip.dac_bits, adc_bits=chip.adc_bits)
         else:
             step = layer.adc_range[DAC_MODES.index(chip.dac_mode)] / qmax
         noise = self.crossbar.non_idealities
@@ -630,6 +637,13 @@ class CrossbarEngine:
             module._parameters[attr] = value  # type: ignore[assignment]
         else:
             module._buffers[attr] = value
+
+
+def _swap(changed: tuple[Tensor | None, Tensor] | None) -> tuple[Tensor, Tensor | None]:
+    """``(channels, codes)`` of :meth:`CrossbarEngine._changed` in SampleGroup's order."""
+    assert changed is not None
+    channels, codes = changed
+    return codes, channels
 
 
 def _by_module(digital: dict[str, nn.Parameter | Tensor]) -> dict[str, dict[str, Tensor]]:

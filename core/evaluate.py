@@ -148,10 +148,13 @@ def reprogramming_cost(model: CrossbarModel, task: TaskState,
         single = TaskState(task.task_id, task.shift_levels, task.head, {name: state})
         old, new, valid = _spare_writes(model, single)
         bits = layers[name].weight_bits
+        encoding = model.config.weight_encoding
         old_levels = weight_codes_to_cell_levels(old[valid], weight_bits=bits,
-                                                 bits_per_cell=cfg.bits_per_cell)
+                                                 bits_per_cell=cfg.bits_per_cell,
+                                                 encoding=encoding)
         new_levels = weight_codes_to_cell_levels(new[valid], weight_bits=bits,
-                                                 bits_per_cell=cfg.bits_per_cell)
+                                                 bits_per_cell=cfg.bits_per_cell,
+                                                 encoding=encoding)
         report = programming_cost(old_levels, new_levels, cfg)
         erased = programming_cost(torch.zeros_like(new_levels), new_levels, cfg)
         result["reprogram_j"] += report.energy_j
@@ -288,7 +291,8 @@ def run_grid(config: GridConfig, model: CrossbarModel, serve_model: CrossbarMode
         accepted = setting_names(method_config)
         method_config = override_config(
             method_config, {k: v for k, v in config.settings if k in accepted})
-        task_id = f"{dataset}-{method}" + ("" if p is None else f"-p{round(100 * p)}")
+        short = dataset.partition(":")[0]  # LAYOUT:PATH and imagefolder:PATH: no path
+        task_id = f"{short}-{method}" + ("" if p is None else f"-p{round(100 * p)}")
         task_id = task_id.replace("_", "-")
         started = time.perf_counter()
         adapted = adapt(method, model, data, task_id, method_config,

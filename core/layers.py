@@ -199,7 +199,7 @@ class CrossbarConv2d(nn.Module):
         return ConvGeometry(tuple(self.stride), tuple(self.padding), tuple(self.dilation))  # type: ignore[arg-type]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.program is not None:
+        if self.program is not None and not (self.program.lossless and self._lossless_path()):
             codes = self.input_codes(x)
             acc = crossbar_conv2d(
                 codes, self.program, self.geometry, implementation=self.implementation,
@@ -230,6 +230,12 @@ class CrossbarConv2d(nn.Module):
             self.input_quant(x), weight, self.bias, self.stride, self.padding,
             self.dilation, self.groups,
         )
+
+    def _lossless_path(self) -> bool:
+        """Whether a lossless program may run as the code-domain convolution (equal bit
+        for bit): the layer holds the active task's codes and inputs are exact codes."""
+        return (self.latent_weight is None and self._task_codes is not None
+                and self._exact_inputs())
 
     def _apply_sample_groups(self, codes: Tensor, out: Tensor) -> None:
         """Overwrite each group's changed channels with its own task's weights."""

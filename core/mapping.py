@@ -20,7 +20,7 @@ from enum import StrEnum
 
 from torch import nn
 
-from core.config import CrossbarConfig
+from core.config import CrossbarConfig, WeightEncoding
 from core.errors import ConfigError
 
 
@@ -60,6 +60,9 @@ class LayerMapping:
     crossbar_rows: int
     crossbar_cols: int
     bits_per_cell: int
+    weight_encoding: WeightEncoding = WeightEncoding.OFFSET
+    rows_per_read: int | None = None
+    """The chip's word lines per conversion (None: the whole row group)."""
 
     @property
     def slices(self) -> int:
@@ -81,6 +84,30 @@ class LayerMapping:
     @property
     def rows_per_group(self) -> int:
         return self.channels_per_row_group * self.kernel_area
+
+    @property
+    def arrays_per_pe(self) -> int:
+        """Crossbar arrays of one PE: a differential PE is a positive and a negative array."""
+        return 2 if self.weight_encoding is WeightEncoding.DIFFERENTIAL else 1
+
+    @property
+    def channels_per_read(self) -> int:
+        """Input channels driven together for one conversion: the largest divisor of the
+        row group's channels whose rows fit ``rows_per_read`` (at least one channel)."""
+        per_group = self.channels_per_row_group
+        if self.rows_per_read is None:
+            return per_group
+        fit = max(1, self.rows_per_read // self.kernel_area)
+        return max(d for d in range(1, min(fit, per_group) + 1) if per_group % d == 0)
+
+    @property
+    def reads_per_group(self) -> int:
+        """Conversions per bit line and input cycle: the row group's reads."""
+        return self.channels_per_row_group // self.channels_per_read
+
+    @property
+    def rows_per_conversion(self) -> int:
+        return self.channels_per_read * self.kernel_area
 
     @property
     def outputs_per_pe(self) -> int:
@@ -130,11 +157,13 @@ class LayerMapping:
 
     @property
     def cells_used(self) -> int:
-        return self.weight_rows * self.out_channels * self.slices if self.num_pes else 0
+        if not self.num_pes:
+            return 0
+        return self.weight_rows * self.out_channels * self.slices * self.arrays_per_pe
 
     @property
     def cells_total(self) -> int:
-        return self.num_pes * self.crossbar_rows * self.crossbar_cols
+        return self.num_pes * self.crossbar_rows * self.crossbar_cols * self.arrays_per_pe
 
     @property
     def utilisation(self) -> float:
@@ -248,4 +277,6 @@ def map_layer(
         crossbar_rows=config.rows,
         crossbar_cols=config.cols,
         bits_per_cell=config.bits_per_cell,
+        weight_encoding=config.weight_encoding,
+        rows_per_read=config.rows_per_read,
     )

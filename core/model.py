@@ -34,7 +34,13 @@ from core.config import CrossbarConfig, DacMode
 from core.errors import ConfigError, ResourceUnavailable
 from core.layers import CrossbarConv2d, DigitalNorm, crossbar_layers
 from core.mapping import ModelMapping, map_layer
-from core.ops.crossbar import input_cycles, layer_cell_levels
+from core.ops.crossbar import (
+    adc_code_range,
+    input_cycles,
+    largest_read_sum,
+    layer_cell_levels,
+    read_levels,
+)
 from core.quant import ActivationQuantizer
 from core.task_state import TaskHead
 
@@ -233,10 +239,9 @@ class CrossbarModel(nn.Module):
                 x = inputs[0]  # never in place: the layer reads it next
                 codes = x if layer.takes_codes() else (x / quant.step).round().clamp(qmin, qmax)
                 for mode_index, mode in enumerate(DAC_MODES):
-                    psums, cycle_weight = _slice_partial_sums(
-                        codes, layer, weights[name], replace(self.config, dac_mode=mode).dac_bits)
-                    samples.setdefault((name, mode_index), []).append(
-                        _subsample(psums, cycle_weight, max_samples // 8, generator))
+                    samples.setdefault((name, mode_index), []).append(_slice_partial_sums(
+                        codes, layer, weights[name], replace(self.config, dac_mode=mode).dac_bits,
+                        max_samples // 8, generator))
             return hook
 
         hooks = [m.register_forward_pre_hook(collect(n, m)) for n, m in layers]
@@ -247,15 +252,33 @@ class CrossbarModel(nn.Module):
             for h in hooks:
                 h.remove()
         bits = self.config.adc_bits if adc_bits is None else adc_bits
-        qmax = 2**bits - 1
+        qmax = adc_code_range(bits, self.config.adc_signed)[1]
         self.adc_calibrated_bits = bits
         for name, layer in layers:
             assert layer.adc_range is not None
             for mode_index in range(len(DAC_MODES)):
                 values = torch.cat([v for v, _ in samples[(name, mode_index)]], dim=1)
                 weight = torch.cat([w for _, w in samples[(name, mode_index)]], dim=1)
+                assert layer.mapping is not None
+                dac_bits = replace(self.config, dac_mode=DAC_MODES[mode_index]).dac_bits
+                bound = largest_read_sum(layer.mapping, dac_bits)
                 for s in range(values.shape[0]):
-                    layer.adc_range[mode_index, s] = _best_adc_top(values[s], weight[s], qmax)
+                    layer.adc_range[mode_index, s] = (
+                        float(qmax) if bound <= qmax  # provably lossless: unit step
+                        else _best_adc_top(values[s], weight[s], qmax,
+                                           signed=self.config.adc_signed))
+
+    def with_chip(self, **changes: object) -> CrossbarModel:
+        """The same programmed weights on another periphery (encoding, rows per read, ADC,
+        DAC): a copy whose ADC ranges must be calibrated again for it."""
+        model = copy.deepcopy(self)
+        model.config = replace(self.config, **changes)  # type: ignore[arg-type]
+        model.build_mapping()
+        model.adc_calibrated_bits = None
+        for _, layer in model.layers():
+            if layer.adc_range is not None:
+                layer.adc_range.zero_()
+        return model
 
     @property
     def adc_calibrated(self) -> bool:
@@ -268,9 +291,9 @@ class CrossbarModel(nn.Module):
         """Unpacked cell levels as a grouped-conv weight: one output per column and slice."""
         mapping = layer.mapping
         assert mapping is not None
-        levels = layer_cell_levels(layer.weight_codes, mapping)  # [S, Cout, R, rows]
-        return levels.permute(2, 1, 0, 3).reshape(
-            -1, mapping.channels_per_row_group, *mapping.kernel_size)
+        levels = read_levels(layer_cell_levels(layer.weight_codes, mapping), mapping)
+        return levels.permute(2, 1, 0, 3).reshape(  # [S, Cout, reads, rows] -> grouped conv
+            -1, mapping.channels_per_read, *mapping.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
         """Pooled features of the active task (see :class:`core.engine.CrossbarEngine`)."""
@@ -281,7 +304,9 @@ class CrossbarModel(nn.Module):
     def fingerprint(self) -> str:
         """SHA-256 of the programmed state and crossbar config: task states bind to it."""
         digest = hashlib.sha256()
-        digest.update(json.dumps(self._metadata(), sort_keys=True).encode())
+        identity = {**self._metadata(),
+                    "crossbar_config": json.dumps(self.config.identity_dict(), sort_keys=True)}
+        digest.update(json.dumps(identity, sort_keys=True).encode())
         for key, tensor in sorted(self.state_dict().items()):
             digest.update(key.encode())
             digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
@@ -347,9 +372,11 @@ class CrossbarModel(nn.Module):
 
 
 def _slice_partial_sums(
-    codes: Tensor, layer: CrossbarConv2d, weight: Tensor, bits_per_cycle: int,
+    codes: Tensor, layer: CrossbarConv2d, weight: Tensor, bits_per_cycle: int, limit: int,
+    generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
-    """Lossless partial sums ``[slices, n]`` of every column and cycle, with cycle weights."""
+    """Lossless partial sums ``[slices, n]`` of every read, column and cycle (at most
+    ``limit`` drawn at random, shared evenly by the cycles), with cycle weights."""
     mapping = layer.mapping
     assert mapping is not None
     chunks, cycle_weights = input_cycles(codes, mapping.input_bits, mapping.input_signed,
@@ -358,36 +385,35 @@ def _slice_partial_sums(
     values, weights = [], []
     for chunk, cycle_weight in zip(chunks, cycle_weights, strict=True):
         chunk = torch.nn.functional.pad(chunk, (0, 0, 0, 0, 0, padded))
+        reads = mapping.row_groups * mapping.reads_per_group
         psum = torch.nn.functional.conv2d(chunk, weight, None, layer.stride, layer.padding,
-                                          layer.dilation, mapping.row_groups)
-        psum = psum.reshape(psum.shape[0], mapping.row_groups, mapping.out_channels,
-                            mapping.slices, -1)
+                                          layer.dilation, reads)
+        psum = psum.reshape(psum.shape[0], reads, mapping.out_channels, mapping.slices, -1)
         flat = psum.movedim(3, 0).reshape(mapping.slices, -1)
+        if flat.shape[1] > limit // len(chunks):
+            flat = flat[:, torch.randint(flat.shape[1], (limit // len(chunks),),
+                                         generator=generator)]
         values.append(flat)
         weights.append(torch.full_like(flat, cycle_weight**2))
     return torch.cat(values, dim=1), torch.cat(weights, dim=1)
 
 
-def _subsample(values: Tensor, weights: Tensor, limit: int, generator: torch.Generator
-               ) -> tuple[Tensor, Tensor]:
-    if values.shape[1] <= limit:
-        return values, weights
-    index = torch.randint(values.shape[1], (limit,), generator=generator)
-    return values[:, index], weights[:, index]
-
-
-def _best_adc_top(values: Tensor, weights: Tensor, qmax: int, grid: int = 80) -> float:
-    """Top of the ADC range minimising the weighted squared error of integer ``values``.
+def _best_adc_top(values: Tensor, weights: Tensor, qmax: int, grid: int = 80,
+                  signed: bool = False) -> float:
+    """Top of the ADC range minimising the weighted squared error of integer ``values``
+    (MSE over a grid of 80 tops between one level per code and the largest sum seen).
 
     The step never goes below one partial-sum level: finer codes would only resolve
-    values that cannot occur, and would clip sums the calibration images missed."""
-    top = float(values.max())
+    values that cannot occur, and would clip sums the calibration images missed. A
+    signed range has ``qmax + 1`` codes below zero (two's complement)."""
+    qmin = -(qmax + 1) if signed else 0
+    top = float(values.abs().max()) if signed else float(values.max())
     if top <= qmax:
         return float(qmax)  # one code per partial-sum level covers everything: lossless
     best, best_err = top, math.inf
     for ratio in torch.linspace(qmax / top, 1.0, grid).tolist():
         step = top * ratio / qmax
-        q = torch.round(values / step).clamp_(0, qmax) * step
+        q = torch.round(values / step).clamp_(qmin, qmax) * step
         err = float((weights * (q - values).square()).sum())
         if err < best_err:
             best, best_err = top * ratio, err

@@ -245,11 +245,13 @@ def task_pe_levels(task: TaskState, mapping: ModelMapping,
                    bits_per_cell: int) -> tuple[list[PEId], Tensor, Tensor]:
     """Cell levels a task's spare PEs must hold, in layer then ``pe_mask.nonzero()`` order.
 
-    Returns the replaced PEs, their levels uint8 ``[n, rows, cols]`` (row = unrolled weight
-    row inside the row group, column = ``(output mod outputs_per_pe) * slices + slice``) and
+    Returns the replaced PEs, their levels uint8 ``[n, rows, cols * arrays_per_pe]`` (row =
+    unrolled weight row inside the row group, column = ``(output mod outputs_per_pe) *
+    columns + column``, where a differential weight's columns are its positive then its
+    negative slices: the two arrays of the pair side by side) and
     a bool mask of the cells the task uses.
     """
-    rows, cols = mapping.config.rows, mapping.config.cols
+    rows, cols = mapping.config.rows, mapping.config.cols * mapping.config.arrays_per_pe
     pe_ids: list[PEId] = []
     all_levels, all_valid = [], []
     for layer in mapping.crossbar_layers:
@@ -258,7 +260,8 @@ def task_pe_levels(task: TaskState, mapping: ModelMapping,
             continue
         n = state.replaced_pes
         levels = weight_codes_to_cell_levels(state.spare_codes, weight_bits=layer.weight_bits,
-                                             bits_per_cell=bits_per_cell)
+                                             bits_per_cell=bits_per_cell,
+                                             encoding=layer.weight_encoding)
         slices = levels.shape[-1]
         used_cols = layer.outputs_per_pe * slices
         grid = levels.permute(0, 2, 1, 3).reshape(n, layer.rows_per_group, used_cols)
@@ -330,7 +333,7 @@ class SparePEPool:
         self.policy: EvictionPolicy = policy or LRUEviction()
         self.num_slots = (self.config.spare_pes if self.config.spare_pes is not None
                           else default_spare_pes(mapping))
-        rows, cols = mapping.config.rows, mapping.config.cols
+        rows, cols = mapping.config.rows, mapping.config.cols * mapping.config.arrays_per_pe
         self._levels = torch.full((self.num_slots, rows, cols), self.config.initial_level,
                                   dtype=torch.uint8)
         self.write_counter = (CellWriteCounter(self.num_slots, rows, cols,

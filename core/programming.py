@@ -2,8 +2,8 @@
 
 Reprogramming energy in XMA2 depends on the write voltage, the pulses and the
 *conductance level change* of each cell (paper, section 5), so weights are
-first turned into per-cell levels (OFFSET encoding, slice 0 = most significant
-bits) and the cost of moving every cell from its old to its new level is
+first turned into per-cell levels (offset or differential encoding, slice 0 = most
+significant bits) and the cost of moving every cell from its old to its new level is
 counted. :class:`CellWriteCounter` keeps per-cell write counts for endurance.
 """
 
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from core.config import WeightEncoding
 from core.errors import ConfigError
 
 
@@ -31,39 +32,63 @@ def _check_integer(t: Tensor, what: str) -> None:
         raise ConfigError(f"{what} must be an integer tensor, got {t.dtype}")
 
 
-def weight_codes_to_cell_levels(codes: Tensor, *, weight_bits: int, bits_per_cell: int) -> Tensor:
-    """Signed weight codes ``[...]`` -> cell levels ``[..., slices]`` (uint8).
+def _digits(values: Tensor, slices: int, bits_per_cell: int) -> Tensor:
+    shifts = bits_per_cell * torch.arange(slices - 1, -1, -1, dtype=torch.int64)
+    return ((values.unsqueeze(-1) >> shifts) & (2**bits_per_cell - 1)).to(torch.uint8)
 
-    OFFSET encoding: the stored value is ``u = code + 2**(weight_bits-1)``, split
-    into ``bits_per_cell``-bit digits with slice 0 the most significant (which
-    holds the leftover bits when ``weight_bits`` is not a multiple).
+
+def weight_codes_to_cell_levels(
+    codes: Tensor, *, weight_bits: int, bits_per_cell: int,
+    encoding: WeightEncoding = WeightEncoding.OFFSET,
+) -> Tensor:
+    """Signed weight codes ``[...]`` -> cell levels ``[..., columns]`` (uint8).
+
+    OFFSET encoding (``columns = slices``): the stored value is
+    ``u = code + 2**(weight_bits-1)``, split into ``bits_per_cell``-bit digits with
+    slice 0 the most significant (which holds the leftover bits when ``weight_bits`` is
+    not a multiple). DIFFERENTIAL (``columns = 2 * slices``): the digits of
+    ``max(code, 0)`` on the positive array, then those of ``max(-code, 0)`` on the
+    negative array (a magnitude of at most ``2**(weight_bits-1)`` fits the same slices).
     """
     slices = _check_bits(weight_bits, bits_per_cell)
     _check_integer(codes, "weight codes")
     half = 2 ** (weight_bits - 1)
-    u = codes.to(torch.int64) + half
-    if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 2 * half):
+    signed = codes.to(torch.int64)
+    if signed.numel() and (int(signed.min()) < -half or int(signed.max()) >= half):
         raise ConfigError(f"{weight_bits}-bit weight codes must be in [{-half}, {half - 1}]")
-    shifts = bits_per_cell * torch.arange(slices - 1, -1, -1, dtype=torch.int64)
-    levels = (u.unsqueeze(-1) >> shifts) & (2**bits_per_cell - 1)
-    return levels.to(torch.uint8)
+    if WeightEncoding(encoding) is WeightEncoding.DIFFERENTIAL:
+        return torch.cat([_digits(signed.clamp(min=0), slices, bits_per_cell),
+                          _digits((-signed).clamp(min=0), slices, bits_per_cell)], dim=-1)
+    return _digits(signed + half, slices, bits_per_cell)
 
 
-def cell_levels_to_weight_codes(levels: Tensor, *, weight_bits: int, bits_per_cell: int) -> Tensor:
-    """Inverse of :func:`weight_codes_to_cell_levels`: ``[..., slices]`` -> int64 codes."""
+def cell_levels_to_weight_codes(
+    levels: Tensor, *, weight_bits: int, bits_per_cell: int,
+    encoding: WeightEncoding = WeightEncoding.OFFSET,
+) -> Tensor:
+    """Inverse of :func:`weight_codes_to_cell_levels`: ``[..., columns]`` -> int64 codes."""
     slices = _check_bits(weight_bits, bits_per_cell)
     _check_integer(levels, "cell levels")
-    if levels.dim() == 0 or levels.shape[-1] != slices:
-        raise ConfigError(f"cell levels need a last dimension of {slices} slices, "
+    differential = WeightEncoding(encoding) is WeightEncoding.DIFFERENTIAL
+    columns = 2 * slices if differential else slices
+    if levels.dim() == 0 or levels.shape[-1] != columns:
+        raise ConfigError(f"cell levels need a last dimension of {columns} columns, "
                           f"got shape {tuple(levels.shape)}")
     lv = levels.to(torch.int64)
+    if lv.numel() and (int(lv.min()) < 0 or int(lv.max()) >= 2**bits_per_cell):
+        raise ConfigError(f"cell levels out of range for {bits_per_cell}-bit cells")
+    shifts = bits_per_cell * torch.arange(slices - 1, -1, -1, dtype=torch.int64)
+    half = 2 ** (weight_bits - 1)
+    if differential:
+        codes = (lv[..., :slices] << shifts).sum(-1) - (lv[..., slices:] << shifts).sum(-1)
+        if codes.numel() and (int(codes.min()) < -half or int(codes.max()) >= half):
+            raise ConfigError(f"cell levels out of range for {weight_bits}-bit weights")
+        return codes
     top_bits = weight_bits - bits_per_cell * (slices - 1)
-    if lv.numel() and (int(lv.min()) < 0 or int(lv.max()) >= 2**bits_per_cell
-                       or int(lv[..., 0].max()) >= 2**top_bits):
+    if lv.numel() and int(lv[..., 0].max()) >= 2**top_bits:
         raise ConfigError(f"cell levels out of range for {weight_bits}-bit weights in "
                           f"{bits_per_cell}-bit cells")
-    shifts = bits_per_cell * torch.arange(slices - 1, -1, -1, dtype=torch.int64)
-    return (lv << shifts).sum(dim=-1) - 2 ** (weight_bits - 1)
+    return (lv << shifts).sum(dim=-1) - half
 
 
 @dataclass(frozen=True)

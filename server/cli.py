@@ -37,7 +37,7 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
 
 
 class ServerCommands:
-    commands = ("serve", "build-default-tasks")
+    commands = ("serve", "build-default-tasks", "chip-frontier")
 
     def add(self, commands: argparse._SubParsersAction) -> None:
         serve = commands.add_parser(
@@ -60,9 +60,28 @@ class ServerCommands:
         build.add_argument("--seed", type=int, default=None)
         build.add_argument("--threads", type=int, default=None)
 
+        frontier = commands.add_parser(
+            "chip-frontier",
+            help="sweep the chip's periphery (encoding, rows per read, ADC bits, DAC) and "
+                 "record accuracy of the shipped tasks against energy")
+        frontier.add_argument("--out", type=Path, required=True,
+                              help="JSON file (a .md table and a .png plot go beside it)")
+        frontier.add_argument("--encodings", default="offset,differential")
+        frontier.add_argument("--rows", default="72,36,18,9", help="rows per read")
+        frontier.add_argument("--adc-bits", default="4,5,6,8")
+        frontier.add_argument("--dac", default="multi_bit,bit_serial")
+        frontier.add_argument("--test-limit", type=int, default=1000,
+                              help="test images per shipped task")
+        frontier.add_argument("--calibration-images", type=int, default=512)
+        frontier.add_argument("--seed", type=int, default=0)
+        frontier.add_argument("--backbone-file", type=Path, default=None)
+        frontier.add_argument("--threads", type=int, default=None)
+
     def run(self, args: argparse.Namespace) -> int:
         if args.command == "serve":
             return serve(args)
+        if args.command == "chip-frontier":
+            return chip_frontier(args)
         return build(args)
 
 
@@ -117,6 +136,26 @@ def build(args: argparse.Namespace) -> int:
     for entry in index["tasks"]:
         print(f"{entry['name']}: test accuracy {entry['metrics']['test_accuracy']:.1%}, "
               f"{entry['bytes']:,} bytes")
+    return 0
+
+
+def chip_frontier(args: argparse.Namespace) -> int:
+    import torch
+
+    from server import frontier
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    points = frontier.grid(args.encodings.split(","), [int(r) for r in args.rows.split(",")],
+                           [int(b) for b in args.adc_bits.split(",")], args.dac.split(","))
+    result = frontier.run(args.out, points, test_limit=args.test_limit,
+                          calibration_images=args.calibration_images, seed=args.seed,
+                          command=core_cli.command_line(args.argv),
+                          backbone_file=args.backbone_file)
+    print(frontier.markdown(result))
+    print(f"default chip (lowest energy within {frontier.ACCURACY_TOLERANCE} point of ideal "
+          f"at 5 bits): {result['default_chip']}")
     return 0
 
 

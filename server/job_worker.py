@@ -36,7 +36,8 @@ class WorkerConfig:
     checkpoint_root: str
     log_level: str = "info"
     data_root: str | None = None
-    """Image folders must stay below it, also when links in them changed after submission."""
+    """Every file a dataset loader opens must resolve below it (symlinks included), also
+    when links in an image folder changed after submission."""
 
 
 def outside_links(folder: Path, root: Path) -> list[str]:
@@ -58,9 +59,13 @@ def outside_links(folder: Path, root: Path) -> list[str]:
 
 
 def dataset_spec_name(params: dict[str, Any]) -> str:
-    """The core dataset name of a job: a built-in name or ``imagefolder:<resolved path>``."""
+    """The core dataset name of a job: a built-in name, ``imagefolder:<resolved path>`` or
+    ``<layout>:<resolved path>`` for a published layout (``flowers102``)."""
     from core.datasets import IMAGEFOLDER_PREFIX
+    from core.published_datasets import LAYOUTS, layout_name
 
+    if params.get("dataset") in LAYOUTS:
+        return layout_name(params["dataset"], params["dataset_path"])
     if params.get("dataset_path"):
         return f"{IMAGEFOLDER_PREFIX}{params['dataset_path']}"
     return str(params["dataset"])
@@ -137,6 +142,18 @@ def _progress(step: int, total: int, **metrics: float) -> dict[str, Any]:
             "fraction": round(step / total, 4) if total else 0.0, **metrics}
 
 
+def _images_per_second(first: tuple[int, float], done: int, now: float,
+                       batch_size: int) -> float | None:
+    """Training images per second since the first step (which also paid for warm-up)."""
+    steps, seconds = done - first[0], now - first[1]
+    return steps * batch_size / seconds if steps > 0 and seconds > 0 else None
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, store: Any,
            config: WorkerConfig, cancel: CancelFlag) -> None:
     from core.datasets import DatasetSpec, load_dataset
@@ -144,10 +161,15 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     from core.errors import TrainingCancelled as Cancelled
     from core.methods import RunOptions, adapt, default_config
     from core.methods.common import StepInfo, accuracy
+    from core.photo_split import PhotoSplit
+    from core.published_datasets import LAYOUTS, photo_method_config, training_record
     from task_store import JobStatus
 
     index = store.index
-    if params.get("dataset_path") and config.data_root is not None:
+    # A published layout is confined file by file by its loader (data_root); an ImageFolder
+    # is walked here for links that escape.
+    image_folder = params.get("dataset_path") and params.get("dataset") not in LAYOUTS
+    if image_folder and config.data_root is not None:
         escaped = outside_links(Path(params["dataset_path"]), Path(config.data_root).resolve())
         if escaped:
             raise PermissionError(f"{', '.join(escaped[:3])} link(s) outside the data root; "
@@ -155,13 +177,18 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     spec = DatasetSpec(dataset_spec_name(params), image_size=params["image_size"],
                        seed=params["seed"], train_limit=params.get("train_limit"),
                        test_limit=params.get("test_limit"))
-    data = load_dataset(spec)
+    data = load_dataset(spec, data_root=config.data_root)
     sizes = data.describe()["sizes"]
     index.add_job_event(job_id, f"dataset {spec.name}: {sizes}, {len(data.classes)} classes")
     method_config = default_config(params["method"], pe_fraction=params.get("pe_fraction"),
                                    epochs=params.get("epochs"),
                                    batch_size=params.get("batch_size"), seed=params["seed"])
+    if isinstance(data.train, PhotoSplit):
+        method_config = photo_method_config(method_config)
+    batch_size = method_config.train.batch_size
     last = [0.0]
+    first: list[tuple[int, float]] = []  # (step, time) of the first step, for the rate
+    pace: dict[str, float] = {}  # the latest rate and ETA, kept in the final progress
     server_pid = os.getppid()
 
     def on_step(info: StepInfo) -> None:
@@ -169,16 +196,25 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
             raise RuntimeError("the server process exited while this job ran")
         now = time.monotonic()
         done = info.step + 1
+        if not first:
+            first.append((done, now))
         if now - last[0] < PROGRESS_INTERVAL_S and done < info.total_steps:
             return
         last[0] = now
+        rate = _images_per_second(first[0], done, now, batch_size)
+        eta = (info.total_steps - done) * batch_size / rate if rate else None
+        timing = {} if rate is None else {"images_per_second": round(rate, 2),
+                                          "eta_s": round(eta or 0.0, 1)}
+        pace.update(timing)
         index.update_job(job_id, JobStatus.RUNNING, result={"progress": _progress(
             done, info.total_steps, epoch=info.epoch, loss=round(info.loss, 5),
-            train_accuracy=round(info.accuracy, 5))})
-        if done == info.total_steps or done % 50 == 0:
+            train_accuracy=round(info.accuracy, 5), **timing)})
+        if done == info.total_steps or done % 50 == 0 or done == first[0][0] + 5:
+            speed = ("" if rate is None else
+                     f", {rate:.1f} images/s, training ETA {_duration(eta or 0.0)}")
             index.add_job_event(job_id, f"step {done}/{info.total_steps} epoch {info.epoch} "
                                         f"loss {info.loss:.4f} train accuracy "
-                                        f"{info.accuracy:.1%}")
+                                        f"{info.accuracy:.1%}{speed}")
 
     checkpoint = Path(config.checkpoint_root) / job_id
     options = RunOptions(cancel=cancel, checkpoint_dir=checkpoint, on_step=on_step)  # type: ignore[arg-type]
@@ -190,10 +226,10 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     if cancel.is_set():
         raise Cancelled(result.steps, None)
     metrics = {"val_accuracy": result.val_accuracy, "test_accuracy": test_accuracy}
-    hyper = {"dataset": spec.name, "image_size": spec.image_size, "preprocess": "fit",
+    hyper = {"dataset": spec.name, "image_size": spec.image_size, **training_record(data),
              "seed": spec.seed, "train_limit": spec.train_limit, "test_limit": spec.test_limit,
              "job": job_id, "config": result.config}
-    summary = {"progress": _progress(result.steps, result.steps), "task": task_name,
+    summary = {"progress": _progress(result.steps, result.steps, **pace), "task": task_name,
                **metrics, "steps": result.steps, "seconds": round(result.seconds, 2)}
     record = store.put(result.task, method=params["method"], hyperparameters=hyper,
                        metrics=metrics, activate=params.get("activate", True),

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.config import Fidelity
+from core.published_datasets import LAYOUTS
 from core.task_state import TASK_NAME_PATTERN
 
 MAX_INDEX_INT = 2**63 - 1
@@ -149,21 +150,28 @@ class AdaptationRequest(BaseModel):
     """An XMA2 (or baseline) adaptation of the frozen backbone to a dataset."""
 
     # strict: "3" or true is not an epoch count; a typo must not be coerced into a job.
-    # The schema states what the validator below checks: exactly one dataset source.
+    # The schema states what the validator below checks: a built-in dataset alone, an
+    # ImageFolder path alone, or a published layout's name together with its path.
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"oneOf": [
-        {"required": ["dataset"], "properties": {"dataset": {"type": "string"},
-                                                 "dataset_path": {"type": "null"}}},
+        {"required": ["dataset"],
+         "properties": {"dataset": {"type": "string", "not": {"enum": list(LAYOUTS)}},
+                        "dataset_path": {"type": "null"}}},
         {"required": ["dataset_path"], "properties": {"dataset_path": {"type": "string"},
-                                                      "dataset": {"type": "null"}}}]})
+                                                      "dataset": {"type": "null"}}},
+        {"required": ["dataset", "dataset_path"],
+         "properties": {"dataset": {"enum": list(LAYOUTS)},
+                        "dataset_path": {"type": "string"}}}]})
 
     task: str = Field(pattern=TASK_NAME_PATTERN.pattern,
                       description="name of the task to create or give a new version")
     dataset: str | None = Field(None, description="a built-in dataset (fashion_mnist, "
-                                "mnist5k, animal_mnist, digits)")
+                                "mnist5k, animal_mnist, digits), or the published layout "
+                                f"found at dataset_path ({', '.join(LAYOUTS)})")
     dataset_path: str | None = Field(
         None, min_length=1, max_length=MAX_PATH_CHARS,
-        description="an ImageFolder (one sub-folder per class) below the server's data root; "
-        "relative paths are taken from the data root")
+        description="below the server's data root (relative paths are taken from it): "
+        "the folder a published layout was unpacked to, or alone an ImageFolder (one "
+        "sub-folder per class)")
     method: str = "xma2"
     pe_fraction: float | None = Field(None, gt=0, le=1,
                                       description="P: share of PEs replaced (xma2 only)")
@@ -172,7 +180,8 @@ class AdaptationRequest(BaseModel):
     epochs: int | None = Field(None, ge=1, le=100)
     batch_size: int | None = Field(None, ge=1, le=4096)
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    image_size: int = Field(64, ge=16, le=512)
+    image_size: int | None = Field(None, ge=16, le=512, description="input side in pixels "
+                                   "(default: 224 for a published layout, else 64)")
     train_limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
     activate: bool = Field(True, description="serve the new version when the job "
@@ -180,9 +189,15 @@ class AdaptationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_dataset(self) -> AdaptationRequest:
-        if (self.dataset is None) == (self.dataset_path is None):
+        if self.dataset in LAYOUTS:
+            if self.dataset_path is None:
+                raise ValueError(f"dataset {self.dataset} is a published layout: give "
+                                 "dataset_path, the folder it was unpacked to below the data "
+                                 "root")
+        elif (self.dataset is None) == (self.dataset_path is None):
             raise ValueError("give exactly one of dataset (a built-in name) and "
-                             "dataset_path (an image folder below the data root)")
+                             "dataset_path (an image folder below the data root), or a "
+                             f"published layout ({', '.join(LAYOUTS)}) with its dataset_path")
         return self
 
 

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from core.errors import ConfigError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "preprocess_fit", "preprocess_image"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalise_image", "preprocess_fit",
+           "preprocess_image"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -63,6 +64,11 @@ def preprocess_fit(image: Image.Image, size: int) -> Tensor:
 def _check_size(size: int) -> None:
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise ConfigError(f"size must be a positive int, got {size!r}")
+
+
+def normalise_image(rgb: Image.Image) -> Tensor:
+    """An RGB image already at its final size -> normalised ``[3, H, W]`` (training crops)."""
+    return _normalise(rgb)
 
 
 def _normalise(rgb: Image.Image) -> Tensor:

@@ -153,12 +153,25 @@ def seeded_generator(seed: int, stream: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stream) * 1_000_033 + index)
 
 
+EVAL_REFERENCE_SIZE = 64
+
+
+def eval_batch_size(batch_size: int, split: ImageSplit) -> int:
+    """Fewer images per evaluation pass above 64 px, so its activations stay about the size
+    of a 64-px pass (256 images at 224 px would need gigabytes)."""
+    side = getattr(split, "image_size", EVAL_REFERENCE_SIZE)
+    if side <= EVAL_REFERENCE_SIZE:
+        return batch_size
+    return max(8, batch_size * EVAL_REFERENCE_SIZE**2 // side**2)
+
+
 @torch.no_grad()
 def accuracy(predict: Callable[[Tensor], Tensor], split: ImageSplit, batch_size: int = 256,
              channels_last: bool = False) -> float:
     """Top-1 accuracy of ``predict`` (logits) on a split."""
     if len(split) == 0:
         return float("nan")
+    batch_size = eval_batch_size(batch_size, split)
     correct = 0
     for start in range(0, len(split), batch_size):
         x, y = split.batch(slice(start, start + batch_size))
@@ -178,8 +191,9 @@ def warm_start_head(features: Callable[[Tensor], Tensor], head: nn.Linear, split
         return
     order = torch.randperm(len(split), generator=seeded_generator(config.seed, 2, 0))[:n]
     feats, labels = [], []
-    for start in range(0, n, 256):
-        x, y = split.batch(order[start : start + 256])
+    chunk = eval_batch_size(256, split)
+    for start in range(0, n, chunk):
+        x, y = split.batch(order[start : start + chunk])
         feats.append(features(x))
         labels.append(y)
     train = (torch.cat(feats), torch.cat(labels))

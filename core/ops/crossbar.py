@@ -76,11 +76,11 @@ class CrossbarProgram:
     """One crossbar layer as programmed for one task, laid out for the operator."""
 
     weight: Tensor
-    """``[row_groups * columns, channels_per_group, kh, kw]``: per row group, the packed
+    """``[row_groups * columns, channels_per_group, kh, kw]``: per read group, the packed
     cell levels of every output channel followed by a column of ones (the input sum)."""
     column_values: Tensor
     """``[row_groups, out_channels]`` shift-mask value of every logical column (1 on
-    replaced PEs)."""
+    replaced PEs), per read group (a PE row group's value repeated ``reads`` times)."""
     slice_weight: Tensor
     """``[slices]`` significance of each cell slice (slice 0 = most significant)."""
     adc_step: Tensor
@@ -91,6 +91,7 @@ class CrossbarProgram:
     adc_offset_lsb: float
     weight_offset: float
     row_groups: int
+    """Read groups: the operator's unit of one conversion per bit line and cycle."""
     channels_per_group: int
     in_channels: int
     out_channels: int
@@ -102,6 +103,17 @@ class CrossbarProgram:
     input_signed: bool
     dac_bits: int
     read_sigma: float = 0.0
+    adc_qmin: float = 0.0
+    """Lowest ADC code: 0 for unsigned column sums, ``-2**(adc_bits-1)`` for signed."""
+    digit_bias: float = 0.0
+    """Level added to every (signed) cell level so that packed digits are non-negative;
+    ``digit_bias * input_sum`` is removed from each digit before its ADC."""
+    reads: int = 1
+    """Read groups per PE row group (``row_groups`` counts read groups)."""
+    lossless: bool = False
+    """Every sum a read can produce is converted exactly (unit step, no clipping, no
+    noise): the layer's result is ``sum(input_code * weight_code * mask)``, which ideal
+    fidelity computes bit for bit, so the forward pass may take that path."""
 
     @property
     def packed_columns(self) -> int:
@@ -119,7 +131,8 @@ class CrossbarProgram:
         """The ADC's output for analog partial sums ``[..., slices, positions]``."""
         step = self.adc_step.reshape(-1, 1)
         inverse = self.adc_inv_step.reshape(-1, 1)
-        levels = torch.round(analog * inverse + self.adc_offset_lsb).clamp_(0, self.adc_qmax)
+        levels = torch.round(analog * inverse + self.adc_offset_lsb).clamp_(self.adc_qmin,
+                                                                           self.adc_qmax)
         return levels * step
 
     @functools.cached_property
@@ -131,11 +144,13 @@ class CrossbarProgram:
 
 
 def layer_cell_levels(codes: Tensor, layer: LayerMapping) -> Tensor:
-    """Cell levels ``[slices, Cout, row_groups, rows_per_group]`` of weight codes
-    ``[Cout, Cin, kh, kw]`` under OFFSET encoding; rows past the layer are empty (0)."""
+    """Cell levels ``[columns, Cout, row_groups, rows_per_group]`` of weight codes
+    ``[Cout, Cin, kh, kw]`` in the layer's encoding (``columns`` = slices, or the positive
+    then the negative array's slices); rows past the layer are empty (0)."""
     grouped = to_row_groups(codes.to(torch.int64), layer)
     levels = weight_codes_to_cell_levels(grouped, weight_bits=layer.weight_bits,
-                                         bits_per_cell=layer.bits_per_cell)
+                                         bits_per_cell=layer.bits_per_cell,
+                                         encoding=layer.weight_encoding)
     levels = levels.permute(3, 0, 1, 2).float()
     rows = torch.arange(layer.row_groups * layer.rows_per_group).reshape(
         layer.row_groups, layer.rows_per_group)
@@ -154,10 +169,11 @@ def task_cell_levels(
 
 
 def spare_cell_levels(spare_codes: Tensor, pe_mask: Tensor, layer: LayerMapping) -> Tensor:
-    """Levels ``[slices, Cout, R, rows_per_group]`` of the spare PEs (other cells zero)."""
+    """Levels ``[columns, Cout, R, rows_per_group]`` of the spare PEs (other cells zero)."""
     codes = spare_rows(spare_codes.to(torch.int64), pe_mask, layer)  # [Cout, R, rows]
     levels = weight_codes_to_cell_levels(codes, weight_bits=layer.weight_bits,
-                                         bits_per_cell=layer.bits_per_cell)
+                                         bits_per_cell=layer.bits_per_cell,
+                                         encoding=layer.weight_encoding)
     replaced = replaced_columns(pe_mask, layer).t()
     rows = torch.arange(layer.row_groups * layer.rows_per_group).reshape(
         layer.row_groups, layer.rows_per_group)
@@ -165,52 +181,90 @@ def spare_cell_levels(spare_codes: Tensor, pe_mask: Tensor, layer: LayerMapping)
     return levels.permute(3, 0, 1, 2).float() * keep
 
 
-def _pack_factor(layer: LayerMapping, dac_bits: int, integer_levels: bool) -> tuple[int, float]:
+def _pack_factor(rows: int, layer: LayerMapping, dac_bits: int, digit_top: int,
+                 integer_levels: bool) -> tuple[int, float]:
     if not integer_levels:
         return 1, 1.0
-    rows = min(layer.rows_per_group, layer.weight_rows)
-    largest = rows * (2**dac_bits - 1) * (2**layer.bits_per_cell - 1)
+    largest = min(rows, layer.weight_rows) * (2**dac_bits - 1) * digit_top
     bits = max(1, math.ceil(math.log2(largest + 1)))
     pack = max(1, min(layer.slices, _EXACT_FLOAT_BITS // bits))
     return pack, float(2**bits)
+
+
+def adc_code_range(adc_bits: int, signed: bool) -> tuple[int, int]:
+    """Lowest and highest ADC code: two's complement when column sums are signed."""
+    if signed:
+        return -(2 ** (adc_bits - 1)), 2 ** (adc_bits - 1) - 1
+    return 0, 2**adc_bits - 1
+
+
+def largest_read_sum(layer: LayerMapping, dac_bits: int) -> int:
+    """The largest magnitude one read's column sum can reach (a full read group, every
+    input at the DAC's top code, every cell at the top level)."""
+    rows = min(layer.rows_per_conversion, layer.weight_rows)
+    return rows * (2**dac_bits - 1) * (2**layer.bits_per_cell - 1)
+
+
+def read_levels(levels: Tensor, layer: LayerMapping) -> Tensor:
+    """Cell levels ``[columns, Cout, R, rows_per_group]`` -> the signed levels each read
+    sums, ``[slices, Cout, R * reads, rows_per_conversion]`` (a differential pair reads
+    as the positive level minus the negative one)."""
+    if layer.arrays_per_pe == 2:
+        levels = levels[: layer.slices] - levels[layer.slices :]
+    slices, cout, groups, _ = levels.shape
+    return levels.reshape(slices, cout, groups * layer.reads_per_group,
+                          layer.rows_per_conversion)
 
 
 def build_program(
     levels: Tensor, column_values: Tensor, layer: LayerMapping, *, dac_bits: int,
     adc_step: Tensor, adc_bits: int, adc_offset_lsb: float = 0.0, read_sigma: float = 0.0,
 ) -> CrossbarProgram:
-    """Lay out programmed cell levels ``[slices, Cout, R, rows_per_group]`` for the operator."""
-    slices, cout, groups, rows = levels.shape
-    if (slices, cout, groups, rows) != (layer.slices, layer.out_channels, layer.row_groups,
-                                        layer.rows_per_group):
+    """Lay out programmed cell levels ``[columns, Cout, R, rows_per_group]`` (columns =
+    slices times arrays per PE) for the operator, one operator row group per read."""
+    columns, cout, groups, rows = levels.shape
+    if (columns, cout, groups, rows) != (layer.slices * layer.arrays_per_pe, layer.out_channels,
+                                         layer.row_groups, layer.rows_per_group):
         raise ConfigError(f"layer {layer.name}: cell levels of shape {list(levels.shape)} do "
                           "not match its mapping")
+    signed = layer.arrays_per_pe == 2
+    top = 2**layer.bits_per_cell - 1
+    reads = layer.reads_per_group
+    read_rows = layer.rows_per_conversion
+    levels = read_levels(levels, layer)
+    slices = layer.slices
     integer = bool(torch.equal(levels, levels.round()))
-    pack, base = _pack_factor(layer, dac_bits, integer)
+    bias = float(top) if signed and integer else 0.0
+    pack, base = _pack_factor(read_rows, layer, dac_bits, top + int(bias), integer)
     packed = math.ceil(slices / pack)
-    padded = F.pad(levels, (0, 0, 0, 0, 0, 0, 0, packed * pack - slices))
-    digits = padded.reshape(packed, pack, cout, groups, rows)
+    padded = F.pad(levels + bias, (0, 0, 0, 0, 0, 0, 0, packed * pack - slices))
+    digits = padded.reshape(packed, pack, cout, groups * reads, read_rows)
     scale = base ** torch.arange(pack, dtype=torch.float64)
     combined = (digits.double() * scale.reshape(1, -1, 1, 1, 1)).sum(1).float()
-    columns = combined.permute(2, 1, 0, 3).reshape(groups, cout * packed, rows)
-    ones = torch.ones(groups, 1, rows)
-    weight = torch.cat([columns, ones], dim=1).reshape(
-        groups * (cout * packed + 1), layer.channels_per_row_group, *layer.kernel_size)
+    packed_columns = combined.permute(2, 1, 0, 3).reshape(groups * reads, cout * packed,
+                                                          read_rows)
+    ones = torch.ones(groups * reads, 1, read_rows)
+    weight = torch.cat([packed_columns, ones], dim=1).reshape(
+        groups * reads * (cout * packed + 1), layer.channels_per_read, *layer.kernel_size)
     slice_weight = 2.0 ** (layer.bits_per_cell * torch.arange(slices - 1, -1, -1).float())
     adc_step = adc_step.float().reshape(slices).contiguous()
     if not bool((adc_step > 0).all()):
         raise ConfigError(f"layer {layer.name}: ADC steps must be > 0, got {adc_step.tolist()}")
+    qmin, qmax = adc_code_range(adc_bits, signed)
+    lossless = (read_sigma == 0 and adc_offset_lsb == 0 and integer
+                and bool((adc_step == 1).all())
+                and largest_read_sum(layer, dac_bits) <= min(qmax, -qmin if signed else qmax))
     return CrossbarProgram(
         weight=weight.contiguous(),
-        column_values=column_values.float().contiguous(),
+        column_values=column_values.float().repeat_interleave(reads, dim=0).contiguous(),
         slice_weight=slice_weight,
         adc_step=adc_step,
         adc_inv_step=(1.0 / adc_step).contiguous(),
-        adc_qmax=float(2**adc_bits - 1),
+        adc_qmax=float(qmax),
         adc_offset_lsb=float(adc_offset_lsb),
-        weight_offset=float(2 ** (layer.weight_bits - 1)),
-        row_groups=groups,
-        channels_per_group=layer.channels_per_row_group,
+        weight_offset=0.0 if signed else float(2 ** (layer.weight_bits - 1)),
+        row_groups=groups * reads,
+        channels_per_group=layer.channels_per_read,
         in_channels=layer.in_channels,
         out_channels=cout,
         kernel_size=layer.kernel_size,
@@ -221,15 +275,21 @@ def build_program(
         input_signed=layer.input_signed,
         dac_bits=dac_bits,
         read_sigma=read_sigma,
+        adc_qmin=float(qmin),
+        digit_bias=bias,
+        reads=reads,
+        lossless=lossless,
     )
 
 
-def full_scale_adc_step(layer: LayerMapping, *, dac_bits: int, adc_bits: int,
-                        crossbar_rows: int) -> Tensor:
-    """Step of a full-scale ADC: the top ``adc_bits`` bits of a full column's largest sum."""
-    largest = crossbar_rows * (2**dac_bits - 1) * (2**layer.bits_per_cell - 1)
+def full_scale_adc_step(layer: LayerMapping, *, dac_bits: int, adc_bits: int) -> Tensor:
+    """Step of a full-scale ADC: the top ``adc_bits`` bits (the top ``adc_bits - 1`` and a
+    sign for signed sums) of the largest sum a full read group can produce."""
+    largest = (min(layer.crossbar_rows, layer.rows_per_conversion)
+               * (2**dac_bits - 1) * (2**layer.bits_per_cell - 1))
     bits = math.ceil(math.log2(largest + 1))
-    return torch.full((layer.slices,), float(2 ** max(0, bits - adc_bits)))
+    magnitude_bits = adc_bits - 1 if layer.arrays_per_pe == 2 else adc_bits
+    return torch.full((layer.slices,), float(2 ** max(0, bits - magnitude_bits)))
 
 
 def input_cycles(codes: Tensor, input_bits: int, signed: bool, dac_bits: int
@@ -278,6 +338,8 @@ def _adc_shift_add_reference(
             rest = rest - digit * scale
             digits[j * program.pack + t] = digit
     analog = torch.stack(digits[: program.slices], dim=3)  # type: ignore[arg-type]
+    if program.digit_bias:
+        analog = analog - program.digit_bias * input_sum[:, :, None, None]
     if read_noise is not None:
         analog = analog + read_noise
     value = (program.adc(analog) * program.slice_weight.reshape(-1, 1)).sum(3)
@@ -338,6 +400,8 @@ def crossbar_conv2d(
     out_h, out_w = geometry.output_size(height, width, program.kernel_size)
     out = codes.new_zeros(batch, program.out_channels, out_h, out_w)
     kernel = _select(implementation)
+    if column_values is not None and program.reads > 1:
+        column_values = column_values.repeat_interleave(program.reads, dim=1)
     per_cycle_image = program.row_groups * out_h * out_w * (
         program.columns + (program.out_channels * program.slices if program.read_sigma else 0))
     chunk = max(1, max_chunk_elements // max(1, per_cycle_image * program.cycles))
@@ -358,9 +422,12 @@ def crossbar_conv2d(
 
 def restrict_program(program: CrossbarProgram, groups: Tensor, outputs: Tensor,
                      column_values: Tensor) -> CrossbarProgram:
-    """The same cells, only row groups ``groups`` and output channels ``outputs`` (long),
-    with these column values ``[len(groups), len(outputs)]``: a task's spare PEs read on
-    their own."""
+    """The same cells, only PE row groups ``groups`` and output channels ``outputs``
+    (long), with these column values ``[len(groups), len(outputs)]``: a task's spare PEs
+    read on their own."""
+    reads = program.reads
+    column_values = column_values.float().repeat_interleave(reads, dim=0)
+    groups = (groups.reshape(-1, 1) * reads + torch.arange(reads)).reshape(-1)
     packed = program.packed_columns
     per_group = program.weight.reshape(program.row_groups, program.columns,
                                        program.channels_per_group, *program.kernel_size)
@@ -375,13 +442,14 @@ def restrict_program(program: CrossbarProgram, groups: Tensor, outputs: Tensor,
 
 
 def row_group_inputs(codes: Tensor, program: CrossbarProgram, groups: Tensor) -> Tensor:
-    """The input channels of row groups ``groups`` of ``program``'s layer, zero-padded to
-    whole groups: the input of :func:`restrict_row_groups`'s program."""
+    """The input channels of PE row groups ``groups`` of ``program``'s layer, zero-padded
+    to whole groups: the input of :func:`restrict_program`'s program."""
     n, channels, height, width = codes.shape
     padded = program.row_groups * program.channels_per_group
     if padded != channels:
         codes = F.pad(codes, (0, 0, 0, 0, 0, padded - channels))
-    per_group = codes.reshape(n, program.row_groups, program.channels_per_group, height, width)
+    per_group = codes.reshape(n, program.row_groups // program.reads,
+                              program.channels_per_group * program.reads, height, width)
     return per_group.index_select(1, groups).reshape(n, -1, height, width)
 
 
@@ -423,8 +491,9 @@ def _compiled_chunk(
         stacked, program.weight, list(geometry.stride), list(geometry.padding),
         list(geometry.dilation), program.row_groups, program.out_channels, program.slices,
         program.pack, program.pack_base, program.slice_weight, program.adc_step,
-        program.adc_inv_step, program.adc_qmax, program.adc_offset_lsb, program.weight_offset,
-        program.column_values, cycle_weight, read_noise, out,
+        program.adc_inv_step, program.adc_qmin, program.adc_qmax, program.adc_offset_lsb,
+        program.weight_offset, program.digit_bias, program.column_values, cycle_weight,
+        read_noise, out,
     )
 
 

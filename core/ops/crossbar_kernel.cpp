@@ -34,9 +34,11 @@ torch::Tensor crossbar_conv2d(
     const torch::Tensor& slice_weight,   // float [S]
     const torch::Tensor& adc_step,       // float [S]
     const torch::Tensor& adc_inv_step,   // float [S], 1 / adc_step as the reference rounds it
+    double adc_qmin,                     // 0 for unsigned sums, -2^(bits-1) for signed
     double adc_qmax,
     double adc_offset_lsb,
     double weight_offset,
+    double digit_bias,                   // level added to signed cells so digits pack
     const torch::Tensor& column_values,  // float [R, Cout], or [B, R, Cout] per image
     const torch::Tensor& cycle_weight,   // float [cycles]
     const c10::optional<torch::Tensor>& read_noise,  // float [N, R, Cout, S, HW]
@@ -79,7 +81,9 @@ torch::Tensor crossbar_conv2d(
     noise_t = read_noise->contiguous();
     noise = noise_t.data_ptr<float>();
   }
+  const float qmin = static_cast<float>(adc_qmin);
   const float qmax = static_cast<float>(adc_qmax);
+  const float bias = static_cast<float>(digit_bias);
   const float offset_lsb = static_cast<float>(adc_offset_lsb);
   const float w_offset = static_cast<float>(weight_offset);
   std::vector<float> digit_scale(pack);
@@ -98,6 +102,7 @@ torch::Tensor crossbar_conv2d(
           if (mask == 0.0f) continue;  // switched-off column: no conversion
           const float factor = cyc[c] * mask;
           const float* group = ps + (n * row_groups + r) * columns * hw;
+          const float* input_sum = group + (columns - 1) * hw;
           std::fill(value.begin(), value.end(), 0.0f);
           for (int64_t j = 0; j < packed; ++j) {
             const float* p = group + (o * packed + j) * hw;
@@ -115,15 +120,14 @@ torch::Tensor crossbar_conv2d(
               for (int64_t i = 0; i < hw; ++i) {
                 const float digit = t > 0 ? std::floor(rest[i] * inv_d) : rest[i];
                 rest[i] -= digit * d;
-                float analog = digit;
+                float analog = bias != 0.0f ? digit - bias * input_sum[i] : digit;
                 if (nz != nullptr) analog += nz[i];
                 float level = std::nearbyint(analog * s_inv + offset_lsb);
-                level = std::min(std::max(level, 0.0f), qmax);
+                level = std::min(std::max(level, qmin), qmax);
                 value[i] += level * s_step * s_w;
               }
             }
           }
-          const float* input_sum = group + (columns - 1) * hw;
           for (int64_t i = 0; i < hw; ++i) {
             acc[i] += factor * (value[i] - w_offset * input_sum[i]);
           }

@@ -10,6 +10,13 @@ from fastapi import APIRouter, Query
 from core.datasets import dataset_names
 from core.methods import default_config
 from core.methods.registry import METHODS
+from core.published_datasets import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_IMAGE_SIZE,
+    LAYOUTS,
+    OutsideDataRoot,
+    scan_layout,
+)
 from server.deps import Jobs, Runtime, ServicesDep
 from server.errors import ApiError
 from server.job_worker import outside_links
@@ -37,7 +44,7 @@ def job_out(job: JobRecord) -> AdaptationJob:
                          error=job.error)
 
 
-def _resolve_dataset_path(raw: str, root: Path) -> str:
+def _resolve_dataset_path(raw: str, root: Path, layout: str | None = None) -> str:
     if "\x00" in raw:
         raise ApiError(422, "dataset_path holds a NUL character; give a folder name below "
                             "the data root")
@@ -54,8 +61,19 @@ def _resolve_dataset_path(raw: str, root: Path) -> str:
         raise ApiError(403, f"dataset_path {raw[:200]!r} is outside the data root {root}; "
                             "copy the dataset below it")
     if not is_dir:
+        what = (f"the folder {layout} was unpacked to" if layout else
+                "one sub-folder of images per class")
         raise ApiError(422, f"dataset_path {raw[:200]!r} is not a folder below the data "
-                            f"root {root} (one sub-folder of images per class)")
+                            f"root {root} ({what})")
+    if layout is not None:
+        try:  # the whole tree, now: a job must not fail on a missing file
+            scan_layout(layout, resolved, data_root=root)
+        except OutsideDataRoot as e:
+            raise ApiError(403, str(e)) from e
+        except (OSError, RuntimeError) as e:  # a file name too long, a symlink loop, ...
+            raise ApiError(422, f"dataset_path {raw[:200]!r}: the {layout} files cannot be "
+                                f"resolved ({type(e).__name__}: {e})") from e
+        return str(resolved)
     if not any(p.is_dir() and not p.name.startswith(".") for p in resolved.iterdir()):
         raise ApiError(422, f"dataset_path {raw[:200]!r} has no class sub-folders (one "
                             "sub-folder of images per class)")
@@ -85,11 +103,17 @@ def validated_params(request: AdaptationRequest, runtime: Any, data_root: Path
                             f"{chip_levels}")
     params = request.model_dump()
     params["shift_levels"] = chip_levels
-    if request.dataset is not None and request.dataset not in dataset_names():
+    layout = request.dataset if request.dataset in LAYOUTS else None
+    if request.dataset is not None and layout is None and request.dataset not in dataset_names():
         raise ApiError(422, f"unknown dataset {request.dataset!r}; built-in datasets are "
-                            f"{', '.join(dataset_names())}, or give dataset_path")
+                            f"{', '.join(dataset_names())}, published layouts "
+                            f"{', '.join(LAYOUTS)} (with dataset_path), or give dataset_path")
     if request.dataset_path is not None:
-        params["dataset_path"] = _resolve_dataset_path(request.dataset_path, data_root)
+        params["dataset_path"] = _resolve_dataset_path(request.dataset_path, data_root, layout)
+    if params["image_size"] is None:
+        params["image_size"] = DEFAULT_IMAGE_SIZE if layout else 64
+    if layout and params["batch_size"] is None:
+        params["batch_size"] = DEFAULT_BATCH_SIZE
     default_config(request.method, pe_fraction=request.pe_fraction, epochs=request.epochs,
                    batch_size=request.batch_size, seed=request.seed)  # ConfigError -> 422
     return params

@@ -90,7 +90,7 @@ def test_bit_serial_and_multi_bit_agree_when_the_adc_is_lossless():
     geometry = ConvGeometry((1, 1), (1, 1), (1, 1))
     outs = []
     for dac_bits in (4, 1):
-        step = full_scale_adc_step(layer, dac_bits=dac_bits, adc_bits=16, crossbar_rows=72)
+        step = full_scale_adc_step(layer, dac_bits=dac_bits, adc_bits=16)
         program = build_program(levels, values, layer, dac_bits=dac_bits, adc_step=step,
                                 adc_bits=16)
         outs.append(crossbar_conv2d(x, program, geometry, implementation="reference"))
@@ -119,7 +119,9 @@ def operator_cases(draw: st.DrawFn) -> dict:
     kernel = draw(st.sampled_from([1, 3]))
     rows = draw(st.sampled_from([9, 18, 72])) if kernel == 3 else draw(st.sampled_from([4, 72]))
     config = CrossbarConfig(rows=rows, cols=slices * draw(st.integers(1, 4)),
-                            bits_per_cell=bits_per_cell, weight_bits=weight_bits)
+                            bits_per_cell=bits_per_cell, weight_bits=weight_bits,
+                            weight_encoding=draw(st.sampled_from(["offset", "differential"])),
+                            rows_per_read=draw(st.sampled_from([1, 9, 18, 72])))
     signed = draw(st.booleans())
     input_bits = draw(st.sampled_from([4, 8]))
     return {
@@ -153,8 +155,7 @@ def test_compiled_operator_equals_reference(case):
     if case["float_levels"]:  # programmed with variation: non-integer conductances
         levels = (levels + 0.2 * torch.randn(levels.shape, generator=g)).clamp(min=0)
     values = shift_values(3)[torch.randint(0, 5, (layer.row_groups, cout), generator=g)]
-    full = full_scale_adc_step(layer, dac_bits=case["dac_bits"], adc_bits=case["adc_bits"],
-                               crossbar_rows=config.rows)
+    full = full_scale_adc_step(layer, dac_bits=case["dac_bits"], adc_bits=case["adc_bits"])
     step = full * (0.1 + torch.rand(layer.slices, generator=g))
     program = build_program(levels, values, layer, dac_bits=case["dac_bits"], adc_step=step,
                             adc_bits=case["adc_bits"], adc_offset_lsb=case["offset"],

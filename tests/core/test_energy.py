@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from core.config import CrossbarConfig, DacMode
+from core.config import PAPER_CHIP, CrossbarConfig, DacMode
 from core.energy import (
     EnergyConfig,
     EnergyReport,
@@ -24,7 +24,7 @@ from core.mapping import LayerMapping, Placement
 
 # 18-row x 8-col crossbar, 4-bit weights in 2-bit cells: 2 slices, 4 outputs per PE,
 # a row group is 2 input channels of a 3x3 kernel = 18 rows.
-SMALL = CrossbarConfig(rows=18, cols=8)
+SMALL = CrossbarConfig(rows=18, cols=8, dac_mode=DacMode.MULTI_BIT)
 
 
 def conv(cin: int, cout: int, *, k: int = 3, bits: int = 4, signed: bool = False,
@@ -99,7 +99,7 @@ def test_ragged_bit_serial_signed_counts_by_hand() -> None:
 
 
 def test_input_cycles() -> None:
-    multi = CrossbarConfig()
+    multi = CrossbarConfig(dac_mode=DacMode.MULTI_BIT)
     serial = CrossbarConfig(dac_mode=DacMode.BIT_SERIAL)
     assert input_cycles(4, False, multi) == 1
     assert input_cycles(4, True, multi) == 2
@@ -249,8 +249,8 @@ def test_bad_masks_rejected() -> None:
 
 def test_default_conv_sanity_number() -> None:
     # 3x3 64->64 at 56x56 on 72x72: 8 row groups of 72 rows, 2 column groups
-    # (36 outputs each); 1 cycle; 3136 vectors.
-    config = CrossbarConfig()
+    # (36 outputs each); 1 cycle; 3136 vectors (the paper's periphery).
+    config = CrossbarConfig(**PAPER_CHIP)
     layer = conv(64, 64, config=config)
     c = count_layer_ops(layer, images=1, positions_per_image=56 * 56, config=config)
     assert c.cell_reads == 576 * 128 * 3136

@@ -41,10 +41,11 @@ def test_dataset_paths_that_cannot_be_resolved_get_4xx(server: LiveServer) -> No
         loop.symlink_to(loop)
     body = {"task": "never", "method": "xma2"}
     with server.operator() as op:
-        for path in ("bad\x00name", "x" * 5000, "loop", "loop/inner"):
-            r = op.post("/adaptations", json={**body, "dataset_path": path})
-            assert r.status_code in (403, 422), (path[:20], r.text)
-            _error(r, r.status_code)
+        for layout in ({}, {"dataset": "flowers102"}):  # an image folder, a published layout
+            for path in ("bad\x00name", "x" * 5000, "loop", "loop/inner"):
+                r = op.post("/adaptations", json={**body, **layout, "dataset_path": path})
+                assert r.status_code in (403, 422), (layout, path[:20], r.text)
+                _error(r, r.status_code)
         assert all(j["task"] != "never" for j in op.get("/adaptations").json()["data"])
 
 
@@ -153,7 +154,10 @@ def test_openapi_states_what_the_server_checks(server: LiveServer) -> None:
     name = next(p for p in doc["paths"]["/tasks"]["post"]["parameters"] if p["name"] == "name")
     assert "pattern" in json.dumps(name["schema"])
     request = doc["components"]["schemas"]["AdaptationRequest"]
-    assert len(request["oneOf"]) == 2
+    assert len(request["oneOf"]) == 3  # a built-in dataset, an image folder, a layout + path
+    layout = next(b for b in request["oneOf"] if len(b["required"]) == 2)
+    assert set(layout["required"]) == {"dataset", "dataset_path"}
+    assert "flowers102" in layout["properties"]["dataset"]["enum"]
     assert request["properties"]["seed"]["maximum"] == 2**32 - 1
     with server.client() as c:
         page = c.get("/docs").text
