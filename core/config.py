@@ -189,6 +189,16 @@ class CrossbarConfig:
                 out[f.name] = out[f.name].value
         return out
 
+    def identity_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` less the settings added after task archives first bound to a
+        chip, where they hold the value that chip had: one chip, one identity, before
+        and after a field is added (:meth:`CrossbarModel.fingerprint`)."""
+        out = self.to_dict()
+        for name in _ADDED_AFTER_FINGERPRINTS:
+            if out[name] == _LEGACY_DEFAULTS[name](out):
+                del out[name]
+        return out
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CrossbarConfig:
         """A saved config; fields it predates take the values the chip then had."""
@@ -208,6 +218,9 @@ _LEGACY_DEFAULTS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 """What a config saved before a field existed meant: the first chip read every row of a
 PE at once, offset-encoded, through a multi-bit DAC."""
+_ADDED_AFTER_FINGERPRINTS = ("rows_per_read",)
+"""Fields newer than the shipped task archives (whose backbone fingerprint hashed the
+config without them)."""
 
 PAPER_CHIP = {"weight_encoding": "offset", "rows_per_read": 72, "dac_mode": "multi_bit",
               "adc_bits": 5}

@@ -304,7 +304,9 @@ class CrossbarModel(nn.Module):
     def fingerprint(self) -> str:
         """SHA-256 of the programmed state and crossbar config: task states bind to it."""
         digest = hashlib.sha256()
-        digest.update(json.dumps(self._metadata(), sort_keys=True).encode())
+        identity = {**self._metadata(),
+                    "crossbar_config": json.dumps(self.config.identity_dict(), sort_keys=True)}
+        digest.update(json.dumps(identity, sort_keys=True).encode())
         for key, tensor in sorted(self.state_dict().items()):
             digest.update(key.encode())
             digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())

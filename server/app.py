@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.deps import require_operator
 from server.errors import install_error_handlers
 from server.routers import adaptations, energy, health, predict, tasks
 from server.services import Services
@@ -48,7 +49,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self._message())
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -62,15 +63,21 @@ class BodyLimit:
             if not started:
                 await self._too_large(send)
 
+    def _message(self) -> str:
+        return (f"request body exceeds {self.max_bytes:,} bytes; send a smaller file or "
+                "raise XMA2_MAX_BODY_BYTES")
+
     async def _too_large(self, send: Send) -> None:
-        response = JSONResponse({"error": {"status": 413, "message": (
-            f"request body exceeds {self.max_bytes:,} bytes; send a smaller file or raise "
-            "XMA2_MAX_BODY_BYTES")}}, 413)
+        response = JSONResponse({"error": {"status": 413, "message": self._message()}}, 413)
         await response({"type": "http"}, _no_body, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised while a handler reads the body, so its 413 is what the handler reports (and
+    what the request metrics count); FastAPI passes HTTPExceptions through its body parser."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message)
 
 
 async def _no_body() -> Message:
@@ -105,8 +112,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Multi-task inference on an emulated ReRAM crossbar accelerator: one "
                     "frozen 4-bit backbone, per-task XMA2 masks and spare PEs.")
     install_error_handlers(app)
-    for router in (predict.router, tasks.router, adaptations.router, energy.router,
-                   health.router):
+    # Key checks are added only where a key is asked for, so the OpenAPI document declares
+    # security exactly on the operations that enforce it.
+    keyed = [Depends(require_operator)] if settings.api_key is not None else []
+    app.include_router(predict.router, dependencies=keyed if settings.predict_requires_key
+                       else [])
+    for router in (tasks.router, adaptations.router):
+        app.include_router(router, dependencies=keyed)
+    for router in (energy.router, health.router):
         app.include_router(router)
     _offline_docs(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
@@ -129,7 +142,9 @@ def _offline_docs(app: FastAPI) -> None:
             openapi_url=app.openapi_url or "/openapi.json", title="xma2 API",
             swagger_js_url=f"{SWAGGER_STATIC}/swagger-ui-bundle.js",
             swagger_css_url=f"{SWAGGER_STATIC}/swagger-ui.css",
-            swagger_favicon_url=f"{SWAGGER_STATIC}/favicon-32x32.png")
+            swagger_favicon_url=f"{SWAGGER_STATIC}/favicon-32x32.png",
+            # no badge that posts the API document to an external validator
+            swagger_ui_parameters={"validatorUrl": None})
 
 
 def app_factory() -> Any:

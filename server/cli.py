@@ -107,10 +107,12 @@ def serve(args: argparse.Namespace) -> int:
                              for err in e.errors())
         print(f"xma2: error: bad setting: {problems}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server import logs
+
+    secrets = [settings.api_key.get_secret_value()] if settings.api_key else []
+    logs.configure(settings.log_level, secrets)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level)
+                log_level=settings.log_level, log_config=None)
     return 0
 
 

@@ -55,15 +55,6 @@ def require_operator(
     _check_key(services, credentials)
 
 
-def require_predict(
-    services: Annotated[Services, Depends(get_services)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    if services.settings.predict_requires_key:
-        _check_key(services, credentials)
-
-
 Runtime = Annotated[TaskRuntime, Depends(get_runtime)]
 Jobs = Annotated[JobManager, Depends(get_jobs)]
 ServicesDep = Annotated[Services, Depends(get_services)]
-Operator = [Depends(require_operator)]

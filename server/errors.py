@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ConfigError, ResourceUnavailable, TaskNotFound, TaskStateError, Xma2Error
 from core.lru import CapacityError
@@ -65,9 +67,6 @@ def recorded_outcome(record: Callable[[str, float], None]) -> Iterator[None]:
     status = "ok"
     try:
         yield
-    except ApiError as e:
-        status = str(e.status_code)
-        raise
     except Exception as e:
         status = str(status_of(e))
         raise
@@ -76,6 +75,8 @@ def recorded_outcome(record: Callable[[str, float], None]) -> Iterator[None]:
 
 
 def status_of(error: BaseException) -> int:
+    if isinstance(error, ApiError | StarletteHTTPException):
+        return error.status_code
     for kind, status in _STATUS:
         if isinstance(error, kind):
             return status
@@ -84,6 +85,19 @@ def status_of(error: BaseException) -> int:
 
 def _body(status: int, message: str) -> dict[str, object]:
     return {"error": {"status": status, "message": message}}
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """The methods the API document lists for this path (Starlette names only the first
+    matching route's, so ``Allow`` would omit the others)."""
+    path = request.url.path
+    methods: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        pattern = "".join("[^/]+" if part.startswith("{") else re.escape(part)
+                          for part in re.split(r"(\{[^}]+\})", template))
+        if re.fullmatch(pattern, path):
+            methods |= {m.upper() for m in operations}
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -98,6 +112,29 @@ def install_error_handlers(app: FastAPI) -> None:
         if status >= 500:
             logger.exception("unexpected error", exc_info=error)
         return JSONResponse(_body(status, str(error)), status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own refusals (unknown path, wrong method, unparsable body) get the
+        # same error shape as ours.
+        message = error.detail if isinstance(error.detail, str) else str(error.detail)
+        headers = dict(getattr(error, "headers", None) or {})
+        if error.status_code == 404 and message == "Not Found":
+            message = "no such endpoint; the API is described at /openapi.json and /docs"
+        elif error.status_code == 405:
+            allowed = _allowed_methods(app, request) or sorted(
+                m.strip() for m in headers.get("Allow", "").split(",") if m.strip())
+            message = (f"{request.method} is not allowed here; use "
+                       f"{' or '.join(allowed) or 'another path'}")
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
+        return JSONResponse(_body(error.status_code, message), error.status_code,
+                            headers=headers or None)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, error: Exception) -> JSONResponse:
+        logger.error("unexpected error", exc_info=error)
+        return JSONResponse(_body(500, "internal error; the server log has the details"), 500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,8 +34,28 @@ class WorkerConfig:
     backbone_file: str | None
     threads: int
     checkpoint_root: str
+    log_level: str = "info"
     data_root: str | None = None
-    """Every file a dataset loader opens must resolve below it (symlinks included)."""
+    """Every file a dataset loader opens must resolve below it (symlinks included), also
+    when links in an image folder changed after submission."""
+
+
+def outside_links(folder: Path, root: Path) -> list[str]:
+    """Entries of an ImageFolder (class folders and their images) that are symbolic links
+    resolving outside ``root``, so a job never reads files an operator did not put there."""
+    found = []
+    for current, dirs, files in os.walk(folder):
+        for entry in (*dirs, *files):
+            path = Path(current) / entry
+            if path.is_symlink():
+                try:
+                    target = path.resolve()
+                except (OSError, RuntimeError):
+                    found.append(str(path.relative_to(folder)))
+                    continue
+                if not target.is_relative_to(root):
+                    found.append(str(path.relative_to(folder)))
+    return found
 
 
 def dataset_spec_name(params: dict[str, Any]) -> str:
@@ -52,7 +73,8 @@ def dataset_spec_name(params: dict[str, Any]) -> str:
 
 def run_job(job_id: str, config: WorkerConfig, cancel: CancelFlag) -> None:
     """Process entry point: run ``job_id`` to a terminal state."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s job {job_id} %(message)s")
+    logging.basicConfig(level=config.log_level.upper(),
+                        format=f"%(asctime)s level=%(levelname)s job={job_id} %(message)s")
     import torch
 
     torch.set_num_threads(config.threads)
@@ -74,10 +96,14 @@ def run_job(job_id: str, config: WorkerConfig, cancel: CancelFlag) -> None:
         from core.errors import TrainingCancelled
 
         current = index.job(job_id)
-        if current.status.terminal:
+        if current.status.terminal:  # ended by the server meanwhile: nothing to record
+            logging.warning("job already %s; its result is discarded (%s)",
+                            current.status.value, e)
             return
         if isinstance(e, TrainingCancelled) or cancel.is_set():
-            index.add_job_event(job_id, f"cancelled: {e}")
+            step = f" after step {e.step}" if isinstance(e, TrainingCancelled) else ""
+            index.add_job_event(job_id, f"cancelled{step}; jobs do not resume: submit it "
+                                        "again to start afresh")
             index.update_job(job_id, JobStatus.CANCELLED, result=current.result,
                              error="cancelled by request")
         else:
@@ -88,7 +114,27 @@ def run_job(job_id: str, config: WorkerConfig, cancel: CancelFlag) -> None:
         if not isinstance(e, Exception):
             raise
     finally:
+        # Jobs never resume (a resubmission is a new job): the checkpoint goes whatever
+        # the outcome, also when this worker outlived its server.
+        shutil.rmtree(Path(config.checkpoint_root) / job_id, ignore_errors=True)
         store.close()
+
+
+def registration_fence(index: Any, job_id: str, summary: dict[str, Any]
+                       ) -> Callable[[Any, Any], None]:
+    """The store commits a job's version only while the job still runs, and ends the job
+    as succeeded in that same transaction: a worker orphaned by a server restart (which
+    marked its job failed) registers nothing."""
+    from task_store import JobStatus
+
+    def fence(db: Any, record: Any) -> None:
+        row = db.execute("SELECT active_version FROM tasks WHERE name = ?",
+                         (record.task,)).fetchone()
+        result = {**summary, "version": record.version,
+                  "activated": row is not None and row["active_version"] == record.version}
+        index.finish_job_in(db, job_id, JobStatus.SUCCEEDED, result=result)
+
+    return fence
 
 
 def _progress(step: int, total: int, **metrics: float) -> dict[str, Any]:
@@ -116,10 +162,18 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     from core.methods import RunOptions, adapt, default_config
     from core.methods.common import StepInfo, accuracy
     from core.photo_split import PhotoSplit
-    from core.published_datasets import photo_method_config, training_record
+    from core.published_datasets import LAYOUTS, photo_method_config, training_record
     from task_store import JobStatus
 
     index = store.index
+    # A published layout is confined file by file by its loader (data_root); an ImageFolder
+    # is walked here for links that escape.
+    image_folder = params.get("dataset_path") and params.get("dataset") not in LAYOUTS
+    if image_folder and config.data_root is not None:
+        escaped = outside_links(Path(params["dataset_path"]), Path(config.data_root).resolve())
+        if escaped:
+            raise PermissionError(f"{', '.join(escaped[:3])} link(s) outside the data root; "
+                                  "copy those images below it")
     spec = DatasetSpec(dataset_spec_name(params), image_size=params["image_size"],
                        seed=params["seed"], train_limit=params.get("train_limit"),
                        test_limit=params.get("test_limit"))
@@ -178,12 +232,10 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     hyper = {"dataset": spec.name, "image_size": spec.image_size, **training_record(data),
              "seed": spec.seed, "train_limit": spec.train_limit, "test_limit": spec.test_limit,
              "job": job_id, "config": result.config}
+    summary = {"progress": _progress(result.steps, result.steps, **pace), "task": task_name,
+               **metrics, "steps": result.steps, "seconds": round(result.seconds, 2)}
     record = store.put(result.task, method=params["method"], hyperparameters=hyper,
-                       metrics=metrics, activate=params.get("activate", True))
+                       metrics=metrics, activate=params.get("activate", True),
+                       fence=registration_fence(index, job_id, summary))
     index.add_job_event(job_id, f"registered {task_name} version {record.version} "
                                 f"(test accuracy {test_accuracy:.1%})")
-    index.update_job(job_id, JobStatus.SUCCEEDED, result={
-        "progress": _progress(result.steps, result.steps, **pace), "task": task_name,
-        "version": record.version, "activated": record.active, **metrics,
-        "steps": result.steps, "seconds": round(result.seconds, 2)})
-    shutil.rmtree(checkpoint, ignore_errors=True)

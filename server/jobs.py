@@ -77,6 +77,7 @@ class JobManager:
             self.index.update_job(job.id, JobStatus.FAILED, result=job.result, error=message)
             self._discard_checkpoint(job.id)
             interrupted.append(job.id)
+        self._remove_orphaned_checkpoints()
         self._thread.start()
         return interrupted
 
@@ -105,6 +106,7 @@ class JobManager:
         self.index.add_job_event(job.id, f"queued: {params['method']} on "
                                          f"{params.get('dataset') or params['dataset_path']} "
                                          f"for task {task}")
+        logger.info("job %s queued: task=%s method=%s", job.id, task, params["method"])
         with self._wake:
             self._wake.notify_all()
         return job
@@ -122,6 +124,7 @@ class JobManager:
                 running.cancel_requested = time.monotonic()
                 running.cancel.set()
                 self.index.add_job_event(job_id, "cancel requested; stopping after this step")
+                logger.info("job %s cancel requested", job_id)
             self._wake.notify_all()
         return self.get(job_id)
 
@@ -189,8 +192,21 @@ class JobManager:
                                   "before finishing")
             self._discard_checkpoint(job_id)
             job = self.index.job(job_id)
+            logger.info("job %s ended: status=%s task=%s%s", job_id, job.status.value, job.task,
+                        f" error={job.error}" if job.error else "")
             if job.status is JobStatus.SUCCEEDED and self.on_success is not None and job.task:
                 self.on_success(job.task)
+
+    def _remove_orphaned_checkpoints(self) -> None:
+        """Checkpoints of jobs that are not running (a killed server or worker left them)."""
+        root = Path(self.worker.checkpoint_root)
+        if not root.is_dir():
+            return
+        running = {j.id for j in self._all(JobStatus.RUNNING)}
+        for folder in root.iterdir():
+            if folder.name not in running:
+                logger.info("removing the orphaned checkpoint of job %s", folder.name)
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _discard_checkpoint(self, job_id: str) -> None:
         """A job is never resumed (a resubmission is a new job), so its checkpoint goes."""

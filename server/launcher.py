@@ -55,7 +55,11 @@ class ServerProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env,
                                         stdout=log, stderr=subprocess.STDOUT)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:  # a server that never became ready must not outlive the caller
+            self.stop()
+            raise
         return self
 
     def wait_ready(self) -> None:

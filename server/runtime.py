@@ -26,9 +26,11 @@ from core.config import Fidelity
 from core.energy import EnergyReport
 from core.engine import CrossbarEngine
 from core.errors import TaskNotFound, TaskStateError
+from core.lru import CapacityError
 from core.model import CrossbarModel
 from core.pool import EnergyAwareEviction, LRUEviction, PoolConfig, SparePEPool
 from core.task_state import TaskState
+from server.errors import ApiError
 from task_store import StoredTask, TaskStore, VersionRecord
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,11 @@ class Prediction:
     compute_seconds: float
 
 
+def _task_failed(task: str, error: Exception) -> Exception:
+    return ApiError(500, f"task {task!r} failed on the chip ({type(error).__name__}); the "
+                         "server log has the details. Other tasks are not affected")
+
+
 def served_from_store(stored: StoredTask, record: VersionRecord) -> ServedTask:
     manifest = stored.manifest
     hyper = manifest.hyperparameters
@@ -152,6 +159,42 @@ class TaskRuntime:
         self.ready = threading.Event()
         self.on_prediction: Callable[[Prediction], None] | None = None
         self._builtin = builtin
+        self._features = next(iter(builtin.values()))[0].head.weight.shape[1] if builtin else None
+        self._digital = {
+            f"{module_name}.{attr}": tensor
+            for module_name, module in model.body.named_modules()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            for attr, tensor in (*module.named_parameters(recurse=False),
+                                 *module.named_buffers(recurse=False))
+            if attr in ("weight", "bias", "running_mean", "running_var")}
+        store.check = self.check_task
+        self._crossbar_used = False
+
+    # -- validation ----------------------------------------------------------------------
+
+    def check_task(self, task: TaskState) -> None:
+        """Refuse a task this backbone cannot run (the store calls it before it writes or
+        serves one): its head must read the backbone's features, its digital tensors must
+        be BatchNorm terms of the backbone of the same shape and dtype. The store's format
+        has already checked that every such tensor is finite float32."""
+        where = f"task {task.task_id}"
+        weight = task.head.weight
+        if self._features is not None and weight.shape[1] != self._features:
+            raise TaskStateError(f"{where}: tensor head/weight is {list(weight.shape)}, but the "
+                                 f"backbone has {self._features} features")
+        for name, value in (("head/weight", weight), ("head/bias", task.head.bias),
+                            *((f"digital/{n}", t) for n, t in task.digital.items())):
+            if value.dtype != torch.float32 or not bool(torch.isfinite(value).all()):
+                raise TaskStateError(f"{where}: tensor {name} must be finite float32")
+        for name, value in task.digital.items():
+            own = self._digital.get(name)
+            if own is None:
+                raise TaskStateError(f"{where}: tensor digital/{name} is not a BatchNorm "
+                                     "tensor of this backbone")
+            if value.shape != own.shape or value.dtype != own.dtype:
+                raise TaskStateError(f"{where}: tensor digital/{name} is {value.dtype} "
+                                     f"{list(value.shape)}, the backbone's is {own.dtype} "
+                                     f"{list(own.shape)}")
 
     # -- running on the chip's thread --------------------------------------------------
 
@@ -256,14 +299,82 @@ class TaskRuntime:
             runnable.append(i)
         if not runnable:
             return results
+        for part in self._fitting_parts(items, runnable):
+            self._run_isolated(items, part, results)
+        return results
+
+    def _fitting_parts(self, items: list[BatchItem], runnable: list[int]) -> list[list[int]]:
+        """The batch split, by task, into parts whose tasks fit on the chip at once.
+
+        The scheduler chose the batch from what it saw then; tasks imported, activated
+        or deleted since (their registration runs on this thread before the batch) may
+        have changed what fits. Checked here, where nothing else changes the chip, a
+        valid request never meets a capacity error because of such churn.
+        """
+        tasks = list(dict.fromkeys(items[i].task for i in runnable))
+        if self.fits(set(tasks)):
+            return [runnable]
+        groups: list[list[str]] = []
+        for task in tasks:
+            home = next((g for g in groups if self.fits({*g, task})), None)
+            if home is None:
+                groups.append([task])
+            else:
+                home.append(task)
+        logger.info("a batch of %d tasks no longer fits on the chip; running it in %d parts",
+                    len(tasks), len(groups))
+        return [[i for i in runnable if items[i].task in group] for group in groups]
+
+    def _run_isolated(self, items: list[BatchItem], runnable: list[int],
+                      results: list[Prediction | Exception]) -> None:
+        """Run a batch; if it fails, run its tasks one by one so that only the failing
+        task's requests get the error."""
+        try:
+            self._run_batch(items, runnable, results)
+        except Exception as e:
+            tasks = list(dict.fromkeys(items[i].task for i in runnable))
+            if len(tasks) > 1:
+                logger.warning("a batch of %d tasks failed (%s); running them one by one",
+                               len(tasks), e)
+            for task in tasks:
+                group = [i for i in runnable if items[i].task == task]
+                try:
+                    if len(tasks) == 1:
+                        raise
+                    self._run_batch(items, group, results)
+                except CapacityError as error:  # this task alone exceeds the chip
+                    for i in group:
+                        results[i] = error
+                except Exception as error:
+                    logger.exception("task %s failed on the chip", task, exc_info=error)
+                    for i in group:
+                        results[i] = _task_failed(task, error)
+
+    def _run_batch(self, items: list[BatchItem], runnable: list[int],
+                   results: list[Prediction | Exception]) -> None:
         batch = [items[i] for i in runnable]
         fidelity = batch[0].fidelity
         tasks = [item.task for item in batch]
         cold = {t for t in tasks if self.engine.prepared.peek(t) is None}
         x = torch.stack([item.x for item in batch])
         started = time.perf_counter()
+        first_crossbar = fidelity == Fidelity.CROSSBAR and not self._crossbar_used
+        if first_crossbar:
+            logger.info("first crossbar-fidelity batch: building the crossbar operator (a "
+                        "C++ extension, compiled once and cached; up to a minute)")
         logits = self.engine.forward_mixed(x, tasks, fidelity)
         seconds = time.perf_counter() - started
+        if first_crossbar:
+            self._crossbar_used = True
+            logger.info("crossbar operator ready: seconds=%.1f", seconds)
+        for task, residency in self.engine.last_residencies.items():
+            if residency.programmed or residency.evicted:
+                logger.debug("task %s made resident: evicted=%s", task,
+                             ",".join(residency.evicted) or "none")
+        bad = sorted({t for t, row in zip(tasks, logits, strict=True)
+                      if not bool(torch.isfinite(row).all())})
+        if bad:
+            raise TaskStateError(f"task(s) {', '.join(bad)} produced non-finite logits")
         load = self.engine.stats.last_activate_seconds
         residencies = dict(self.engine.last_residencies)
         size = (int(x.shape[-2]), int(x.shape[-1]))
@@ -290,7 +401,6 @@ class TaskRuntime:
             results[i] = prediction
             if self.on_prediction is not None:
                 self.on_prediction(prediction)
-        return results
 
     # -- what the scheduler asks -------------------------------------------------------
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.config import Fidelity
 from core.published_datasets import LAYOUTS
 from core.task_state import TASK_NAME_PATTERN
+
+MAX_INDEX_INT = 2**63 - 1
+"""Largest version number or event sequence the store's index (SQLite) can hold."""
+MAX_SEED = 2**32 - 1
+"""Largest seed the data loaders and torch generators accept."""
+MAX_PATH_CHARS = 1024
 
 
 class ErrorDetail(BaseModel):
@@ -24,10 +30,12 @@ class ErrorBody(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description} for status, description in (
-        (401, "no API key"), (403, "wrong API key, or a path outside the data root"),
+        (400, "an unparsable JSON or multipart body"), (401, "no API key"),
+        (403, "wrong API key, or a path outside the data root"),
         (404, "unknown task, version or job"), (409, "conflicts with the current state"),
         (413, "body or image too large"), (415, "not an image"),
         (422, "invalid parameters or a truncated/corrupt upload"),
+        (500, "an unexpected server error"),
         (503, "starting (retry after Retry-After seconds) or the store is busy"))
 }
 
@@ -141,7 +149,18 @@ class EnergyResponse(BaseModel):
 class AdaptationRequest(BaseModel):
     """An XMA2 (or baseline) adaptation of the frozen backbone to a dataset."""
 
-    model_config = {"extra": "forbid"}
+    # strict: "3" or true is not an epoch count; a typo must not be coerced into a job.
+    # The schema states what the validator below checks: a built-in dataset alone, an
+    # ImageFolder path alone, or a published layout's name together with its path.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"oneOf": [
+        {"required": ["dataset"],
+         "properties": {"dataset": {"type": "string", "not": {"enum": list(LAYOUTS)}},
+                        "dataset_path": {"type": "null"}}},
+        {"required": ["dataset_path"], "properties": {"dataset_path": {"type": "string"},
+                                                      "dataset": {"type": "null"}}},
+        {"required": ["dataset", "dataset_path"],
+         "properties": {"dataset": {"enum": list(LAYOUTS)},
+                        "dataset_path": {"type": "string"}}}]})
 
     task: str = Field(pattern=TASK_NAME_PATTERN.pattern,
                       description="name of the task to create or give a new version")
@@ -149,7 +168,8 @@ class AdaptationRequest(BaseModel):
                                 "mnist5k, animal_mnist, digits), or the published layout "
                                 f"found at dataset_path ({', '.join(LAYOUTS)})")
     dataset_path: str | None = Field(
-        None, description="below the server's data root (relative paths are taken from it): "
+        None, min_length=1, max_length=MAX_PATH_CHARS,
+        description="below the server's data root (relative paths are taken from it): "
         "the folder a published layout was unpacked to, or alone an ImageFolder (one "
         "sub-folder per class)")
     method: str = "xma2"
@@ -159,12 +179,13 @@ class AdaptationRequest(BaseModel):
                                      "must be the chip's (its mask buffers' width)")
     epochs: int | None = Field(None, ge=1, le=100)
     batch_size: int | None = Field(None, ge=1, le=4096)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     image_size: int | None = Field(None, ge=16, le=512, description="input side in pixels "
                                    "(default: 224 for a published layout, else 64)")
     train_limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
-    activate: bool = True
+    activate: bool = Field(True, description="serve the new version when the job "
+                           "succeeds; a task's first version is served whatever this says")
 
     @model_validator(mode="after")
     def _one_dataset(self) -> AdaptationRequest:

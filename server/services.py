@@ -22,6 +22,7 @@ from server.jobs import JobManager
 from server.metrics import ServerMetrics
 from server.runtime import TaskRuntime
 from server.scheduler import BatchScheduler, ChipView
+from server.scratch import remove_orphaned_scratch
 from server.settings import Settings
 from server.shipped_tasks import import_default_tasks
 from task_store import JobStatus, TaskStore
@@ -56,13 +57,21 @@ class Services:
         s = self.settings
         began = time.perf_counter()
         torch.set_num_threads(s.inference_threads)
+        logger.info("loading the backbone: file=%s threads=%d",
+                    s.backbone_file or "shipped MobileNetV2 (4-bit)", s.inference_threads)
         model = load_backbone(s.backbone_file)
+        logger.info("backbone loaded and programmed: seconds=%.1f fingerprint=%s",
+                    time.perf_counter() - began, model.fingerprint()[:12])
         store = TaskStore.for_model(s.store_root, model, max_archive_bytes=s.max_body_bytes)
         self.store = store
+        scratch = remove_orphaned_scratch(store.root)
+        if scratch:
+            logger.info("removed %d temporary folder(s) a stopped server left: %s",
+                        len(scratch), ", ".join(scratch))
         if s.default_tasks:
             imported = import_default_tasks(store)
-            if imported:
-                logger.info("imported the shipped tasks %s", ", ".join(imported))
+            logger.info("shipped tasks: imported=%s (each is imported once per store; a "
+                        "deleted one stays deleted)", ",".join(imported) or "none")
         builtin = {"imagenet": (imagenet_task(model), IMAGENET_INPUT_SIZE)}
         runtime = TaskRuntime(
             model, store, builtin=builtin, fidelity=s.fidelity,
@@ -77,7 +86,7 @@ class Services:
                               backbone_file=str(s.backbone_file) if s.backbone_file else None,
                               threads=s.job_threads,
                               checkpoint_root=str(s.store_root / CHECKPOINTS_DIR),
-                              data_root=str(s.data_dir))
+                              log_level=s.log_level, data_root=str(s.data_dir))
         self.jobs = JobManager(store.index, worker, max_concurrent=s.max_concurrent_jobs,
                                cancel_grace_s=s.cancel_grace_s, on_success=self._job_done)
         interrupted = self.jobs.start()
@@ -106,7 +115,9 @@ class Services:
         self.batcher = batcher
         metrics.ready.set(1)
         self.ready.set()
-        logger.info("ready: batches of up to %d, %s scheduler", s.max_batch_size, s.scheduler)
+        logger.info("ready: tasks=%d max_batch_size=%d scheduler=%s fidelity=%s; listening on "
+                    "http://%s:%d (API docs at /docs)", len(runtime.served), s.max_batch_size,
+                    s.scheduler, s.fidelity.value, s.host, s.port)
 
     def _job_done(self, task: str) -> None:
         runtime = self.runtime

@@ -22,6 +22,7 @@ from typing import Any
 
 from core.atomic import atomic_write_bytes
 from task_store import FingerprintMismatch, TaskStore
+from task_store.archive import DEFAULT_MAX_ARCHIVE_BYTES
 from task_store.format import sha256_hex
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,10 @@ def _import_once(store: TaskStore, folder: Path, shipped: list[dict[str, Any]]) 
             continue
         if name not in existing:
             try:
-                store.import_archive(folder / entry["archive"], name=name)
+                # Shipped with the server: the upload limit (XMA2_MAX_BODY_BYTES) is for
+                # clients' archives, not for these.
+                store.import_archive(folder / entry["archive"], name=name,
+                                     max_bytes=DEFAULT_MAX_ARCHIVE_BYTES)
             except FingerprintMismatch as e:
                 logger.warning("not importing the shipped task %s: %s", name, e)
                 continue

@@ -73,7 +73,8 @@ def read_archive(path: str | Path, *,
                     raise FormatError(f"{where} is truncated")
                 members[member.name] = data
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise FormatError(f"{path} is not a readable task archive: {e}") from e
+        raise FormatError(f"archive {path.name} is not a readable task archive: "
+                          f"{type(e).__name__}") from e
     missing = [n for n in VERSION_FILES if n not in members]
     if missing:
         raise FormatError(f"archive {path.name} lacks {missing}")

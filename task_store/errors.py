@@ -27,3 +27,7 @@ class TaskInUse(StoreError):
 
 class VersionNotFound(TaskNotFound):
     """The task exists but not in the requested version."""
+
+
+class JobFenced(StoreError):
+    """A job's worker tried to commit after its job was ended by someone else."""

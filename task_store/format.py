@@ -208,9 +208,12 @@ class Manifest:
         if len(raw) > MAX_MANIFEST_BYTES:
             raise FormatError(f"manifest of {len(raw)} bytes exceeds {MAX_MANIFEST_BYTES}")
         try:
-            data = json.loads(raw.decode("utf-8"))
+            data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant,
+                              parse_float=_finite_float)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise FormatError(f"manifest is not valid UTF-8 JSON: {e}") from e
+        except RecursionError as e:
+            raise FormatError("manifest JSON is nested too deeply") from e
         if not isinstance(data, dict):
             raise FormatError("manifest must be a JSON object")
         schema = _field(data, "schema_version", int, "manifest")
@@ -239,8 +242,8 @@ class Manifest:
             raise FormatError("manifest labels and digital names must be strings")
         metrics = _field(data, "metrics", dict, "manifest")
         if not all(isinstance(v, int | float) and not isinstance(v, bool)
-                   for v in metrics.values()):
-            raise FormatError("manifest metrics must be numbers")
+                   and abs(v) < 1e300 for v in metrics.values()):
+            raise FormatError("manifest metrics must be finite numbers")
         sizes = _field(data, "sizes", dict, "manifest")
         if not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
             raise FormatError("manifest sizes must be non-negative integers")
@@ -373,6 +376,19 @@ def build_manifest(
     )
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise FormatError(f"{text[:40]} overflows a finite number; a manifest holds finite "
+                          "numbers only")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    """NaN and Infinity are not JSON; a manifest holding them could not be served back."""
+    raise FormatError(f"{name} is not a JSON number; a manifest holds finite numbers only")
+
+
 def tensor_file_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors blob, read from its header alone."""
     if len(data) < 8:
@@ -381,11 +397,26 @@ def tensor_file_metadata(data: bytes) -> dict[str, str]:
     if header_len > min(len(data) - 8, 100 * 2**20):
         raise FormatError("tensor file header length is out of range")
     try:
-        header = json.loads(data[8 : 8 + header_len])
+        header = json.loads(data[8 : 8 + header_len], parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"tensor file header is not JSON: {e}") from e
+    except RecursionError as e:
+        raise FormatError("tensor file header JSON is nested too deeply") from e
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return meta if isinstance(meta, dict) else {}
+
+
+def check_float_tensor(name: str, tensor: Tensor) -> None:
+    """A head or digital tensor that can be computed with: floating point, finite, and a
+    variance never negative; anything else fails or poisons inference. (Whether its dtype
+    and shape fit a backbone is the serving side's check.)"""
+    if not tensor.is_floating_point():
+        raise FormatError(f"tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; "
+                          "head and digital tensors are floating point")
+    if not bool(torch.isfinite(tensor).all()):
+        raise FormatError(f"tensor {name} holds NaN or infinite values")
+    if name.endswith("running_var") and bool((tensor < 0).any()):
+        raise FormatError(f"tensor {name} holds negative variances")
 
 
 def decode_task(data: bytes, manifest: Manifest) -> TaskState:
@@ -405,6 +436,9 @@ def decode_task(data: bytes, manifest: Manifest) -> TaskState:
     for name in (_PE_MASK, _SPARE, _COLUMNS):
         if tensors[name].dtype != torch.uint8 or tensors[name].dim() != 1:
             raise FormatError(f"packed tensor {name} must be 1-D uint8")
+    for name, tensor in tensors.items():
+        if name not in (_PE_MASK, _SPARE, _COLUMNS):
+            check_float_tensor(name, tensor)
     bits = code_bits(manifest.shift_levels)
     streams = {kind: tensors[kind].numpy() for kind in (_PE_MASK, _SPARE, _COLUMNS)}
     offsets = dict.fromkeys(streams, 0)

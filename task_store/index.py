@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import TaskNotFound
-from task_store.errors import StoreError, VersionNotFound
+from task_store.errors import JobFenced, StoreError, VersionNotFound
 from task_store.format import utc_now
 
 INDEX_SCHEMA_VERSION = 1
@@ -318,6 +318,22 @@ class TaskIndex:
                        (status.value, None if result is None else json.dumps(result),
                         error, utc_now(), job_id))
         return self.job(job_id)
+
+    def finish_job_in(self, db: sqlite3.Connection, job_id: str, status: JobStatus, *,
+                      result: dict[str, Any] | None = None, error: str | None = None) -> None:
+        """End a job inside the caller's transaction, only if it is still running: a
+        worker whose job was ended meanwhile (the server restarted, a cancel overstayed)
+        must not have its result committed with it."""
+        row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobFenced(f"job {job_id} no longer exists; its result is discarded")
+        if row["status"] != JobStatus.RUNNING.value:
+            raise JobFenced(f"job {job_id} is {row['status']}, no longer running; its result "
+                            "is discarded")
+        db.execute("UPDATE jobs SET status = ?, result = ?, error = ?, updated = ? "
+                   "WHERE id = ?", (JobStatus(status).value,
+                                    None if result is None else json.dumps(result), error,
+                                    utc_now(), job_id))
 
     def add_job_event(self, job_id: str, message: str, *, level: str = "info") -> JobEvent:
         with self.transaction() as db:

@@ -14,9 +14,11 @@ next writer removes; readers only ever follow committed rows.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -70,7 +72,8 @@ def _read_limited(path: Path, limit: int) -> bytes:
     with open(path, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise FormatError(f"{path} is larger than the {limit}-byte limit")
+        raise FormatError(f"{path.parent.name}/{path.name} is larger than the {limit}-byte "
+                          "limit")
     return data
 
 
@@ -88,6 +91,9 @@ class TaskStore:
             chip); such tasks are not deleted unless forced.
         lock_timeout_s: how long a writer waits for another process's write lock.
         max_archive_bytes: largest archive accepted by :meth:`import_archive`.
+        check: further checks of a task against the backbone served (its head's input
+            width, its digital tensors' names and shapes); raises to refuse the task. Run
+            on every put, import and load, before anything is written or served.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class TaskStore:
         mapping: ModelMapping | None = None, cache_size: int = 16,
         in_use: Callable[[str], bool] | None = None, lock_timeout_s: float = 60.0,
         max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+        check: Callable[[TaskState], None] | None = None,
     ) -> None:
         if not backbone_fingerprint:
             raise StoreError("a task store needs the backbone fingerprint it serves")
@@ -106,6 +113,7 @@ class TaskStore:
         self.in_use = in_use
         self.lock_timeout_s = lock_timeout_s
         self.max_archive_bytes = max_archive_bytes
+        self.check = check
         self.index = TaskIndex(self.root / INDEX_FILE, timeout_s=lock_timeout_s)
         self.cache = TaskCache(cache_size)
         self._thread_lock = threading.RLock()
@@ -174,6 +182,14 @@ class TaskStore:
     def _version_dir(self, name: str, version: int) -> Path:
         return self.root / TASKS_DIR / name / f"v{version}"
 
+    def _shown(self, path: Path) -> str:
+        """A path as error messages show it: relative to the store, whose location is the
+        operator's business, not an API client's."""
+        try:
+            return f"store:{path.relative_to(self.root)}"
+        except ValueError:
+            return path.name
+
     def _read_manifest(self, record: VersionRecord) -> tuple[Manifest, Path]:
         directory = self._version_dir(record.task, record.version)
         try:
@@ -182,16 +198,19 @@ class TaskStore:
             if not self.index.has_version(record.task, record.version):
                 raise VersionNotFound(f"task {record.task!r} version {record.version} was "
                                       "deleted while it was being read") from e
-            raise StoreError(f"{directory / MANIFEST_FILE} is missing although the index "
+            raise StoreError(f"{self._shown(directory / MANIFEST_FILE)} is missing although "
+                             "the index "
                              "lists it; restore the task from an archive or delete the "
                              "version") from e
         if sha256_hex(raw) != record.manifest_sha256:
-            raise ChecksumMismatch(f"{directory / MANIFEST_FILE} does not match the SHA-256 "
+            raise ChecksumMismatch(f"{self._shown(directory / MANIFEST_FILE)} does not match "
+                                   "the SHA-256 "
                                    "recorded in the index; restore the task from an archive "
                                    "or delete the version")
         manifest = Manifest.from_json(raw)
         if (manifest.task, manifest.version) != (record.task, record.version):
-            raise FormatError(f"{directory} holds {manifest.task} v{manifest.version}")
+            raise FormatError(f"{self._shown(directory)} holds {manifest.task} "
+                              f"v{manifest.version}")
         return manifest, directory
 
     def _check_fingerprint(self, manifest: Manifest) -> None:
@@ -210,19 +229,27 @@ class TaskStore:
         try:
             data = _read_limited(directory / TENSORS_FILE, expected.bytes)
         except FileNotFoundError as e:
-            raise StoreError(f"{directory / TENSORS_FILE} is missing; restore the task from "
+            raise StoreError(f"{self._shown(directory / TENSORS_FILE)} is missing; restore "
+                             "the task from "
                              "an archive or delete the version") from e
         except FormatError as e:
-            raise ChecksumMismatch(f"{directory / TENSORS_FILE} is larger than its manifest "
+            raise ChecksumMismatch(f"{self._shown(directory / TENSORS_FILE)} is larger than "
+                                   "its manifest "
                                    "records; the file is corrupt") from e
         if len(data) != expected.bytes or sha256_hex(data) != expected.sha256:
-            raise ChecksumMismatch(f"{directory / TENSORS_FILE} does not match the SHA-256 "
+            raise ChecksumMismatch(f"{self._shown(directory / TENSORS_FILE)} does not match "
+                                   "the SHA-256 "
                                    "in its manifest; the file is corrupt: restore the task "
                                    "from an archive or delete the version")
         task = decode_task(data, manifest)
+        self._validate(task)
+        return StoredTask(task, manifest, record.manifest_sha256)
+
+    def _validate(self, task: TaskState) -> None:
         if self.mapping is not None:
             task.validate(self.mapping)
-        return StoredTask(task, manifest, record.manifest_sha256)
+        if self.check is not None:
+            self.check(task)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -240,7 +267,7 @@ class TaskStore:
                     except BlockingIOError as e:
                         if time.monotonic() > deadline:
                             raise StoreError(
-                                f"another process has held {self.root / LOCK_FILE} for "
+                                f"another process has held the store's write lock for "
                                 f"{self.lock_timeout_s:.0f} s; retry when it finishes"
                             ) from e
                         time.sleep(0.01)
@@ -270,6 +297,7 @@ class TaskStore:
     def put(
         self, task: TaskState, *, method: str, hyperparameters: Mapping[str, Any] | None = None,
         metrics: Mapping[str, float] | None = None, activate: bool = True,
+        fence: Callable[[sqlite3.Connection, VersionRecord], None] | None = None,
     ) -> VersionRecord:
         """Store a task as its next version (active unless ``activate=False`` and another is).
 
@@ -279,9 +307,12 @@ class TaskStore:
             hyperparameters: the method's settings, recorded in the manifest.
             metrics: e.g. ``accuracy`` and ``energy_j``.
             activate: serve this version from now on.
+            fence: called inside the index transaction that commits the version, after
+                its row is added; raising there rolls the version back (a job worker
+                uses it to commit only while its job still runs, and to end the job in
+                the same transaction).
         """
-        if self.mapping is not None:
-            task.validate(self.mapping)
+        self._validate(task)
         encoded = encode_task(task, self._layer_bits)
 
         def manifest_for(version: int) -> Manifest:
@@ -289,10 +320,13 @@ class TaskStore:
                                   backbone_fingerprint=self.backbone_fingerprint,
                                   hyperparameters=hyperparameters, metrics=metrics)
 
-        return self._commit(task.task_id, manifest_for, encoded.data, activate=activate)
+        return self._commit(task.task_id, manifest_for, encoded.data, activate=activate,
+                            fence=fence)
 
     def _commit(self, name: str, manifest_for: Callable[[int], Manifest], data: bytes, *,
-                activate: bool) -> VersionRecord:
+                activate: bool,
+                fence: Callable[[sqlite3.Connection, VersionRecord], None] | None = None,
+                ) -> VersionRecord:
         with self._writer():
             version = self.index.next_version(name)
             manifest = manifest_for(version)
@@ -318,8 +352,12 @@ class TaskStore:
             try:
                 with self.index.transaction() as db:
                     self.index.add_version(db, record, activate=activate)
+                    if fence is not None:
+                        fence(db, record)
             except BaseException:
                 shutil.rmtree(final, ignore_errors=True)
+                with contextlib.suppress(OSError):  # only when no other version is there
+                    task_dir.rmdir()
                 raise
         return self.index.version(name, version)
 
@@ -386,22 +424,23 @@ class TaskStore:
         data = (directory / TENSORS_FILE).read_bytes()
         if (sha256_hex(manifest_bytes) != record.manifest_sha256
                 or sha256_hex(data) != stored.manifest.files[TENSORS_FILE].sha256):
-            raise ChecksumMismatch(f"{directory} changed while it was exported; retry")
+            raise ChecksumMismatch(f"{self._shown(directory)} changed while it was exported; "
+                                   "retry")
         return write_archive(dest, manifest_bytes, data)
 
     def import_archive(self, path: str | Path, *, name: str | None = None,
-                       activate: bool = True) -> VersionRecord:
+                       activate: bool = True, max_bytes: int | None = None) -> VersionRecord:
         """Add an exported version as the next version of ``name`` (default: its own name).
 
         Every member is checked (names, types, sizes, SHA-256), the backbone fingerprint
         must match, and the tensors are decoded and validated before anything is written.
+        ``max_bytes`` overrides the store's archive size limit (trusted, shipped archives).
         """
-        manifest, data = read_archive(path, max_bytes=self.max_archive_bytes)
+        manifest, data = read_archive(path, max_bytes=max_bytes or self.max_archive_bytes)
         self._check_fingerprint(manifest)
         target = validate_task_name(name or manifest.task)
         task = decode_task(data, manifest.renamed(target, manifest.version, origin=None))
-        if self.mapping is not None:
-            task.validate(self.mapping)
+        self._validate(task)
         origin = {"task": manifest.task, "version": manifest.version,
                   "created": manifest.created, "archive": Path(path).name}
         return self._commit(target, lambda v: manifest.renamed(target, v, origin=origin),

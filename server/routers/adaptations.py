@@ -17,10 +17,12 @@ from core.published_datasets import (
     OutsideDataRoot,
     scan_layout,
 )
-from server.deps import Jobs, Operator, Runtime, ServicesDep
+from server.deps import Jobs, Runtime, ServicesDep
 from server.errors import ApiError
+from server.job_worker import outside_links
 from server.schemas import (
     ERROR_RESPONSES,
+    MAX_INDEX_INT,
     AdaptationJob,
     AdaptationList,
     AdaptationRequest,
@@ -29,8 +31,7 @@ from server.schemas import (
 )
 from task_store import JobRecord, JobStatus
 
-router = APIRouter(prefix="/adaptations", tags=["adaptations"], dependencies=Operator,
-                   responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/adaptations", tags=["adaptations"], responses=ERROR_RESPONSES)
 
 
 def job_out(job: JobRecord) -> AdaptationJob:
@@ -44,22 +45,42 @@ def job_out(job: JobRecord) -> AdaptationJob:
 
 
 def _resolve_dataset_path(raw: str, root: Path, layout: str | None = None) -> str:
+    if "\x00" in raw:
+        raise ApiError(422, "dataset_path holds a NUL character; give a folder name below "
+                            "the data root")
     root = root.resolve()
-    path = Path(raw).expanduser()
-    resolved = (path if path.is_absolute() else root / path).resolve()
-    if not resolved.is_relative_to(root):
-        raise ApiError(403, f"dataset_path {raw!r} is outside the data root {root}; copy the "
-                            "dataset below it")
-    if not resolved.is_dir():
+    try:
+        path = Path(raw).expanduser()
+        resolved = (path if path.is_absolute() else root / path).resolve()
+        inside = resolved.is_relative_to(root)
+        is_dir = inside and resolved.is_dir()
+    except (OSError, RuntimeError, ValueError) as e:  # too long, a symlink loop, ...
+        raise ApiError(422, f"dataset_path {raw[:200]!r} cannot be resolved "
+                            f"({type(e).__name__}); give a folder below the data root") from e
+    if not inside:
+        raise ApiError(403, f"dataset_path {raw[:200]!r} is outside the data root {root}; "
+                            "copy the dataset below it")
+    if not is_dir:
         what = (f"the folder {layout} was unpacked to" if layout else
                 "one sub-folder of images per class")
-        raise ApiError(422, f"dataset_path {raw!r} is not a folder below the data root "
-                            f"{root} ({what})")
+        raise ApiError(422, f"dataset_path {raw[:200]!r} is not a folder below the data "
+                            f"root {root} ({what})")
     if layout is not None:
         try:  # the whole tree, now: a job must not fail on a missing file
             scan_layout(layout, resolved, data_root=root)
         except OutsideDataRoot as e:
             raise ApiError(403, str(e)) from e
+        except (OSError, RuntimeError) as e:  # a file name too long, a symlink loop, ...
+            raise ApiError(422, f"dataset_path {raw[:200]!r}: the {layout} files cannot be "
+                                f"resolved ({type(e).__name__}: {e})") from e
+        return str(resolved)
+    if not any(p.is_dir() and not p.name.startswith(".") for p in resolved.iterdir()):
+        raise ApiError(422, f"dataset_path {raw[:200]!r} has no class sub-folders (one "
+                            "sub-folder of images per class)")
+    escaped = outside_links(resolved, root)
+    if escaped:
+        raise ApiError(403, f"dataset_path {raw[:200]!r} links outside the data root "
+                            f"({', '.join(escaped[:3])}); copy those images below it")
     return str(resolved)
 
 
@@ -127,7 +148,8 @@ def get_adaptation(job_id: str, jobs: Jobs) -> AdaptationJob:
 @router.get("/{job_id}/events", response_model=JobEventList)
 def adaptation_events(
     job_id: str, jobs: Jobs,
-    after: Annotated[int, Query(ge=0, description="seq of the last event already seen")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_INDEX_INT,
+                                       description="seq of the last event already seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobEventList:
     jobs.get(job_id)

@@ -12,8 +12,11 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
-    return Health(status="ok")
+def healthz(services: ServicesDep) -> Health:
+    """Liveness: answers while the process runs; ``tasks`` counts what /readyz counts."""
+    runtime = services.runtime
+    ready = runtime is not None and services.ready.is_set()
+    return Health(status="ok", tasks=len(runtime.served) if ready and runtime else 0)
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from core.config import Fidelity
-from server.deps import Runtime, ServicesDep, require_predict
+from server.deps import Runtime, ServicesDep
 from server.errors import ApiError, recorded_outcome
 from server.images import decode_base64, decode_image
 from server.runtime import Prediction
@@ -54,8 +54,9 @@ def prediction_response(p: Prediction) -> PredictResponse:
 
 
 @router.post("/predict", response_model=PredictResponse, openapi_extra=_BODY_DOC,
-             dependencies=[Depends(require_predict)],
-             responses=ERROR_RESPONSES)
+             responses={**ERROR_RESPONSES, 429: {
+                 "model": ERROR_RESPONSES[401]["model"],
+                 "description": "the request queue is full; retry after Retry-After"}})
 async def predict(
     request: Request, runtime: Runtime, services: ServicesDep,
     task: Annotated[str, Query(description="the task to answer with", min_length=1)],

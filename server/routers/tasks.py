@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -11,13 +12,14 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from core.task_state import validate_task_name
-from server.deps import Operator, Runtime
+from core.task_state import TASK_NAME_PATTERN
+from server.deps import Runtime
 from server.errors import ApiError
 from server.routers.predict import image_bytes
 from server.runtime import TaskRuntime
 from server.schemas import (
     ERROR_RESPONSES,
+    MAX_INDEX_INT,
     TaskDetail,
     TaskEnergy,
     TaskList,
@@ -25,10 +27,10 @@ from server.schemas import (
     VersionInfo,
     upload_body,
 )
+from server.scratch import scratch_prefix
 from task_store import TaskStore
 
-router = APIRouter(prefix="/tasks", tags=["tasks"], dependencies=Operator,
-                   responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 
 _ARCHIVE_BODY = upload_body("a task archive made by GET /tasks/{name}/archive: the raw "
                             "bytes, or a multipart field 'file'", "application/x-tar")
@@ -91,11 +93,14 @@ def get_task(name: str, runtime: Runtime) -> TaskDetail:
 async def import_task(
     request: Request, runtime: Runtime,
     name: Annotated[str | None, Query(description="store under this name (default: the "
-                                      "archive's)")] = None,
-    activate: Annotated[bool, Query(description="serve the imported version now")] = True,
+                                      "archive's)",
+                                      pattern=TASK_NAME_PATTERN.pattern)] = None,
+    activate: Annotated[bool, Query(
+        description="serve the imported version now; a task's first version is served "
+                    "whatever this says (a task without an active version could not "
+                    "serve)")] = True,
 ) -> TaskDetail:
     if name is not None:
-        validate_task_name(name)
         _not_builtin(runtime, name)
     data = await image_bytes(request)
     if not data:
@@ -103,7 +108,8 @@ async def import_task(
     store = runtime.store
 
     def import_file() -> str:
-        with tempfile.TemporaryDirectory(dir=store.root) as folder:
+        with tempfile.TemporaryDirectory(dir=store.root, prefix=scratch_prefix("upload")
+                                         ) as folder:
             path = Path(folder) / "upload.tar"
             path.write_bytes(data)
             target = name or _archive_task_name(store, path)
@@ -126,7 +132,8 @@ def _archive_task_name(store: TaskStore, path: Path) -> str:
 @router.post("/{name}/activate", response_model=TaskDetail)
 async def activate_version(
     name: str, runtime: Runtime,
-    version: Annotated[int, Query(ge=1, description="the version to serve")],
+    version: Annotated[int, Query(ge=1, le=MAX_INDEX_INT,
+                                       description="the version to serve")],
 ) -> TaskDetail:
     _not_builtin(runtime, name)
     await run_in_threadpool(runtime.store.activate, name, version)
@@ -138,10 +145,11 @@ async def activate_version(
             responses={200: {"content": {"application/x-tar": {}}}})
 async def export_task(
     name: str, runtime: Runtime,
-    version: Annotated[int | None, Query(ge=1, description="default: the active one")] = None,
+    version: Annotated[int | None, Query(ge=1, le=MAX_INDEX_INT,
+                                              description="default: the active one")] = None,
 ) -> FileResponse:
     _not_builtin(runtime, name)
-    folder = tempfile.mkdtemp(dir=runtime.store.root)
+    folder = tempfile.mkdtemp(dir=runtime.store.root, prefix=scratch_prefix("export"))
     try:
         record = runtime.store.index.version(name, version)
         path = await run_in_threadpool(runtime.store.export, name,
@@ -155,15 +163,14 @@ async def export_task(
 
 
 def _remove(folder: str) -> None:
-    import shutil
-
     shutil.rmtree(folder, ignore_errors=True)
 
 
 @router.delete("/{name}", status_code=204)
 async def delete_task(
     name: str, runtime: Runtime,
-    version: Annotated[int | None, Query(ge=1, description="delete one version only")] = None,
+    version: Annotated[int | None, Query(ge=1, le=MAX_INDEX_INT,
+                                              description="delete one version only")] = None,
 ) -> Response:
     _not_builtin(runtime, name)
     await run_in_threadpool(runtime.store.delete, name, version)

@@ -22,8 +22,8 @@ from core.ops.crossbar import (
     adc_code_range,
     build_program,
     crossbar_conv2d,
-    layer_cell_levels,
     largest_read_sum,
+    layer_cell_levels,
 )
 from core.ops.fold import fold_effective_weight
 from core.programming import cell_levels_to_weight_codes, weight_codes_to_cell_levels

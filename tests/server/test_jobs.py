@@ -108,6 +108,9 @@ def test_cancel_a_running_and_a_queued_job(server: LiveServer) -> None:
         messages = [e["message"] for e in
                     op.get(f"/adaptations/{running['id']}/events").json()["data"]]
         assert any("cancel requested" in m for m in messages)
+        # jobs never resume: the last word does not point at a checkpoint, which is gone
+        assert "resume from" not in messages[-1] and "submit it again" in messages[-1]
+        assert not (server.store / "job_checkpoints" / str(running["id"])).exists()
         assert op.post(f"/adaptations/{running['id']}/cancel").status_code == 409
         # nothing was registered, and the queued job never ran
         assert op.get("/tasks/long-run").status_code == 404

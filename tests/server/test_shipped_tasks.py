@@ -54,3 +54,15 @@ def test_another_backbone_skips_the_shipped_tasks(tmp_path: Path) -> None:
     with TaskStore(tmp_path, backbone_fingerprint="0" * 64) as store:
         assert import_default_tasks(store) == []
         assert store.list() == []
+
+
+def test_the_upload_limit_does_not_apply_to_the_shipped_tasks(tmp_path: Path,
+                                                              backbone: CrossbarModel) -> None:
+    """A server whose clients may upload only small archives still imports its own."""
+    smallest = min((SHIPPED_DIR / f"{n}.tar").stat().st_size for n in SHIPPED)
+    store = TaskStore.for_model(tmp_path / "store", backbone, max_archive_bytes=smallest // 2)
+    try:
+        assert sorted(import_default_tasks(store)) == sorted(SHIPPED)
+        assert sorted(r.name for r in store.list()) == sorted(SHIPPED)
+    finally:
+        store.close()
