@@ -76,6 +76,9 @@ class ServerCommands:
         frontier.add_argument("--seed", type=int, default=0)
         frontier.add_argument("--backbone-file", type=Path, default=None)
         frontier.add_argument("--threads", type=int, default=None)
+        frontier.add_argument("--price-only", action="store_true",
+                              help="price every point with the energy model and mark the "
+                                   "provably lossless ones; emulate nothing")
         frontier.add_argument("--noise", action="store_true",
                               help="instead: each device effect alone (and all four) on the "
                                    "backbone's own chip, at the low and high levels")
@@ -150,6 +153,15 @@ def chip_frontier(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.price_only:
+        priced = frontier.price(
+            args.out, frontier.grid(args.encodings.split(","),
+                                    [int(r) for r in args.rows.split(",")],
+                                    [int(b) for b in args.adc_bits.split(",")],
+                                    args.dac.split(",")),
+            command=core_cli.command_line(args.argv), backbone_file=args.backbone_file)
+        print(args.out.with_suffix(".md").read_text())
+        return 0 if priced["rows"] else 1
     if args.noise:
         noise = frontier.noise_study(args.out, test_limit=args.test_limit,
                                      command=core_cli.command_line(args.argv),

@@ -407,3 +407,34 @@ def noise_study(out: Path, *, test_limit: int, command: str,
             logger.info("%s %s: worst %+.1f points", level, effect, row["worst_minus_ideal"])
             atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
     return result
+
+
+def price(out: Path, points: Sequence[ChipPoint], *, command: str,
+          backbone_file: Path | None = None) -> dict[str, Any]:
+    """Every point priced by the energy model alone, with whether it is provably lossless
+    (then its accuracy is ideal fidelity's, exactly): the cheap half of the frontier."""
+    from core.atomic import atomic_write_bytes
+    from core.commands import git_revision, load_backbone
+
+    backbone = load_backbone(backbone_file)
+    tasks = shipped_tasks(test_limit=1)
+    paper_point = ChipPoint(**{k: PAPER_CHIP[k] for k in ChipPoint.__dataclass_fields__})
+    paper = point_costs(backbone, paper_point, tasks)["energy_j"]
+    rows = []
+    for point in points:
+        cost = point_costs(backbone, point, tasks)
+        rows.append({**point.__dict__, "label": point.label, **cost,
+                     "energy_vs_paper": round(cost["energy_j"] / paper, 3)})
+    result = {"command": command, "git_revision": git_revision(),
+              "backbone_weights": backbone.weights_fingerprint(), "rows": rows}
+    atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
+    lines = ["| encoding | rows/read | DAC | ADC | energy/image (nJ) | vs paper "
+             "| conversions/image | cell reads/image | provably lossless |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["adc_bits"], r["energy_j"])):
+        lines.append(f"| {r['weight_encoding']} | {r['rows_per_read']} | {r['dac_mode']} | "
+                     f"{r['adc_bits']} | {1e9 * r['energy_j']:,.0f} | {r['energy_vs_paper']} | "
+                     f"{r['adc_conversions']:,.0f} | {r['cell_reads']:,.0f} | "
+                     f"{'yes' if r['lossless'] else 'no'} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return result

@@ -515,6 +515,10 @@ def _select(implementation: OperatorImplementation) -> ChunkKernel:
 
 
 def conversions(program: CrossbarProgram, images: int, positions: int) -> int:
-    """ADC conversions the operator performs: every unmasked column, slice and cycle."""
-    active = int((program.column_values != 0).sum())
+    """ADC conversions the chip performs: every unmasked column, slice and cycle of every
+    read group that holds weights (the operator also reads the zero-padded groups past
+    the layer's inputs, whose sums are 0 and whose conversions the chip does not make)."""
+    holds = (torch.arange(program.row_groups) * program.channels_per_group
+             < program.in_channels)
+    active = int(((program.column_values != 0) & holds.reshape(-1, 1)).sum())
     return active * program.slices * program.cycles * images * positions
