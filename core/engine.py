@@ -389,10 +389,13 @@ class CrossbarEngine:
                 continue
             mapping = layer.mapping
             assert mapping is not None
-            if self._backbone_program(name, layer).lossless:
-                entries = [SampleGroup(rows, *_swap(self._changed(prepared[task_id]).get(name)))
-                           for task_id, rows in samples.items()
-                           if name in self._changed(prepared[task_id])]
+            if self._backbone_program(name, layer).lossless:  # exact: the ideal code path
+                entries = []
+                for task_id, rows in samples.items():
+                    changed = self._changed(prepared[task_id]).get(name)
+                    if changed is not None:
+                        channels, codes = changed
+                        entries.append(SampleGroup(rows, codes, channels))
                 layer.sample_groups = entries
                 touched.append(layer)
                 continue
@@ -637,13 +640,6 @@ class CrossbarEngine:
             module._parameters[attr] = value  # type: ignore[assignment]
         else:
             module._buffers[attr] = value
-
-
-def _swap(changed: tuple[Tensor | None, Tensor] | None) -> tuple[Tensor, Tensor | None]:
-    """``(channels, codes)`` of :meth:`CrossbarEngine._changed` in SampleGroup's order."""
-    assert changed is not None
-    channels, codes = changed
-    return codes, channels
 
 
 def _by_module(digital: dict[str, nn.Parameter | Tensor]) -> dict[str, dict[str, Tensor]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -109,3 +110,14 @@ def photo_dataset(folder: Path, classes: dict[str, str], per_class: int, *, size
             crop = Image.fromarray(image[y:y + side, x:x + side]).resize((size, size))
             crop.save(folder / label / f"{i:03d}.png")
     return folder
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    """An uncompressed tar of these regular files, in memory (an archive as uploaded)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return out.getvalue()

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.live import LiveServer, photo_dataset
+from tests.server.live import LiveServer, photo_dataset, tar_bytes
 
 BIG = 2**63  # one past SQLite's largest integer
 BROKEN_MULTIPART = b"--x\r\nContent-Type: text/plain\r\n\r\nabc\r\n--x--\r\n"  # no name
@@ -78,13 +78,7 @@ def _archive(op: httpx.Client, change: str) -> bytes:
     else:  # nested deeper than any parser's recursion limit
         text = json.dumps(manifest)[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}"
     members["manifest.json"] = text.encode()
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        for name, blob in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return out.getvalue()
+    return tar_bytes(members)
 
 
 @pytest.mark.parametrize("change", ["nan", "inf", "deep"])

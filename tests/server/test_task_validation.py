@@ -22,7 +22,7 @@ from server.errors import ApiError
 from server.runtime import BatchItem, Prediction, ServedTask, TaskRuntime
 from task_store import TaskStore
 from task_store.format import FORMAT_TAG, sha256_hex
-from tests.server.live import LiveServer
+from tests.server.live import LiveServer, tar_bytes
 
 
 def _tampered(archive: bytes, change: Callable[[dict[str, torch.Tensor]], None]) -> bytes:
@@ -42,13 +42,7 @@ def _tampered(archive: bytes, change: Callable[[dict[str, torch.Tensor]], None])
     manifest["digital"] = sorted(n.removeprefix("digital/") for n in tensors
                                  if n.startswith("digital/"))
     members = {"manifest.json": json.dumps(manifest).encode(), "task.safetensors": data}
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        for name, blob in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return out.getvalue()
+    return tar_bytes(members)
 
 
 def _half_bias(t: dict[str, torch.Tensor]) -> None:
