@@ -156,6 +156,13 @@ def _add_adaptation_commands(commands: argparse._SubParsersAction) -> None:
                           help="rerun every cell instead of resuming from the JSON")
     _add_training_options(evaluate)
 
+    summary = commands.add_parser(
+        "grid-summary", help="mean and spread over seeds of several `evaluate` runs")
+    summary.add_argument("results", nargs="+", type=Path,
+                         help="the JSON of each run (one seed each, same settings)")
+    summary.add_argument("--out", type=Path, required=True,
+                         help="prefix of the .md/.json summary")
+
 
 def main(argv: list[str] | None = None,
          extensions: Sequence[CommandExtension] = ()) -> int:
@@ -217,6 +224,16 @@ def _run(args: argparse.Namespace) -> int:
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")
+    elif args.command == "grid-summary":
+        from core.evaluate import DATASET_TITLES, METHOD_TITLES
+        from core.grid_summary import render_summary, summarize
+
+        missing = [str(p) for p in args.results if not p.is_file()]
+        if missing:
+            raise ConfigError(f"no such grid result: {', '.join(missing)} (make one with "
+                              "`xma2 evaluate --seed S --out PREFIX`)")
+        runs = [json.loads(p.read_text()) for p in args.results]
+        print(render_summary(summarize(runs), args.out, METHOD_TITLES, DATASET_TITLES))
     elif args.command in ("adapt", "evaluate"):
         if args.threads is not None:
             if args.threads < 1:

@@ -47,6 +47,7 @@ from core.methods.task_model import pe_blocks
 from core.model import CrossbarModel
 from core.ops.fold import to_row_groups
 from core.programming import ProgrammingConfig, programming_cost, weight_codes_to_cell_levels
+from core.switching import price_grid_switches, save_task_tensors, switching_markdown, task_file
 from core.task_state import TaskState
 
 logger = logging.getLogger(__name__)
@@ -275,6 +276,7 @@ def run_grid(config: GridConfig, model: CrossbarModel, serve_model: CrossbarMode
                 "backbone_fingerprint") == result["backbone_fingerprint"]:
             result["cells"] = previous.get("cells", {})
     engine = CrossbarEngine(serve_model, max_prepared_tasks=2)
+    tasks_dir = tasks_folder(out_prefix)
     data_cache: dict[str, TaskDataset] = {}
     for dataset, method, p in config.cells():
         key = cell_key(dataset, method, p)
@@ -314,6 +316,8 @@ def run_grid(config: GridConfig, model: CrossbarModel, serve_model: CrossbarMode
                                     _mask_levels(method, method_config)))
             row["replaced_pes"] = adapted.task.replaced_pes
             engine.remove_task(adapted.task.task_id)
+            tasks_dir.mkdir(parents=True, exist_ok=True)
+            save_task_tensors(task_file(tasks_dir, key), adapted.task)
         else:
             assert adapted.trained_model is not None
             row["test_accuracy"] = accuracy(adapted.trained_model, data.test)
@@ -322,9 +326,16 @@ def run_grid(config: GridConfig, model: CrossbarModel, serve_model: CrossbarMode
         result["cells"][key] = row
         logger.info("%s: test %.2f%% val %.2f%% (%.0f s)", key, 100 * row["test_accuracy"],
                     100 * row["val_accuracy"], row["seconds"])
+        price_grid_switches(result, tasks_dir, model, IN_PLACE_METHODS)
         _write_outputs(out_prefix, result)
+    price_grid_switches(result, tasks_dir, model, IN_PLACE_METHODS)
     _write_outputs(out_prefix, result)
     return result
+
+
+def tasks_folder(out_prefix: Path) -> Path:
+    """Where a grid keeps its cells' task states (for pricing task switches on resume)."""
+    return out_prefix.with_name(out_prefix.name + ".tasks")
 
 
 _ROW_ORDER = ("finetune_fp32", "finetune_qat", "piggyback", "xbm", "xma", "xma2", "head_bn")
@@ -595,6 +606,7 @@ def render_markdown(result: dict[str, Any], out_prefix: Path) -> str:
               "| dataset | fine-tuning / XMA2: test set | one image | reprogramming only | "
               "piggyback / XMA2: test set | one image | reprogramming only |",
               "|---|---|---|---|---|---|---|", *ratio_rows, ""]
+    lines += switching_markdown(result, METHOD_TITLES)
     plots = _plots(result, out_prefix) if cells else []
     if plots:
         lines += ["## Plots", "", *[f"![{name}]({name})" for name in plots], ""]

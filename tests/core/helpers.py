@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import torch
+
 from core.mapping import ModelMapping
-from core.task_state import TaskHead, TaskState, random_task_state
+from core.methods.task_model import pe_blocks
+from core.model import CrossbarModel
+from core.ops.fold import to_row_groups
+from core.task_state import LayerTaskState, TaskHead, TaskState, ones_code, random_task_state
 from core.task_state import random_head as _random_head
 
 
@@ -17,3 +22,22 @@ def random_task(
 ) -> TaskState:
     return random_task_state(task_id, mapping, head or random_head(seed=seed),
                              pe_fraction=pe_fraction, seed=seed)
+
+
+def backbone_copy_task(model: CrossbarModel, replace: set[str], change: int = 0,
+                       task_id: str = "spare") -> TaskState:
+    """Every PE of the named layers replaced by the backbone's own codes (+ change)."""
+    layers = {}
+    for name, layer in model.layers():
+        if name not in replace:
+            continue
+        m = layer.mapping
+        assert m is not None
+        pe_mask = torch.ones(m.row_groups, m.col_groups, dtype=torch.bool)
+        blocks = pe_blocks(to_row_groups(layer.weight_codes, m), m)[pe_mask].clone()
+        valid = pe_blocks(to_row_groups(torch.ones_like(layer.weight_codes), m), m)[pe_mask]
+        lo, hi = -(2 ** (layer.weight_bits - 1)), 2 ** (layer.weight_bits - 1) - 1
+        spare = torch.where(valid.bool(), (blocks.int() + change).clamp(lo, hi), 0).to(torch.int8)
+        codes = torch.full((m.row_groups, m.out_channels), ones_code(3), dtype=torch.uint8)
+        layers[name] = LayerTaskState(pe_mask, spare, codes)
+    return TaskState(task_id, 3, random_head(10), layers)

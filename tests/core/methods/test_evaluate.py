@@ -6,7 +6,6 @@ import math
 from dataclasses import asdict
 
 import pytest
-import torch
 
 from core.engine import CrossbarEngine
 from core.errors import ConfigError
@@ -18,27 +17,9 @@ from core.evaluate import (
     reprogramming_cost,
     task_storage,
 )
-from core.methods.task_model import pe_blocks
-from core.ops.fold import to_row_groups
-from core.task_state import LayerTaskState, TaskState, ones_code
+from core.task_state import TaskState
+from tests.core.helpers import backbone_copy_task as _spare_task
 from tests.core.helpers import random_head
-
-
-def _spare_task(model, replace, change: int = 0) -> TaskState:
-    """Every PE of the named layers replaced by the backbone's own codes (+ change)."""
-    layers = {}
-    for name, layer in model.layers():
-        if name not in replace:
-            continue
-        m = layer.mapping
-        pe_mask = torch.ones(m.row_groups, m.col_groups, dtype=torch.bool)
-        blocks = pe_blocks(to_row_groups(layer.weight_codes, m), m)[pe_mask].clone()
-        valid = pe_blocks(to_row_groups(torch.ones_like(layer.weight_codes), m), m)[pe_mask]
-        lo, hi = -(2 ** (layer.weight_bits - 1)), 2 ** (layer.weight_bits - 1) - 1
-        spare = torch.where(valid.bool(), (blocks.int() + change).clamp(lo, hi), 0).to(torch.int8)
-        codes = torch.full((m.row_groups, m.out_channels), ones_code(3), dtype=torch.uint8)
-        layers[name] = LayerTaskState(pe_mask, spare, codes)
-    return TaskState("spare", 3, random_head(10), layers)
 
 
 def test_rewriting_the_backbone_codes_costs_nothing_and_changes_cost_energy(
