@@ -192,6 +192,60 @@ def metric_sum(server: ServerProcess, name: str) -> float:
                if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
+def large_pool(servers: dict[str, ServerProcess], bodies: list[bytes],
+               args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Steps 1 and 2 for each server (this tree, and the baseline's when given), the
+    servers taking turns in every round so that machine noise hits them alike."""
+    out: dict[str, dict[str, Any]] = {name: {"capacity_runs_rps": []} for name in servers}
+    for _ in range(args.capacity_rounds):
+        for name, server in servers.items():
+            rps = asyncio.run(closed_loop(server.url, "mnist", bodies, args.clients,
+                                          args.seconds))
+            out[name]["capacity_runs_rps"].append(round(rps, 2))
+            print(f"{name}: capacity (closed loop, {args.clients} clients, mnist): "
+                  f"{rps:.1f} req/s")
+    for row in out.values():
+        row["capacity_rps"] = statistics.median(row["capacity_runs_rps"])
+        row["loads"] = []
+    streams = {"single": ["mnist"] * 100_000, "mixed": mixed_stream(100_000, args.seed)}
+    for load in (float(x) for x in args.loads.split(",")):
+        rows = {name: {"load": load, "rate_rps": round(load * out[name]["capacity_rps"], 2),
+                       "single": [], "mixed": []} for name in servers}
+        for _ in range(args.rounds):
+            for name, server in servers.items():
+                for stream, tasks in streams.items():
+                    run = open_loop_run(server, tasks, bodies, rows[name]["rate_rps"], args)
+                    rows[name][stream].append(run)
+                    print(f"{name}: load {load:.1f} {stream}: {run}")
+        for name, row in rows.items():
+            medians = {stream: statistics.median(r["throughput_rps"] for r in row[stream])
+                       for stream in streams}
+            row["median_throughput_rps"] = medians
+            row["mixed_over_single"] = round(medians["mixed"] / medians["single"], 3)
+            p99 = {stream: statistics.median(r["p99_ms"] or 0.0 for r in row[stream])
+                   for stream in streams}
+            row["median_p99_ms"] = p99
+            row["mixed_over_single_p99"] = round(p99["mixed"] / p99["single"], 3) \
+                if p99["single"] else None
+            print(f"{name}: load {load:.1f}: mixed/single throughput "
+                  f"{row['mixed_over_single']}, p99 {row['mixed_over_single_p99']}")
+            out[name]["loads"].append(row)
+    return out
+
+
+def open_loop_run(server: ServerProcess, tasks: list[str], bodies: list[bytes], rate: float,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """One open-loop run, with the mean batch size the server formed meanwhile."""
+    batches = metric_sum(server, "xma2_batch_size_count")
+    served = metric_sum(server, "xma2_batch_size_sum")
+    run = asyncio.run(open_loop(server.url, tasks, bodies, rate, args.seconds,
+                                args.max_in_flight, args.seed))
+    b = metric_sum(server, "xma2_batch_size_count") - batches
+    s = metric_sum(server, "xma2_batch_size_sum") - served
+    run["mean_batch"] = round(s / b, 2) if b else None
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -201,6 +255,12 @@ def main() -> None:
     parser.add_argument("--max-in-flight", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--capacity-rounds", type=int, default=1,
+                        help="closed-loop runs per server (the median is the capacity)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="also serve this source tree (an older checkout) and measure "
+                             "it in turn with this one in steps 1-2")
+    parser.add_argument("--skip-reprogramming", action="store_true", help="skip step 3")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
@@ -221,41 +281,31 @@ def main() -> None:
             args.json.write_text(json.dumps(result, indent=1) + "\n")
         return
     with tempfile.TemporaryDirectory() as root:
-        server = ServerProcess(Path(root) / "large-pool", spare_pes=8 * TASK_PES,
-                               mask_entries=8, max_batch_size=args.max_batch_size).start()
+        trees = {"this": None, **({"baseline": args.baseline} if args.baseline else {})}
+        servers: dict[str, ServerProcess] = {}
         try:
-            add_copies(server)
-            capacity = asyncio.run(closed_loop(server.url, "mnist", bodies, args.clients,
-                                               args.seconds))
-            result["capacity_rps"] = round(capacity, 2)
-            print(f"capacity (closed loop, {args.clients} clients, mnist): {capacity:.1f} req/s")
-            streams = {"single": ["mnist"] * 100_000, "mixed": mixed_stream(100_000, args.seed)}
-            result["loads"] = []
-            for load in (float(x) for x in args.loads.split(",")):
-                rate = load * capacity
-                row: dict[str, Any] = {"load": load, "rate_rps": round(rate, 2),
-                                       "single": [], "mixed": []}
-                for _ in range(args.rounds):
-                    for name, tasks in streams.items():
-                        batches = metric_sum(server, "xma2_batch_size_count")
-                        served = metric_sum(server, "xma2_batch_size_sum")
-                        run = asyncio.run(open_loop(server.url, tasks, bodies, rate,
-                                                    args.seconds, args.max_in_flight,
-                                                    args.seed))
-                        b = metric_sum(server, "xma2_batch_size_count") - batches
-                        s = metric_sum(server, "xma2_batch_size_sum") - served
-                        run["mean_batch"] = round(s / b, 2) if b else None
-                        row[name].append(run)
-                        print(f"load {load:.1f} {name}: {run}")
-                medians = {name: statistics.median(r["throughput_rps"] for r in row[name])
-                           for name in streams}
-                row["median_throughput_rps"] = medians
-                row["mixed_over_single"] = round(medians["mixed"] / medians["single"], 3)
-                print(f"load {load:.1f}: mixed/single throughput {row['mixed_over_single']}")
-                result["loads"].append(row)
+            for name, source in trees.items():
+                servers[name] = ServerProcess(
+                    Path(root) / f"large-pool-{name}", source=source, spare_pes=8 * TASK_PES,
+                    mask_entries=8, max_batch_size=args.max_batch_size).start()
+                add_copies(servers[name])
+            steps = large_pool(servers, bodies, args)
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
+        result.update(steps.pop("this"))
+        if args.baseline:
+            base = steps["baseline"]
+            result["baseline"] = {"source": str(args.baseline), **base}
+            result["capacity_over_baseline"] = round(
+                result["capacity_rps"] / base["capacity_rps"], 3)
+            print(f"capacity: {result['capacity_rps']} req/s against the baseline's "
+                  f"{base['capacity_rps']} ({result['capacity_over_baseline']}x)")
 
+        if args.skip_reprogramming:
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=1) + "\n")
+            return
         result["reprogramming"] = {}
         rate = 0.7 * result["capacity_rps"]
         for policy in ("lru", "energy", "fifo"):
