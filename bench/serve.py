@@ -196,17 +196,28 @@ def large_pool(servers: dict[str, ServerProcess], bodies: list[bytes],
                args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Steps 1 and 2 for each server (this tree, and the baseline's when given), the
     servers taking turns in every round so that machine noise hits them alike."""
-    out: dict[str, dict[str, Any]] = {name: {"capacity_runs_rps": []} for name in servers}
+    out: dict[str, dict[str, Any]] = {
+        name: {"capacity_runs_rps": [], "capacity_mean_batch": []} for name in servers}
     for _ in range(args.capacity_rounds):
         for name, server in servers.items():
+            batches = metric_sum(server, "xma2_batch_size_count")
+            served = metric_sum(server, "xma2_batch_size_sum")
             rps = asyncio.run(closed_loop(server.url, "mnist", bodies, args.clients,
                                           args.seconds))
+            b = metric_sum(server, "xma2_batch_size_count") - batches
+            mean_batch = round((metric_sum(server, "xma2_batch_size_sum") - served) / b, 2)
             out[name]["capacity_runs_rps"].append(round(rps, 2))
+            out[name]["capacity_mean_batch"].append(mean_batch)
             print(f"{name}: capacity (closed loop, {args.clients} clients, mnist): "
-                  f"{rps:.1f} req/s")
+                  f"{rps:.1f} req/s, mean batch {mean_batch}")
     for row in out.values():
         row["capacity_rps"] = statistics.median(row["capacity_runs_rps"])
         row["loads"] = []
+    if len(servers) > 1:  # paired: each round's ratio, both servers under that round's noise
+        this, base = out["this"]["capacity_runs_rps"], out["baseline"]["capacity_runs_rps"]
+        ratios = [round(a / b, 3) for a, b in zip(this, base, strict=True)]
+        out["this"]["capacity_ratio_runs"] = ratios
+        out["this"]["capacity_ratio_median"] = statistics.median(ratios)
     streams = {"single": ["mnist"] * 100_000, "mixed": mixed_stream(100_000, args.seed)}
     for load in (float(x) for x in args.loads.split(",")):
         rows = {name: {"load": load, "rate_rps": round(load * out[name]["capacity_rps"], 2),
