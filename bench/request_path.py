@@ -64,14 +64,16 @@ def stage_of(stack: list[str]) -> str:
 
 
 def profile(server: ServerProcess, bodies: list[bytes], clients: int, seconds: float,
-            rate: int, raw_out: Path | None = None) -> tuple[float, Counter[str], int]:
+            rate: int, raw_out: Path | None = None, gil: bool = False
+            ) -> tuple[float, Counter[str], int]:
     """Closed-loop throughput and the server's busy samples by stage."""
     assert server.process is not None
     raw = Path(tempfile.mkdtemp()) / "profile.txt"
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     sampler = subprocess.Popen([spy, "record", "--pid", str(server.process.pid), "--rate",
                                 str(rate), "--duration", str(int(seconds)), "--format", "raw",
-                                "--output", str(raw), "--nonblocking"],
+                                "--output", str(raw), "--nonblocking",
+                                *(["--gil"] if gil else [])],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)  # let py-spy attach before the load starts
     throughput = asyncio.run(closed_loop(server.url, "mnist", bodies, clients, seconds))
@@ -100,6 +102,9 @@ def main() -> None:
                         help="profile the server of this source tree (default: this one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--gil", action="store_true",
+                        help="sample only the thread holding the GIL (Python work; the "
+                             "chip's native kernels run without it)")
     parser.add_argument("--raw", type=Path, default=None,
                         help="also keep py-spy's raw stacks here (flamegraph input)")
     args = parser.parse_args()
@@ -111,7 +116,7 @@ def main() -> None:
             add_copies(server)
             asyncio.run(closed_loop(server.url, "mnist", bodies, args.clients, 3.0))  # warm
             throughput, stages, total = profile(server, bodies, args.clients, args.seconds,
-                                                args.rate, args.raw)
+                                                args.rate, args.raw, args.gil)
         finally:
             server.stop()
     # Samples of busy threads at ``rate``/s over ``seconds``: CPU-seconds per request.

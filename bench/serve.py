@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -192,6 +193,13 @@ def metric_sum(server: ServerProcess, name: str) -> float:
                if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
+def process_cpu_s(server: ServerProcess) -> float:
+    """CPU seconds (user + system, every thread) the server process has used so far."""
+    assert server.process is not None
+    fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def large_pool(servers: dict[str, ServerProcess], bodies: list[bytes],
                args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Steps 1 and 2 for each server (this tree, and the baseline's when given), the
@@ -202,14 +210,22 @@ def large_pool(servers: dict[str, ServerProcess], bodies: list[bytes],
         for name, server in servers.items():
             batches = metric_sum(server, "xma2_batch_size_count")
             served = metric_sum(server, "xma2_batch_size_sum")
+            cpu, own = process_cpu_s(server), time.process_time()
             rps = asyncio.run(closed_loop(server.url, "mnist", bodies, args.clients,
                                           args.seconds))
+            cpu, own = process_cpu_s(server) - cpu, time.process_time() - own
             b = metric_sum(server, "xma2_batch_size_count") - batches
-            mean_batch = round((metric_sum(server, "xma2_batch_size_sum") - served) / b, 2)
-            out[name]["capacity_runs_rps"].append(round(rps, 2))
-            out[name]["capacity_mean_batch"].append(mean_batch)
+            requests = metric_sum(server, "xma2_batch_size_sum") - served
+            row = out[name]
+            row["capacity_runs_rps"].append(round(rps, 2))
+            row["capacity_mean_batch"].append(round(requests / b, 2))
+            row.setdefault("server_cpu_ms_per_request", []).append(
+                round(1e3 * cpu / requests, 2))
+            row.setdefault("client_cpu_ms_per_request", []).append(
+                round(1e3 * own / requests, 2))
             print(f"{name}: capacity (closed loop, {args.clients} clients, mnist): "
-                  f"{rps:.1f} req/s, mean batch {mean_batch}")
+                  f"{rps:.1f} req/s, mean batch {requests / b:.2f}, CPU per request: server "
+                  f"{1e3 * cpu / requests:.2f} ms, load generator {1e3 * own / requests:.2f} ms")
     for row in out.values():
         row["capacity_rps"] = statistics.median(row["capacity_runs_rps"])
         row["loads"] = []
@@ -218,6 +234,9 @@ def large_pool(servers: dict[str, ServerProcess], bodies: list[bytes],
         ratios = [round(a / b, 3) for a, b in zip(this, base, strict=True)]
         out["this"]["capacity_ratio_runs"] = ratios
         out["this"]["capacity_ratio_median"] = statistics.median(ratios)
+        cpu = [statistics.median(out[n]["server_cpu_ms_per_request"]) for n in ("this",
+                                                                                "baseline")]
+        out["this"]["server_cpu_over_baseline"] = round(cpu[0] / cpu[1], 3)
     streams = {"single": ["mnist"] * 100_000, "mixed": mixed_stream(100_000, args.seed)}
     for load in (float(x) for x in args.loads.split(",")):
         rows = {name: {"load": load, "rate_rps": round(load * out[name]["capacity_rps"], 2),
