@@ -12,8 +12,9 @@ from core.config import Fidelity
 from server.deps import Runtime, ServicesDep
 from server.errors import ApiError, recorded_outcome
 from server.images import decode_base64, decodes_inline, open_image
-from server.runtime import Prediction, resize_target
+from server.runtime import Prediction, TaskRuntime, resize_target
 from server.schemas import ERROR_RESPONSES, LabelScore, PredictResponse, RequestEnergy, upload_body
+from server.services import Services
 
 router = APIRouter(tags=["inference"])
 
@@ -64,6 +65,13 @@ async def predict(
                                                 "the server's)")] = None,
     top_k: Annotated[int | None, Query(ge=1, le=100)] = None,
 ) -> Response:
+    return await answer(request, runtime, services, task, fidelity, top_k)
+
+
+async def answer(request: Request, runtime: TaskRuntime, services: Services, task: str,
+                 fidelity: Fidelity | None, top_k: int | None) -> Response:
+    """What ``POST /predict`` does once its parameters are valid (the endpoint and
+    :class:`server.fastpath.PredictFastPath` both run it)."""
     metrics = services.metrics
     assert metrics is not None
     label = task if task in runtime.served else "unknown"
