@@ -38,9 +38,10 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("chip: forward pass", ("forward_mixed (core/engine.py",)),
     ("chip: batch set-up and results", ("infer_batch (server/runtime.py",)),
     ("queue and batching", ("server/batcher.py", "server/scheduler.py")),
-    ("decode", ("decode_image (server/images.py", "decode_upload (server/images.py")),
+    ("decode", ("decode_image (server/images.py", "open_image (server/images.py",
+                "load_image (server/images.py")),
     ("resize and normalise", ("core/backbones/preprocess.py", "preprocess (server/runtime.py",
-                              "prepare_image (server/images.py")),
+                              "preprocess_for (server/runtime.py")),
     ("body read", ("image_bytes (server/routers/predict.py", "body (starlette/requests.py")),
     ("response", ("serialize_response", "jsonable_encoder", "render (starlette/responses.py",
                   "prediction_response", "model_dump_json", "__init__ (starlette/responses.py",
@@ -50,7 +51,10 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("thread hand-offs", ("anyio/", "concurrent/futures/thread.py", "starlette/concurrency.py",
                           "run_in_executor")),
     ("accept and HTTP parsing", ("uvicorn/protocols/http", "httptools", "h11")),
-    ("routing and dependencies", ("fastapi/", "starlette/")),
+    ("predict handler (own code)", ("answer (server/routers/predict.py",
+                                    "predict (server/routers/predict.py", "server/fastpath.py",
+                                    "server/errors.py")),
+    ("routing, middleware, dependencies", ("fastapi/", "starlette/", "BodyLimit")),
 )
 
 
