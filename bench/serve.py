@@ -2,7 +2,10 @@
 reprogramming energy of the residency-aware scheduler against FIFO.
 
 Starts real ``xma2 serve`` processes on loopback and drives them with an open-loop
-generator (Poisson arrivals, at most ``--max-in-flight`` requests outstanding):
+generator (Poisson arrivals, at most ``--max-in-flight`` requests outstanding) over
+plain keep-alive HTTP/1.1 connections (:class:`Connection`: the generator shares the
+machine, so it spends as little CPU as it can). ``--baseline DIR`` serves another
+source tree too (an older checkout) and runs steps 1-2 on both in turn:
 
 0. the chip alone, in process: a batch of ``--max-batch-size`` single-task images
    against the same batch mixing the 8 tasks (Zipf), alternating, median of
@@ -14,7 +17,7 @@ generator (Poisson arrivals, at most ``--max-in-flight`` requests outstanding):
 3. with a pool that holds 2 of the 8 tasks, the mixed stream under each scheduler
    (``lru``, ``energy``, ``fifo``): reprogramming energy per 1000 requests.
 
-    python bench/serve.py [--seconds 20] [--loads 0.7,1.0] [--json OUT]
+    python bench/serve.py [--seconds 20] [--loads 0.7,1.0] [--baseline DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
-import httpx
 import numpy as np
 from PIL import Image
 
@@ -68,6 +71,42 @@ def add_copies(server: ServerProcess) -> None:
             r.raise_for_status()
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection that posts a body and reads the answer: just
+    what the load needs (the server frames every answer with Content-Length), so the
+    generator's own CPU time, which shares the machine with the server, stays small."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """POST ``body`` to ``path`` (with its query); the status and the answer."""
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: "
+                     f"{len(body)}\r\n\r\n".encode() + body)
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+        answer = await reader.readexactly(int(headers["content-length"]))
+        if headers.get("connection") == "close":
+            self.close()
+        return status, answer
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
+def predict_path(task: str) -> str:
+    return f"/predict?task={quote(task)}"
+
+
 async def closed_loop(url: str, task: str, bodies: list[bytes], clients: int,
                       seconds: float) -> float:
     """Requests per second of ``clients`` back-to-back clients."""
@@ -76,13 +115,18 @@ async def closed_loop(url: str, task: str, bodies: list[bytes], clients: int,
 
     async def client(i: int) -> None:
         nonlocal done
-        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        connection = Connection(url)
+        try:
             k = i
             while time.monotonic() < deadline:
-                r = await c.post("/predict", params={"task": task}, content=bodies[k % len(bodies)])
-                r.raise_for_status()
+                status, answer = await connection.post(predict_path(task),
+                                                       bodies[k % len(bodies)])
+                if status != 200:
+                    raise RuntimeError(f"/predict answered {status}: {answer[:500]!r}")
                 done += 1
                 k += clients
+        finally:
+            connection.close()
 
     started = time.monotonic()
     await asyncio.gather(*[client(i) for i in range(clients)])
@@ -97,16 +141,21 @@ async def open_loop(url: str, tasks: list[str], bodies: list[bytes], rate: float
     statuses: dict[int, int] = {}
     dropped = 0
     in_flight = asyncio.Semaphore(max_in_flight)
-    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+    idle: list[Connection] = []  # at most max_in_flight are ever open
+    try:
 
         async def one(task: str, body: bytes) -> None:
             started = time.monotonic()
+            connection = idle.pop() if idle else Connection(url)
             try:
-                r = await c.post("/predict", params={"task": task}, content=body)
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                if r.status_code == 200:
+                status, _ = await connection.post(predict_path(task), body)
+                statuses[status] = statuses.get(status, 0) + 1
+                if status == 200:
                     latencies.append(time.monotonic() - started)
+                idle.append(connection)
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                connection.close()
+                statuses[0] = statuses.get(0, 0) + 1  # no answer
             finally:
                 in_flight.release()
 
@@ -126,6 +175,9 @@ async def open_loop(url: str, tasks: list[str], bodies: list[bytes], rate: float
             next_at += rng.expovariate(rate)
         await asyncio.gather(*pending)
         elapsed = time.monotonic() - started
+    finally:
+        for connection in idle:
+            connection.close()
     latencies.sort()
     ok = statuses.get(200, 0)
     return {
