@@ -131,7 +131,8 @@ def main() -> None:
              for stage, n in stages.most_common()}
     result: dict[str, Any] = {
         "command": "python bench/request_path.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in vars(args).items() if v is not None and v is not False),
         "throughput_rps": round(throughput, 2), "busy_thread_seconds": round(busy_s, 2),
         "busy_ms_per_request": round(1e3 * busy_s / requests, 3), "stages": table}
     print(f"closed loop: {throughput:.1f} req/s; server threads busy {busy_s:.1f} s "

@@ -351,7 +351,8 @@ def main() -> None:
     args = parser.parse_args()
     bodies = images(32, args.seed)
     result: dict[str, Any] = {"command": "python bench/serve.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in vars(args).items() if v is not None and v is not False),
         "tasks": list(TASKS), "zipf_weights": [round(w, 3) for w in zipf_weights(8)]}
     result["chip"] = chip_only(args.max_batch_size, args.repeats, args.seed)
     print(f"chip alone: {result['chip']}")
