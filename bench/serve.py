@@ -2,7 +2,10 @@
 reprogramming energy of the residency-aware scheduler against FIFO.
 
 Starts real ``xma2 serve`` processes on loopback and drives them with an open-loop
-generator (Poisson arrivals, at most ``--max-in-flight`` requests outstanding):
+generator (Poisson arrivals, at most ``--max-in-flight`` requests outstanding) over
+plain keep-alive HTTP/1.1 connections (:class:`Connection`: the generator shares the
+machine, so it spends as little CPU as it can). ``--baseline DIR`` serves another
+source tree too (an older checkout) and runs steps 1-2 on both in turn:
 
 0. the chip alone, in process: a batch of ``--max-batch-size`` single-task images
    against the same batch mixing the 8 tasks (Zipf), alternating, median of
@@ -14,7 +17,7 @@ generator (Poisson arrivals, at most ``--max-in-flight`` requests outstanding):
 3. with a pool that holds 2 of the 8 tasks, the mixed stream under each scheduler
    (``lru``, ``energy``, ``fifo``): reprogramming energy per 1000 requests.
 
-    python bench/serve.py [--seconds 20] [--loads 0.7,1.0] [--json OUT]
+    python bench/serve.py [--seconds 20] [--loads 0.7,1.0] [--baseline DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
-import httpx
 import numpy as np
 from PIL import Image
 
@@ -67,6 +71,42 @@ def add_copies(server: ServerProcess) -> None:
             r.raise_for_status()
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection that posts a body and reads the answer: just
+    what the load needs (the server frames every answer with Content-Length), so the
+    generator's own CPU time, which shares the machine with the server, stays small."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """POST ``body`` to ``path`` (with its query); the status and the answer."""
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: "
+                     f"{len(body)}\r\n\r\n".encode() + body)
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+        answer = await reader.readexactly(int(headers["content-length"]))
+        if headers.get("connection") == "close":
+            self.close()
+        return status, answer
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
+def predict_path(task: str) -> str:
+    return f"/predict?task={quote(task)}"
+
+
 async def closed_loop(url: str, task: str, bodies: list[bytes], clients: int,
                       seconds: float) -> float:
     """Requests per second of ``clients`` back-to-back clients."""
@@ -75,13 +115,18 @@ async def closed_loop(url: str, task: str, bodies: list[bytes], clients: int,
 
     async def client(i: int) -> None:
         nonlocal done
-        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        connection = Connection(url)
+        try:
             k = i
             while time.monotonic() < deadline:
-                r = await c.post("/predict", params={"task": task}, content=bodies[k % len(bodies)])
-                r.raise_for_status()
+                status, answer = await connection.post(predict_path(task),
+                                                       bodies[k % len(bodies)])
+                if status != 200:
+                    raise RuntimeError(f"/predict answered {status}: {answer[:500]!r}")
                 done += 1
                 k += clients
+        finally:
+            connection.close()
 
     started = time.monotonic()
     await asyncio.gather(*[client(i) for i in range(clients)])
@@ -96,16 +141,21 @@ async def open_loop(url: str, tasks: list[str], bodies: list[bytes], rate: float
     statuses: dict[int, int] = {}
     dropped = 0
     in_flight = asyncio.Semaphore(max_in_flight)
-    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+    idle: list[Connection] = []  # at most max_in_flight are ever open
+    try:
 
         async def one(task: str, body: bytes) -> None:
             started = time.monotonic()
+            connection = idle.pop() if idle else Connection(url)
             try:
-                r = await c.post("/predict", params={"task": task}, content=body)
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                if r.status_code == 200:
+                status, _ = await connection.post(predict_path(task), body)
+                statuses[status] = statuses.get(status, 0) + 1
+                if status == 200:
                     latencies.append(time.monotonic() - started)
+                idle.append(connection)
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                connection.close()
+                statuses[0] = statuses.get(0, 0) + 1  # no answer
             finally:
                 in_flight.release()
 
@@ -125,6 +175,9 @@ async def open_loop(url: str, tasks: list[str], bodies: list[bytes], rate: float
             next_at += rng.expovariate(rate)
         await asyncio.gather(*pending)
         elapsed = time.monotonic() - started
+    finally:
+        for connection in idle:
+            connection.close()
     latencies.sort()
     ok = statuses.get(200, 0)
     return {
@@ -192,6 +245,89 @@ def metric_sum(server: ServerProcess, name: str) -> float:
                if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
+def process_cpu_s(server: ServerProcess) -> float:
+    """CPU seconds (user + system, every thread) the server process has used so far."""
+    assert server.process is not None
+    fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def large_pool(servers: dict[str, ServerProcess], bodies: list[bytes],
+               args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Steps 1 and 2 for each server (this tree, and the baseline's when given), the
+    servers taking turns in every round so that machine noise hits them alike."""
+    out: dict[str, dict[str, Any]] = {
+        name: {"capacity_runs_rps": [], "capacity_mean_batch": []} for name in servers}
+    for _ in range(args.capacity_rounds):
+        for name, server in servers.items():
+            batches = metric_sum(server, "xma2_batch_size_count")
+            served = metric_sum(server, "xma2_batch_size_sum")
+            cpu, own = process_cpu_s(server), time.process_time()
+            rps = asyncio.run(closed_loop(server.url, "mnist", bodies, args.clients,
+                                          args.seconds))
+            cpu, own = process_cpu_s(server) - cpu, time.process_time() - own
+            b = metric_sum(server, "xma2_batch_size_count") - batches
+            requests = metric_sum(server, "xma2_batch_size_sum") - served
+            row = out[name]
+            row["capacity_runs_rps"].append(round(rps, 2))
+            row["capacity_mean_batch"].append(round(requests / b, 2))
+            row.setdefault("server_cpu_ms_per_request", []).append(
+                round(1e3 * cpu / requests, 2))
+            row.setdefault("client_cpu_ms_per_request", []).append(
+                round(1e3 * own / requests, 2))
+            print(f"{name}: capacity (closed loop, {args.clients} clients, mnist): "
+                  f"{rps:.1f} req/s, mean batch {requests / b:.2f}, CPU per request: server "
+                  f"{1e3 * cpu / requests:.2f} ms, load generator {1e3 * own / requests:.2f} ms")
+    for row in out.values():
+        row["capacity_rps"] = statistics.median(row["capacity_runs_rps"])
+        row["loads"] = []
+    if len(servers) > 1:  # paired: each round's ratio, both servers under that round's noise
+        this, base = out["this"]["capacity_runs_rps"], out["baseline"]["capacity_runs_rps"]
+        ratios = [round(a / b, 3) for a, b in zip(this, base, strict=True)]
+        out["this"]["capacity_ratio_runs"] = ratios
+        out["this"]["capacity_ratio_median"] = statistics.median(ratios)
+        cpu = [statistics.median(out[n]["server_cpu_ms_per_request"]) for n in ("this",
+                                                                                "baseline")]
+        out["this"]["server_cpu_over_baseline"] = round(cpu[0] / cpu[1], 3)
+    streams = {"single": ["mnist"] * 100_000, "mixed": mixed_stream(100_000, args.seed)}
+    for load in (float(x) for x in args.loads.split(",")):
+        rows = {name: {"load": load, "rate_rps": round(load * out[name]["capacity_rps"], 2),
+                       "single": [], "mixed": []} for name in servers}
+        for _ in range(args.rounds):
+            for name, server in servers.items():
+                for stream, tasks in streams.items():
+                    run = open_loop_run(server, tasks, bodies, rows[name]["rate_rps"], args)
+                    rows[name][stream].append(run)
+                    print(f"{name}: load {load:.1f} {stream}: {run}")
+        for name, row in rows.items():
+            medians = {stream: statistics.median(r["throughput_rps"] for r in row[stream])
+                       for stream in streams}
+            row["median_throughput_rps"] = medians
+            row["mixed_over_single"] = round(medians["mixed"] / medians["single"], 3)
+            p99 = {stream: statistics.median(r["p99_ms"] or 0.0 for r in row[stream])
+                   for stream in streams}
+            row["median_p99_ms"] = p99
+            row["mixed_over_single_p99"] = round(p99["mixed"] / p99["single"], 3) \
+                if p99["single"] else None
+            print(f"{name}: load {load:.1f}: mixed/single throughput "
+                  f"{row['mixed_over_single']}, p99 {row['mixed_over_single_p99']}")
+            out[name]["loads"].append(row)
+    return out
+
+
+def open_loop_run(server: ServerProcess, tasks: list[str], bodies: list[bytes], rate: float,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """One open-loop run, with the mean batch size the server formed meanwhile."""
+    batches = metric_sum(server, "xma2_batch_size_count")
+    served = metric_sum(server, "xma2_batch_size_sum")
+    run = asyncio.run(open_loop(server.url, tasks, bodies, rate, args.seconds,
+                                args.max_in_flight, args.seed))
+    b = metric_sum(server, "xma2_batch_size_count") - batches
+    s = metric_sum(server, "xma2_batch_size_sum") - served
+    run["mean_batch"] = round(s / b, 2) if b else None
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -201,6 +337,12 @@ def main() -> None:
     parser.add_argument("--max-in-flight", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--capacity-rounds", type=int, default=1,
+                        help="closed-loop runs per server (the median is the capacity)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="also serve this source tree (an older checkout) and measure "
+                             "it in turn with this one in steps 1-2")
+    parser.add_argument("--skip-reprogramming", action="store_true", help="skip step 3")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
@@ -209,7 +351,8 @@ def main() -> None:
     args = parser.parse_args()
     bodies = images(32, args.seed)
     result: dict[str, Any] = {"command": "python bench/serve.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in vars(args).items() if v is not None and v is not False),
         "tasks": list(TASKS), "zipf_weights": [round(w, 3) for w in zipf_weights(8)]}
     result["chip"] = chip_only(args.max_batch_size, args.repeats, args.seed)
     print(f"chip alone: {result['chip']}")
@@ -221,41 +364,31 @@ def main() -> None:
             args.json.write_text(json.dumps(result, indent=1) + "\n")
         return
     with tempfile.TemporaryDirectory() as root:
-        server = ServerProcess(Path(root) / "large-pool", spare_pes=8 * TASK_PES,
-                               mask_entries=8, max_batch_size=args.max_batch_size).start()
+        trees = {"this": None, **({"baseline": args.baseline} if args.baseline else {})}
+        servers: dict[str, ServerProcess] = {}
         try:
-            add_copies(server)
-            capacity = asyncio.run(closed_loop(server.url, "mnist", bodies, args.clients,
-                                               args.seconds))
-            result["capacity_rps"] = round(capacity, 2)
-            print(f"capacity (closed loop, {args.clients} clients, mnist): {capacity:.1f} req/s")
-            streams = {"single": ["mnist"] * 100_000, "mixed": mixed_stream(100_000, args.seed)}
-            result["loads"] = []
-            for load in (float(x) for x in args.loads.split(",")):
-                rate = load * capacity
-                row: dict[str, Any] = {"load": load, "rate_rps": round(rate, 2),
-                                       "single": [], "mixed": []}
-                for _ in range(args.rounds):
-                    for name, tasks in streams.items():
-                        batches = metric_sum(server, "xma2_batch_size_count")
-                        served = metric_sum(server, "xma2_batch_size_sum")
-                        run = asyncio.run(open_loop(server.url, tasks, bodies, rate,
-                                                    args.seconds, args.max_in_flight,
-                                                    args.seed))
-                        b = metric_sum(server, "xma2_batch_size_count") - batches
-                        s = metric_sum(server, "xma2_batch_size_sum") - served
-                        run["mean_batch"] = round(s / b, 2) if b else None
-                        row[name].append(run)
-                        print(f"load {load:.1f} {name}: {run}")
-                medians = {name: statistics.median(r["throughput_rps"] for r in row[name])
-                           for name in streams}
-                row["median_throughput_rps"] = medians
-                row["mixed_over_single"] = round(medians["mixed"] / medians["single"], 3)
-                print(f"load {load:.1f}: mixed/single throughput {row['mixed_over_single']}")
-                result["loads"].append(row)
+            for name, source in trees.items():
+                servers[name] = ServerProcess(
+                    Path(root) / f"large-pool-{name}", source=source, spare_pes=8 * TASK_PES,
+                    mask_entries=8, max_batch_size=args.max_batch_size).start()
+                add_copies(servers[name])
+            steps = large_pool(servers, bodies, args)
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
+        result.update(steps.pop("this"))
+        if args.baseline:
+            base = steps["baseline"]
+            result["baseline"] = {"source": str(args.baseline), **base}
+            result["capacity_over_baseline"] = round(
+                result["capacity_rps"] / base["capacity_rps"], 3)
+            print(f"capacity: {result['capacity_rps']} req/s against the baseline's "
+                  f"{base['capacity_rps']} ({result['capacity_over_baseline']}x)")
 
+        if args.skip_reprogramming:
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=1) + "\n")
+            return
         result["reprogramming"] = {}
         rate = 0.7 * result["capacity_rps"]
         for policy in ("lru", "energy", "fifo"):

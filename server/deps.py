@@ -1,4 +1,8 @@
-"""Dependencies shared by the routers: the server's state and API-key checks."""
+"""Dependencies shared by the routers: the server's state and API-key checks.
+
+They are ``async def`` because none of them blocks: FastAPI runs a plain ``def``
+dependency on a worker thread, a round trip through the thread pool per dependency and
+request that costs more than the dependency itself."""
 
 from __future__ import annotations
 
@@ -17,11 +21,11 @@ STARTING_RETRY_AFTER_S = 5
 _bearer = HTTPBearer(auto_error=False, description="the operator API key")
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
-def get_runtime(services: Annotated[Services, Depends(get_services)]) -> TaskRuntime:
+async def get_runtime(services: Annotated[Services, Depends(get_services)]) -> TaskRuntime:
     if services.error is not None:
         raise ApiError(503, f"the server failed to start: {services.error}")
     if services.runtime is None or not services.ready.is_set():
@@ -30,7 +34,7 @@ def get_runtime(services: Annotated[Services, Depends(get_services)]) -> TaskRun
     return services.runtime
 
 
-def get_jobs(services: Annotated[Services, Depends(get_services)],
+async def get_jobs(services: Annotated[Services, Depends(get_services)],
              _runtime: Annotated[TaskRuntime, Depends(get_runtime)]) -> JobManager:
     assert services.jobs is not None
     return services.jobs
@@ -48,7 +52,7 @@ def _check_key(services: Services, credentials: HTTPAuthorizationCredentials | N
         raise ApiError(403, "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_operator(
+async def require_operator(
     services: Annotated[Services, Depends(get_services)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

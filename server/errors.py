@@ -100,41 +100,57 @@ def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
     return sorted(methods)
 
 
+async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
+    return JSONResponse(_body(error.status_code, error.message), error.status_code,
+                        headers=error.headers)
+
+
+async def _xma2_error(_request: Request, error: Xma2Error) -> JSONResponse:
+    status = status_of(error)
+    if status >= 500:
+        logger.exception("unexpected error", exc_info=error)
+    return JSONResponse(_body(status, str(error)), status)
+
+
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    # Starlette's own refusals (unknown path, wrong method, unparsable body) get the
+    # same error shape as ours.
+    message = error.detail if isinstance(error.detail, str) else str(error.detail)
+    headers = dict(getattr(error, "headers", None) or {})
+    if error.status_code == 404 and message == "Not Found":
+        message = "no such endpoint; the API is described at /openapi.json and /docs"
+    elif error.status_code == 405:
+        allowed = _allowed_methods(request.app, request) or sorted(
+            m.strip() for m in headers.get("Allow", "").split(",") if m.strip())
+        message = (f"{request.method} is not allowed here; use "
+                   f"{' or '.join(allowed) or 'another path'}")
+        if allowed:
+            headers["Allow"] = ", ".join(allowed)
+    return JSONResponse(_body(error.status_code, message), error.status_code,
+                        headers=headers or None)
+
+
+async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
+    logger.error("unexpected error", exc_info=error)
+    return JSONResponse(_body(500, "internal error; the server log has the details"), 500)
+
+
+async def error_response(request: Request, error: Exception) -> JSONResponse:
+    """The answer the app's handlers give ``error`` (for code that runs outside them)."""
+    if isinstance(error, ApiError):
+        return await _api_error(request, error)
+    if isinstance(error, StarletteHTTPException):
+        return await _http_error(request, error)
+    if isinstance(error, Xma2Error):
+        return await _xma2_error(request, error)
+    return await _unexpected(request, error)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(_body(error.status_code, error.message), error.status_code,
-                            headers=error.headers)
-
-    @app.exception_handler(Xma2Error)
-    async def xma2_error(_request: Request, error: Xma2Error) -> JSONResponse:
-        status = status_of(error)
-        if status >= 500:
-            logger.exception("unexpected error", exc_info=error)
-        return JSONResponse(_body(status, str(error)), status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        # Starlette's own refusals (unknown path, wrong method, unparsable body) get the
-        # same error shape as ours.
-        message = error.detail if isinstance(error.detail, str) else str(error.detail)
-        headers = dict(getattr(error, "headers", None) or {})
-        if error.status_code == 404 and message == "Not Found":
-            message = "no such endpoint; the API is described at /openapi.json and /docs"
-        elif error.status_code == 405:
-            allowed = _allowed_methods(app, request) or sorted(
-                m.strip() for m in headers.get("Allow", "").split(",") if m.strip())
-            message = (f"{request.method} is not allowed here; use "
-                       f"{' or '.join(allowed) or 'another path'}")
-            if allowed:
-                headers["Allow"] = ", ".join(allowed)
-        return JSONResponse(_body(error.status_code, message), error.status_code,
-                            headers=headers or None)
-
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, error: Exception) -> JSONResponse:
-        logger.error("unexpected error", exc_info=error)
-        return JSONResponse(_body(500, "internal error; the server log has the details"), 500)
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Xma2Error, _xma2_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:

@@ -24,10 +24,13 @@ def free_port() -> int:
 
 class ServerProcess:
     """``python -m server.cli serve`` on a free loopback port, with its own store under
-    ``root`` and any settings as keyword arguments (``spare_pes=110``)."""
+    ``root`` and any settings as keyword arguments (``spare_pes=110``). ``source``: run the
+    server of that source tree instead of this one (benchmarks against an older tree)."""
 
-    def __init__(self, root: Path, *, api_key: str | None = None, **settings: Any) -> None:
+    def __init__(self, root: Path, *, api_key: str | None = None, source: Path | None = None,
+                 **settings: Any) -> None:
         self.root = root
+        self.source = source
         self.api_key = api_key
         self.settings = settings
         self.port = free_port()
@@ -52,9 +55,12 @@ class ServerProcess:
             env["XMA2_API_KEY"] = self.api_key
         for name, value in self.settings.items():
             env[f"XMA2_{name.upper()}"] = str(value)
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source.resolve())
         log = self.log_path.open("ab")
         self.process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env,
-                                        stdout=log, stderr=subprocess.STDOUT)
+                                        stdout=log, stderr=subprocess.STDOUT,
+                                        cwd=self.source.resolve() if self.source else None)
         try:
             self.wait_ready()
         except BaseException:  # a server that never became ready must not outlive the caller

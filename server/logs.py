@@ -16,9 +16,16 @@ _SECRET_QUERY = re.compile(
 REDACTED = "***"
 
 
+_SECRET_WORDS = ("key", "token", "secret", "password", "auth")
+"""What every match of ``_SECRET_QUERY`` contains: a cheap test before the regex, which
+would otherwise run on every access-log line."""
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with the values of key-like query parameters and each secret replaced."""
-    text = _SECRET_QUERY.sub(rf"\g<1>{REDACTED}", text)
+    lowered = text.lower()
+    if any(word in lowered for word in _SECRET_WORDS):
+        text = _SECRET_QUERY.sub(rf"\g<1>{REDACTED}", text)
     for secret in secrets:
         if secret:
             text = text.replace(secret, REDACTED)

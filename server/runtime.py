@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from core.backbones.preprocess import preprocess_fit, preprocess_image
+from core.backbones.preprocess import imagenet_resize_size, preprocess_fit, preprocess_image
 from core.config import Fidelity
 from core.energy import EnergyReport
 from core.engine import CrossbarEngine
@@ -31,6 +31,7 @@ from core.model import CrossbarModel
 from core.pool import EnergyAwareEviction, LRUEviction, PoolConfig, SparePEPool
 from core.task_state import TaskState
 from server.errors import ApiError
+from server.images import load_image
 from task_store import StoredTask, TaskStore, VersionRecord
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,13 @@ def preprocess_for(served: ServedTask, image: Image.Image) -> Tensor:
     if served.preprocess == PREPROCESS_IMAGENET:
         return preprocess_image(image, served.image_size)
     return preprocess_fit(image, served.image_size)
+
+
+def resize_target(served: ServedTask) -> int:
+    """The size ``served``'s preprocessing resizes an image's shorter side to."""
+    if served.preprocess == PREPROCESS_IMAGENET:
+        return imagenet_resize_size(served.image_size)
+    return served.image_size
 
 
 class TaskRuntime:
@@ -272,6 +280,11 @@ class TaskRuntime:
     def preprocess(self, name: str, image: Image.Image) -> Tensor:
         """An image as the task's input (runs on the caller's thread)."""
         return preprocess_for(self.task(name), image)
+
+    def prepare(self, name: str, image: Image.Image) -> Tensor:
+        """An opened image (:func:`server.images.open_image`) decoded and preprocessed as
+        the task's input (runs on the caller's thread)."""
+        return preprocess_for(self.task(name), load_image(image))
 
     def infer(self, name: str, x: Tensor, fidelity: Fidelity | None, top_k: int) -> Prediction:
         """Run one request on the chip (call it on the worker)."""

@@ -13,12 +13,17 @@ from torch import Tensor
 
 from core.errors import ConfigError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalise_image", "preprocess_fit",
-           "preprocess_image"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_resize_size", "normalise_image",
+           "preprocess_fit", "preprocess_image"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 _RESIZE_RATIO = 256 / 224
+
+
+def imagenet_resize_size(size: int) -> int:
+    """What :func:`preprocess_image` resizes the shorter side to before its ``size`` crop."""
+    return round(size * _RESIZE_RATIO)
 
 
 def _resize_shorter(image: Image.Image, target: int) -> Image.Image:
@@ -46,8 +51,10 @@ def _center_crop(image: Image.Image, size: int) -> Image.Image:
 def preprocess_image(image: Image.Image, size: int = 224) -> Tensor:
     """PIL image -> normalised float32 tensor ``[3, size, size]`` for ImageNet backbones."""
     _check_size(size)
-    rgb = image.convert("RGB")  # greyscale and palette images get replicated/expanded
-    return _normalise(_center_crop(_resize_shorter(rgb, round(size * _RESIZE_RATIO)), size))
+    # greyscale and palette images get replicated/expanded; L stays one band until
+    # normalised (PIL resamples each band alike, so this is the same as converting first)
+    rgb = _rgb_or_grey(image)
+    return _normalise(_center_crop(_resize_shorter(rgb, imagenet_resize_size(size)), size))
 
 
 def preprocess_fit(image: Image.Image, size: int) -> Tensor:
@@ -57,7 +64,7 @@ def preprocess_fit(image: Image.Image, size: int) -> Tensor:
     built-in datasets are square), so a task sees its images at inference as in training.
     """
     _check_size(size)
-    fitted = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.BILINEAR)
+    fitted = ImageOps.fit(_rgb_or_grey(image), (size, size), Image.Resampling.BILINEAR)
     return _normalise(fitted)
 
 
@@ -68,12 +75,32 @@ def _check_size(size: int) -> None:
 
 def normalise_image(rgb: Image.Image) -> Tensor:
     """An RGB image already at its final size -> normalised ``[3, H, W]`` (training crops)."""
-    return _normalise(rgb)
+    return _normalise(_rgb_or_grey(rgb))
 
 
-def _normalise(rgb: Image.Image) -> Tensor:
-    arr = np.asarray(rgb, dtype=np.float32) / 255.0
+def _rgb_or_grey(image: Image.Image) -> Image.Image:
+    """``image`` itself when it is RGB or greyscale (L), else converted to RGB."""
+    return image if image.mode in ("RGB", "L") else image.convert("RGB")
+
+
+def _levels() -> np.ndarray:
+    """``[3, 256]``: each channel's normalised value of every 8-bit level, computed with the
+    same float32 operations, in the same order, as normalising an image element-wise, so a
+    lookup gives bit-equal results."""
+    levels = np.arange(256, dtype=np.float32)[:, None] / 255.0
     mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
     std = np.asarray(IMAGENET_STD, dtype=np.float32)
-    arr = (arr - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return np.ascontiguousarray(((levels - mean) / std).T)
+
+
+_LEVELS = _levels()
+
+
+def _normalise(image: Image.Image) -> Tensor:
+    """An RGB or L image -> ``[3, H, W]`` float32 by table lookup (one pass, no float
+    image in between; an L image gives the three channels of its one band)."""
+    arr = np.asarray(image)
+    out = np.empty((3, *arr.shape[:2]), dtype=np.float32)
+    for c in range(3):
+        np.take(_LEVELS[c], arr if arr.ndim == 2 else arr[..., c], out=out[c])
+    return torch.from_numpy(out)

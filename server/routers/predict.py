@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from core.config import Fidelity
 from server.deps import Runtime, ServicesDep
 from server.errors import ApiError, recorded_outcome
-from server.images import decode_base64, decode_image
-from server.runtime import Prediction
+from server.images import decode_base64, decodes_inline, open_image
+from server.runtime import Prediction, TaskRuntime, resize_target
 from server.schemas import ERROR_RESPONSES, LabelScore, PredictResponse, RequestEnergy, upload_body
+from server.services import Services
 
 router = APIRouter(tags=["inference"])
 
@@ -63,7 +64,14 @@ async def predict(
     fidelity: Annotated[Fidelity | None, Query(description="ideal or crossbar (default: "
                                                 "the server's)")] = None,
     top_k: Annotated[int | None, Query(ge=1, le=100)] = None,
-) -> PredictResponse:
+) -> Response:
+    return await answer(request, runtime, services, task, fidelity, top_k)
+
+
+async def answer(request: Request, runtime: TaskRuntime, services: Services, task: str,
+                 fidelity: Fidelity | None, top_k: int | None) -> Response:
+    """What ``POST /predict`` does once its parameters are valid (the endpoint and
+    :class:`server.fastpath.PredictFastPath` both run it)."""
     metrics = services.metrics
     assert metrics is not None
     label = task if task in runtime.served else "unknown"
@@ -74,12 +82,18 @@ async def predict(
             metrics.latency.labels(label).observe(seconds)
 
     with recorded_outcome(record):
-        runtime.task(task)
+        served = runtime.task(task)
         data = await image_bytes(request)
         settings = services.settings
-        image = await run_in_threadpool(decode_image, data, max_pixels=settings.max_image_pixels)
-        x = await run_in_threadpool(runtime.preprocess, task, image)
+        image = open_image(data, max_pixels=settings.max_image_pixels,
+                           shorter_side=resize_target(served))  # header only
+        if decodes_inline(image):
+            x = runtime.prepare(task, image)
+        else:
+            x = await run_in_threadpool(runtime.prepare, task, image)
         batcher = services.batcher
         assert batcher is not None
         prediction = await batcher.submit(task, x, fidelity, top_k or settings.top_k)
-        return prediction_response(prediction)
+        # Serialised by pydantic-core in one call; FastAPI would validate the model again.
+        return Response(prediction_response(prediction).model_dump_json(),
+                        media_type="application/json")

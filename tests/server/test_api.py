@@ -81,6 +81,7 @@ def test_crossbar_fidelity_per_request(server: LiveServer) -> None:
 @pytest.mark.parametrize(("body", "params", "status", "words"), [
     (b"this is not an image", {"task": "imagenet"}, 415, "not an image"),
     (encode(photo("chelsea"), "JPEG")[:3000], {"task": "imagenet"}, 422, "truncated"),
+    (encode(photo("camera")[::8, ::8], "JPEG")[:1000], {"task": "mnist"}, 422, "truncated"),
     (encode(np.zeros((2500, 2500), np.uint8)), {"task": "imagenet"}, 413, "pixels"),
     (b"\xff" * 2_100_000, {"task": "imagenet"}, 413, "exceeds"),
     (encode(photo("chelsea")), {"task": "no-such-task"}, 404, "unknown task"),
