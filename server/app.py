@@ -16,7 +16,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.deps import require_operator
 from server.errors import install_error_handlers
-from server.fastpath import PredictFastPath
 from server.routers import adaptations, energy, health, predict, tasks
 from server.services import Services
 from server.settings import Settings
@@ -123,8 +122,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (energy.router, health.router):
         app.include_router(router)
     _offline_docs(app)
-    app.add_middleware(PredictFastPath, services=lambda: getattr(app.state, "services", None),
-                       keyed=settings.api_key is not None and settings.predict_requires_key)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: first
     return app
 

@@ -135,17 +135,6 @@ async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(_body(500, "internal error; the server log has the details"), 500)
 
 
-async def error_response(request: Request, error: Exception) -> JSONResponse:
-    """The answer the app's handlers give ``error`` (for code that runs outside them)."""
-    if isinstance(error, ApiError):
-        return await _api_error(request, error)
-    if isinstance(error, StarletteHTTPException):
-        return await _http_error(request, error)
-    if isinstance(error, Xma2Error):
-        return await _xma2_error(request, error)
-    return await _unexpected(request, error)
-
-
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(Xma2Error, _xma2_error)  # type: ignore[arg-type]

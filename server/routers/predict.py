@@ -70,8 +70,7 @@ async def predict(
 
 async def answer(request: Request, runtime: TaskRuntime, services: Services, task: str,
                  fidelity: Fidelity | None, top_k: int | None) -> Response:
-    """What ``POST /predict`` does once its parameters are valid (the endpoint and
-    :class:`server.fastpath.PredictFastPath` both run it)."""
+    """What ``POST /predict`` does once FastAPI has validated its parameters."""
     metrics = services.metrics
     assert metrics is not None
     label = task if task in runtime.served else "unknown"
