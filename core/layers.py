@@ -314,8 +314,10 @@ class DigitalNorm(nn.BatchNorm2d):
         quantize = consumer is not None and consumer.takes_codes()
         if self.training or not (scaled or quantize or self.sample_terms is not None):
             out = super().forward(x)
-            return out if self.clamp_top is None else F.hardtanh(out, 0.0, self.clamp_top,
-                                                                 inplace=True)
+            # In place only without autograd: with it, torch clones the input first (a
+            # copy of every activation per training step).
+            return out if self.clamp_top is None else F.hardtanh(
+                out, 0.0, self.clamp_top, inplace=not torch.is_grad_enabled())
         mean, var, weight, bias = self._terms()
         if scaled:
             assert producer is not None
