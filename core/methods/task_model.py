@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from core.datasets import TaskDataset
 from core.errors import ConfigError
-from core.layers import CrossbarConv2d
+from core.layers import CrossbarConv2d, DigitalNorm
 from core.mapping import LayerMapping
 from core.methods.common import (
     AdaptationResult,
@@ -106,6 +106,48 @@ class FrozenInputQuant(nn.Module):
         # The same operations, in the same order, as ActivationQuantizer at inference.
         y = x.div_(self.step) if self.inplace else x / self.step
         return y.round_().clamp_(self.qmin, self.qmax).mul_(self.step)
+
+
+class _ClampQuantSTE(torch.autograd.Function):
+    """A ReLU6 and the next layer's frozen-step fake quantization in one:
+    ``step * round(clamp(x / step, low, high))`` with ``low = max(qmin, 0)`` and
+    ``high = min(qmax, top / step)`` equals ``step * clamp(round(clamp(x, 0, top) / step),
+    qmin, qmax)`` (division by a positive step keeps the order), in four passes instead of
+    seven; the gradient passes where both passed it: ``0 < x / step < top / step`` and
+    ``x / step <= qmax`` (equal to ``0 < x < top`` up to the rounding of ``x / step``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, step: Tensor, clamp: tuple[float, float],
+                bounds: tuple[float, float]) -> Tensor:
+        v = x / step
+        ctx.save_for_backward(v)
+        ctx.bounds = bounds
+        return v.clamp(*clamp).round_().mul_(step)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (v,) = ctx.saved_tensors
+        low, high = ctx.bounds
+        return torch.ops.aten.hardtanh_backward(grad, v, low, high), None, None, None
+
+
+class _ClampQuant:
+    """The ReLU6 and input quantization that a norm applies for the layer after it."""
+
+    def __init__(self, quant: FrozenInputQuant, top: float) -> None:
+        self.step = quant.step
+        over = float(torch.tensor(top, dtype=quant.step.dtype) / quant.step)
+        qmin, qmax = quant.qmin, quant.qmax
+        self.clamp = (float(max(qmin, 0)), min(float(qmax), over))
+        self.bounds = (0.0, over if over <= qmax else _just_outside(qmin, qmax)[1])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _ClampQuantSTE.apply(x, self.step, self.clamp, self.bounds)
+
+
+class _Identity(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x
 
 
 def pe_blocks(grouped: Tensor, layer: LayerMapping) -> Tensor:
@@ -240,10 +282,13 @@ class TaskModel(nn.Module):
         num_classes: outputs of the new head.
         train_batchnorm: learn the BatchNorm affine terms as per-task digital state.
         channels_last: run the copy in channels_last memory format (faster on CPU).
+        fuse_activation: in passes with autograd, apply each ReLU6 and the input
+            quantization after it as one clamp, round and multiply (the same values, and
+            the same gradients but where ``x / step`` rounds onto a bound).
     """
 
     def __init__(self, model: CrossbarModel, num_classes: int, *, train_batchnorm: bool = True,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, fuse_activation: bool = True) -> None:
         super().__init__()
         if model.mapping is None:
             raise ConfigError("the backbone has no crossbar mapping: calibrate or load it first")
@@ -272,6 +317,21 @@ class TaskModel(nn.Module):
                         param.requires_grad_(True)
                         self.batchnorm[_key(f"{name}.{attr}")] = param
                         self._bn_names[_key(f"{name}.{attr}")] = f"{name}.{attr}"
+        self.fuse_activation = fuse_activation
+        self._fused: list[tuple[DigitalNorm, _ClampQuant]] = []
+        """Each norm with a ReLU6 whose output only a crossbar layer reads, and the fused
+        ReLU6 and input quantization that it applies for that layer."""
+        self._fused_inputs: set[str] = set()
+        names = {id(layer): name for name, layer in backbone.layers()}
+        for module in backbone.body.modules():
+            if not isinstance(module, DigitalNorm) or module.clamp_top is None:
+                continue
+            consumer = module._links()[1]
+            frozen = None if consumer is None else self._quantizers[names[id(consumer)]][1]
+            if isinstance(frozen, FrozenInputQuant) and frozen.enabled:
+                self._fused.append((module, _ClampQuant(frozen, module.clamp_top)))
+                self._fused_inputs.add(names[id(consumer)])
+        self._identity = _Identity()
         features = int(backbone(torch.zeros(1, 3, 32, 32)).shape[1])
         self.head = nn.Linear(features, num_classes)
         nn.init.zeros_(self.head.weight)
@@ -279,6 +339,7 @@ class TaskModel(nn.Module):
         self.adapters = nn.ModuleDict()
         self._adapter_names: dict[str, str] = {}
         self._frozen: dict[str, tuple[Tensor, Tensor]] = {}
+        self.set_adapters({})
         self.generator: torch.Generator | None = None
 
     backbone: CrossbarModel
@@ -319,16 +380,22 @@ class TaskModel(nn.Module):
         """
         grad = torch.is_grad_enabled()
         exact = not grad and hasattr(CrossbarConv2d, "effective_codes")
+        fuse = grad and self.fuse_activation
         for name, layer in self._layers.items():
             original, frozen = self._quantizers[name]
+            if fuse and name in self._fused_inputs:
+                frozen = self._identity  # the norm before it quantizes
             layer.input_quant = frozen if grad else original  # type: ignore[assignment]
+        for norm, quant in self._fused:
+            norm.train_quant = quant if fuse else None
         for name, (codes, weight) in self._frozen.items():
             if grad:
                 self._layers[name].effective_weight = weight
             else:
                 self._layers[name].effective_codes = codes
         for key, adapter in self.adapters.items():
-            layer = self._layers[self._adapter_names[key]]
+            name = self._adapter_names[key]
+            layer = self._layers[name]
             if exact:
                 codes = adapter.effective_codes()
                 if self.channels_last:
