@@ -12,8 +12,10 @@ hits both alike, and the report gives each one's times and the ratio old / new:
 the run is cancelled) and reports the median step; ``--steps 0`` runs the whole
 adaptation (warm start, ranking, every epoch, validation) and reports its wall time and
 validation accuracy. Both also report CPU seconds, which depend less on what else the
-machine runs. Like the server, the processes run with ``MALLOC_MMAP_MAX_=0`` and a large
-trim threshold.
+machine runs. ``--profile-steps N`` profiles ``N`` training steps (after the first two) of
+each tree with torch.profiler instead and reports where their time goes, by kind of work
+(self CPU time per step). Like the server, the processes run with ``MALLOC_MMAP_MAX_=0``
+and a large trim threshold.
 """
 
 from __future__ import annotations
@@ -35,6 +37,59 @@ HERE = Path(__file__).resolve().parent.parent
 STEPS_SKIPPED = 2
 """Steps left out of the median (the first ones also pay for allocator warm-up)."""
 
+CONVOLUTION = {"aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
+               "aten::convolution", "aten::conv2d"}
+BATCHNORM = {"aten::native_batch_norm", "aten::native_batch_norm_backward",
+             "aten::_native_batch_norm_legit_no_training", "aten::batch_norm"}
+ACTIVATION = {"aten::hardtanh", "aten::hardtanh_", "aten::hardtanh_backward", "aten::div",
+              "aten::div_", "aten::round", "aten::round_", "aten::clamp", "aten::clamp_",
+              "aten::mul", "aten::mul_", "aten::ge", "aten::le", "aten::bitwise_and",
+              "aten::clone", "aten::copy_"}
+"""Forward operators on activations: ReLU6 and the input quantization (with their copies)."""
+BACKWARD_KINDS = (("Convolution", "convolution"), ("BatchNorm", "batchnorm"),
+                  ("FakeQuant", "activation and quantization"),
+                  ("ClampQuant", "activation and quantization"),
+                  ("Hardtanh", "activation and quantization"))
+"""Autograd nodes by the kind of work they backpropagate; the others in the backward pass
+are the fold's and the masks' (and the head's)."""
+
+
+def _kind(event: Any) -> str:
+    """The kind of work an operator of the profile does, from it and its callers."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == "fold":
+            return "fold and masks (forward)"
+        if parent.name.startswith("Optimizer."):
+            return "optimizer"
+        if parent.name.startswith("autograd::engine::evaluate_function"):
+            for key, kind in BACKWARD_KINDS:
+                if key in parent.name:
+                    return kind
+            return "fold, masks and head (backward)"
+        parent = parent.cpu_parent
+    if event.name in CONVOLUTION:
+        return "convolution"
+    if event.name in BATCHNORM:
+        return "batchnorm"
+    if event.name in ACTIVATION:
+        return "activation and quantization"
+    return "other (loss, head, data, bookkeeping)"
+
+
+def profile_breakdown(profiler: Any, steps: int) -> dict[str, Any]:
+    """Self CPU milliseconds per step by kind of work, and each kind's share."""
+    totals: dict[str, float] = {}
+    for event in profiler.events():
+        if event.name.startswith(("aten::", "autograd::", "Optimizer.")) or event.name in (
+                "fold",):
+            kind = _kind(event)
+            totals[kind] = totals.get(kind, 0.0) + event.self_cpu_time_total / 1e3 / steps
+    total = sum(totals.values())
+    return {"ms_per_step": {k: round(v, 1) for k, v in sorted(totals.items())},
+            "share": {k: round(v / total, 3) for k, v in sorted(totals.items())},
+            "total_ms_per_step": round(total, 1)}
+
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """Run one adaptation in this process's tree and return what it measured."""
@@ -52,10 +107,30 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     config = default_config("xma2", epochs=args.epochs, seed=args.seed)
     cancel = threading.Event()
     stamps: list[tuple[float, float]] = []
+    profiler = None
+    if args.profile_steps:
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        from core.methods.task_model import TaskModel
+
+        load_weights = TaskModel.load_weights
+
+        def labelled(self: Any) -> None:
+            with record_function("fold"):
+                load_weights(self)
+
+        TaskModel.load_weights = labelled  # type: ignore[method-assign]
+        profiler = profile(activities=[ProfilerActivity.CPU])
 
     def on_step(info: StepInfo) -> None:
         stamps.append((time.perf_counter(), time.process_time()))
-        if args.steps and len(stamps) >= args.steps + 1:
+        if profiler is not None:
+            if len(stamps) == STEPS_SKIPPED + 1:
+                profiler.start()
+            elif len(stamps) == STEPS_SKIPPED + 1 + args.profile_steps:
+                profiler.stop()
+                cancel.set()
+        elif args.steps and len(stamps) >= args.steps + 1:
             cancel.set()
 
     started, started_cpu = time.perf_counter(), time.process_time()
@@ -80,6 +155,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "median_step_s": round(statistics.median(timed), 4) if timed else None,
         "median_step_cpu_s": round(statistics.median(timed_cpu), 4) if timed_cpu else None,
     }
+    if profiler is not None:
+        out["profile"] = profile_breakdown(profiler, args.profile_steps)
     if result is not None:
         out.update({"val_accuracy": result.val_accuracy, "steps": result.steps,
                     "adapt_seconds": round(result.seconds, 2),
@@ -93,7 +170,8 @@ def run_variant(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
                "--dataset", args.dataset, "--size", str(args.size),
                "--train-limit", str(args.train_limit), "--test-limit", str(args.test_limit),
                "--epochs", str(args.epochs), "--seed", str(args.seed),
-               "--threads", str(args.threads), "--steps", str(args.steps)]
+               "--threads", str(args.threads), "--steps", str(args.steps),
+               "--profile-steps", str(args.profile_steps)]
     from server.cli import MALLOC_ENV
 
     env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(tree), "XMA2_BENCH_TREE": str(tree)}
@@ -120,6 +198,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40,
                         help="training steps to time (0: the whole adaptation)")
     parser.add_argument("--repeats", type=int, default=2, help="alternations of the pair")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="profile this many steps of each tree instead of timing")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", type=Path, help="also write the JSON result here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -139,6 +219,14 @@ def main() -> None:
             runs[name].append(run_variant(trees[name], args))
             print(f"{name} run {len(runs[name])}: {json.dumps(runs[name][-1])}",
                   file=sys.stderr)
+    if args.profile_steps:
+        report = {name: [r["profile"] for r in rs] for name, rs in runs.items()}
+        text = json.dumps({"command": "python bench/adaptation.py " + " ".join(sys.argv[1:]),
+                           "threads": args.threads, "profile": report}, indent=1)
+        if args.out is not None:
+            args.out.write_text(text + "\n")
+        print(text)
+        return
     key, cpu_key = (("median_step_s", "median_step_cpu_s") if args.steps
                     else ("seconds", "cpu_seconds"))
     pairs = list(zip(runs["old"], runs["new"], strict=True))
