@@ -112,9 +112,10 @@ class _ClampQuantSTE(torch.autograd.Function):
     """A ReLU6 and the next layer's frozen-step fake quantization in one:
     ``step * round(clamp(x / step, low, high))`` with ``low = max(qmin, 0)`` and
     ``high = min(qmax, top / step)`` equals ``step * clamp(round(clamp(x, 0, top) / step),
-    qmin, qmax)`` (division by a positive step keeps the order), in four passes instead of
-    seven; the gradient passes where both passed it: ``0 < x / step < top / step`` and
-    ``x / step <= qmax`` (equal to ``0 < x < top`` up to the rounding of ``x / step``)."""
+    qmin, qmax)`` (division by a positive step keeps the order), in four passes over the
+    activation instead of nine; the gradient passes where both passed it:
+    ``0 < x / step < top / step`` and ``x / step <= qmax`` (equal to ``0 < x < top`` up to
+    the rounding of ``x / step``)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, step: Tensor, clamp: tuple[float, float],
@@ -319,7 +320,7 @@ class TaskModel(nn.Module):
                         self._bn_names[_key(f"{name}.{attr}")] = f"{name}.{attr}"
         self.fuse_activation = fuse_activation
         self._fused: list[tuple[DigitalNorm, _ClampQuant]] = []
-        """Each norm with a ReLU6 whose output only a crossbar layer reads, and the fused
+        """Each norm with a ReLU6 whose output only the next layer reads, and the fused
         ReLU6 and input quantization that it applies for that layer."""
         self._fused_inputs: set[str] = set()
         names = {id(layer): name for name, layer in backbone.layers()}
