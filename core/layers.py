@@ -22,6 +22,7 @@ inference pass run the same modules, so they stay equal bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -274,6 +275,9 @@ class DigitalNorm(nn.BatchNorm2d):
     clamp_top: float | None = None
     """The absorbed ReLU6's top (None: no activation here)."""
     sample_terms: dict[str, Tensor] | None = None
+    train_quant: Callable[[Tensor], Tensor] | None = None
+    """Passes with autograd: the activation and the consumer's input quantization in one
+    (a task model sets it and has the consumer skip its own quantization)."""
 
     @classmethod
     def from_batchnorm(cls, norm: nn.BatchNorm2d) -> DigitalNorm:
@@ -309,13 +313,17 @@ class DigitalNorm(nn.BatchNorm2d):
                 torch.zeros_like(ones) if self.bias is None else self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.train_quant is not None and torch.is_grad_enabled():
+            return self.train_quant(super().forward(x))
         producer, consumer = self._links()
         scaled = producer is not None and producer.emits_partial_sums()
         quantize = consumer is not None and consumer.takes_codes()
         if self.training or not (scaled or quantize or self.sample_terms is not None):
             out = super().forward(x)
-            return out if self.clamp_top is None else F.hardtanh(out, 0.0, self.clamp_top,
-                                                                 inplace=True)
+            # In place only without autograd: with it, torch clones the input first (a
+            # copy of every activation per training step).
+            return out if self.clamp_top is None else F.hardtanh(
+                out, 0.0, self.clamp_top, inplace=not torch.is_grad_enabled())
         mean, var, weight, bias = self._terms()
         if scaled:
             assert producer is not None
