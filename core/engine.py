@@ -34,7 +34,7 @@ from core.energy import (
     energy_of,
 )
 from core.errors import ConfigError, TaskNotFound, TaskStateError
-from core.layers import CrossbarConv2d, DigitalNorm, SampleGroup, SpareRead
+from core.layers import CrossbarConv2d, DigitalNorm, SampleChannels, SpareRead
 from core.lru import LRUCache
 from core.model import DAC_MODES, CrossbarModel
 from core.ops.crossbar import (
@@ -51,10 +51,6 @@ from core.ops.fold import fold_effective_weight, replaced_columns
 from core.pool import Residency, SparePEPool
 from core.task_state import LayerTaskState, TaskState, shift_values
 
-MIXED_FULL_LAYER_FRACTION = 0.5
-"""In a mixed batch, a task that changes more than this share of a layer's output channels
-recomputes all of them (one dense conv beats gathering most channels)."""
-
 
 @dataclass
 class PreparedTask:
@@ -69,9 +65,11 @@ class PreparedTask:
     """Crossbar-fidelity layout of every crossbar layer, built on first crossbar use."""
     norms: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     """The task's BatchNorm terms by module (``{"features.1.1": {"weight": w, ...}}``)."""
-    changed: dict[str, tuple[Tensor | None, Tensor]] | None = None
-    """Per layer: output channels whose codes differ from the backbone's (None: most of
-    them, so all) and the task's codes of those channels; built on first mixed batch."""
+    norm_terms: dict[str, Tensor] = field(default_factory=dict)
+    """Per module, the four terms a mixed batch gathers (``[4, C]``), built on first use."""
+    changed: dict[str, tuple[Tensor, Tensor]] | None = None
+    """Per layer: output channels whose codes differ from the backbone's and the task's
+    codes of those channels; built on first mixed batch."""
 
 
 @dataclass
@@ -347,13 +345,17 @@ class CrossbarEngine:
         for index, task_id in enumerate(groups):
             sample_task[samples[task_id]] = index
         touched = (self._mixed_crossbar_layers(x.shape[0], samples, prepared) if crossbar
-                   else self._mixed_ideal_layers(samples, prepared))
+                   else self._mixed_ideal_layers(list(samples.values()),
+                                                 list(prepared.values())))
         norms = []
         for module_name in {m for p in prepared.values() for m in p.norms}:
             module = self.model.body.get_submodule(module_name)
             assert isinstance(module, DigitalNorm)
-            terms = [prepared[t].norms.get(module_name, {}) for t in groups]
-            module.sample_terms = _per_sample_terms(module, terms, sample_task)
+            terms = torch.stack([_norm_terms(p, module_name, module)
+                                 for p in prepared.values()])
+            module.sample_terms = dict(zip(NORM_TERMS, terms.index_select(0, sample_task)
+                                           .transpose(0, 1).reshape(len(NORM_TERMS), -1),
+                                           strict=True))
             norms.append(module)
         try:
             return self.model(x)
@@ -361,21 +363,21 @@ class CrossbarEngine:
             for module in norms:
                 module.sample_terms = None
             for layer in touched:
-                layer.sample_groups = None
+                layer.sample_channels = None
                 layer.sample_column_values = None
                 layer.spare_reads = None
                 layer.program = None
 
-    def _mixed_ideal_layers(self, samples: dict[str, Tensor],
-                            prepared: dict[str, PreparedTask]) -> list[CrossbarConv2d]:
-        """Per layer, each task's samples and its codes of the channels it changed."""
-        layer_groups: dict[str, list[SampleGroup]] = {}
-        for task_id, rows in samples.items():
-            for name, (channels, codes) in self._changed(prepared[task_id]).items():
-                layer_groups.setdefault(name, []).append(SampleGroup(rows, codes, channels))
-        for name, entries in layer_groups.items():
-            self._layers[name].sample_groups = entries
-        return [self._layers[name] for name in layer_groups]
+    def _mixed_ideal_layers(self, samples: list[Tensor], prepared: list[PreparedTask]
+                            ) -> list[CrossbarConv2d]:
+        """Per layer, every task's changed channels for its own samples."""
+        changed = [self._changed(p) for p in prepared]
+        touched = []
+        for name, layer in self._layers.items():
+            layer.sample_channels = _sample_channels(samples, [c.get(name) for c in changed])
+            if layer.sample_channels is not None:
+                touched.append(layer)
+        return touched
 
     def _mixed_crossbar_layers(self, batch: int, samples: dict[str, Tensor],
                                prepared: dict[str, PreparedTask]) -> list[CrossbarConv2d]:
@@ -390,13 +392,9 @@ class CrossbarEngine:
             mapping = layer.mapping
             assert mapping is not None
             if self._backbone_program(name, layer).lossless:  # exact: the ideal code path
-                entries = []
-                for task_id, rows in samples.items():
-                    changed = self._changed(prepared[task_id]).get(name)
-                    if changed is not None:
-                        channels, codes = changed
-                        entries.append(SampleGroup(rows, codes, channels))
-                layer.sample_groups = entries
+                layer.sample_channels = _sample_channels(
+                    list(samples.values()), [self._changed(p).get(name)
+                                             for p in prepared.values()])
                 touched.append(layer)
                 continue
             column_values = torch.ones(batch, mapping.row_groups, mapping.out_channels)
@@ -440,19 +438,21 @@ class CrossbarEngine:
         self.active = None
         self._backbone_active = True
 
-    def _changed(self, prepared: PreparedTask) -> dict[str, tuple[Tensor | None, Tensor]]:
+    def _changed(self, prepared: PreparedTask) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per layer, the output channels whose codes differ from the backbone's and the
+        task's codes of them (every channel of a grouped layer: a subset of its channels
+        is not a convolution of the same input)."""
         if prepared.changed is None:
             changed = {}
             for name, codes in prepared.weights.items():
-                differs = (codes != self._layers[name].weight_codes).flatten(1).any(1)
-                count = int(differs.sum())
-                if count == 0:
+                layer = self._layers[name]
+                differs = (codes != layer.weight_codes).flatten(1).any(1)
+                if not bool(differs.any()):
                     continue
-                if count > MIXED_FULL_LAYER_FRACTION * differs.numel():
-                    changed[name] = (None, codes)
-                else:
-                    channels = differs.nonzero().flatten()
-                    changed[name] = (channels, codes.index_select(0, channels).contiguous())
+                if layer.groups != 1:
+                    differs = torch.ones_like(differs)
+                channels = differs.nonzero().flatten()
+                changed[name] = (channels, codes.index_select(0, channels).contiguous())
             prepared.changed = changed
         return prepared.changed
 
@@ -651,17 +651,35 @@ def _by_module(digital: dict[str, nn.Parameter | Tensor]) -> dict[str, dict[str,
     return modules
 
 
-def _per_sample_terms(module: DigitalNorm, terms: list[dict[str, Tensor]],
-                      sample_task: Tensor) -> dict[str, Tensor]:
-    """Each sample's own task's BatchNorm terms, gathered into ``[B * C]`` vectors.
+NORM_TERMS = ("running_mean", "running_var", "weight", "bias")
 
-    The norm then views the batch as one sample of ``B * C`` channels, so every element
-    is normalised by the same kernel, with the same per-channel arithmetic, as a batch of
-    its task alone.
+
+def _norm_terms(prepared: PreparedTask, module_name: str, module: DigitalNorm) -> Tensor:
+    """A task's terms of one BatchNorm as ``[4, C]`` (the backbone's where it has none).
+
+    A mixed batch gathers each sample's rows into ``[B * C]`` vectors; the norm then views
+    the batch as one sample of ``B * C`` channels, so every element is normalised by the
+    same kernel, with the same per-channel arithmetic, as a batch of its task alone.
     """
-    return {attr: torch.stack([t.get(attr, getattr(module, attr)).detach() for t in terms])
-            .index_select(0, sample_task).reshape(-1)
-            for attr in ("running_mean", "running_var", "weight", "bias")}
+    cached = prepared.norm_terms.get(module_name)
+    if cached is None:
+        own = prepared.norms.get(module_name, {})
+        cached = torch.stack([own.get(attr, getattr(module, attr)).detach().float()
+                              for attr in NORM_TERMS])
+        prepared.norm_terms[module_name] = cached
+    return cached
+
+
+def _sample_channels(samples: Sequence[Tensor],
+                     changed: Sequence[tuple[Tensor, Tensor] | None]) -> SampleChannels | None:
+    """One layer's plan in a mixed batch from each task's samples and its changed channels
+    and codes (None: it changed none)."""
+    kept = [(rows, entry) for rows, entry in zip(samples, changed, strict=True)
+            if entry is not None]
+    if not kept:
+        return None
+    return SampleChannels([rows for rows, _ in kept], [entry[0] for _, entry in kept],
+                          [entry[1] for _, entry in kept])
 
 
 def _fidelity(value: Fidelity | str) -> Fidelity:

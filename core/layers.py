@@ -36,6 +36,7 @@ from core.ops.crossbar import (
     crossbar_conv2d,
     row_group_inputs,
 )
+from core.ops.extension import crossbar_extension
 from core.quant import (
     ActivationQuantizer,
     fake_quant_weight,
@@ -97,10 +98,10 @@ class CrossbarConv2d(nn.Module):
         self.spare_reads: list[SpareRead] | None = None
         """Crossbar fidelity, batch mixing tasks: each task's spare PEs, read for its
         samples on their own row groups and added in."""
-        self.sample_groups: list[SampleGroup] | None = None
-        """Set by the engine for a batch that mixes tasks: the samples of each task whose
-        weights differ from the backbone's, and their task's codes of the changed output
-        channels. The backbone's codes run once for the whole batch."""
+        self.sample_channels: SampleChannels | None = None
+        """Set by the engine for a batch that mixes tasks: every sample's task's codes of
+        the output channels it changed, stacked for one grouped convolution. The
+        backbone's codes run once for the whole batch."""
         self.scale_in_norm = False
         """The :class:`DigitalNorm` after this layer applies its output scale (code domain)."""
         self.codes_from_norm = False
@@ -221,8 +222,8 @@ class CrossbarConv2d(nn.Module):
             codes = self.input_codes(x)
             acc = F.conv2d(codes, self._task_codes, None, self.stride, self.padding,
                            self.dilation, self.groups)
-            if self.sample_groups:
-                self._apply_sample_groups(codes, acc)
+            if self.sample_channels is not None:
+                self._apply_sample_channels(codes, acc)
             return self._finish(acc)
         else:
             weight = self.effective_weight
@@ -237,18 +238,27 @@ class CrossbarConv2d(nn.Module):
         return (self.latent_weight is None and self._task_codes is not None
                 and self._exact_inputs())
 
-    def _apply_sample_groups(self, codes: Tensor, out: Tensor) -> None:
-        """Overwrite each group's changed channels with its own task's weights."""
-        assert self.sample_groups is not None
-        for group in self.sample_groups:
-            inputs = codes.index_select(0, group.samples)
-            if group.channels is None:
-                out[group.samples] = F.conv2d(inputs, group.codes, None, self.stride,
-                                              self.padding, self.dilation, self.groups)
-                continue
-            part = F.conv2d(inputs, group.codes, None, self.stride, self.padding,
-                            self.dilation, self.groups)
-            out[group.samples.unsqueeze(1), group.channels.unsqueeze(0)] = part
+    def _apply_sample_channels(self, codes: Tensor, out: Tensor) -> None:
+        """Overwrite every task's changed channels on its samples with its own weights.
+
+        A 1x1 layer takes one compiled call for all tasks (one matrix product per task,
+        no per-task dispatch from Python); others convolve per task. Sums of integer codes
+        are exact, so either equals the task's own convolution bit for bit."""
+        plan = self.sample_channels
+        assert plan is not None
+        pointwise = (tuple(self.kernel_size) == (1, 1) and tuple(self.stride) == (1, 1)
+                     and tuple(self.padding) == (0, 0) and self.groups == 1)
+        extension = (crossbar_extension() if pointwise and self.implementation
+                     is not OperatorImplementation.REFERENCE else None)
+        if extension is not None:
+            extension.mixed_channels_1x1(codes, out, plan.samples, plan.channels,
+                                         [c.flatten(1) for c in plan.codes])
+            return
+        for rows, channels, weight in zip(plan.samples, plan.channels, plan.codes,
+                                          strict=True):
+            part = F.conv2d(codes.index_select(0, rows), weight, None, self.stride,
+                            self.padding, self.dilation, self.groups)
+            out[rows.unsqueeze(1), channels.unsqueeze(0)] = part
 
     def extra_repr(self) -> str:
         where = self.mapping.placement.value if self.mapping else "unmapped"
@@ -343,18 +353,19 @@ class DigitalNorm(nn.BatchNorm2d):
 
 
 @dataclass(frozen=True)
-class SampleGroup:
-    """Samples of one task in a mixed batch, and that task's codes where they differ.
+class SampleChannels:
+    """One layer of a batch that mixes tasks: for every task that changed the layer, its
+    samples, the output channels it changed and its codes of them.
 
     Args:
-        samples: long ``[n]`` batch positions of the task's samples.
-        codes: the task's code-unit weight of ``channels`` (all channels when None).
-        channels: long ``[c]`` output channels whose weights differ from the backbone's.
+        samples: per task, long ``[n]`` batch positions.
+        channels: per task, long ``[c]`` output channels (all of them for a grouped layer).
+        codes: per task, its code-unit weight ``[c, Cin / groups, kh, kw]`` of ``channels``.
     """
 
-    samples: Tensor
-    codes: Tensor
-    channels: Tensor | None
+    samples: list[Tensor]
+    channels: list[Tensor]
+    codes: list[Tensor]
 
 
 @dataclass(frozen=True)

@@ -201,11 +201,70 @@ std::tuple<torch::Tensor, torch::Tensor> stack_input_cycles(
   return {stacked, nonzero};
 }
 
+
+// A batch mixing tasks, one 1x1 convolution layer: overwrites, for every task, the output
+// channels it changed on its own samples with its codes' products. Each task's samples are
+// gathered channel-major so that one matrix product per task reads its weights once.
+// Sums of integer codes are exact in float, so this equals the task's own convolution
+// bit for bit.
+void mixed_channels_1x1(
+    const torch::Tensor& codes_in,                // float [B, Cin, H, W], integer codes
+    torch::Tensor out,                            // float [B, Cout, H, W], overwritten in part
+    const std::vector<torch::Tensor>& samples,    // per task: long [n] batch positions
+    const std::vector<torch::Tensor>& channels,   // per task: long [c] output channels
+    const std::vector<torch::Tensor>& weights)    // per task: float [c, Cin] codes
+{
+  TORCH_CHECK(codes_in.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "codes and output must be float32");
+  TORCH_CHECK(out.is_contiguous(), "output must be contiguous");
+  TORCH_CHECK(samples.size() == channels.size() && samples.size() == weights.size(),
+              "one sample, channel and weight list per task");
+  const auto codes = codes_in.contiguous();
+  const int64_t images = codes.size(0), cin = codes.size(1);
+  const int64_t hw = codes.size(2) * codes.size(3);
+  const int64_t cout = out.size(1);
+  TORCH_CHECK(out.size(0) == images && out.size(2) * out.size(3) == hw,
+              "output does not match the input");
+  const float* src = codes.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (size_t t = 0; t < samples.size(); ++t) {
+    const auto rows = samples[t].contiguous();
+    const auto chans = channels[t].contiguous();
+    const auto weight = weights[t].contiguous();
+    const int64_t n = rows.numel(), c = chans.numel();
+    TORCH_CHECK(weight.dim() == 2 && weight.size(0) == c && weight.size(1) == cin,
+                "weights must be [channels, Cin]");
+    if (n == 0 || c == 0) continue;
+    const int64_t* row = rows.data_ptr<int64_t>();
+    const int64_t* chan = chans.data_ptr<int64_t>();
+    auto gathered = torch::empty({cin, n * hw}, codes.options());
+    float* g = gathered.data_ptr<float>();
+    for (int64_t j = 0; j < n; ++j) {
+      TORCH_CHECK(row[j] >= 0 && row[j] < images, "sample out of range");
+      for (int64_t k = 0; k < cin; ++k) {
+        const float* from = src + (row[j] * cin + k) * hw;
+        std::copy(from, from + hw, g + k * n * hw + j * hw);
+      }
+    }
+    const auto product = at::mm(weight, gathered);  // [c, n * hw]
+    const float* p = product.data_ptr<float>();
+    for (int64_t i = 0; i < c; ++i) {
+      TORCH_CHECK(chan[i] >= 0 && chan[i] < cout, "channel out of range");
+      for (int64_t j = 0; j < n; ++j) {
+        const float* from = p + i * n * hw + j * hw;
+        std::copy(from, from + hw, dst + (row[j] * cout + chan[i]) * hw);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("crossbar_conv2d", &crossbar_conv2d,
         "Row-group partial sums, ADC, shift-add, column masks and adder tree of one layer");
+  m.def("mixed_channels_1x1", &mixed_channels_1x1,
+        "Every task's changed output channels of a 1x1 layer for its own samples");
   m.def("stack_input_cycles", &stack_input_cycles,
         "Input codes split into DAC cycles, stacked and channel-padded for the operator");
 }
