@@ -67,9 +67,9 @@ class PreparedTask:
     """The task's BatchNorm terms by module (``{"features.1.1": {"weight": w, ...}}``)."""
     norm_terms: dict[str, Tensor] = field(default_factory=dict)
     """Per module, the four terms a mixed batch gathers (``[4, C]``), built on first use."""
-    changed: dict[str, tuple[Tensor, Tensor]] | None = None
-    """Per layer: output channels whose codes differ from the backbone's and the task's
-    codes of those channels; built on first mixed batch."""
+    changed: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
+    """Per layer: output channels whose codes differ from the backbone's, the task's
+    codes of those channels and the same as a matrix; built on first mixed batch."""
 
 
 @dataclass
@@ -124,6 +124,8 @@ class CrossbarEngine:
         self._layers = dict(model.layers())
         self._digital_names = self._overridable_names()
         self._digital_defaults: dict[str, nn.Parameter | Tensor] = {}
+        self._backbone_float: dict[str, Tensor] = {}
+        self._tensor_slots: dict[str, tuple[nn.Module, str]] = {}
         self._positions: dict[tuple[int, int], dict[str, int]] = {}
         self._backbone_cells: dict[str, Tensor] = {}
         self._backbone_programs: dict[str, CrossbarProgram] = {}
@@ -228,7 +230,7 @@ class CrossbarEngine:
             if name in prepared.weights:
                 layer.effective_codes = prepared.weights[name]
             elif previous is None or name in previous.weights:
-                layer.reset_effective_weight()
+                layer.effective_codes = self._backbone_codes(name, layer)
         for name in set(self._digital_defaults) - set(prepared.digital):
             self._set_tensor(name, self._digital_defaults[name])
         for name, value in prepared.digital.items():
@@ -335,11 +337,13 @@ class CrossbarEngine:
     def _mixed_features(self, x: Tensor, groups: dict[str, list[int]],
                         prepared: dict[str, PreparedTask], *, crossbar: bool) -> Tensor:
         self._activate_backbone()
+        settings = {"program": None, "implementation": self.crossbar.implementation,
+                    "read_generator": self._read_generator,
+                    "max_chunk_elements": self.crossbar.max_chunk_elements}
         for layer in self._layers.values():
-            layer.program = None
-            layer.implementation = self.crossbar.implementation
-            layer.read_generator = self._read_generator
-            layer.max_chunk_elements = self.crossbar.max_chunk_elements
+            for attr, value in settings.items():  # module attribute writes are slow
+                if getattr(layer, attr) is not value:
+                    setattr(layer, attr, value)
         sample_task = torch.empty(x.shape[0], dtype=torch.long)
         samples = {task_id: torch.tensor(rows) for task_id, rows in groups.items()}
         for index, task_id in enumerate(groups):
@@ -354,8 +358,7 @@ class CrossbarEngine:
             terms = torch.stack([_norm_terms(p, module_name, module)
                                  for p in prepared.values()])
             module.sample_terms = dict(zip(NORM_TERMS, terms.index_select(0, sample_task)
-                                           .transpose(0, 1).reshape(len(NORM_TERMS), -1),
-                                           strict=True))
+                                           .transpose(0, 1).contiguous(), strict=True))
             norms.append(module)
         try:
             return self.model(x)
@@ -363,10 +366,10 @@ class CrossbarEngine:
             for module in norms:
                 module.sample_terms = None
             for layer in touched:
-                layer.sample_channels = None
-                layer.sample_column_values = None
-                layer.spare_reads = None
-                layer.program = None
+                for attr in ("sample_channels", "sample_column_values", "spare_reads",
+                             "program"):
+                    if getattr(layer, attr) is not None:
+                        setattr(layer, attr, None)
 
     def _mixed_ideal_layers(self, samples: list[Tensor], prepared: list[PreparedTask]
                             ) -> list[CrossbarConv2d]:
@@ -432,13 +435,22 @@ class CrossbarEngine:
         previous = self.prepared.peek(self.active) if self.active is not None else None
         for name, layer in self._layers.items():
             if previous is None or name in previous.weights:
-                layer.reset_effective_weight()
-        for name, value in self._digital_defaults.items():
-            self._set_tensor(name, value)
+                layer.effective_codes = self._backbone_codes(name, layer)
+        names = self._digital_defaults if previous is None else previous.digital
+        for name in names:
+            if name in self._digital_defaults:
+                self._set_tensor(name, self._digital_defaults[name])
         self.active = None
         self._backbone_active = True
 
-    def _changed(self, prepared: PreparedTask) -> dict[str, tuple[Tensor, Tensor]]:
+    def _backbone_codes(self, name: str, layer: CrossbarConv2d) -> Tensor:
+        """The backbone's codes of a layer as the float weight it convolves (kept once)."""
+        codes = self._backbone_float.get(name)
+        if codes is None:
+            codes = self._backbone_float[name] = layer.weight_codes.float()
+        return codes
+
+    def _changed(self, prepared: PreparedTask) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         """Per layer, the output channels whose codes differ from the backbone's and the
         task's codes of them (every channel of a grouped layer: a subset of its channels
         is not a convolution of the same input)."""
@@ -452,7 +464,8 @@ class CrossbarEngine:
                 if layer.groups != 1:
                     differs = torch.ones_like(differs)
                 channels = differs.nonzero().flatten()
-                changed[name] = (channels, codes.index_select(0, channels).contiguous())
+                own = codes.index_select(0, channels).contiguous()
+                changed[name] = (channels, own, own.flatten(1))
             prepared.changed = changed
         return prepared.changed
 
@@ -629,13 +642,19 @@ class CrossbarEngine:
         module_name, _, attr = name.rpartition(".")
         return attr in self.model.body.get_submodule(module_name)._parameters
 
+    def _slot(self, name: str) -> tuple[nn.Module, str]:
+        slot = self._tensor_slots.get(name)
+        if slot is None:
+            module_name, _, attr = name.rpartition(".")
+            slot = self._tensor_slots[name] = (self.model.body.get_submodule(module_name), attr)
+        return slot
+
     def _get_tensor(self, name: str) -> nn.Parameter | Tensor:
-        module_name, _, attr = name.rpartition(".")
-        return getattr(self.model.body.get_submodule(module_name), attr)
+        module, attr = self._slot(name)
+        return getattr(module, attr)
 
     def _set_tensor(self, name: str, value: nn.Parameter | Tensor) -> None:
-        module_name, _, attr = name.rpartition(".")
-        module = self.model.body.get_submodule(module_name)
+        module, attr = self._slot(name)
         if attr in module._parameters:
             module._parameters[attr] = value  # type: ignore[assignment]
         else:
@@ -657,9 +676,8 @@ NORM_TERMS = ("running_mean", "running_var", "weight", "bias")
 def _norm_terms(prepared: PreparedTask, module_name: str, module: DigitalNorm) -> Tensor:
     """A task's terms of one BatchNorm as ``[4, C]`` (the backbone's where it has none).
 
-    A mixed batch gathers each sample's rows into ``[B * C]`` vectors; the norm then views
-    the batch as one sample of ``B * C`` channels, so every element is normalised by the
-    same kernel, with the same per-channel arithmetic, as a batch of its task alone.
+    A mixed batch gathers each sample's rows into ``[B, C]`` terms
+    (:attr:`core.layers.DigitalNorm.sample_terms`).
     """
     cached = prepared.norm_terms.get(module_name)
     if cached is None:
@@ -671,15 +689,16 @@ def _norm_terms(prepared: PreparedTask, module_name: str, module: DigitalNorm) -
 
 
 def _sample_channels(samples: Sequence[Tensor],
-                     changed: Sequence[tuple[Tensor, Tensor] | None]) -> SampleChannels | None:
+                     changed: Sequence[tuple[Tensor, Tensor, Tensor] | None]
+                     ) -> SampleChannels | None:
     """One layer's plan in a mixed batch from each task's samples and its changed channels
-    and codes (None: it changed none)."""
+    (None: it changed none)."""
     kept = [(rows, entry) for rows, entry in zip(samples, changed, strict=True)
             if entry is not None]
     if not kept:
         return None
-    return SampleChannels([rows for rows, _ in kept], [entry[0] for _, entry in kept],
-                          [entry[1] for _, entry in kept])
+    return SampleChannels(*([rows for rows, _ in kept],
+                            *([entry[k] for _, entry in kept] for k in range(3))))
 
 
 def _fidelity(value: Fidelity | str) -> Fidelity:

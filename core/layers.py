@@ -252,7 +252,7 @@ class CrossbarConv2d(nn.Module):
                      is not OperatorImplementation.REFERENCE else None)
         if extension is not None:
             extension.mixed_channels_1x1(codes, out, plan.samples, plan.channels,
-                                         [c.flatten(1) for c in plan.codes])
+                                         plan.matrices)
             return
         for rows, channels, weight in zip(plan.samples, plan.channels, plan.codes,
                                           strict=True):
@@ -278,7 +278,9 @@ class DigitalNorm(nn.BatchNorm2d):
     so the whole periphery costs one BatchNorm pass plus a clamp and a round, not
     six passes. Elsewhere (training, calibration) it is BatchNorm then ReLU6.
     ``sample_terms`` (set by the engine for a batch mixing tasks) holds each
-    sample's own task's terms, gathered so that one kernel call normalises the batch.
+    sample's own task's terms ``[B, C]``, so that one kernel call normalises the batch
+    (viewed as one sample of ``B * C`` channels: every element gets the same per-channel
+    arithmetic as in a batch of its task alone).
     """
 
     clamp_top: float | None = None
@@ -326,12 +328,10 @@ class DigitalNorm(nn.BatchNorm2d):
             out = super().forward(x)
             return out if self.clamp_top is None else F.hardtanh(out, 0.0, self.clamp_top,
                                                                  inplace=True)
-        mean, var, weight, bias = self._terms()
+        mean, var, weight, bias = self._terms()  # [C], or [B, C] per sample
         if scaled:
             assert producer is not None
             scale = producer.output_scale()
-            if self.sample_terms is not None:
-                scale = scale.repeat(x.shape[0])
             mean, weight = mean / scale, weight * scale
         if quantize:
             assert consumer is not None
@@ -340,6 +340,7 @@ class DigitalNorm(nn.BatchNorm2d):
         shape = x.shape
         if self.sample_terms is not None:
             x = x.reshape(1, shape[0] * shape[1], *shape[2:])
+            mean, var, weight, bias = (t.reshape(-1) for t in (mean, var, weight, bias))
         out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps).view(shape)
         if quantize:
             assert consumer is not None
@@ -366,6 +367,8 @@ class SampleChannels:
     samples: list[Tensor]
     channels: list[Tensor]
     codes: list[Tensor]
+    matrices: list[Tensor]
+    """Per task, ``codes`` as ``[c, Cin * kh * kw]`` (what the compiled 1x1 call takes)."""
 
 
 @dataclass(frozen=True)
