@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +65,9 @@ class PreparedTask:
     """Crossbar-fidelity layout of every crossbar layer, built on first crossbar use."""
     norms: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     """The task's BatchNorm terms by module (``{"features.1.1": {"weight": w, ...}}``)."""
+    mixed_reads: dict[str, tuple[Tensor, SpareRead | None] | None] = field(
+        default_factory=dict)
+    """Per crossbar layer, the task's part of a mixed crossbar batch (built on first use)."""
     norm_terms: dict[str, Tensor] = field(default_factory=dict)
     """Per module, the four terms a mixed batch gathers (``[4, C]``), built on first use."""
     changed: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
@@ -124,7 +127,7 @@ class CrossbarEngine:
         self._layers = dict(model.layers())
         self._digital_names = self._overridable_names()
         self._digital_defaults: dict[str, nn.Parameter | Tensor] = {}
-        self._backbone_float: dict[str, Tensor] = {}
+        self._backbone_float: dict[str, tuple[tuple[int, int], Tensor]] = {}
         self._tensor_slots: dict[str, tuple[nn.Module, str]] = {}
         self._positions: dict[tuple[int, int], dict[str, int]] = {}
         self._backbone_cells: dict[str, Tensor] = {}
@@ -403,26 +406,48 @@ class CrossbarEngine:
             column_values = torch.ones(batch, mapping.row_groups, mapping.out_channels)
             reads = []
             for task_id, rows in samples.items():
-                task = prepared[task_id].task
-                state = task.layers.get(name)
-                if state is None:
+                mixed = self._mixed_reads(prepared[task_id], name, layer)
+                if mixed is None:
                     continue
-                values = shift_values(task.shift_levels)[state.column_codes.long()]
-                if state.replaced_pes:
-                    replaced = replaced_columns(state.pe_mask, mapping)
-                    values = torch.where(replaced, 0.0, values)
-                    groups = replaced.any(1).nonzero().flatten()
-                    outputs = replaced.any(0).nonzero().flatten()
-                    program = self._programs(prepared[task_id])[name]
-                    values_read = replaced.index_select(0, groups).index_select(1, outputs)
-                    reads.append(SpareRead(rows, groups, outputs, restrict_program(
-                        program, groups, outputs, values_read)))
+                values, read = mixed
+                if read is not None:
+                    reads.append(replace(read, samples=rows))
                 column_values[rows] = values
             layer.program = self._backbone_program(name, layer)
             layer.sample_column_values = column_values
             layer.spare_reads = reads
             touched.append(layer)
         return touched
+
+    def _mixed_reads(self, prepared: PreparedTask, name: str, layer: CrossbarConv2d
+                     ) -> tuple[Tensor, SpareRead | None] | None:
+        """A task's part of a mixed crossbar batch on one layer (None: it keeps the layer):
+        its shift-mask values with 0 on replaced PEs, and its spare PEs' read (samples
+        left empty), built once per task."""
+        if name not in prepared.mixed_reads:
+            task = prepared.task
+            state = task.layers.get(name)
+            entry: tuple[Tensor, SpareRead | None] | None = None
+            if state is not None:
+                mapping = layer.mapping
+                assert mapping is not None
+                values = shift_values(task.shift_levels)[state.column_codes.long()]
+                read = None
+                if state.replaced_pes:
+                    replaced = replaced_columns(state.pe_mask, mapping)
+                    values = torch.where(replaced, 0.0, values)
+                    groups = replaced.any(1).nonzero().flatten()
+                    outputs = replaced.any(0).nonzero().flatten()
+                    program = self._programs(prepared)[name]
+                    values_read = replaced.index_select(0, groups).index_select(1, outputs)
+                    width = program.channels_per_group * program.reads
+                    channels = (groups.reshape(-1, 1) * width + torch.arange(width)).flatten()
+                    read = SpareRead(torch.zeros(0, dtype=torch.long), groups, outputs,
+                                     restrict_program(program, groups, outputs, values_read),
+                                     channels)
+                entry = (values, read)
+            prepared.mixed_reads[name] = entry
+        return prepared.mixed_reads[name]
 
     def _exact(self) -> bool:
         """Whether every layer takes the code-domain path that mixed batches extend."""
@@ -444,11 +469,14 @@ class CrossbarEngine:
         self._backbone_active = True
 
     def _backbone_codes(self, name: str, layer: CrossbarConv2d) -> Tensor:
-        """The backbone's codes of a layer as the float weight it convolves (kept once)."""
-        codes = self._backbone_float.get(name)
-        if codes is None:
-            codes = self._backbone_float[name] = layer.weight_codes.float()
-        return codes
+        """The backbone's codes of a layer as the float weight it convolves (kept until the
+        codes change)."""
+        source = layer.weight_codes
+        key = (id(source), source._version)
+        cached = self._backbone_float.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._backbone_float[name] = (key, source.float())
+        return cached[1]
 
     def _changed(self, prepared: PreparedTask) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         """Per layer, the output channels whose codes differ from the backbone's and the

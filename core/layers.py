@@ -207,14 +207,8 @@ class CrossbarConv2d(nn.Module):
                 generator=self.read_generator, max_chunk_elements=self.max_chunk_elements,
                 column_values=self.sample_column_values,
             )
-            for read in self.spare_reads or ():
-                inputs = row_group_inputs(codes.index_select(0, read.samples), self.program,
-                                          read.row_groups)
-                part = crossbar_conv2d(
-                    inputs, read.program, self.geometry, implementation=self.implementation,
-                    generator=self.read_generator, max_chunk_elements=self.max_chunk_elements)
-                rows, outputs = read.samples.unsqueeze(1), read.outputs.unsqueeze(0)
-                acc[rows, outputs] += part
+            if self.spare_reads:
+                self._add_spare_reads(codes, acc, self.spare_reads)
             return self._finish(acc)
         if self.latent_weight is not None:
             weight = fake_quant_weight(self.latent_weight, self.weight_scale, self.weight_bits)
@@ -231,6 +225,36 @@ class CrossbarConv2d(nn.Module):
             self.input_quant(x), weight, self.bias, self.stride, self.padding,
             self.dilation, self.groups,
         )
+
+    def _add_spare_reads(self, codes: Tensor, acc: Tensor, reads: list[SpareRead]) -> None:
+        """Add every task's spare-PE reads of a mixed batch: one compiled call for all
+        tasks (same float operations, in the same order, as reading each on its own)."""
+        assert self.program is not None
+        first = reads[0].program
+        extension = (crossbar_extension() if self.implementation
+                     is not OperatorImplementation.REFERENCE and _shared_periphery(reads)
+                     else None)
+        if extension is not None:
+            program = self.program
+            extension.crossbar_spare_reads(
+                codes, acc, [r.samples for r in reads], [r.channels for r in reads],
+                [r.program.weight for r in reads], [r.program.column_values for r in reads],
+                [r.outputs for r in reads], program.row_groups * program.channels_per_group,
+                program.channels_per_group, list(first.kernel_size), list(self.geometry.stride),
+                list(self.geometry.padding), list(self.geometry.dilation), first.slices,
+                first.pack, first.pack_base, first.slice_weight, first.adc_step,
+                first.adc_inv_step, first.adc_qmin, first.adc_qmax, first.adc_offset_lsb,
+                first.weight_offset, first.digit_bias, first.input_bits, first.input_signed,
+                first.dac_bits, first.zero_reads_zero, self.max_chunk_elements)
+            return
+        for read in reads:
+            inputs = row_group_inputs(codes.index_select(0, read.samples), self.program,
+                                      read.row_groups)
+            part = crossbar_conv2d(
+                inputs, read.program, self.geometry, implementation=self.implementation,
+                generator=self.read_generator, max_chunk_elements=self.max_chunk_elements)
+            rows, outputs = read.samples.unsqueeze(1), read.outputs.unsqueeze(0)
+            acc[rows, outputs] += part
 
     def _lossless_path(self) -> bool:
         """Whether a lossless program may run as the code-domain convolution (equal bit
@@ -381,6 +405,24 @@ class SpareRead:
     row_groups: Tensor
     outputs: Tensor
     program: CrossbarProgram
+    channels: Tensor
+    """Long: the layer's input channels (zero-padded to whole row groups) that
+    ``row_groups`` read, in the order the program takes them."""
+
+
+def _shared_periphery(reads: list[SpareRead]) -> bool:
+    """Whether every read has the same ADC, DAC and packing (one compiled call takes one),
+    and none has read noise (drawn per read, in the order of the per-task path)."""
+    first = reads[0].program
+
+    def key(p: CrossbarProgram) -> tuple[object, ...]:
+        return (p.slices, p.pack, p.pack_base, p.adc_qmin, p.adc_qmax, p.adc_offset_lsb,
+                p.weight_offset, p.digit_bias, p.input_bits, p.input_signed, p.dac_bits,
+                p.read_sigma, p.reads)
+
+    return first.read_sigma == 0 and all(
+        key(r.program) == key(first) and torch.equal(r.program.adc_step, first.adc_step)
+        and torch.equal(r.program.slice_weight, first.slice_weight) for r in reads)
 
 
 def crossbar_layers(model: nn.Module) -> list[tuple[str, CrossbarConv2d]]:
