@@ -4,11 +4,19 @@ Runs side by side in one process on the same inputs, alternating the variants
 so machine noise hits them alike, and reports medians and ratios:
 
     python bench/engine.py [--batch 16] [--size 224] [--repeats 7] [--crossbar]
+    python bench/engine.py --mixed [--batch 16] [--repeats 15]
 
 With ``--crossbar`` it adds crossbar fidelity (5-bit calibrated ADC, multi-bit
 and bit-serial DAC) with the compiled operator and with the eager pure-torch
 reference, and measures each variant's peak memory (RSS) in a fresh process
 (``--memory VARIANT`` runs one variant alone and prints its peak RSS).
+
+``--mixed`` times the chip alone (one thread, as the server runs it) on a batch of 64x64
+images mixing tasks against the same images all of one task, alternating: the three
+shipped tasks plus five copies under other names, drawn with Zipf popularity (the
+stream of ``bench/serve.py``), in ideal fidelity, crossbar fidelity on the shipped chip
+(provably lossless: the ideal code path) and on the paper's lossy periphery
+(:data:`core.config.PAPER_CHIP`, full-scale ADC), where the spare PEs are read.
 
 glibc returns large freed blocks to the OS, so every forward pass would pay
 fresh page faults; the script re-executes itself with MALLOC_MMAP_MAX_=0 and
@@ -18,8 +26,10 @@ a large MALLOC_TRIM_THRESHOLD_ (the server sets the same) unless told not to.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -52,9 +62,15 @@ def main() -> None:
     parser.add_argument("--crossbar", action="store_true",
                         help="add crossbar fidelity (compiled, reference, bit-serial)")
     parser.add_argument("--memory", metavar="VARIANT", help=argparse.SUPPRESS)
+    parser.add_argument("--mixed", action="store_true",
+                        help="only the chip on a batch mixing tasks vs one task")
+    parser.add_argument("--seed", type=int, default=0, help="--mixed: images and task mix")
     args = parser.parse_args()
     if not args.keep_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    if args.mixed:
+        mixed_batches(args)
+        return
 
     from core.backbones import build_backbone
     from core.commands import imagenet_task, load_backbone
@@ -158,6 +174,71 @@ def main() -> None:
         for name, mb in result["peak_rss_mb"].items():
             print(f"  peak RSS, {name:29s} {mb['peak']:7.0f} MB "
                   f"(+{mb['above_loaded']:.0f} MB while running)")
+
+
+SHIPPED = ("mnist", "fashion-mnist", "animal-mnist")
+COPIES = ("mnist-b", "fashion-mnist-b", "animal-mnist-b", "mnist-c", "fashion-mnist-c")
+
+
+def mixed_batches(args: argparse.Namespace) -> None:
+    """Single-task vs mixed-task batches on the chip alone, per fidelity and periphery."""
+    from core.commands import load_backbone
+    from core.config import PAPER_CHIP, CrossbarSettings
+    from core.engine import CrossbarEngine
+    from core.task_state import TaskState
+    from server.shipped_tasks import SHIPPED_DIR
+    from task_store.archive import read_archive
+    from task_store.format import decode_task
+
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    names = (*SHIPPED, *COPIES)
+    rng = random.Random(args.seed)
+    mixed = rng.choices(list(names), [1.0 / (k + 1) for k in range(len(names))],
+                        k=args.batch)
+    single = [SHIPPED[0]] * args.batch
+    x = torch.randn(args.batch, 3, 64, 64, generator=torch.Generator().manual_seed(args.seed))
+    backbone = load_backbone(None)
+    paper = CrossbarSettings(adc_range="full_scale", adc_bits=PAPER_CHIP["adc_bits"],
+                             dac_mode=PAPER_CHIP["dac_mode"])
+    chips = {"ideal": (CrossbarEngine(backbone, max_prepared_tasks=len(names)), "ideal"),
+             "crossbar, shipped chip": (CrossbarEngine(copy.deepcopy(backbone),  # own layers
+                                                       max_prepared_tasks=len(names)),
+                                        "crossbar"),
+             "crossbar, paper chip": (CrossbarEngine(backbone.with_chip(**PAPER_CHIP),
+                                                     max_prepared_tasks=len(names),
+                                                     crossbar=paper), "crossbar")}
+    result: dict[str, object] = {
+        "command": "python bench/engine.py --mixed " + " ".join(sys.argv[1:]).replace(
+            "--mixed", "").strip(), "batch": args.batch, "size": 64, "threads": 1,
+        "distinct_tasks": len(set(mixed)), "seed": args.seed, "mixed": mixed}
+    for label, (engine, fidelity) in chips.items():
+        for name in names:
+            manifest, data = read_archive(SHIPPED_DIR / f"{_source(name)}.tar")
+            task = decode_task(data, manifest)
+            engine.add_task(TaskState(name, task.shift_levels, task.head, task.layers,
+                                      task.digital))
+        for ids in (mixed, single, mixed, single):  # warm: fold, program, plan every task
+            engine.forward_mixed(x, ids, fidelity)
+        repeats = args.repeats if fidelity == "ideal" else max(3, args.repeats // 3)
+        times: dict[str, list[float]] = {"single": [], "mixed": []}
+        for _ in range(repeats):
+            for kind, ids in (("single", single), ("mixed", mixed)):
+                started = time.perf_counter()
+                engine.forward_mixed(x, ids, fidelity)
+                times[kind].append((time.perf_counter() - started) * 1e3)
+        single_ms, mixed_ms = (statistics.median(times[k]) for k in ("single", "mixed"))
+        result[label] = {"single_ms": round(single_ms, 1), "mixed_ms": round(mixed_ms, 1),
+                         "single_over_mixed": round(single_ms / mixed_ms, 3),
+                         "repeats": repeats}
+        print(f"{label:24s} single {single_ms:7.1f} ms  mixed {mixed_ms:7.1f} ms  "
+              f"single/mixed {single_ms / mixed_ms:.3f}", file=sys.stderr)
+    print(json.dumps(result, indent=1))
+
+
+def _source(name: str) -> str:
+    """The shipped task a copy was made from (``mnist-b`` -> ``mnist``)."""
+    return name.rsplit("-", 1)[0] if name in COPIES else name
 
 
 def _peak_rss(variant: str, args: argparse.Namespace) -> dict[str, float]:

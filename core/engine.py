@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,7 @@ from core.energy import (
     energy_of,
 )
 from core.errors import ConfigError, TaskNotFound, TaskStateError
-from core.layers import CrossbarConv2d, DigitalNorm, SampleGroup, SpareRead
+from core.layers import CrossbarConv2d, DigitalNorm, SampleChannels, SpareRead
 from core.lru import LRUCache
 from core.model import DAC_MODES, CrossbarModel
 from core.ops.crossbar import (
@@ -51,10 +51,6 @@ from core.ops.fold import fold_effective_weight, replaced_columns
 from core.pool import Residency, SparePEPool
 from core.task_state import LayerTaskState, TaskState, shift_values
 
-MIXED_FULL_LAYER_FRACTION = 0.5
-"""In a mixed batch, a task that changes more than this share of a layer's output channels
-recomputes all of them (one dense conv beats gathering most channels)."""
-
 
 @dataclass
 class PreparedTask:
@@ -69,9 +65,14 @@ class PreparedTask:
     """Crossbar-fidelity layout of every crossbar layer, built on first crossbar use."""
     norms: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     """The task's BatchNorm terms by module (``{"features.1.1": {"weight": w, ...}}``)."""
-    changed: dict[str, tuple[Tensor | None, Tensor]] | None = None
-    """Per layer: output channels whose codes differ from the backbone's (None: most of
-    them, so all) and the task's codes of those channels; built on first mixed batch."""
+    mixed_reads: dict[str, tuple[Tensor, SpareRead | None] | None] = field(
+        default_factory=dict)
+    """Per crossbar layer, the task's part of a mixed crossbar batch (built on first use)."""
+    norm_terms: dict[str, Tensor] = field(default_factory=dict)
+    """Per module, the four terms a mixed batch gathers (``[4, C]``), built on first use."""
+    changed: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
+    """Per layer: output channels whose codes differ from the backbone's, the task's
+    codes of those channels and the same as a matrix; built on first mixed batch."""
 
 
 @dataclass
@@ -126,6 +127,8 @@ class CrossbarEngine:
         self._layers = dict(model.layers())
         self._digital_names = self._overridable_names()
         self._digital_defaults: dict[str, nn.Parameter | Tensor] = {}
+        self._backbone_float: dict[str, tuple[tuple[int, int], Tensor]] = {}
+        self._tensor_slots: dict[str, tuple[nn.Module, str]] = {}
         self._positions: dict[tuple[int, int], dict[str, int]] = {}
         self._backbone_cells: dict[str, Tensor] = {}
         self._backbone_programs: dict[str, CrossbarProgram] = {}
@@ -230,7 +233,7 @@ class CrossbarEngine:
             if name in prepared.weights:
                 layer.effective_codes = prepared.weights[name]
             elif previous is None or name in previous.weights:
-                layer.reset_effective_weight()
+                layer.effective_codes = self._backbone_codes(name, layer)
         for name in set(self._digital_defaults) - set(prepared.digital):
             self._set_tensor(name, self._digital_defaults[name])
         for name, value in prepared.digital.items():
@@ -337,23 +340,28 @@ class CrossbarEngine:
     def _mixed_features(self, x: Tensor, groups: dict[str, list[int]],
                         prepared: dict[str, PreparedTask], *, crossbar: bool) -> Tensor:
         self._activate_backbone()
+        settings = {"program": None, "implementation": self.crossbar.implementation,
+                    "read_generator": self._read_generator,
+                    "max_chunk_elements": self.crossbar.max_chunk_elements}
         for layer in self._layers.values():
-            layer.program = None
-            layer.implementation = self.crossbar.implementation
-            layer.read_generator = self._read_generator
-            layer.max_chunk_elements = self.crossbar.max_chunk_elements
+            for attr, value in settings.items():  # module attribute writes are slow
+                if getattr(layer, attr) is not value:
+                    setattr(layer, attr, value)
         sample_task = torch.empty(x.shape[0], dtype=torch.long)
         samples = {task_id: torch.tensor(rows) for task_id, rows in groups.items()}
         for index, task_id in enumerate(groups):
             sample_task[samples[task_id]] = index
         touched = (self._mixed_crossbar_layers(x.shape[0], samples, prepared) if crossbar
-                   else self._mixed_ideal_layers(samples, prepared))
+                   else self._mixed_ideal_layers(list(samples.values()),
+                                                 list(prepared.values())))
         norms = []
         for module_name in {m for p in prepared.values() for m in p.norms}:
             module = self.model.body.get_submodule(module_name)
             assert isinstance(module, DigitalNorm)
-            terms = [prepared[t].norms.get(module_name, {}) for t in groups]
-            module.sample_terms = _per_sample_terms(module, terms, sample_task)
+            terms = torch.stack([_norm_terms(p, module_name, module)
+                                 for p in prepared.values()])
+            module.sample_terms = dict(zip(NORM_TERMS, terms.index_select(0, sample_task)
+                                           .transpose(0, 1).contiguous(), strict=True))
             norms.append(module)
         try:
             return self.model(x)
@@ -361,21 +369,21 @@ class CrossbarEngine:
             for module in norms:
                 module.sample_terms = None
             for layer in touched:
-                layer.sample_groups = None
-                layer.sample_column_values = None
-                layer.spare_reads = None
-                layer.program = None
+                for attr in ("sample_channels", "sample_column_values", "spare_reads",
+                             "program"):
+                    if getattr(layer, attr) is not None:
+                        setattr(layer, attr, None)
 
-    def _mixed_ideal_layers(self, samples: dict[str, Tensor],
-                            prepared: dict[str, PreparedTask]) -> list[CrossbarConv2d]:
-        """Per layer, each task's samples and its codes of the channels it changed."""
-        layer_groups: dict[str, list[SampleGroup]] = {}
-        for task_id, rows in samples.items():
-            for name, (channels, codes) in self._changed(prepared[task_id]).items():
-                layer_groups.setdefault(name, []).append(SampleGroup(rows, codes, channels))
-        for name, entries in layer_groups.items():
-            self._layers[name].sample_groups = entries
-        return [self._layers[name] for name in layer_groups]
+    def _mixed_ideal_layers(self, samples: list[Tensor], prepared: list[PreparedTask]
+                            ) -> list[CrossbarConv2d]:
+        """Per layer, every task's changed channels for its own samples."""
+        changed = [self._changed(p) for p in prepared]
+        touched = []
+        for name, layer in self._layers.items():
+            layer.sample_channels = _sample_channels(samples, [c.get(name) for c in changed])
+            if layer.sample_channels is not None:
+                touched.append(layer)
+        return touched
 
     def _mixed_crossbar_layers(self, batch: int, samples: dict[str, Tensor],
                                prepared: dict[str, PreparedTask]) -> list[CrossbarConv2d]:
@@ -390,38 +398,56 @@ class CrossbarEngine:
             mapping = layer.mapping
             assert mapping is not None
             if self._backbone_program(name, layer).lossless:  # exact: the ideal code path
-                entries = []
-                for task_id, rows in samples.items():
-                    changed = self._changed(prepared[task_id]).get(name)
-                    if changed is not None:
-                        channels, codes = changed
-                        entries.append(SampleGroup(rows, codes, channels))
-                layer.sample_groups = entries
+                layer.sample_channels = _sample_channels(
+                    list(samples.values()), [self._changed(p).get(name)
+                                             for p in prepared.values()])
                 touched.append(layer)
                 continue
             column_values = torch.ones(batch, mapping.row_groups, mapping.out_channels)
             reads = []
             for task_id, rows in samples.items():
-                task = prepared[task_id].task
-                state = task.layers.get(name)
-                if state is None:
+                mixed = self._mixed_reads(prepared[task_id], name, layer)
+                if mixed is None:
                     continue
-                values = shift_values(task.shift_levels)[state.column_codes.long()]
-                if state.replaced_pes:
-                    replaced = replaced_columns(state.pe_mask, mapping)
-                    values = torch.where(replaced, 0.0, values)
-                    groups = replaced.any(1).nonzero().flatten()
-                    outputs = replaced.any(0).nonzero().flatten()
-                    program = self._programs(prepared[task_id])[name]
-                    values_read = replaced.index_select(0, groups).index_select(1, outputs)
-                    reads.append(SpareRead(rows, groups, outputs, restrict_program(
-                        program, groups, outputs, values_read)))
+                values, read = mixed
+                if read is not None:
+                    reads.append(replace(read, samples=rows))
                 column_values[rows] = values
             layer.program = self._backbone_program(name, layer)
             layer.sample_column_values = column_values
             layer.spare_reads = reads
             touched.append(layer)
         return touched
+
+    def _mixed_reads(self, prepared: PreparedTask, name: str, layer: CrossbarConv2d
+                     ) -> tuple[Tensor, SpareRead | None] | None:
+        """A task's part of a mixed crossbar batch on one layer (None: it keeps the layer):
+        its shift-mask values with 0 on replaced PEs, and its spare PEs' read (samples
+        left empty), built once per task."""
+        if name not in prepared.mixed_reads:
+            task = prepared.task
+            state = task.layers.get(name)
+            entry: tuple[Tensor, SpareRead | None] | None = None
+            if state is not None:
+                mapping = layer.mapping
+                assert mapping is not None
+                values = shift_values(task.shift_levels)[state.column_codes.long()]
+                read = None
+                if state.replaced_pes:
+                    replaced = replaced_columns(state.pe_mask, mapping)
+                    values = torch.where(replaced, 0.0, values)
+                    groups = replaced.any(1).nonzero().flatten()
+                    outputs = replaced.any(0).nonzero().flatten()
+                    program = self._programs(prepared)[name]
+                    values_read = replaced.index_select(0, groups).index_select(1, outputs)
+                    width = program.channels_per_group * program.reads
+                    channels = (groups.reshape(-1, 1) * width + torch.arange(width)).flatten()
+                    read = SpareRead(torch.zeros(0, dtype=torch.long), groups, outputs,
+                                     restrict_program(program, groups, outputs, values_read),
+                                     channels)
+                entry = (values, read)
+            prepared.mixed_reads[name] = entry
+        return prepared.mixed_reads[name]
 
     def _exact(self) -> bool:
         """Whether every layer takes the code-domain path that mixed batches extend."""
@@ -434,25 +460,40 @@ class CrossbarEngine:
         previous = self.prepared.peek(self.active) if self.active is not None else None
         for name, layer in self._layers.items():
             if previous is None or name in previous.weights:
-                layer.reset_effective_weight()
-        for name, value in self._digital_defaults.items():
-            self._set_tensor(name, value)
+                layer.effective_codes = self._backbone_codes(name, layer)
+        names = self._digital_defaults if previous is None else previous.digital
+        for name in names:
+            if name in self._digital_defaults:
+                self._set_tensor(name, self._digital_defaults[name])
         self.active = None
         self._backbone_active = True
 
-    def _changed(self, prepared: PreparedTask) -> dict[str, tuple[Tensor | None, Tensor]]:
+    def _backbone_codes(self, name: str, layer: CrossbarConv2d) -> Tensor:
+        """The backbone's codes of a layer as the float weight it convolves (kept until the
+        codes change)."""
+        source = layer.weight_codes
+        key = (id(source), source._version)
+        cached = self._backbone_float.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._backbone_float[name] = (key, source.float())
+        return cached[1]
+
+    def _changed(self, prepared: PreparedTask) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """Per layer, the output channels whose codes differ from the backbone's and the
+        task's codes of them (every channel of a grouped layer: a subset of its channels
+        is not a convolution of the same input)."""
         if prepared.changed is None:
             changed = {}
             for name, codes in prepared.weights.items():
-                differs = (codes != self._layers[name].weight_codes).flatten(1).any(1)
-                count = int(differs.sum())
-                if count == 0:
+                layer = self._layers[name]
+                differs = (codes != layer.weight_codes).flatten(1).any(1)
+                if not bool(differs.any()):
                     continue
-                if count > MIXED_FULL_LAYER_FRACTION * differs.numel():
-                    changed[name] = (None, codes)
-                else:
-                    channels = differs.nonzero().flatten()
-                    changed[name] = (channels, codes.index_select(0, channels).contiguous())
+                if layer.groups != 1:
+                    differs = torch.ones_like(differs)
+                channels = differs.nonzero().flatten()
+                own = codes.index_select(0, channels).contiguous()
+                changed[name] = (channels, own, own.flatten(1))
             prepared.changed = changed
         return prepared.changed
 
@@ -629,13 +670,19 @@ class CrossbarEngine:
         module_name, _, attr = name.rpartition(".")
         return attr in self.model.body.get_submodule(module_name)._parameters
 
+    def _slot(self, name: str) -> tuple[nn.Module, str]:
+        slot = self._tensor_slots.get(name)
+        if slot is None:
+            module_name, _, attr = name.rpartition(".")
+            slot = self._tensor_slots[name] = (self.model.body.get_submodule(module_name), attr)
+        return slot
+
     def _get_tensor(self, name: str) -> nn.Parameter | Tensor:
-        module_name, _, attr = name.rpartition(".")
-        return getattr(self.model.body.get_submodule(module_name), attr)
+        module, attr = self._slot(name)
+        return getattr(module, attr)
 
     def _set_tensor(self, name: str, value: nn.Parameter | Tensor) -> None:
-        module_name, _, attr = name.rpartition(".")
-        module = self.model.body.get_submodule(module_name)
+        module, attr = self._slot(name)
         if attr in module._parameters:
             module._parameters[attr] = value  # type: ignore[assignment]
         else:
@@ -651,17 +698,35 @@ def _by_module(digital: dict[str, nn.Parameter | Tensor]) -> dict[str, dict[str,
     return modules
 
 
-def _per_sample_terms(module: DigitalNorm, terms: list[dict[str, Tensor]],
-                      sample_task: Tensor) -> dict[str, Tensor]:
-    """Each sample's own task's BatchNorm terms, gathered into ``[B * C]`` vectors.
+NORM_TERMS = ("running_mean", "running_var", "weight", "bias")
 
-    The norm then views the batch as one sample of ``B * C`` channels, so every element
-    is normalised by the same kernel, with the same per-channel arithmetic, as a batch of
-    its task alone.
+
+def _norm_terms(prepared: PreparedTask, module_name: str, module: DigitalNorm) -> Tensor:
+    """A task's terms of one BatchNorm as ``[4, C]`` (the backbone's where it has none).
+
+    A mixed batch gathers each sample's rows into ``[B, C]`` terms
+    (:attr:`core.layers.DigitalNorm.sample_terms`).
     """
-    return {attr: torch.stack([t.get(attr, getattr(module, attr)).detach() for t in terms])
-            .index_select(0, sample_task).reshape(-1)
-            for attr in ("running_mean", "running_var", "weight", "bias")}
+    cached = prepared.norm_terms.get(module_name)
+    if cached is None:
+        own = prepared.norms.get(module_name, {})
+        cached = torch.stack([own.get(attr, getattr(module, attr)).detach().float()
+                              for attr in NORM_TERMS])
+        prepared.norm_terms[module_name] = cached
+    return cached
+
+
+def _sample_channels(samples: Sequence[Tensor],
+                     changed: Sequence[tuple[Tensor, Tensor, Tensor] | None]
+                     ) -> SampleChannels | None:
+    """One layer's plan in a mixed batch from each task's samples and its changed channels
+    (None: it changed none)."""
+    kept = [(rows, entry) for rows, entry in zip(samples, changed, strict=True)
+            if entry is not None]
+    if not kept:
+        return None
+    return SampleChannels(*([rows for rows, _ in kept],
+                            *([entry[k] for _, entry in kept] for k in range(3))))
 
 
 def _fidelity(value: Fidelity | str) -> Fidelity:

@@ -37,6 +37,7 @@ from core.ops.crossbar import (
     crossbar_conv2d,
     row_group_inputs,
 )
+from core.ops.extension import crossbar_extension
 from core.quant import (
     ActivationQuantizer,
     fake_quant_weight,
@@ -98,10 +99,10 @@ class CrossbarConv2d(nn.Module):
         self.spare_reads: list[SpareRead] | None = None
         """Crossbar fidelity, batch mixing tasks: each task's spare PEs, read for its
         samples on their own row groups and added in."""
-        self.sample_groups: list[SampleGroup] | None = None
-        """Set by the engine for a batch that mixes tasks: the samples of each task whose
-        weights differ from the backbone's, and their task's codes of the changed output
-        channels. The backbone's codes run once for the whole batch."""
+        self.sample_channels: SampleChannels | None = None
+        """Set by the engine for a batch that mixes tasks: every sample's task's codes of
+        the output channels it changed, stacked for one grouped convolution. The
+        backbone's codes run once for the whole batch."""
         self.scale_in_norm = False
         """The :class:`DigitalNorm` after this layer applies its output scale (code domain)."""
         self.codes_from_norm = False
@@ -207,14 +208,8 @@ class CrossbarConv2d(nn.Module):
                 generator=self.read_generator, max_chunk_elements=self.max_chunk_elements,
                 column_values=self.sample_column_values,
             )
-            for read in self.spare_reads or ():
-                inputs = row_group_inputs(codes.index_select(0, read.samples), self.program,
-                                          read.row_groups)
-                part = crossbar_conv2d(
-                    inputs, read.program, self.geometry, implementation=self.implementation,
-                    generator=self.read_generator, max_chunk_elements=self.max_chunk_elements)
-                rows, outputs = read.samples.unsqueeze(1), read.outputs.unsqueeze(0)
-                acc[rows, outputs] += part
+            if self.spare_reads:
+                self._add_spare_reads(codes, acc, self.spare_reads)
             return self._finish(acc)
         if self.latent_weight is not None:
             weight = fake_quant_weight(self.latent_weight, self.weight_scale, self.weight_bits)
@@ -222,8 +217,8 @@ class CrossbarConv2d(nn.Module):
             codes = self.input_codes(x)
             acc = F.conv2d(codes, self._task_codes, None, self.stride, self.padding,
                            self.dilation, self.groups)
-            if self.sample_groups:
-                self._apply_sample_groups(codes, acc)
+            if self.sample_channels is not None:
+                self._apply_sample_channels(codes, acc)
             return self._finish(acc)
         else:
             weight = self.effective_weight
@@ -232,24 +227,63 @@ class CrossbarConv2d(nn.Module):
             self.dilation, self.groups,
         )
 
+    def _add_spare_reads(self, codes: Tensor, acc: Tensor, reads: list[SpareRead]) -> None:
+        """Add every task's spare-PE reads of a mixed batch: one compiled call for all
+        tasks (same float operations, in the same order, as reading each on its own)."""
+        assert self.program is not None
+        first = reads[0].program
+        extension = (crossbar_extension() if self.implementation
+                     is not OperatorImplementation.REFERENCE and _shared_periphery(reads)
+                     else None)
+        if extension is not None:
+            program = self.program
+            extension.crossbar_spare_reads(
+                codes, acc, [r.samples for r in reads], [r.channels for r in reads],
+                [r.program.weight for r in reads], [r.program.column_values for r in reads],
+                [r.outputs for r in reads], program.row_groups * program.channels_per_group,
+                program.channels_per_group, list(first.kernel_size), list(self.geometry.stride),
+                list(self.geometry.padding), list(self.geometry.dilation), first.slices,
+                first.pack, first.pack_base, first.slice_weight, first.adc_step,
+                first.adc_inv_step, first.adc_qmin, first.adc_qmax, first.adc_offset_lsb,
+                first.weight_offset, first.digit_bias, first.input_bits, first.input_signed,
+                first.dac_bits, first.zero_reads_zero, self.max_chunk_elements)
+            return
+        for read in reads:
+            inputs = row_group_inputs(codes.index_select(0, read.samples), self.program,
+                                      read.row_groups)
+            part = crossbar_conv2d(
+                inputs, read.program, self.geometry, implementation=self.implementation,
+                generator=self.read_generator, max_chunk_elements=self.max_chunk_elements)
+            rows, outputs = read.samples.unsqueeze(1), read.outputs.unsqueeze(0)
+            acc[rows, outputs] += part
+
     def _lossless_path(self) -> bool:
         """Whether a lossless program may run as the code-domain convolution (equal bit
         for bit): the layer holds the active task's codes and inputs are exact codes."""
         return (self.latent_weight is None and self._task_codes is not None
                 and self._exact_inputs())
 
-    def _apply_sample_groups(self, codes: Tensor, out: Tensor) -> None:
-        """Overwrite each group's changed channels with its own task's weights."""
-        assert self.sample_groups is not None
-        for group in self.sample_groups:
-            inputs = codes.index_select(0, group.samples)
-            if group.channels is None:
-                out[group.samples] = F.conv2d(inputs, group.codes, None, self.stride,
-                                              self.padding, self.dilation, self.groups)
-                continue
-            part = F.conv2d(inputs, group.codes, None, self.stride, self.padding,
-                            self.dilation, self.groups)
-            out[group.samples.unsqueeze(1), group.channels.unsqueeze(0)] = part
+    def _apply_sample_channels(self, codes: Tensor, out: Tensor) -> None:
+        """Overwrite every task's changed channels on its samples with its own weights.
+
+        A 1x1 layer takes one compiled call for all tasks (one matrix product per task,
+        no per-task dispatch from Python); others convolve per task. Sums of integer codes
+        are exact, so either equals the task's own convolution bit for bit."""
+        plan = self.sample_channels
+        assert plan is not None
+        pointwise = (tuple(self.kernel_size) == (1, 1) and tuple(self.stride) == (1, 1)
+                     and tuple(self.padding) == (0, 0) and self.groups == 1)
+        extension = (crossbar_extension() if pointwise and self.implementation
+                     is not OperatorImplementation.REFERENCE else None)
+        if extension is not None:
+            extension.mixed_channels_1x1(codes, out, plan.samples, plan.channels,
+                                         plan.matrices)
+            return
+        for rows, channels, weight in zip(plan.samples, plan.channels, plan.codes,
+                                          strict=True):
+            part = F.conv2d(codes.index_select(0, rows), weight, None, self.stride,
+                            self.padding, self.dilation, self.groups)
+            out[rows.unsqueeze(1), channels.unsqueeze(0)] = part
 
     def extra_repr(self) -> str:
         where = self.mapping.placement.value if self.mapping else "unmapped"
@@ -269,7 +303,9 @@ class DigitalNorm(nn.BatchNorm2d):
     so the whole periphery costs one BatchNorm pass plus a clamp and a round, not
     six passes. Elsewhere (training, calibration) it is BatchNorm then ReLU6.
     ``sample_terms`` (set by the engine for a batch mixing tasks) holds each
-    sample's own task's terms, gathered so that one kernel call normalises the batch.
+    sample's own task's terms ``[B, C]``, so that one kernel call normalises the batch
+    (viewed as one sample of ``B * C`` channels: every element gets the same per-channel
+    arithmetic as in a batch of its task alone).
     """
 
     clamp_top: float | None = None
@@ -324,12 +360,10 @@ class DigitalNorm(nn.BatchNorm2d):
             # copy of every activation per training step).
             return out if self.clamp_top is None else F.hardtanh(
                 out, 0.0, self.clamp_top, inplace=not torch.is_grad_enabled())
-        mean, var, weight, bias = self._terms()
+        mean, var, weight, bias = self._terms()  # [C], or [B, C] per sample
         if scaled:
             assert producer is not None
             scale = producer.output_scale()
-            if self.sample_terms is not None:
-                scale = scale.repeat(x.shape[0])
             mean, weight = mean / scale, weight * scale
         if quantize:
             assert consumer is not None
@@ -338,6 +372,7 @@ class DigitalNorm(nn.BatchNorm2d):
         shape = x.shape
         if self.sample_terms is not None:
             x = x.reshape(1, shape[0] * shape[1], *shape[2:])
+            mean, var, weight, bias = (t.reshape(-1) for t in (mean, var, weight, bias))
         out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps).view(shape)
         if quantize:
             assert consumer is not None
@@ -351,18 +386,21 @@ class DigitalNorm(nn.BatchNorm2d):
 
 
 @dataclass(frozen=True)
-class SampleGroup:
-    """Samples of one task in a mixed batch, and that task's codes where they differ.
+class SampleChannels:
+    """One layer of a batch that mixes tasks: for every task that changed the layer, its
+    samples, the output channels it changed and its codes of them.
 
     Args:
-        samples: long ``[n]`` batch positions of the task's samples.
-        codes: the task's code-unit weight of ``channels`` (all channels when None).
-        channels: long ``[c]`` output channels whose weights differ from the backbone's.
+        samples: per task, long ``[n]`` batch positions.
+        channels: per task, long ``[c]`` output channels (all of them for a grouped layer).
+        codes: per task, its code-unit weight ``[c, Cin / groups, kh, kw]`` of ``channels``.
     """
 
-    samples: Tensor
-    codes: Tensor
-    channels: Tensor | None
+    samples: list[Tensor]
+    channels: list[Tensor]
+    codes: list[Tensor]
+    matrices: list[Tensor]
+    """Per task, ``codes`` as ``[c, Cin * kh * kw]`` (what the compiled 1x1 call takes)."""
 
 
 @dataclass(frozen=True)
@@ -375,6 +413,24 @@ class SpareRead:
     row_groups: Tensor
     outputs: Tensor
     program: CrossbarProgram
+    channels: Tensor
+    """Long: the layer's input channels (zero-padded to whole row groups) that
+    ``row_groups`` read, in the order the program takes them."""
+
+
+def _shared_periphery(reads: list[SpareRead]) -> bool:
+    """Whether every read has the same ADC, DAC and packing (one compiled call takes one),
+    and none has read noise (drawn per read, in the order of the per-task path)."""
+    first = reads[0].program
+
+    def key(p: CrossbarProgram) -> tuple[object, ...]:
+        return (p.slices, p.pack, p.pack_base, p.adc_qmin, p.adc_qmax, p.adc_offset_lsb,
+                p.weight_offset, p.digit_bias, p.input_bits, p.input_signed, p.dac_bits,
+                p.read_sigma, p.reads)
+
+    return first.read_sigma == 0 and all(
+        key(r.program) == key(first) and torch.equal(r.program.adc_step, first.adc_step)
+        and torch.equal(r.program.slice_weight, first.slice_weight) for r in reads)
 
 
 def crossbar_layers(model: nn.Module) -> list[tuple[str, CrossbarConv2d]]:

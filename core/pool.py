@@ -420,12 +420,26 @@ class SparePEPool:
                 f"task {task_id} replaces {len(pe_ids)} PEs but the chip has "
                 f"{self.num_slots} spare PEs; raise PoolConfig.spare_pes or replace fewer PEs")
         keep_pinned = task_id in self._pinned
-        if current is not None:  # a new version of a resident task: reload in place
+        # A new version of a resident task loads before the old one leaves: beside it when
+        # PEs and a mask entry are free, else in its place (others evicted as needed), and
+        # only once that is known to fit, so a refusal leaves the old version resident.
+        beside = current is not None and (self.free_slots >= len(pe_ids)
+                                          and None in self._mask_entries)
+        if current is not None and not beside:
+            if not self._has_room(len(pe_ids), exclude=task_id, reusing=current):
+                raise CapacityError(
+                    f"task {task_id}: the new version needs {len(pe_ids)} spare PEs and a "
+                    f"mask entry; even in place of the old version only "
+                    f"{self.free_slots + len(current.slots)} PEs can be freed (other tasks "
+                    "are pinned); the old version stays resident")
             self._release(task_id)
         evicted = self._make_room(len(pe_ids), exclude=task_id)
+        slots = self._assign(task_id, pe_ids)
+        entry = self._mask_entries.index(None)
+        if beside:  # the new version has its PEs and entry: the old one leaves
+            self._release(task_id)
         if keep_pinned:
             self._pinned.add(task_id)
-        slots = self._assign(task_id, pe_ids)
         old = self._levels[list(slots)]
         new = torch.where(valid, levels, old)
         report = programming_cost(old, new, self.programming)
@@ -436,7 +450,6 @@ class SparePEPool:
         for slot, pe in zip(slots, pe_ids, strict=True):
             self._owner[slot] = task_id
             self._holds[slot] = (task_id, pe)
-        entry = self._mask_entries.index(None)
         self._mask_entries[entry] = task_id
         self._resident[task_id] = _Resident(task, digest, slots, entry)
         bits = self.mask_bits(task.shift_levels)
@@ -482,6 +495,17 @@ class SparePEPool:
             self._owner[slot] = None
         self._mask_entries[resident.mask_entry] = None
         self._pinned.discard(task_id)
+
+    def _has_room(self, slots_needed: int, *, exclude: str,
+                  reusing: _Resident | None = None) -> bool:
+        """Whether evicting unpinned tasks other than ``exclude`` (and giving up ``reusing``'s
+        PEs and mask entry) frees ``slots_needed`` spare PEs and a mask entry."""
+        movable = [r for t, r in self._resident.items()
+                   if t not in self._pinned and t != exclude]
+        if reusing is not None:
+            movable.append(reusing)
+        free = self.free_slots + sum(len(r.slots) for r in movable)
+        return free >= slots_needed and (None in self._mask_entries or bool(movable))
 
     def _make_room(self, slots_needed: int, *, exclude: str) -> tuple[str, ...]:
         evicted = []

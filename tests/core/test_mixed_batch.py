@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from core.config import CrossbarSettings, Fidelity
+from core import layers
+from core.config import PAPER_CHIP, CrossbarSettings, Fidelity
 from core.engine import CrossbarEngine
 from core.lru import CapacityError
 from core.model import CrossbarModel
@@ -72,6 +77,33 @@ def test_mixed_batch_equals_each_task_alone_ideal(quantized_mobilenet: CrossbarM
         torch.testing.assert_close(mixed[i], single, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def mix_engine(quantized_mobilenet: CrossbarModel) -> tuple[CrossbarEngine, list[str]]:
+    """One engine (it owns the model's layers) with tasks that change every crossbar
+    layer, the 3x3 stem included, and some of the BatchNorms."""
+    engine = CrossbarEngine(quantized_mobilenet, max_prepared_tasks=8)
+    return engine, _tasks(engine, 4, pe_fraction=0.1)
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(picks=st.lists(st.integers(0, 4), min_size=1, max_size=9),
+       implementation=st.sampled_from(["compiled", "reference"]),
+       seed=st.integers(0, 2**16))
+def test_any_task_mix_equals_each_task_alone_bit_for_bit(
+        mix_engine: tuple[CrossbarEngine, list[str]], picks: list[int], implementation: str,
+        seed: int) -> None:
+    """Through the compiled 1x1 call or the per-task convolutions."""
+    engine, ids = mix_engine
+    engine.crossbar = replace(engine.crossbar, implementation=implementation)
+    order = [ids[i] for i in picks]
+    x = torch.randn(len(order), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    mixed = engine.forward_mixed(x, order)
+    alone = _alone(engine, x, order, Fidelity.IDEAL)
+    for i, (m, a) in enumerate(zip(mixed, alone, strict=True)):
+        assert torch.equal(m, a), (i, order[i], float((m - a).abs().max()))
+
+
 @pytest.mark.parametrize("implementation", ["reference", "compiled"])
 def test_mixed_batch_crossbar_fidelity(quantized_mobilenet: CrossbarModel,
                                        implementation: str) -> None:
@@ -87,6 +119,40 @@ def test_mixed_batch_crossbar_fidelity(quantized_mobilenet: CrossbarModel,
     # the batch exercised spare PEs: without their reads, replaced columns would be 0
     # in the mixed pass and the outputs above could not match
     assert all(engine.tasks[t].replaced_pes > 0 for t in ids[:3])
+
+
+def test_spare_reads_of_all_tasks_in_one_call_equal_each_read_alone(
+        quantized_mobilenet: CrossbarModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a lossy chip (the paper's periphery) every task's spare PEs are read; the one
+    compiled call does each task's reads with the same float operations as the per-task
+    loop, so the batch's outputs agree bit for bit, and they match each task alone up to
+    float summation order."""
+    model = quantized_mobilenet.with_chip(**PAPER_CHIP)
+    engine = CrossbarEngine(model, crossbar=CrossbarSettings(
+        adc_range="full_scale", adc_bits=PAPER_CHIP["adc_bits"],
+        dac_mode=PAPER_CHIP["dac_mode"]))
+    ids = _tasks(engine, 3, pe_fraction=0.05)
+    order = [ids[1], ids[0], ids[2], ids[3], ids[0], ids[1], ids[1]]
+    x = torch.randn(len(order), 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    calls = []
+    original = layers.CrossbarConv2d._add_spare_reads
+
+    def counting(self: layers.CrossbarConv2d, codes: torch.Tensor, acc: torch.Tensor,
+                 reads: list[layers.SpareRead]) -> None:
+        calls.append(len(reads))
+        original(self, codes, acc, reads)
+
+    monkeypatch.setattr(layers.CrossbarConv2d, "_add_spare_reads", counting)
+    one_call = engine.forward_mixed(x, order, Fidelity.CROSSBAR)
+    assert not any(p.lossless for p in engine._backbone_programs.values())
+    assert calls and max(calls) == 3  # every task with spare PEs, one call per layer
+    monkeypatch.setattr(layers, "_shared_periphery", lambda reads: False)
+    per_task = engine.forward_mixed(x, order, Fidelity.CROSSBAR)
+    for a, b in zip(one_call, per_task, strict=True):
+        assert torch.equal(a, b)
+    alone = _alone(engine, x, order, Fidelity.CROSSBAR)
+    for m, a in zip(one_call, alone, strict=True):
+        torch.testing.assert_close(m, a, rtol=1e-4, atol=1e-4)
 
 
 def test_mixed_batch_pins_its_tasks_and_refuses_what_cannot_fit(

@@ -214,6 +214,37 @@ def test_new_version_of_a_resident_task_rewrites_only_changed_cells() -> None:
         pool.ensure_resident(hand_task("y", [5, -8, 0]))
 
 
+def test_a_new_version_loads_before_the_old_one_leaves() -> None:
+    # beside the old version when PEs are free: the old one keeps its PEs until then
+    pool = SparePEPool(hand_mapping(), PoolConfig(spare_pes=2, mask_entries=2))
+    first = pool.ensure_resident(hand_task("x", [7, -8, 0]))
+    update = pool.ensure_resident(hand_task("x", [7, -8, 1]))
+    assert update.programmed and set(update.slots).isdisjoint(first.slots)
+    assert update.mask_entry != first.mask_entry and update.evicted == ()
+    assert pool.resident_tasks() == ["x"] and pool.free_slots == 1
+    assert pool.mask_table().count("x") == 1
+
+
+def test_a_refused_new_version_leaves_the_old_one_resident() -> None:
+    pool = SparePEPool(hand_mapping(), PoolConfig(spare_pes=2, mask_entries=2))
+    pool.ensure_resident(hand_task("x", [7, -8, 0], pe=(0, 0)))
+    pool.ensure_resident(hand_task("y", [5, -8, 0]))
+    pool.pin("y")  # as during a batch that mixes x and y
+    two_pes = LayerTaskState(torch.ones(1, 2, dtype=torch.bool),
+                             torch.zeros(2, 2, 4, dtype=torch.int8),
+                             hand_task("x", None).layers["conv"].column_codes)
+    before = (pool.slot_table(), pool.mask_table(), list(pool.events))
+    with pytest.raises(CapacityError, match="old version stays resident"):
+        pool.ensure_resident(TaskState("x", 3, random_head(2, 3), {"conv": two_pes}))
+    assert (pool.slot_table(), pool.mask_table(), list(pool.events)) == before
+    assert set(pool.resident_tasks()) == {"x", "y"} and pool.slots_of("x") == (0,)
+    # once y is unpinned, the new version takes both PEs (y is evicted, then x's old one)
+    pool.unpin("y")
+    update = pool.ensure_resident(TaskState("x", 3, random_head(2, 3), {"conv": two_pes}))
+    assert update.evicted == ("y",) and sorted(update.slots) == [0, 1]
+    assert pool.resident_tasks() == ["x"]
+
+
 def test_config_validation() -> None:
     mapping = hand_mapping()
     with pytest.raises(ConfigError):
