@@ -129,16 +129,16 @@ class Confidence:
                 or (threshold is not None and (not isinstance(threshold, int | float)
                                                or isinstance(threshold, bool)))
                 or not isinstance(fitted_on, int) or isinstance(fitted_on, bool)):
-            raise ConfigError("confidence: temperature and ood_threshold must be numbers, "
+            raise ConfigError("temperature and ood_threshold must be numbers, "
                               "fitted_on an integer")
         if score not in {s.value for s in OodScore}:
-            raise ConfigError(f"confidence: unknown ood_score {score!r}; known: "
+            raise ConfigError(f"unknown ood_score {score!r}; known: "
                               f"{', '.join(s.value for s in OodScore)}")
         stats = None
         if means is not None or variance is not None:
             if not (_numbers(variance) and isinstance(means, list)
                     and all(_numbers(row) for row in means)):
-                raise ConfigError("confidence: class_means must be a list of lists of "
+                raise ConfigError("class_means must be a list of lists of "
                                   "numbers and logit_variance a list of numbers")
             stats = (tuple(tuple(float(v) for v in row) for row in means),
                      tuple(float(v) for v in variance))

@@ -268,7 +268,7 @@ class Manifest:
             try:
                 confidence = Confidence.from_dict(confidence)
             except ConfigError as e:
-                raise FormatError(f"manifest {e}") from e
+                raise FormatError(f"manifest confidence: {e}") from e
         version = _field(data, "version", int, "manifest")
         if version < 1:
             raise FormatError(f"manifest version must be >= 1, got {version}")
