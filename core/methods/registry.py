@@ -201,5 +201,7 @@ def adapt(method: str, model: CrossbarModel, data: TaskDataset, task_id: str,
     if result.task is None or len(data.val) == 0 or len(data.train) == 0:
         return result
     task = calibrate_task(model, result.task, data.train, data.val, seed=config.train.seed)
-    return dataclasses.replace(result, task=task, details={
-        **result.details, "confidence": task.confidence.to_dict()})
+    fitted = {k: v for k, v in task.confidence.to_dict().items()
+              if k not in ("class_means", "logit_variance")}  # the manifest keeps those
+    return dataclasses.replace(result, task=task, details={**result.details,
+                                                           "confidence": fitted})
