@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from core.confidence import UNCALIBRATED, Confidence
 from core.errors import ConfigError, TaskStateError
 from core.mapping import LayerMapping, ModelMapping, Placement
 
@@ -135,6 +136,8 @@ class TaskState:
         head: the task's classifier.
         layers: crossbar layers the task changes; a missing layer is the identity.
         digital: backbone parameter or buffer name -> task-specific value (e.g. BN terms).
+        confidence: temperature and OOD threshold its answers are served with
+            (:mod:`core.confidence`); uncalibrated: T = 1 and nothing flagged.
     """
 
     task_id: str
@@ -142,9 +145,14 @@ class TaskState:
     head: TaskHead
     layers: dict[str, LayerTaskState] = field(default_factory=dict)
     digital: dict[str, Tensor] = field(default_factory=dict)
+    confidence: Confidence = UNCALIBRATED
 
     def __post_init__(self) -> None:
         validate_task_name(self.task_id)
+        classes = self.confidence.classes
+        if classes is not None and classes != len(self.head.labels):
+            raise TaskStateError(f"task {self.task_id}: confidence statistics of {classes} "
+                                 f"classes for a head of {len(self.head.labels)}")
 
     def __hash__(self) -> int:
         return hash(self.task_id)

@@ -1,4 +1,5 @@
-"""``xma2``: the core commands plus ``serve`` and ``build-default-tasks``."""
+"""``xma2``: the core commands plus ``serve``, ``build-default-tasks`` and the server-side
+studies (``chip-frontier``, ``calibrate-tasks``, ``calibration-report``)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
 
 
 class ServerCommands:
-    commands = ("serve", "build-default-tasks", "chip-frontier")
+    commands = ("serve", "build-default-tasks", "chip-frontier", "calibrate-tasks",
+                "calibration-report")
 
     def add(self, commands: argparse._SubParsersAction) -> None:
         serve = commands.add_parser(
@@ -85,11 +87,47 @@ class ServerCommands:
                               help="instead: each device effect alone (and all four) on the "
                                    "backbone's own chip, at the low and high levels")
 
+        calibrate = commands.add_parser(
+            "calibrate-tasks",
+            help="fit the temperature and OOD threshold of existing tasks without retraining: "
+                 "the shipped archives (rewritten with tasks.json) or a store's tasks (a new "
+                 "version each)")
+        calibrate.add_argument("--tasks", default=None,
+                               help="comma-separated names (default: all)")
+        calibrate.add_argument("--folder", type=Path, default=None,
+                               help="folder of archives and tasks.json (default: the "
+                                    "server's shipped folder)")
+        calibrate.add_argument("--store", type=Path, default=None,
+                               help="calibrate the tasks of this store instead")
+        calibrate.add_argument("--data-root", type=Path, default=None,
+                               help="with --store: where image-folder datasets lie")
+        calibrate.add_argument("--backbone-file", type=Path, default=None)
+        calibrate.add_argument("--threads", type=int, default=None)
+
+        report = commands.add_parser(
+            "calibration-report",
+            help="NLL, 15-bin ECE and accuracy before and after temperature scaling, and "
+                 "OOD flag rates, of every shipped task")
+        report.add_argument("--out", type=Path, required=True,
+                            help="JSON file (a .md table goes beside it)")
+        report.add_argument("--folder", type=Path, default=None,
+                            help="folder of archives and tasks.json (default: shipped)")
+        report.add_argument("--test-limit", type=int, default=2000,
+                            help="test images per task (mnist5k has 1,000)")
+        report.add_argument("--photo-crops", type=int, default=1000)
+        report.add_argument("--seed", type=int, default=0)
+        report.add_argument("--backbone-file", type=Path, default=None)
+        report.add_argument("--threads", type=int, default=None)
+
     def run(self, args: argparse.Namespace) -> int:
         if args.command == "serve":
             return serve(args)
         if args.command == "chip-frontier":
             return chip_frontier(args)
+        if args.command == "calibrate-tasks":
+            return calibrate_tasks(args)
+        if args.command == "calibration-report":
+            return calibration_report(args)
         return build(args)
 
 
@@ -180,6 +218,59 @@ def chip_frontier(args: argparse.Namespace) -> int:
     print(frontier.markdown(result))
     print(f"default chip (lowest energy within {frontier.ACCURACY_TOLERANCE} point of ideal "
           f"at 5 bits): {result['default_chip']}")
+    return 0
+
+
+def calibrate_tasks(args: argparse.Namespace) -> int:
+    import torch
+
+    from core.commands import load_backbone
+    from server import confidence_tasks
+    from server.shipped_tasks import SHIPPED_DIR
+    from task_store import TaskStore
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    names = args.tasks.split(",") if args.tasks else None
+    model = load_backbone(args.backbone_file)
+    if args.store is not None:
+        if not args.store.is_dir():
+            raise SystemExit(f"xma2: error: no task store at {args.store}")
+        with TaskStore.for_model(args.store, model) as store:
+            done = confidence_tasks.calibrate_store(store, names, model=model,
+                                                    data_root=args.data_root)
+        for name, version, c in done:
+            print(f"{name}: version {version}, T {c.temperature:.3f}, OOD threshold "
+                  f"{c.ood_threshold:.4g} ({c.ood_score.value})")
+        return 0
+    index = confidence_tasks.calibrate_shipped(
+        args.folder or SHIPPED_DIR, names, model=model,
+        command=core_cli.command_line(args.argv))
+    for entry in index["tasks"]:
+        c = entry.get("confidence")
+        if c and (not names or entry["name"] in names):
+            print(f"{entry['name']}: T {c['temperature']:.3f}, OOD threshold "
+                  f"{c['ood_threshold']:.4g} ({c['ood_score']}), validation ECE "
+                  f"{c['val_ece_before']:.4f} -> {c['val_ece_after']:.4f}")
+    return 0
+
+
+def calibration_report(args: argparse.Namespace) -> int:
+    import torch
+
+    from core.commands import git_revision, load_backbone
+    from server import confidence_tasks
+    from server.shipped_tasks import SHIPPED_DIR
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    confidence_tasks.report(
+        args.out, args.folder or SHIPPED_DIR, model=load_backbone(args.backbone_file),
+        test_limit=args.test_limit, photo_crops=args.photo_crops, seed=args.seed,
+        command=core_cli.command_line(args.argv), git_revision=git_revision())
+    print(args.out.with_suffix(".md").read_text())
     return 0
 
 

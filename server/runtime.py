@@ -22,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from core.backbones.preprocess import imagenet_resize_size, preprocess_fit, preprocess_image
+from core.confidence import UNCALIBRATED, Confidence
 from core.config import Fidelity
 from core.energy import EnergyReport
 from core.engine import CrossbarEngine
@@ -60,6 +61,8 @@ class ServedTask:
     bytes: int = 0
     builtin: bool = False
     replaced_pes: int = 0
+    confidence: Confidence = UNCALIBRATED
+    """Temperature of its probabilities and threshold of its OOD flag."""
 
 
 @dataclass
@@ -102,6 +105,10 @@ class Prediction:
     load_seconds: float
     """Time spent making the task current (folding, programming); ~0 when it already was."""
     compute_seconds: float
+    ood_score: float
+    """The task's OOD score of the image (:mod:`core.confidence`; higher: more like its own)."""
+    ood: bool
+    """The score is below the task's threshold: the image is unlike the task's own."""
 
 
 def _task_failed(task: str, error: Exception) -> Exception:
@@ -118,6 +125,7 @@ def served_from_store(stored: StoredTask, record: VersionRecord) -> ServedTask:
         preprocess=str(hyper.get("preprocess", PREPROCESS_FIT)),
         labels=manifest.labels, metrics=dict(manifest.metrics), hyperparameters=dict(hyper),
         bytes=record.bytes, replaced_pes=stored.task.replaced_pes,
+        confidence=stored.task.confidence,
     )
 
 
@@ -220,7 +228,8 @@ class TaskRuntime:
             self.engine.add_task(task)
             self.served[name] = ServedTask(
                 name=name, version=None, method="builtin", image_size=size,
-                preprocess=PREPROCESS_IMAGENET, labels=task.head.labels, builtin=True)
+                preprocess=PREPROCESS_IMAGENET, labels=task.head.labels, builtin=True,
+                confidence=task.confidence)
 
     def load_all(self) -> None:
         """Register the built-in tasks and the active version of every stored task."""
@@ -393,7 +402,8 @@ class TaskRuntime:
         size = (int(x.shape[-2]), int(x.shape[-1]))
         for i, item, row in zip(runnable, batch, logits, strict=True):
             served = self.served[item.task]
-            probs = row.float().softmax(0)
+            probs = served.confidence.probabilities(row)
+            score = served.confidence.scores(row)
             values, indices = probs.topk(min(item.top_k, probs.numel()))
             top = [(served.labels[int(j)], float(v)) for v, j in zip(values, indices,
                                                                       strict=True)]
@@ -409,7 +419,8 @@ class TaskRuntime:
                 item.task, served.version, Fidelity(fidelity), top, energy,
                 event.energy_j if event is not None else 0.0, programmed,
                 programmed or item.task in cold,
-                residency.evicted if residency is not None else (), load, seconds - load)
+                residency.evicted if residency is not None else (), load, seconds - load,
+                float(score), bool(served.confidence.flags(score)))
             cold.discard(item.task)
             results[i] = prediction
             if self.on_prediction is not None:

@@ -66,7 +66,8 @@ class ImagePayload(BaseModel):
 
 class LabelScore(BaseModel):
     label: str
-    probability: float
+    probability: float = Field(description="the class's probability after the task's "
+                               "temperature scaling (calibrated on its validation images)")
 
 
 class RequestEnergy(BaseModel):
@@ -90,6 +91,14 @@ class PredictResponse(BaseModel):
     evicted: list[str] = Field(description="tasks that lost residency to make room")
     load_ms: float
     compute_ms: float
+    ood_score: float = Field(
+        description="how much the image looks like the task's own images (the task's "
+        "ood_score_kind of its logits; higher: more alike)")
+    ood: bool = Field(
+        description="true: the image is out of distribution for this task (its ood_score "
+        "is below the task's ood_threshold, which 95% of the task's validation images "
+        "reach), so the classes above are not to be trusted; always false for a task "
+        "without a threshold")
 
 
 class TaskEnergy(BaseModel):
@@ -134,6 +143,14 @@ class TaskDetail(TaskSummary):
     hyperparameters: dict[str, Any]
     replaced_pes: int
     energy: TaskEnergy
+    temperature: float = Field(
+        description="divides the logits before the softmax of every answer (1: the head "
+        "as trained; fitted on the validation split by NLL)")
+    ood_threshold: float | None = Field(
+        description="answers whose ood_score is below it are flagged ood; null: none are")
+    ood_score_kind: str = Field(
+        description="the score ood_threshold applies to: max_probability (largest "
+        "calibrated probability) or energy (T * logsumexp(logits / T))")
 
 
 class TaskList(BaseModel):

@@ -112,6 +112,7 @@ def build_default_tasks(out: Path, names: list[str], config: BuildConfig, *,
     from core.errors import ConfigError
     from core.methods import RunOptions, adapt, default_config
     from core.methods.common import accuracy
+    from server.confidence_tasks import confidence_record
 
     unknown = sorted(set(names) - set(SHIPPED))
     if unknown:
@@ -155,6 +156,7 @@ def build_default_tasks(out: Path, names: list[str], config: BuildConfig, *,
             "seconds": round(time.perf_counter() - started, 1),
             "build": {**config.__dict__, "epochs": epochs, "command": command,
                       "git_revision": git_revision()},
+            "confidence": confidence_record(model, result.task, data),  # fitted by adapt
         }
         logger.info("%s: test accuracy %.1f%% (%d bytes)", name, 100 * test, len(data_bytes))
         index = {"tasks": [entries[n] for n in SHIPPED if n in entries]}

@@ -32,6 +32,8 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
+from core.confidence import UNCALIBRATED, Confidence
+from core.errors import ConfigError
 from core.task_state import (
     LayerTaskState,
     TaskHead,
@@ -196,11 +198,18 @@ class Manifest:
     origin: dict[str, Any] | None = None
     """Where an imported version came from (its task, version and creation time)."""
     schema_version: int = SCHEMA_VERSION
+    confidence: Confidence | None = None
+    """Temperature and OOD threshold (:mod:`core.confidence`); None (and absent from the
+    JSON, as in versions written before it existed): T = 1, nothing flagged."""
 
     def to_json(self) -> bytes:
         data = asdict(self)
         data["labels"] = list(self.labels)
         data["digital"] = list(self.digital)
+        if self.confidence is None:
+            del data["confidence"]
+        else:
+            data["confidence"] = self.confidence.to_dict()
         return (json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
     @classmethod
@@ -252,6 +261,14 @@ class Manifest:
             raise FormatError("manifest origin must be an object or null")
         shift_levels = _field(data, "shift_levels", int, "manifest")
         code_bits(shift_levels)
+        confidence = data.get("confidence")
+        if confidence is not None:
+            if not isinstance(confidence, dict):
+                raise FormatError("manifest confidence must be an object or absent")
+            try:
+                confidence = Confidence.from_dict(confidence)
+            except ConfigError as e:
+                raise FormatError(f"manifest confidence: {e}") from e
         version = _field(data, "version", int, "manifest")
         if version < 1:
             raise FormatError(f"manifest version must be >= 1, got {version}")
@@ -272,6 +289,7 @@ class Manifest:
             metrics={k: float(v) for k, v in metrics.items()},
             origin=origin,
             schema_version=schema,
+            confidence=confidence,
         )
 
     def renamed(self, task: str, version: int, *, origin: dict[str, Any] | None) -> Manifest:
@@ -373,6 +391,7 @@ def build_manifest(
         created=created or utc_now(),
         hyperparameters=dict(hyperparameters or {}),
         metrics={k: float(v) for k, v in (metrics or {}).items()},
+        confidence=None if task.confidence == UNCALIBRATED else task.confidence,
     )
 
 
@@ -476,6 +495,7 @@ def decode_task(data: bytes, manifest: Manifest) -> TaskState:
     try:
         head = TaskHead(tensors[_HEAD_WEIGHT], tensors[_HEAD_BIAS], manifest.labels)
         return TaskState(manifest.task, manifest.shift_levels, head, layers,
-                         {n: tensors[_DIGITAL + n] for n in manifest.digital})
+                         {n: tensors[_DIGITAL + n] for n in manifest.digital},
+                         manifest.confidence or UNCALIBRATED)
     except ValueError as e:
         raise FormatError(f"task {manifest.task} v{manifest.version}: {e}") from e

@@ -28,6 +28,7 @@ from core.methods.finetune import (
 from core.methods.piggyback import PiggybackConfig, adapt_piggyback
 from core.methods.xma2 import Xma2Config, adapt_xma2
 from core.model import CrossbarModel
+from core.task_confidence import calibrate_task
 
 __all__ = ["METHODS", "MethodSpec", "adapt", "default_config", "method_names",
            "override_config", "parse_settings", "setting_names"]
@@ -178,6 +179,10 @@ def adapt(method: str, model: CrossbarModel, data: TaskDataset, task_id: str,
           config: Any = None, options: RunOptions | None = None) -> AdaptationResult:
     """Adapt the frozen backbone to a new task with one method (the backbone is not modified).
 
+    A servable task comes back calibrated: its temperature and OOD threshold are fitted
+    on the validation split (:func:`core.task_confidence.calibrate_task`); with no
+    validation images it stays uncalibrated (T = 1, nothing flagged).
+
     Args:
         method: a name from :data:`METHODS`.
         model: the frozen backbone; pass one that no engine drives.
@@ -192,4 +197,11 @@ def adapt(method: str, model: CrossbarModel, data: TaskDataset, task_id: str,
     expected = type(spec.config())
     if not isinstance(config, expected):
         raise ConfigError(f"{method} takes a {expected.__name__}, got {type(config).__name__}")
-    return spec.trainer(model, data, task_id, config, options or RunOptions())
+    result = spec.trainer(model, data, task_id, config, options or RunOptions())
+    if result.task is None or len(data.val) == 0 or len(data.train) == 0:
+        return result
+    task = calibrate_task(model, result.task, data.train, data.val, seed=config.train.seed)
+    fitted = {k: v for k, v in task.confidence.to_dict().items()
+              if k not in ("class_means", "logit_variance")}  # the manifest keeps those
+    return dataclasses.replace(result, task=task, details={**result.details,
+                                                           "confidence": fitted})

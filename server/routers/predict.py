@@ -51,7 +51,8 @@ def prediction_response(p: Prediction) -> PredictResponse:
                              total_j=p.energy.total_j, reprogramming_j=p.reprogramming_j,
                              breakdown=p.energy.to_dict()),
         programmed=p.programmed, evicted=list(p.evicted),
-        load_ms=round(p.load_seconds * 1e3, 3), compute_ms=round(p.compute_seconds * 1e3, 3))
+        load_ms=round(p.load_seconds * 1e3, 3), compute_ms=round(p.compute_seconds * 1e3, 3),
+        ood_score=p.ood_score, ood=p.ood)
 
 
 @router.post("/predict", response_model=PredictResponse, openapi_extra=_BODY_DOC,

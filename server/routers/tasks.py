@@ -5,13 +5,14 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from core.confidence import UNCALIBRATED, Confidence
 from core.task_state import TASK_NAME_PATTERN
 from server.deps import Runtime
 from server.errors import ApiError
@@ -70,7 +71,13 @@ def _detail(runtime: TaskRuntime, name: str) -> TaskDetail:
         **summary.model_dump(), labels=list(served.labels) if served else [],
         versions=versions, metrics=served.metrics if served else {},
         hyperparameters=served.hyperparameters if served else {},
-        replaced_pes=served.replaced_pes if served else 0, energy=_energy(runtime, name))
+        replaced_pes=served.replaced_pes if served else 0, energy=_energy(runtime, name),
+        **_confidence(served.confidence if served else UNCALIBRATED))
+
+
+def _confidence(confidence: Confidence) -> dict[str, Any]:
+    return {"temperature": confidence.temperature, "ood_threshold": confidence.ood_threshold,
+            "ood_score_kind": confidence.ood_score.value}
 
 
 def _not_builtin(runtime: TaskRuntime, name: str) -> None:

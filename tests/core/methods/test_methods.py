@@ -31,6 +31,7 @@ def _assert_same_task(a: TaskState, b: TaskState) -> None:
     for name in a.digital:
         assert torch.equal(a.digital[name], b.digital[name])
     assert torch.equal(a.head.weight, b.head.weight) and torch.equal(a.head.bias, b.head.bias)
+    assert a.confidence == b.confidence
 
 
 @pytest.fixture()
@@ -58,6 +59,14 @@ def test_served_task_equals_the_trained_model_and_backbone_is_untouched(
     assert torch.equal(engine.forward(x, task.task_id), trained)
     assert result.steps == len(digits32.train) // tiny_train.batch_size
     assert 0.0 <= result.val_accuracy <= 1.0
+    # calibrated on the served logits of the validation split, without touching the backbone
+    assert task.confidence.fitted_on == len(digits32.val)
+    assert task.confidence.ood_threshold is not None
+    assert result.details["confidence"]["temperature"] == task.confidence.temperature
+    val_x, _ = digits32.val.batch(slice(0, len(digits32.val)))
+    scores = task.confidence.scores(engine.forward(val_x, task.task_id))
+    flagged = float(task.confidence.flags(scores).double().mean())
+    assert flagged <= 0.05 + 1 / len(digits32.val)  # the threshold keeps 95% in
     mapping = quantized_mobilenet.mapping
     if method in ("piggyback", "finetune_qat"):
         assert task.replaced_pes == mapping.num_pes
