@@ -159,14 +159,22 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_command(args: argparse.Namespace, *, timestamps: bool = False) -> None:
+    """Progress to the log, and the CPU threads asked for (long offline commands)."""
+    import torch
+
+    start = "%(asctime)s" if timestamps else "%(levelname)s"
+    logging.basicConfig(level=logging.INFO, format=f"{start} %(name)s: %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
 def build(args: argparse.Namespace) -> int:
     import torch
 
     from server.shipped_tasks import SHIPPED, SHIPPED_DIR, BuildConfig, build_default_tasks
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _batch_command(args)
     defaults = BuildConfig()
     config = BuildConfig(
         image_size=args.size or defaults.image_size,
@@ -186,13 +194,10 @@ def build(args: argparse.Namespace) -> int:
 
 
 def chip_frontier(args: argparse.Namespace) -> int:
-    import torch
 
     from server import frontier
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _batch_command(args, timestamps=True)
     if args.price_only:
         priced = frontier.price(
             args.out, frontier.grid(args.encodings.split(","),
@@ -222,16 +227,13 @@ def chip_frontier(args: argparse.Namespace) -> int:
 
 
 def calibrate_tasks(args: argparse.Namespace) -> int:
-    import torch
 
     from core.commands import load_backbone
     from server import confidence_tasks
     from server.shipped_tasks import SHIPPED_DIR
     from task_store import TaskStore
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _batch_command(args)
     names = args.tasks.split(",") if args.tasks else None
     model = load_backbone(args.backbone_file)
     if args.store is not None:
@@ -257,15 +259,12 @@ def calibrate_tasks(args: argparse.Namespace) -> int:
 
 
 def calibration_report(args: argparse.Namespace) -> int:
-    import torch
 
     from core.commands import git_revision, load_backbone
     from server import confidence_tasks
     from server.shipped_tasks import SHIPPED_DIR
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _batch_command(args)
     confidence_tasks.report(
         args.out, args.folder or SHIPPED_DIR, model=load_backbone(args.backbone_file),
         test_limit=args.test_limit, photo_crops=args.photo_crops, seed=args.seed,
