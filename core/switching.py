@@ -7,9 +7,10 @@ task changed, while XMA2 rewrites only the spare PEs. The chip's state for a tas
 - methods that rewrite the backbone's PEs in place (fine-tuning, piggyback): every PE
   holds the task's codes where the task replaced it, the backbone's elsewhere;
 - spare-PE methods (XMA2, XMA, XBM, head + BatchNorm): the backbone's PEs never change;
-  the task's replaced PEs sit in spare PEs, filled in the task state's order (row-major
-  PE order per layer). Switching writes task B's k-th spare PE over task A's k-th, or
-  over erased cells (level 0) where A had fewer.
+  the task's replaced PEs sit in spare PEs. Switching keeps the spare PE of a PE both
+  tasks replaced (rewriting only the cells whose level differs), writes B's other spare
+  PEs over A's remaining ones in row-major PE order, and over erased cells (level 0)
+  where A had too few.
 
 Only cells whose level changes are written (:func:`core.programming.programming_cost`).
 Masks and the digital head and BatchNorm live in registers and SRAM, whose writes are not
@@ -70,19 +71,17 @@ def switching_cost(model: CrossbarModel, old: TaskState, new: TaskState, *, in_p
             keep = valid[changed]
             old_levels = _levels(old_codes[keep], layer.weight_bits, cfg, encoding)
         else:
-            n_old, n_new = a.replaced_pes, b.replaced_pes
-            if n_new == 0:
+            if b.replaced_pes == 0:
                 continue
             new_codes = b.spare_codes.to(torch.int16)
             keep = valid[b.pe_mask]
+            slots = _slots(a.pe_mask, b.pe_mask)
             old_codes = torch.zeros_like(new_codes)
-            shared = min(n_old, n_new)
-            old_codes[:shared] = a.spare_codes[:shared].to(torch.int16)
+            used = slots >= 0
+            old_codes[used] = a.spare_codes[slots[used]].to(torch.int16)
             old_levels = _levels(old_codes[keep], layer.weight_bits, cfg, encoding)
-            erased = torch.zeros(n_new, dtype=torch.bool)
-            erased[shared:] = True
             # Slots A never used hold erased cells, not the level of a zero weight code.
-            old_levels[erased.view(-1, 1, 1).expand_as(keep)[keep]] = 0
+            old_levels[(~used).view(-1, 1, 1).expand_as(keep)[keep]] = 0
         new_levels = _levels(new_codes[keep], layer.weight_bits, cfg, encoding)
         report = programming_cost(old_levels, new_levels, cfg)
         energy += report.energy_j
@@ -90,6 +89,23 @@ def switching_cost(model: CrossbarModel, old: TaskState, new: TaskState, *, in_p
         pes += int(new_codes.shape[0])
     return {"energy_j": energy, "cells_written": cells, "pes_written": pes,
             "column_codes_changed": columns}
+
+
+def _slots(old_mask: Tensor, new_mask: Tensor) -> Tensor:
+    """For each of the new task's spare PEs, the old task's spare PE it is written over
+    (-1: an erased one). A PE both tasks replaced keeps its spare PE (its codes started
+    from the same backbone PE); the others take the old task's remaining spare PEs in
+    order, then erased ones."""
+    old_index = torch.full(old_mask.shape, -1, dtype=torch.long)
+    old_index[old_mask] = torch.arange(int(old_mask.sum()))
+    slots = old_index[new_mask]
+    taken = torch.zeros(int(old_mask.sum()), dtype=torch.bool)
+    taken[slots[slots >= 0]] = True
+    free = (~taken).nonzero().flatten()
+    unmatched = (slots < 0).nonzero().flatten()
+    count = min(len(free), len(unmatched))
+    slots[unmatched[:count]] = free[:count]
+    return slots
 
 
 def _levels(codes: Tensor, weight_bits: int, cfg: ProgrammingConfig, encoding: Any) -> Tensor:

@@ -107,3 +107,15 @@ def test_grid_prices_every_pair_of_saved_tasks(quantized_mobilenet, tmp_path):
     json.dumps(result)
     page = "\n".join(switching_markdown(result, {"xma2": "XMA2"}))
     assert "A -> B -> A" in page and "1.00x" in page
+
+
+def test_a_pe_both_tasks_replaced_keeps_its_spare_pe(quantized_mobilenet, two_layers):
+    first, _ = two_layers
+    a = backbone_copy_task(quantized_mobilenet, {first}, change=0, task_id="a")
+    b = backbone_copy_task(quantized_mobilenet, {first}, change=0, task_id="b")
+    # B replaces the same PEs but drops the first one: the rest stay where they are.
+    state = b.layers[first]
+    mask = state.pe_mask.clone()
+    mask.view(-1)[0] = False
+    b.layers[first] = type(state)(mask, state.spare_codes[1:].clone(), state.column_codes)
+    assert switching_cost(quantized_mobilenet, a, b, in_place=False)["energy_j"] == 0
