@@ -19,9 +19,9 @@ priced here; the number of column codes that change is reported beside the energ
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -164,11 +164,6 @@ def load_task_tensors(path: Path) -> TaskState:
                      digital)
 
 
-def pairs(items: Iterable[str]) -> list[tuple[str, str]]:
-    ordered = sorted(items)
-    return [(a, b) for i, a in enumerate(ordered) for b in ordered[i + 1:]]
-
-
 # -- the grid's switching table ------------------------------------------------------------
 
 
@@ -186,7 +181,7 @@ def price_grid_switches(result: dict[str, Any], tasks_dir: Path, model: Crossbar
     for method_key, files in by_method.items():
         method = method_key.partition("@")[0]
         entry = switching.setdefault(method_key, {})
-        for a, b in pairs(files):
+        for a, b in itertools.combinations(sorted(files), 2):
             pair = f"{a}<->{b}"
             if pair in entry:
                 continue
