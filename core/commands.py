@@ -18,7 +18,13 @@ from rich.table import Table
 
 from core.backbones import build_backbone, imagenet_labels, preprocess_image
 from core.calibration import AGREEMENT_PHOTOS, calibration_images, load_photo
-from core.config import AdcRange, CrossbarConfig, CrossbarSettings, DacMode, NonIdealities
+from core.config import (
+    NOISE_LEVELS,
+    AdcRange,
+    CrossbarConfig,
+    CrossbarSettings,
+    DacMode,
+)
 from core.distill import DistillConfig, distill_backbone
 from core.engine import CrossbarEngine
 from core.errors import ResourceUnavailable
@@ -262,13 +268,6 @@ def fidelity_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-NOISE_LEVELS = {
-    "low": NonIdealities(programming_sigma=0.05, read_sigma=0.02, stuck_on_rate=0.0005,
-                         stuck_off_rate=0.0005, adc_offset_sigma=0.1, seed=0),
-    "high": NonIdealities(programming_sigma=0.15, read_sigma=0.05, stuck_on_rate=0.005,
-                          stuck_off_rate=0.005, adc_offset_sigma=0.5, seed=0),
-}
-"""Device non-idealities of the accuracy study, in cell levels (0..3) and ADC LSB."""
 
 
 def crossbar_accuracy(backbone_file: Path | None, dataset: str, size: int, train_limit: int,
@@ -305,7 +304,7 @@ def crossbar_accuracy(backbone_file: Path | None, dataset: str, size: int, train
         "crossbar_config": model.config.to_dict(), "dataset": dataset, "image_size": size,
         "train": len(data.train), "test": len(data.test), "seed": seed,
         "git_revision": git_revision(), "torch": torch.__version__,
-        "noise_levels": {k: asdict(v) for k, v in NOISE_LEVELS.items()},
+        "noise_levels": {k: asdict(v) for k, v in NOISE_LEVELS.items() if v.any},
         "ideal": round(100 * ideal_accuracy, 2), "rows": [],
     }
     calibrated: dict[int, CrossbarModel] = {model.config.adc_bits: model}
@@ -340,6 +339,8 @@ def crossbar_accuracy(backbone_file: Path | None, dataset: str, size: int, train
             CrossbarSettings(adc_bits=bits, dac_mode=DacMode.BIT_SERIAL), bits)
     chip_bits = model.config.adc_bits
     for level, noise in NOISE_LEVELS.items():
+        if not noise.any:
+            continue
         run(f"{level} non-idealities, lossless ADC",
             replace(lossless, non_idealities=noise))
         run(f"{level} non-idealities, {chip_bits}-bit ADC",

@@ -272,6 +272,17 @@ class NonIdealities:
         return self.alters_cells or bool(self.read_sigma or self.adc_offset_sigma)
 
 
+NOISE_LEVELS: dict[str, NonIdealities] = {
+    "none": NonIdealities(),
+    "low": NonIdealities(programming_sigma=0.05, read_sigma=0.02, stuck_on_rate=0.0005,
+                         stuck_off_rate=0.0005, adc_offset_sigma=0.1, seed=0),
+    "high": NonIdealities(programming_sigma=0.15, read_sigma=0.05, stuck_on_rate=0.005,
+                          stuck_off_rate=0.005, adc_offset_sigma=0.5, seed=0),
+}
+"""Named device non-idealities (cell levels 0..3 of a 2-bit cell, ADC LSB), seed 0: the
+levels of the accuracy studies in docs/results.md, and the chips a task can be adapted for."""
+
+
 @dataclass(frozen=True)
 class CrossbarSettings:
     """How crossbar fidelity emulates the chip, beside the backbone's :class:`CrossbarConfig`.

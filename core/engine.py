@@ -17,7 +17,6 @@ worker; it is not thread-safe.
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -49,6 +48,7 @@ from core.ops.crossbar import (
 )
 from core.ops.fold import fold_effective_weight, replaced_columns
 from core.pool import Residency, SparePEPool
+from core.programming import part_seed, program_cells
 from core.task_state import LayerTaskState, TaskState, shift_values
 
 
@@ -133,7 +133,7 @@ class CrossbarEngine:
         self._backbone_cells: dict[str, Tensor] = {}
         self._backbone_programs: dict[str, CrossbarProgram] = {}
         noise = self.crossbar.non_idealities
-        self._read_generator = torch.Generator().manual_seed(_seed(noise.seed, "read"))
+        self._read_generator = torch.Generator().manual_seed(part_seed(noise.seed, "read"))
         if self.fidelity is Fidelity.CROSSBAR:
             self._check_adc()
 
@@ -549,7 +549,7 @@ class CrossbarEngine:
         cells = self._cells(name, layer)
         if state.replaced_pes:
             spare = spare_cell_levels(state.spare_codes, state.pe_mask, mapping)
-            spare = self._program_cells(spare, _seed(self.crossbar.non_idealities.seed,
+            spare = self._program_cells(spare, part_seed(self.crossbar.non_idealities.seed,
                                                      f"spare/{task_id}/{name}"))
             cells = task_cell_levels(cells, spare, state.pe_mask, mapping)
             column_values = torch.where(replaced_columns(state.pe_mask, mapping),
@@ -562,31 +562,13 @@ class CrossbarEngine:
             mapping = layer.mapping
             assert mapping is not None
             levels = layer_cell_levels(layer.weight_codes, mapping)
-            seed = _seed(self.crossbar.non_idealities.seed, f"backbone/{name}")
+            seed = part_seed(self.crossbar.non_idealities.seed, f"backbone/{name}")
             self._backbone_cells[name] = self._program_cells(levels, seed)
         return self._backbone_cells[name]
 
     def _program_cells(self, levels: Tensor, seed: int) -> Tensor:
-        """Target levels -> programmed levels: variation and stuck cells, drawn once.
-
-        Every cell of a tile is drawn, including rows past the layer's weights: their
-        inputs are zero, so it changes nothing but keeps draws independent of the shape."""
-        noise = self.crossbar.non_idealities
-        if not noise.alters_cells:
-            return levels
-        top = float(2**self.chip.bits_per_cell - 1)
-        generator = torch.Generator().manual_seed(seed)
-        programmed = levels.clone()
-        if noise.programming_sigma:
-            drift = torch.randn(levels.shape, generator=generator) * noise.programming_sigma
-            programmed = (programmed + drift).clamp_(0, top)
-        if noise.stuck_on_rate or noise.stuck_off_rate:
-            draw = torch.rand(levels.shape, generator=generator)
-            programmed = torch.where(draw < noise.stuck_on_rate, top, programmed)
-            stuck_off = (draw >= noise.stuck_on_rate) & (
-                draw < noise.stuck_on_rate + noise.stuck_off_rate)
-            programmed = torch.where(stuck_off, 0.0, programmed)
-        return programmed
+        return program_cells(levels, self.crossbar.non_idealities,
+                             bits_per_cell=self.chip.bits_per_cell, seed=seed)
 
     def _layout(self, name: str, layer: CrossbarConv2d, cells: Tensor,
                 column_values: Tensor) -> CrossbarProgram:
@@ -601,7 +583,7 @@ class CrossbarEngine:
         noise = self.crossbar.non_idealities
         offset = 0.0
         if noise.adc_offset_sigma:
-            generator = torch.Generator().manual_seed(_seed(noise.seed, f"adc/{name}"))
+            generator = torch.Generator().manual_seed(part_seed(noise.seed, f"adc/{name}"))
             offset = float(torch.randn((), generator=generator)) * noise.adc_offset_sigma
         return build_program(cells, column_values, mapping, dac_bits=chip.dac_bits,
                              adc_step=step, adc_bits=chip.adc_bits, adc_offset_lsb=offset,
@@ -735,8 +717,3 @@ def _fidelity(value: Fidelity | str) -> Fidelity:
     except ValueError as e:
         allowed = ", ".join(f.value for f in Fidelity)
         raise ConfigError(f"fidelity must be one of {allowed}, got {value!r}") from e
-
-
-def _seed(base: int, what: str) -> int:
-    """A stable seed per chip part (Python's ``hash`` of a string changes per process)."""
-    return (base * 1_000_003 + zlib.crc32(what.encode())) % (2**63)

@@ -10,12 +10,13 @@ counted. :class:`CellWriteCounter` keeps per-cell write counts for endurance.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
-from core.config import WeightEncoding
+from core.config import NonIdealities, WeightEncoding
 from core.errors import ConfigError
 
 
@@ -278,3 +279,33 @@ class CellWriteCounter:
     def endurance_used(self) -> float:
         """Fraction of the endurance consumed by the most-written cell."""
         return self.max_writes / self.endurance
+
+
+def part_seed(base: int, what: str) -> int:
+    """A stable seed per chip part (Python's ``hash`` of a string changes per process)."""
+    return (base * 1_000_003 + zlib.crc32(what.encode())) % (2**63)
+
+
+def program_cells(levels: Tensor, noise: NonIdealities, *, bits_per_cell: int,
+                  seed: int) -> Tensor:
+    """Target levels -> the levels the cells hold: variation and stuck cells, drawn once.
+
+    The draws depend on the seed and the shape alone, never on the levels, so a trainer
+    that knows the seed sees the chip instance the engine serves on. Every cell of a tile
+    is drawn, including rows past the layer's weights: their inputs are zero, so it
+    changes nothing but keeps draws independent of the shape."""
+    if not noise.alters_cells:
+        return levels
+    top = float(2**bits_per_cell - 1)
+    generator = torch.Generator().manual_seed(seed)
+    programmed = levels.clone()
+    if noise.programming_sigma:
+        drift = torch.randn(levels.shape, generator=generator) * noise.programming_sigma
+        programmed = (programmed + drift).clamp_(0, top)
+    if noise.stuck_on_rate or noise.stuck_off_rate:
+        draw = torch.rand(levels.shape, generator=generator)
+        programmed = torch.where(draw < noise.stuck_on_rate, top, programmed)
+        stuck_off = (draw >= noise.stuck_on_rate) & (
+            draw < noise.stuck_on_rate + noise.stuck_off_rate)
+        programmed = torch.where(stuck_off, 0.0, programmed)
+    return programmed

@@ -86,6 +86,17 @@ class ServerCommands:
         frontier.add_argument("--noise", action="store_true",
                               help="instead: each device effect alone (and all four) on the "
                                    "backbone's own chip, at the low and high levels")
+        frontier.add_argument("--noise-levels", default="low,high",
+                              help="with --noise: levels of core.config.NOISE_LEVELS")
+        frontier.add_argument("--no-effects", action="store_true",
+                              help="with --noise: only all four effects together")
+        frontier.add_argument("--adapt-for-noise", action="store_true",
+                              help="with --noise: also adapt each shipped task again for the "
+                                   "noisy chip (train.chip_noise) and serve it there")
+        frontier.add_argument("--adapt-train-limit", type=int, default=10000,
+                              help="training images per task when adapting for noise")
+        frontier.add_argument("--adapt-epochs", type=int, default=None,
+                              help="epochs when adapting for noise (default: the shipped ones)")
 
         calibrate = commands.add_parser(
             "calibrate-tasks",
@@ -208,11 +219,22 @@ def chip_frontier(args: argparse.Namespace) -> int:
         print(args.out.with_suffix(".md").read_text())
         return 0 if priced["rows"] else 1
     if args.noise:
-        noise = frontier.noise_study(args.out, test_limit=args.test_limit,
-                                     command=core_cli.command_line(args.argv),
-                                     backbone_file=args.backbone_file)
-        for row in noise["rows"]:
-            print(f"{row['level']:>4} {row['effect']:<22} worst {row['worst_minus_ideal']:+.1f}")
+        from core.config import NOISE_LEVELS
+        from core.errors import ConfigError
+        from server import noise_study
+
+        levels = tuple(args.noise_levels.split(","))
+        unknown = sorted(set(levels) - set(NOISE_LEVELS) | ({"none"} & set(levels)))
+        if unknown:
+            raise ConfigError(f"unknown noise level(s) {unknown}; choose from "
+                              f"{', '.join(k for k in NOISE_LEVELS if k != 'none')}")
+        adaptation = (noise_study.NoiseAdaptation(args.adapt_train_limit, args.adapt_epochs)
+                      if args.adapt_for_noise else None)
+        noise = noise_study.noise_study(args.out, test_limit=args.test_limit,
+                                        command=core_cli.command_line(args.argv),
+                                        backbone_file=args.backbone_file, levels=levels,
+                                        effects=not args.no_effects, adaptation=adaptation)
+        print(noise_study.markdown(noise))
         return 0
     points = frontier.grid(args.encodings.split(","), [int(r) for r in args.rows.split(",")],
                            [int(b) for b in args.adc_bits.split(",")], args.dac.split(","))

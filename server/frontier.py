@@ -355,60 +355,6 @@ def run(out: Path, points: Sequence[ChipPoint], *, test_limit: int, calibration_
     return result
 
 
-NOISE_EFFECTS = {
-    "programming variation": ("programming_sigma",),
-    "read noise": ("read_sigma",),
-    "stuck cells": ("stuck_on_rate", "stuck_off_rate"),
-    "ADC offset": ("adc_offset_sigma",),
-}
-"""The four device effects, each measured alone (fields of :class:`NonIdealities`)."""
-
-
-def noise_study(out: Path, *, test_limit: int, command: str,
-                backbone_file: Path | None = None) -> dict[str, Any]:
-    """Crossbar top-1 of the shipped tasks on the backbone's own chip under each device
-    effect alone and all together, at the "low" and "high" levels of
-    :data:`core.commands.NOISE_LEVELS`."""
-    from dataclasses import asdict, fields
-
-    from core.atomic import atomic_write_bytes
-    from core.commands import NOISE_LEVELS, git_revision, load_backbone
-    from core.config import NonIdealities
-
-    backbone = load_backbone(backbone_file)
-    tasks = shipped_tasks(test_limit=test_limit)
-    ideal_engine = CrossbarEngine(backbone)
-    result: dict[str, Any] = {"command": command, "chip": backbone.config.describe(),
-                              "test_limit": test_limit, "git_revision": git_revision(),
-                              "levels": {k: asdict(v) for k, v in NOISE_LEVELS.items()},
-                              "rows": []}
-    ideal = {}
-    for task in tasks:
-        ideal_engine.add_task(task.task)
-        ideal[task.name] = _predictions(ideal_engine, task, "ideal")
-    for level, noise in NOISE_LEVELS.items():
-        for effect, names in [*NOISE_EFFECTS.items(), ("all four", ())]:
-            kept = {f.name: getattr(noise, f.name) for f in fields(noise)
-                    if f.name == "seed" or not names or f.name in names}
-            settings = CrossbarSettings(non_idealities=NonIdealities(**kept))
-            engine = CrossbarEngine(backbone, crossbar=settings)
-            row: dict[str, Any] = {"level": level, "effect": effect, "tasks": {}}
-            started = time.perf_counter()
-            for task in tasks:
-                engine.add_task(task.task)
-                predicted = _predictions(engine, task, "crossbar")
-                top1 = 100 * float((predicted == task.labels).float().mean())
-                top1_ideal = 100 * float((ideal[task.name] == task.labels).float().mean())
-                row["tasks"][task.name] = {"top1": round(top1, 2),
-                                           "minus_ideal": round(top1 - top1_ideal, 2)}
-            row["seconds"] = round(time.perf_counter() - started, 1)
-            row["worst_minus_ideal"] = min(t["minus_ideal"] for t in row["tasks"].values())
-            result["rows"].append(row)
-            logger.info("%s %s: worst %+.1f points", level, effect, row["worst_minus_ideal"])
-            atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
-    return result
-
-
 def price(out: Path, points: Sequence[ChipPoint], *, command: str,
           backbone_file: Path | None = None) -> dict[str, Any]:
     """Every point priced by the energy model alone, with whether it is provably lossless

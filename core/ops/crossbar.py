@@ -41,7 +41,7 @@ from core.config import OperatorImplementation
 from core.errors import ConfigError
 from core.mapping import LayerMapping
 from core.ops.extension import crossbar_extension
-from core.ops.fold import replaced_columns, spare_rows, to_row_groups
+from core.ops.fold import from_row_groups, replaced_columns, spare_rows, to_row_groups
 from core.programming import weight_codes_to_cell_levels
 
 __all__ = [
@@ -155,6 +155,20 @@ def layer_cell_levels(codes: Tensor, layer: LayerMapping) -> Tensor:
     rows = torch.arange(layer.row_groups * layer.rows_per_group).reshape(
         layer.row_groups, layer.rows_per_group)
     return levels * (rows < layer.weight_rows)
+
+
+def programmed_codes(levels: Tensor, layer: LayerMapping) -> Tensor:
+    """The weights ``[Cout, Cin, kh, kw]``, in code units, that cell levels ``[columns,
+    Cout, row_groups, rows_per_group]`` hold: the inverse of :func:`layer_cell_levels`,
+    also for levels off the integer grid (programmed with variation, stuck cells). The
+    periphery subtracts the nominal offset, so a drifted offset cell shifts its weight."""
+    slices = layer.slices
+    signed = levels[:slices] - levels[slices:] if layer.arrays_per_pe == 2 else levels
+    weights = 2.0 ** (layer.bits_per_cell * torch.arange(slices - 1, -1, -1, dtype=torch.float64))
+    codes = (signed.double() * weights.reshape(-1, 1, 1, 1)).sum(0)
+    if layer.arrays_per_pe == 1:
+        codes = codes - 2 ** (layer.weight_bits - 1)
+    return from_row_groups(codes.float(), layer)
 
 
 def task_cell_levels(

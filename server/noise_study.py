@@ -1,0 +1,173 @@
+"""``xma2 chip-frontier --noise``: the shipped tasks on a chip with device non-idealities.
+
+Each of the four device effects alone, and all four together, at the named levels of
+:data:`core.config.NOISE_LEVELS`, on the backbone's own chip in crossbar fidelity; then
+(optionally) each task adapted again for the noisy chip (``train.chip_noise``: the
+chip's programming variation and stuck cells in every training step) and served on it.
+Rows are written as they finish and a rerun with the same settings resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.config import NOISE_LEVELS, CrossbarSettings, NonIdealities
+from core.engine import CrossbarEngine
+from core.model import CrossbarModel
+from server.frontier import ShippedTask, _predictions, shipped_tasks
+from server.shipped_tasks import INDEX_FILE, SHIPPED_DIR
+
+logger = logging.getLogger(__name__)
+
+NOISE_EFFECTS = {
+    "programming variation": ("programming_sigma",),
+    "read noise": ("read_sigma",),
+    "stuck cells": ("stuck_on_rate", "stuck_off_rate"),
+    "ADC offset": ("adc_offset_sigma",),
+}
+"""The four device effects, each measured alone (fields of :class:`NonIdealities`)."""
+ALL_FOUR = "all four"
+ADAPTED = "all four, tasks adapted for this chip"
+
+
+@dataclass(frozen=True)
+class NoiseAdaptation:
+    """The shipped recipe (method, seed, image size) for adapting a task to a noisy chip,
+    with the training images and epochs bounded to fit a study's time."""
+
+    train_limit: int = 10000
+    epochs: int | None = None
+    """None: each task's shipped epochs."""
+
+
+def only(noise: NonIdealities, effect: str) -> NonIdealities:
+    """``noise`` with every effect but ``effect`` switched off (``ALL_FOUR``: all kept)."""
+    names = NOISE_EFFECTS.get(effect, ())
+    kept = {f.name: getattr(noise, f.name) for f in fields(noise)
+            if f.name == "seed" or not names or f.name in names}
+    return NonIdealities(**kept)
+
+
+def _top1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100 * float((predicted == labels).float().mean())
+
+
+def _adapt_for_chip(model: CrossbarModel, task: ShippedTask, entry: dict[str, Any],
+                    level: str, adaptation: NoiseAdaptation) -> Any:
+    from core.datasets import DatasetSpec, load_dataset
+    from core.methods import adapt, default_config
+    from core.methods.registry import override_config
+
+    build = entry["build"]
+    spec = DatasetSpec(entry["dataset"], image_size=build["image_size"], seed=build["seed"],
+                       train_limit=min(adaptation.train_limit, build["train_limit"]),
+                       test_limit=1)
+    config = default_config(entry["method"], epochs=adaptation.epochs or build["epochs"],
+                            seed=build["seed"])
+    config = override_config(config, {"train.chip_noise": level})
+    with torch.set_grad_enabled(True):
+        result = adapt(entry["method"], model, load_dataset(spec), task.name, config)
+    return result
+
+
+def noise_study(out: Path, *, test_limit: int, command: str,
+                backbone_file: Path | None = None, levels: tuple[str, ...] = ("low", "high"),
+                effects: bool = True,
+                adaptation: NoiseAdaptation | None = None) -> dict[str, Any]:
+    """Crossbar top-1 of the shipped tasks under device non-idealities (see the module).
+
+    Per level: all four effects first, then each alone (``effects``), then the tasks
+    adapted for that chip (``adaptation``). ``minus_ideal`` is against the shipped task in
+    ideal fidelity, the accuracy a user of the clean chip gets.
+    """
+    from core.atomic import atomic_write_bytes
+    from core.commands import git_revision, load_backbone
+
+    backbone = load_backbone(backbone_file)
+    untouched = load_backbone(backbone_file)  # adapted from: no engine swaps tasks into it
+    fingerprint = backbone.fingerprint()
+    tasks = shipped_tasks(test_limit=test_limit)
+    index = {e["name"]: e for e in json.loads((SHIPPED_DIR / INDEX_FILE).read_text())["tasks"]}
+    settings = {"test_limit": test_limit, "backbone_fingerprint": fingerprint}
+    result: dict[str, Any] = {"command": command, "chip": backbone.config.describe(),
+                              **settings, "git_revision": git_revision(),
+                              "levels": {k: asdict(v) for k, v in NOISE_LEVELS.items() if v.any},
+                              "rows": []}
+    if out.is_file():
+        previous = json.loads(out.read_text())
+        if all(previous.get(k) == v for k, v in settings.items()):
+            result["rows"] = previous.get("rows", [])
+    done = {(r["level"], r["effect"]) for r in result["rows"]}
+    ideal_engine = CrossbarEngine(backbone)
+    ideal = {}
+    for task in tasks:
+        ideal_engine.add_task(task.task)
+        ideal[task.name] = _top1(_predictions(ideal_engine, task, "ideal"), task.labels)
+    result["ideal"] = {k: round(v, 2) for k, v in ideal.items()}
+
+    def record(row: dict[str, Any]) -> None:
+        row["worst_minus_ideal"] = min(t["minus_ideal"] for t in row["tasks"].values())
+        result["rows"].append(row)
+        logger.info("%s %s: worst %+.1f points", row["level"], row["effect"],
+                    row["worst_minus_ideal"])
+        atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
+
+    for level in levels:
+        noise = NOISE_LEVELS[level]
+        plan = [ALL_FOUR, *(NOISE_EFFECTS if effects else ())]
+        for effect in plan:
+            if (level, effect) in done:
+                continue
+            engine = CrossbarEngine(backbone, crossbar=CrossbarSettings(
+                non_idealities=only(noise, effect)))
+            row: dict[str, Any] = {"level": level, "effect": effect, "tasks": {}}
+            started = time.perf_counter()
+            for task in tasks:
+                engine.add_task(task.task)
+                top1 = _top1(_predictions(engine, task, "crossbar"), task.labels)
+                row["tasks"][task.name] = {"top1": round(top1, 2),
+                                           "minus_ideal": round(top1 - ideal[task.name], 2)}
+            row["seconds"] = round(time.perf_counter() - started, 1)
+            record(row)
+        if adaptation is None or (level, ADAPTED) in done:
+            continue
+        engine = CrossbarEngine(backbone, crossbar=CrossbarSettings(non_idealities=noise))
+        clean = CrossbarEngine(backbone)
+        row = {"level": level, "effect": ADAPTED, "tasks": {}, "adaptation": asdict(adaptation)}
+        started = time.perf_counter()
+        for task in tasks:
+            adapted = _adapt_for_chip(untouched, task, index[task.name], level, adaptation)
+            shipped_like = ShippedTask(task.name, adapted.task, task.images, task.labels)
+            engine.add_task(adapted.task)
+            clean.add_task(adapted.task)
+            top1 = _top1(_predictions(engine, shipped_like, "crossbar"), task.labels)
+            own = _top1(_predictions(clean, shipped_like, "ideal"), task.labels)
+            row["tasks"][task.name] = {
+                "top1": round(top1, 2), "minus_ideal": round(top1 - ideal[task.name], 2),
+                "ideal_on_clean_chip": round(own, 2),
+                "adapt_seconds": round(adapted.seconds, 1)}
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        record(row)
+    out.with_suffix(".md").write_text(markdown(result) + "\n")
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The study as a table: top-1 per task, and the worst loss against ideal."""
+    names = list(result["ideal"])
+    lines = ["| level | effect | " + " | ".join(names) + " | worst vs ideal |",
+             "|---|---|" + "---|" * len(names) + "---|",
+             "| none | ideal fidelity | " + " | ".join(f"{result['ideal'][n]:.1f}"
+                                                    for n in names) + " | |"]
+    for row in result["rows"]:
+        cells = " | ".join(f"{row['tasks'][n]['top1']:.1f}" for n in names)
+        lines.append(f"| {row['level']} | {row['effect']} | {cells} | "
+                     f"{row['worst_minus_ideal']:+.1f} |")
+    return "\n".join(lines)
