@@ -16,6 +16,7 @@ worker; it is not thread-safe.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -88,7 +89,8 @@ class CrossbarEngine:
     """The emulated chip's compute path for many tasks on one backbone.
 
     Args:
-        model: the calibrated, quantized backbone.
+        model: the calibrated, quantized backbone; the engine runs a copy of it, so the
+            caller's model never holds a task's state.
         max_prepared_tasks: how many tasks keep folded weights in memory.
         energy: per-operation energy constants (defaults derive from the chip).
         fidelity: the default fidelity of :meth:`forward` and :meth:`features`.
@@ -105,8 +107,11 @@ class CrossbarEngine:
     ) -> None:
         if model.mapping is None:
             raise ConfigError("the backbone has no crossbar mapping: calibrate or load it first")
-        self.model = model.eval()
-        self.mapping = model.mapping
+        # The engine's own copy: it swaps each task's weights and BatchNorm terms into its
+        # layers, and the caller's backbone (its fingerprint, a trainer's source) must not
+        # depend on which task ran last.
+        self.model = copy.deepcopy(model).eval()
+        self.mapping = self.model.mapping
         self.crossbar = crossbar or CrossbarSettings()
         self.chip = self.crossbar.chip(model.config)
         """The chip as emulated: the backbone's config with the settings' ADC and DAC."""
@@ -124,7 +129,7 @@ class CrossbarEngine:
         """What the last :meth:`activate` did to the pool (None without a pool or state)."""
         self.last_residencies: dict[str, Residency] = {}
         """What the last :meth:`forward_mixed` did to the pool, per task."""
-        self._layers = dict(model.layers())
+        self._layers = dict(self.model.layers())
         self._digital_names = self._overridable_names()
         self._digital_defaults: dict[str, nn.Parameter | Tensor] = {}
         self._backbone_float: dict[str, tuple[tuple[int, int], Tensor]] = {}

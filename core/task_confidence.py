@@ -76,11 +76,8 @@ def calibrate_task(model: CrossbarModel, task: TaskState, train: ImageSplit,
                    statistics_images: int = STATISTICS_IMAGES, seed: int = 0) -> TaskState:
     """``task`` with its temperature and OOD threshold fitted on its validation split
     (and the logit-distance class statistics on a sample of its training split).
-
-    Runs on a copy of ``model``: an engine swaps task terms into the model it drives,
-    and callers (adaptation, the grid) keep training from the untouched backbone.
     """
-    engine = CrossbarEngine(copy.deepcopy(model), max_prepared_tasks=1)
+    engine = CrossbarEngine(model, max_prepared_tasks=1)
     engine.add_task(task)
     logits, labels = split_logits(engine, task.task_id, val)
     train_logits = train_labels = None

@@ -10,7 +10,6 @@ other shipped tasks' test images and on natural photo crops.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import tempfile
@@ -73,7 +72,7 @@ def confidence_record(model: CrossbarModel, task: TaskState, data: TaskDataset
                       ) -> dict[str, Any]:
     """What ``tasks.json`` records of a task's calibration: its temperature, threshold and
     score, and the validation NLL and ECE before and after the temperature."""
-    engine = CrossbarEngine(copy.deepcopy(model), max_prepared_tasks=1)
+    engine = CrossbarEngine(model, max_prepared_tasks=1)
     engine.add_task(task)
     logits, labels = split_logits(engine, task.task_id, data.val)
     c = task.confidence

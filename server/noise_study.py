@@ -91,7 +91,6 @@ def noise_study(out: Path, *, test_limit: int, command: str,
     from core.commands import git_revision, load_backbone
 
     backbone = load_backbone(backbone_file)
-    untouched = load_backbone(backbone_file)  # adapted from: no engine swaps tasks into it
     fingerprint = backbone.fingerprint()
     tasks = shipped_tasks(test_limit=test_limit)
     index = {e["name"]: e for e in json.loads((SHIPPED_DIR / INDEX_FILE).read_text())["tasks"]}
@@ -143,7 +142,7 @@ def noise_study(out: Path, *, test_limit: int, command: str,
         row = {"level": level, "effect": ADAPTED, "tasks": {}, "adaptation": asdict(adaptation)}
         started = time.perf_counter()
         for task in tasks:
-            adapted = _adapt_for_chip(untouched, task, index[task.name], level, adaptation)
+            adapted = _adapt_for_chip(backbone, task, index[task.name], level, adaptation)
             shipped_like = ShippedTask(task.name, adapted.task, task.images, task.labels)
             engine.add_task(adapted.task)
             clean.add_task(adapted.task)

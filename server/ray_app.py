@@ -240,8 +240,6 @@ class ChipReplica:
     def __init__(self, settings: Settings, refresh_s: float) -> None:
         torch.set_num_threads(settings.inference_threads)
         model = load_backbone(settings.backbone_file)
-        # The store records the fingerprint now, before an engine swaps a task's
-        # BatchNorm terms into the model (which changes model.fingerprint()).
         store = TaskStore.for_model(settings.store_root, model,
                                     max_archive_bytes=settings.max_body_bytes)
         builtin = {BUILTIN_TASK: (imagenet_task(model), IMAGENET_INPUT_SIZE)}

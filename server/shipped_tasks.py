@@ -130,7 +130,7 @@ def build_default_tasks(out: Path, names: list[str], config: BuildConfig, *,
         epochs = config.epochs_for(name)
         method_config = default_config(config.method, epochs=epochs, seed=config.seed)
         model = load_backbone(backbone_file)
-        fingerprint = model.fingerprint()  # before an engine swaps task terms into the model
+        fingerprint = model.fingerprint()
         result = adapt(config.method, model, data, name, method_config,
                        RunOptions(progress=True))
         assert result.task is not None

@@ -185,7 +185,7 @@ def adapt(method: str, model: CrossbarModel, data: TaskDataset, task_id: str,
 
     Args:
         method: a name from :data:`METHODS`.
-        model: the frozen backbone; pass one that no engine drives.
+        model: the frozen backbone (never modified).
         data: the task's splits (train for learning, val for the reported val accuracy).
         task_id: name of the resulting task state.
         config: the method's config dataclass (default: :func:`default_config`).

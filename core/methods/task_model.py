@@ -280,8 +280,7 @@ class TaskModel(nn.Module):
     """Backbone copy + per-layer adapters + digital head (+ per-task BatchNorm affine terms).
 
     Args:
-        model: the frozen, calibrated backbone (copied; never modified). Pass one that no
-            engine drives: an engine swaps task weights and BatchNorm terms into its model.
+        model: the frozen, calibrated backbone (copied; never modified).
         num_classes: outputs of the new head.
         train_batchnorm: learn the BatchNorm affine terms as per-task digital state.
         channels_last: run the copy in channels_last memory format (faster on CPU).

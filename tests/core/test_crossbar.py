@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -223,15 +222,14 @@ def _float_path_features(model: CrossbarModel, images: torch.Tensor) -> torch.Te
 
 
 def test_ideal_code_path_matches_fake_quantized_float_path(quantized_mobilenet, images32):
-    model = copy.deepcopy(quantized_mobilenet)  # the engine swaps task state into its model
-    engine = CrossbarEngine(model)
+    engine = CrossbarEngine(quantized_mobilenet)
     engine.add_task(TaskState("plain", 3, random_head(5, 1280)))
     engine.add_task(random_task_state("t", engine.mapping, random_head(5, 1280), seed=2))
     plain = engine.features(images32, "plain")
-    torch.testing.assert_close(_float_path_features(model, images32), plain,
+    torch.testing.assert_close(_float_path_features(engine.model, images32), plain,
                                rtol=1e-5, atol=1e-5)
     exact = engine.features(images32, "t")
-    floating = _float_path_features(model, images32)
+    floating = _float_path_features(engine.model, images32)
     # float products of mask fractions and scales differ from the code path's by an ulp,
     # which moves values that sit on an activation code boundary to the next code (and
     # on through the network): the features agree to well under a percent, while the

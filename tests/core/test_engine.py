@@ -104,6 +104,7 @@ def test_replaced_pe_uses_spare_weights_and_ignores_backbone_cells(quantized_mob
 
     before_task = engine.forward(images32, "spare")
     before_plain = engine.forward(images32, "plain")
+    layer = dict(engine.model.layers())[name]  # the chip's copy of the backbone
     original = layer.weight_codes.clone()
     try:
         codes = layer.weight_codes.reshape(mapping.out_channels, -1)
@@ -180,3 +181,17 @@ def test_digital_overrides_are_per_task(engine, images32):
     assert not torch.allclose(changed, reference)
     assert torch.equal(engine.forward(images32, "plain"), reference)
     assert torch.equal(bn.bias, engine._digital_defaults[f"{name}.bias"])
+
+
+def test_the_callers_backbone_never_holds_a_task(quantized_mobilenet, images32):
+    before = quantized_mobilenet.fingerprint()
+    engine = CrossbarEngine(quantized_mobilenet)
+    name = "features.1.conv.2"
+    bn = engine.model.body.get_submodule(name)
+    engine.add_task(TaskState("bn", 3, random_head(),
+                              digital={f"{name}.bias": bn.bias.detach() + 1.0}))
+    engine.add_task(random_task("spare", engine.mapping, seed=4))
+    engine.forward(images32, "bn")
+    engine.forward(images32, "spare")
+    assert quantized_mobilenet.fingerprint() == before  # what task states bind to
+    assert engine.model.fingerprint() != before  # the engine's own copy holds the task

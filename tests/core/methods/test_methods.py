@@ -36,10 +36,7 @@ def _assert_same_task(a: TaskState, b: TaskState) -> None:
 
 @pytest.fixture()
 def engine(quantized_mobilenet):
-    # The engine swaps weights into its model, so it gets a copy (training must not see it).
-    import copy
-
-    return CrossbarEngine(copy.deepcopy(quantized_mobilenet))
+    return CrossbarEngine(quantized_mobilenet)
 
 
 @pytest.mark.parametrize("method", ["xma2", "xma", "xbm", "piggyback", "finetune_qat",
