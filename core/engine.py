@@ -592,7 +592,8 @@ class CrossbarEngine:
             offset = float(torch.randn((), generator=generator)) * noise.adc_offset_sigma
         return build_program(cells, column_values, mapping, dac_bits=chip.dac_bits,
                              adc_step=step, adc_bits=chip.adc_bits, adc_offset_lsb=offset,
-                             read_sigma=noise.read_sigma)
+                             read_sigma=noise.read_sigma,
+                             cells_as_encoded=not noise.alters_cells)
 
     # -- energy ----------------------------------------------------------------------
 

@@ -233,9 +233,14 @@ def read_levels(levels: Tensor, layer: LayerMapping) -> Tensor:
 def build_program(
     levels: Tensor, column_values: Tensor, layer: LayerMapping, *, dac_bits: int,
     adc_step: Tensor, adc_bits: int, adc_offset_lsb: float = 0.0, read_sigma: float = 0.0,
+    cells_as_encoded: bool = True,
 ) -> CrossbarProgram:
     """Lay out programmed cell levels ``[columns, Cout, R, rows_per_group]`` (columns =
-    slices times arrays per PE) for the operator, one operator row group per read."""
+    slices times arrays per PE) for the operator, one operator row group per read.
+
+    ``cells_as_encoded``: the cells hold the encoding of the layer's weight codes. False
+    when device variation or stuck cells moved them: even an exact ADC then does not give
+    the ideal result, so the program is never marked lossless."""
     columns, cout, groups, rows = levels.shape
     if (columns, cout, groups, rows) != (layer.slices * layer.arrays_per_pe, layer.out_channels,
                                          layer.row_groups, layer.rows_per_group):
@@ -265,7 +270,7 @@ def build_program(
     if not bool((adc_step > 0).all()):
         raise ConfigError(f"layer {layer.name}: ADC steps must be > 0, got {adc_step.tolist()}")
     qmin, qmax = adc_code_range(adc_bits, signed)
-    lossless = (read_sigma == 0 and adc_offset_lsb == 0 and integer
+    lossless = (cells_as_encoded and read_sigma == 0 and adc_offset_lsb == 0 and integer
                 and bool((adc_step == 1).all())
                 and largest_read_sum(layer, dac_bits) <= min(qmax, -qmin if signed else qmax))
     return CrossbarProgram(

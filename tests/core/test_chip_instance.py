@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from core.chip_instance import programmed_backbone
-from core.config import AdcRange, CrossbarSettings, NonIdealities, WeightEncoding
+from core.config import CrossbarSettings, NonIdealities, WeightEncoding
 from core.engine import CrossbarEngine
 from core.ops.crossbar import layer_cell_levels, programmed_codes
 from core.task_state import TaskState
@@ -36,26 +35,35 @@ def test_programmed_codes_of_a_differential_pair_by_hand(quantized_mobilenet) ->
     assert int((codes != 0).sum()) == 1
 
 
-def test_training_sees_the_chip_the_engine_serves(quantized_mobilenet, images32) -> None:
+def _served_and_trained(model, images, noise: NonIdealities):
+    head = random_head(5, 1280)
+    task = TaskState("t", model.config.shift_levels, head)
+    engine = CrossbarEngine(model, crossbar=CrossbarSettings(non_idealities=noise))
+    engine.add_task(task)
+    chip = programmed_backbone(model, noise).eval()
+    with torch.no_grad():
+        trained_on = chip(images)
+    return engine.features(images, "t", "crossbar"), trained_on, engine.features(
+        images, "t", "ideal")
+
+
+def test_stuck_cells_are_served_as_training_sees_them(quantized_mobilenet, images32) -> None:
+    # Stuck cells keep levels on the grid, and 9 rows of bit-serial inputs fit the 5-bit
+    # ADC at unit step: the chip computes exactly the convolution with the cells' weights.
+    noise = NonIdealities(stuck_on_rate=0.002, stuck_off_rate=0.002, seed=5)
+    served, trained_on, ideal = _served_and_trained(quantized_mobilenet, images32, noise)
+    torch.testing.assert_close(served, trained_on, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(served, ideal, rtol=1e-2, atol=1e-2)  # the chip is not ideal
+
+
+def test_programming_variation_is_modelled_up_to_the_adc_rounding(quantized_mobilenet,
+                                                                  images32) -> None:
+    # Off-grid levels give off-grid sums, which the ADC rounds per read: the training
+    # view is nearer the chip than the noise-free backbone is, not equal to it.
     noise = NonIdealities(programming_sigma=0.2, stuck_on_rate=0.002, stuck_off_rate=0.002,
                           seed=5)
-    head = random_head(5, 1280)
-    task = TaskState("t", quantized_mobilenet.config.shift_levels, head)
-    # A 16-bit full-scale ADC rounds each read's sum on a fine grid: the chip's weights
-    # alone decide its answer, up to that rounding.
-    engine = CrossbarEngine(quantized_mobilenet, crossbar=CrossbarSettings(
-        adc_bits=16, adc_range=AdcRange.FULL_SCALE, non_idealities=noise))
-    engine.add_task(task)
-    served = engine.forward(images32, "t", "crossbar")
-    chip = programmed_backbone(quantized_mobilenet, noise).eval()
-    with torch.no_grad():
-        trained_on = F.linear(chip(images32), head.weight, head.bias)
-    clean = CrossbarEngine(quantized_mobilenet)
-    clean.add_task(task)
-    ideal = clean.forward(images32, "t", "ideal")
-    gap = (served - trained_on).abs().max().item()
-    assert gap < 0.05 * (served - ideal).abs().max().item()  # the noise is there, and modelled
-    assert (served - ideal).abs().max().item() > 0.1
+    served, trained_on, ideal = _served_and_trained(quantized_mobilenet, images32, noise)
+    assert (served - trained_on).norm() < 0.8 * (served - ideal).norm()
 
 
 def test_a_noise_free_chip_is_the_backbone(quantized_mobilenet, images32) -> None:
