@@ -27,12 +27,13 @@ from server.shipped_tasks import INDEX_FILE, SHIPPED_DIR
 logger = logging.getLogger(__name__)
 
 NOISE_EFFECTS = {
-    "programming variation": ("programming_sigma",),
-    "read noise": ("read_sigma",),
     "stuck cells": ("stuck_on_rate", "stuck_off_rate"),
     "ADC offset": ("adc_offset_sigma",),
+    "programming variation": ("programming_sigma",),
+    "read noise": ("read_sigma",),
 }
-"""The four device effects, each measured alone (fields of :class:`NonIdealities`)."""
+"""The four device effects, each measured alone (fields of :class:`NonIdealities`),
+cheapest to emulate first (cells on the level grid take the packed ADC path)."""
 ALL_FOUR = "all four"
 ADAPTED = "all four, tasks adapted for this chip"
 
@@ -83,8 +84,8 @@ def noise_study(out: Path, *, test_limit: int, command: str,
                 adaptation: NoiseAdaptation | None = None) -> dict[str, Any]:
     """Crossbar top-1 of the shipped tasks under device non-idealities (see the module).
 
-    Per level: all four effects first, then each alone (``effects``), then the tasks
-    adapted for that chip (``adaptation``). ``minus_ideal`` is against the shipped task in
+    All four effects at every level, then each alone (``effects``), then the tasks
+    adapted for each level's chip (``adaptation``). ``minus_ideal`` is against the shipped task in
     ideal fidelity, the accuracy a user of the clean chip gets.
     """
     from core.atomic import atomic_write_bytes
@@ -118,23 +119,26 @@ def noise_study(out: Path, *, test_limit: int, command: str,
                     row["worst_minus_ideal"])
         atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
 
+    # All four effects at every level first (the headline rows), then each effect alone,
+    # cheapest first, so a study cut short still says the most.
+    plan = [(level, ALL_FOUR) for level in levels]
+    plan += [(level, effect) for effect in NOISE_EFFECTS if effects for level in levels]
+    for level, effect in plan:
+        if (level, effect) in done:
+            continue
+        engine = CrossbarEngine(backbone, crossbar=CrossbarSettings(
+            non_idealities=only(NOISE_LEVELS[level], effect)))
+        row: dict[str, Any] = {"level": level, "effect": effect, "tasks": {}}
+        started = time.perf_counter()
+        for task in tasks:
+            engine.add_task(task.task)
+            top1 = _top1(_predictions(engine, task, "crossbar"), task.labels)
+            row["tasks"][task.name] = {"top1": round(top1, 2),
+                                       "minus_ideal": round(top1 - ideal[task.name], 2)}
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        record(row)
     for level in levels:
         noise = NOISE_LEVELS[level]
-        plan = [ALL_FOUR, *(NOISE_EFFECTS if effects else ())]
-        for effect in plan:
-            if (level, effect) in done:
-                continue
-            engine = CrossbarEngine(backbone, crossbar=CrossbarSettings(
-                non_idealities=only(noise, effect)))
-            row: dict[str, Any] = {"level": level, "effect": effect, "tasks": {}}
-            started = time.perf_counter()
-            for task in tasks:
-                engine.add_task(task.task)
-                top1 = _top1(_predictions(engine, task, "crossbar"), task.labels)
-                row["tasks"][task.name] = {"top1": round(top1, 2),
-                                           "minus_ideal": round(top1 - ideal[task.name], 2)}
-            row["seconds"] = round(time.perf_counter() - started, 1)
-            record(row)
         if adaptation is None or (level, ADAPTED) in done:
             continue
         engine = CrossbarEngine(backbone, crossbar=CrossbarSettings(non_idealities=noise))
