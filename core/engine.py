@@ -76,6 +76,21 @@ class PreparedTask:
     codes of those channels and the same as a matrix; built on first mixed batch."""
 
 
+@dataclass(frozen=True)
+class BatchResult:
+    """What the chip did for one batch, returned rather than left on the engine."""
+
+    logits: list[Tensor]
+    """One row per sample, in the batch's order (tasks differ in classes)."""
+    residencies: dict[str, Residency]
+    """Per task that holds spare PEs, what making it resident did to the pool (with a
+    pool; empty without one)."""
+    load_seconds: float
+    """Wall time spent folding, programming and swapping tasks in before computing."""
+    prepared_now: frozenset[str]
+    """Tasks folded for this batch (they were not in the prepared cache)."""
+
+
 @dataclass
 class EngineStats:
     switches: int = 0
@@ -127,8 +142,6 @@ class CrossbarEngine:
         self.pool = pool
         self.last_residency: Residency | None = None
         """What the last :meth:`activate` did to the pool (None without a pool or state)."""
-        self.last_residencies: dict[str, Residency] = {}
-        """What the last :meth:`forward_mixed` did to the pool, per task."""
         self._layers = dict(self.model.layers())
         self._digital_names = self._overridable_names()
         self._digital_defaults: dict[str, nn.Parameter | Tensor] = {}
@@ -282,30 +295,37 @@ class CrossbarEngine:
         equal each task alone up to float summation order (and read noise, if any).
         Per-task BatchNorm terms are applied to each task's samples.
         With a pool, every task of the batch is made resident and pinned for the batch
-        (:attr:`last_residencies` says what that cost).
+        (:meth:`run_batch` also says what that cost).
 
         Returns:
             one logits row ``[classes of its task]`` per sample (tasks differ in classes).
         """
+        return self.run_batch(x, task_ids, fidelity).logits
+
+    def run_batch(self, x: Tensor, task_ids: Sequence[str],
+                  fidelity: Fidelity | str | None = None) -> BatchResult:
+        """:meth:`forward_mixed`, with what the batch cost the chip besides compute."""
         if len(task_ids) != x.shape[0]:
             raise ConfigError(f"{len(task_ids)} task ids for a batch of {x.shape[0]} samples")
         groups: dict[str, list[int]] = {}
         for i, task_id in enumerate(task_ids):
             groups.setdefault(task_id, []).append(i)
         started = time.perf_counter()
+        cold = frozenset(t for t in groups if self.prepared.peek(t) is None)
         prepared = {t: self.prepare(t) for t in groups}
         fidelity = _fidelity(fidelity or self.fidelity)
         out: list[Tensor | None] = [None] * len(task_ids)
-        self.last_residencies = {}
-        pinned = self._pin_all(prepared)
-        self.stats.last_activate_seconds = time.perf_counter() - started
+        residencies: dict[str, Residency] = {}
+        pinned = self._pin_all(prepared, residencies)
+        load = self.stats.last_activate_seconds = time.perf_counter() - started
         try:
             if len(groups) == 1 or not self._exact():
                 for task_id, rows in groups.items():
                     index = torch.tensor(rows)
                     logits = self.forward(x.index_select(0, index), task_id, fidelity)
+                    load += self.stats.last_activate_seconds
                     if self.last_residency is not None:  # _pin_all saw it first otherwise
-                        self.last_residencies.setdefault(task_id, self.last_residency)
+                        residencies.setdefault(task_id, self.last_residency)
                     for row, value in zip(rows, logits, strict=True):
                         out[row] = value
             else:
@@ -322,9 +342,11 @@ class CrossbarEngine:
             if self.pool is not None:
                 for task_id in pinned:
                     self.pool.unpin(task_id)
-        return [value for value in out if value is not None]
+        return BatchResult([value for value in out if value is not None], residencies,
+                           load, cold)
 
-    def _pin_all(self, prepared: dict[str, PreparedTask]) -> list[str]:
+    def _pin_all(self, prepared: dict[str, PreparedTask],
+                 residencies: dict[str, Residency]) -> list[str]:
         """Make every task of a batch resident at once; refuse a set the pool can't hold."""
         if self.pool is None:
             return []
@@ -333,7 +355,7 @@ class CrossbarEngine:
             for task_id, p in prepared.items():
                 if not p.task.layers:
                     continue
-                self.last_residencies[task_id] = self.pool.ensure_resident(p.task)
+                residencies[task_id] = self.pool.ensure_resident(p.task)
                 self.pool.pin(task_id)
                 pinned.append(task_id)
         except BaseException:

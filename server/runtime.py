@@ -377,19 +377,19 @@ class TaskRuntime:
         batch = [items[i] for i in runnable]
         fidelity = batch[0].fidelity
         tasks = [item.task for item in batch]
-        cold = {t for t in tasks if self.engine.prepared.peek(t) is None}
         x = torch.stack([item.x for item in batch])
         started = time.perf_counter()
         first_crossbar = fidelity == Fidelity.CROSSBAR and not self._crossbar_used
         if first_crossbar:
             logger.info("first crossbar-fidelity batch: building the crossbar operator (a "
                         "C++ extension, compiled once and cached; up to a minute)")
-        logits = self.engine.forward_mixed(x, tasks, fidelity)
+        result = self.engine.run_batch(x, tasks, fidelity)
+        logits = result.logits
         seconds = time.perf_counter() - started
         if first_crossbar:
             self._crossbar_used = True
             logger.info("crossbar operator ready: seconds=%.1f", seconds)
-        for task, residency in self.engine.last_residencies.items():
+        for task, residency in result.residencies.items():
             if residency.programmed or residency.evicted:
                 logger.debug("task %s made resident: evicted=%s", task,
                              ",".join(residency.evicted) or "none")
@@ -397,8 +397,9 @@ class TaskRuntime:
                       if not bool(torch.isfinite(row).all())})
         if bad:
             raise TaskStateError(f"task(s) {', '.join(bad)} produced non-finite logits")
-        load = self.engine.stats.last_activate_seconds
-        residencies = dict(self.engine.last_residencies)
+        load = result.load_seconds
+        residencies = dict(result.residencies)
+        cold = set(result.prepared_now)
         size = (int(x.shape[-2]), int(x.shape[-1]))
         for i, item, row in zip(runnable, batch, logits, strict=True):
             served = self.served[item.task]

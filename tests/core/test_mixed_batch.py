@@ -165,10 +165,14 @@ def test_mixed_batch_pins_its_tasks_and_refuses_what_cannot_fit(
     for t in ids:
         engine.add_task(probe.tasks[t])
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    engine.forward_mixed(x, [ids[0], ids[1], ids[0]])
+    result = engine.run_batch(x, [ids[0], ids[1], ids[0]])
     assert set(pool.resident_tasks()) == {ids[0], ids[1]}
-    assert set(engine.last_residencies) == {ids[0], ids[1]}
-    assert all(r.programmed for r in engine.last_residencies.values())
+    assert set(result.residencies) == {ids[0], ids[1]}
+    assert all(r.programmed for r in result.residencies.values())
+    assert result.prepared_now == {ids[0], ids[1]} and result.load_seconds > 0
+    again = engine.run_batch(x, [ids[0], ids[1], ids[0]])
+    assert not again.prepared_now  # folded once, kept in the prepared cache
+    assert not any(r.programmed for r in again.residencies.values())  # still resident
     with pytest.raises(CapacityError):
         engine.forward_mixed(x, ids[:3])
     assert not pool._pinned  # nothing stays pinned after a refused batch
