@@ -88,6 +88,8 @@ class ServerCommands:
                                    "backbone's own chip, at the low and high levels")
         frontier.add_argument("--noise-levels", default="low,high",
                               help="with --noise: levels of core.config.NOISE_LEVELS")
+        frontier.add_argument("--tasks", default=None,
+                              help="with --noise: comma-separated shipped tasks (default: all)")
         frontier.add_argument("--no-effects", action="store_true",
                               help="with --noise: only all four effects together")
         frontier.add_argument("--adapt-for-noise", action="store_true",
@@ -233,7 +235,8 @@ def chip_frontier(args: argparse.Namespace) -> int:
         noise = noise_study.noise_study(args.out, test_limit=args.test_limit,
                                         command=core_cli.command_line(args.argv),
                                         backbone_file=args.backbone_file, levels=levels,
-                                        effects=not args.no_effects, adaptation=adaptation)
+                                        effects=not args.no_effects, adaptation=adaptation,
+                                        names=args.tasks.split(",") if args.tasks else None)
         print(noise_study.markdown(noise))
         return 0
     points = frontier.grid(args.encodings.split(","), [int(r) for r in args.rows.split(",")],

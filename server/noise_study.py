@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 
 from core.config import NOISE_LEVELS, CrossbarSettings, NonIdealities
 from core.engine import CrossbarEngine
+from core.errors import ConfigError
 from core.model import CrossbarModel
 from server.frontier import ShippedTask, _predictions, shipped_tasks
 from server.shipped_tasks import INDEX_FILE, SHIPPED_DIR
@@ -80,7 +82,7 @@ def _adapt_for_chip(model: CrossbarModel, task: ShippedTask, entry: dict[str, An
 
 def noise_study(out: Path, *, test_limit: int, command: str,
                 backbone_file: Path | None = None, levels: tuple[str, ...] = ("low", "high"),
-                effects: bool = True,
+                effects: bool = True, names: Sequence[str] | None = None,
                 adaptation: NoiseAdaptation | None = None) -> dict[str, Any]:
     """Crossbar top-1 of the shipped tasks under device non-idealities (see the module).
 
@@ -93,9 +95,13 @@ def noise_study(out: Path, *, test_limit: int, command: str,
 
     backbone = load_backbone(backbone_file)
     fingerprint = backbone.fingerprint()
-    tasks = shipped_tasks(test_limit=test_limit)
     index = {e["name"]: e for e in json.loads((SHIPPED_DIR / INDEX_FILE).read_text())["tasks"]}
-    settings = {"test_limit": test_limit, "backbone_fingerprint": fingerprint}
+    unknown = sorted(set(names or ()) - set(index))
+    if unknown:
+        raise ConfigError(f"unknown shipped task(s) {unknown}; choose from {sorted(index)}")
+    tasks = shipped_tasks(test_limit=test_limit, names=names)
+    settings = {"test_limit": test_limit, "backbone_fingerprint": fingerprint,
+                "tasks": [t.name for t in tasks]}
     result: dict[str, Any] = {"command": command, "chip": backbone.config.describe(),
                               **settings, "git_revision": git_revision(),
                               "levels": {k: asdict(v) for k, v in NOISE_LEVELS.items() if v.any},
