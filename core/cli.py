@@ -202,7 +202,8 @@ def _run(args: argparse.Namespace) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")
     elif args.command == "calibrate-adc":
-        from core.commands import calibrate_adc, default_backbone_path
+        from core.backbones.shipped import default_backbone_path
+        from core.commands import calibrate_adc
 
         out = args.out or args.backbone_file
         if out is None:
@@ -265,7 +266,7 @@ def adapt_dataset_name(dataset: str, path: Path | None) -> str:
 
 
 def _run_adaptation(args: argparse.Namespace) -> None:
-    from core.commands import git_revision, load_backbone
+    from core.backbones.shipped import git_revision, load_backbone
     from core.methods.registry import override_config, parse_settings
     from core.published_datasets import (
         DEFAULT_BATCH_SIZE,
