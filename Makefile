@@ -12,3 +12,4 @@ test: setup
 
 lint: setup
 	.venv/bin/ruff check core task_store server tests bench
+	.venv/bin/mypy  # strict, over the modules that [tool.mypy] in pyproject.toml selects

@@ -95,7 +95,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """Run one adaptation in this process's tree and return what it measured."""
     import torch
 
-    from core.commands import load_backbone
+    from core.backbones.shipped import load_backbone
     from core.datasets import DatasetSpec, load_dataset
     from core.methods import RunOptions, TrainingCancelled, adapt, default_config
     from core.methods.common import StepInfo

@@ -73,7 +73,7 @@ def main() -> None:
         return
 
     from core.backbones import build_backbone
-    from core.commands import imagenet_task, load_backbone
+    from core.backbones.shipped import imagenet_task, load_backbone
     from core.config import CrossbarSettings
     from core.engine import CrossbarEngine
     from core.task_state import TaskState, random_task_state
@@ -182,7 +182,7 @@ COPIES = ("mnist-b", "fashion-mnist-b", "animal-mnist-b", "mnist-c", "fashion-mn
 
 def mixed_batches(args: argparse.Namespace) -> None:
     """Single-task vs mixed-task batches on the chip alone, per fidelity and periphery."""
-    from core.commands import load_backbone
+    from core.backbones.shipped import load_backbone
     from core.config import PAPER_CHIP, CrossbarSettings
     from core.engine import CrossbarEngine
     from core.task_state import TaskState

@@ -41,7 +41,7 @@ FLOWERS = {"train": 1020, "val": 1020, "test": 6149}
 
 
 def measure(threads: int, per_split: tuple[int, int, int], epochs: int) -> dict[str, Any]:
-    from core.commands import load_backbone
+    from core.backbones.shipped import load_backbone
     from core.datasets import DatasetSpec, load_dataset
     from core.engine import CrossbarEngine
     from core.methods import RunOptions, adapt, default_config

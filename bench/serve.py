@@ -193,7 +193,7 @@ def chip_only(batch: int, repeats: int, seed: int, fidelity: str = "ideal") -> d
     """Forward time of one batch: single task vs 8 Zipf-mixed tasks, same images."""
     import torch
 
-    from core.commands import load_backbone
+    from core.backbones.shipped import load_backbone
     from core.engine import CrossbarEngine
     from core.task_state import TaskState
     from server.shipped_tasks import SHIPPED_DIR

@@ -51,7 +51,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
 
-    from core.commands import load_backbone
+    from core.backbones.shipped import load_backbone
     from core.pool import PoolConfig, SparePEPool
     from core.task_state import LayerTaskState, ones_code, random_head, random_task_state
     from task_store import TaskStore

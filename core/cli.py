@@ -21,7 +21,7 @@ class CommandExtension(Protocol):
 
     commands: tuple[str, ...]
 
-    def add(self, commands: argparse._SubParsersAction) -> None: ...
+    def add(self, commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None: ...
 
     def run(self, args: argparse.Namespace) -> int: ...
 
@@ -120,7 +120,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                              "--set train.lr_head=3e-3 (repeatable; see docs/adaptation.md)")
 
 
-def _add_adaptation_commands(commands: argparse._SubParsersAction) -> None:
+def _add_adaptation_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from core.methods.registry import method_names
 
     adapt = commands.add_parser(
@@ -202,7 +202,8 @@ def _run(args: argparse.Namespace) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")
     elif args.command == "calibrate-adc":
-        from core.commands import calibrate_adc, default_backbone_path
+        from core.backbones.shipped import default_backbone_path
+        from core.commands import calibrate_adc
 
         out = args.out or args.backbone_file
         if out is None:
@@ -265,7 +266,7 @@ def adapt_dataset_name(dataset: str, path: Path | None) -> str:
 
 
 def _run_adaptation(args: argparse.Namespace) -> None:
-    from core.commands import git_revision, load_backbone
+    from core.backbones.shipped import git_revision, load_backbone
     from core.methods.registry import override_config, parse_settings
     from core.published_datasets import (
         DEFAULT_BATCH_SIZE,
@@ -297,12 +298,12 @@ def _run_adaptation(args: argparse.Namespace) -> None:
             train_limit=args.train_limit or GridConfig.train_limit,
             test_limit=args.test_limit, epochs=args.epochs or GridConfig.epochs, seed=args.seed,
             settings=tuple(settings.items()))
-        result = run_grid(grid, load_backbone(args.backbone_file),
+        grid_result = run_grid(grid, load_backbone(args.backbone_file),
                           load_backbone(args.backbone_file), args.out,
                           command=command_line(args.argv), git_revision=git_revision(),
                           resume=not args.fresh, threads=torch.get_num_threads(),
                           progress=True)
-        print(render_markdown(result, args.out))
+        print(render_markdown(grid_result, args.out))
         return
 
     from core.datasets import DatasetSpec, load_dataset

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -16,7 +14,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from core.backbones import build_backbone, imagenet_labels, preprocess_image
+from core.backbones import build_backbone, preprocess_image
+from core.backbones.shipped import default_backbone_path, git_revision, imagenet_task, load_backbone
 from core.calibration import AGREEMENT_PHOTOS, calibration_images, load_photo
 from core.config import (
     NOISE_LEVELS,
@@ -28,38 +27,11 @@ from core.config import (
 from core.distill import DistillConfig, distill_backbone
 from core.engine import CrossbarEngine
 from core.errors import ResourceUnavailable
-from core.model import HEAD_MODULES, CrossbarModel, imagenet_head
+from core.model import HEAD_MODULES, CrossbarModel
 from core.task_state import TaskHead, TaskState
 
 logger = logging.getLogger(__name__)
 console = Console(width=None if sys.stdout.isatty() else 110)
-
-SHIPPED_BACKBONE = "mobilenet_v2_w4a4.safetensors"
-
-
-def default_backbone_path() -> Path:
-    """The distilled 4-bit MobileNetV2 that ships inside the package."""
-    return Path(str(importlib.resources.files("core") / "artifacts" / SHIPPED_BACKBONE))
-
-
-def load_backbone(path: Path | None) -> CrossbarModel:
-    return CrossbarModel.load(path or default_backbone_path())
-
-
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, check=True, cwd=Path(__file__).parent)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def imagenet_task(model: CrossbarModel, fp32: torch.nn.Module | None = None) -> TaskState:
-    """The backbone's own ImageNet classifier (from the fp32 checkpoint) as a built-in task."""
-    fp32 = fp32 if fp32 is not None else build_backbone(model.backbone_name)
-    return TaskState("imagenet", model.config.shift_levels,
-                     imagenet_head(fp32, model.backbone_name, imagenet_labels()))
 
 
 def _photo_batch(names: tuple[str, ...], size: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -168,7 +168,7 @@ UNCALIBRATED = Confidence()
 """What a task stored without calibration is served with: T = 1, nothing flagged."""
 
 
-def _numbers(value: Any) -> bool:
+def _numbers(value: object) -> TypeGuard[list[float]]:
     return isinstance(value, list) and all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in value)
 
@@ -336,9 +336,10 @@ def fit_confidence(logits: Tensor, labels: Tensor, *,
             raise ConfigError("the logit_distance score needs training logits and labels")
         means, variance = logit_statistics(train_logits, train_labels)
         scores = logit_distance_scores(logits, means, variance)
-        stats = (tuple(tuple(float(v) for v in row) for row in means.tolist()),
-                 tuple(float(v) for v in variance.tolist()))
+        class_means: tuple[tuple[float, ...], ...] | None = tuple(
+            tuple(float(v) for v in row) for row in means.tolist())
+        logit_variance: tuple[float, ...] | None = tuple(float(v) for v in variance.tolist())
     else:
-        scores, stats = ood_scores(logits, temperature, kind), (None, None)
+        scores, class_means, logit_variance = ood_scores(logits, temperature, kind), None, None
     return Confidence(temperature, fit_ood_threshold(scores, in_fraction), kind,
-                      int(logits.shape[0]), *stats)
+                      int(logits.shape[0]), class_means, logit_variance)

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -168,6 +168,13 @@ def _numpy_multiarray() -> Any:
         return importlib.import_module("numpy.core.multiarray")
 
 
+class ReadableBinary(Protocol):
+    """What an unpickler reads from: a file, a gzip stream or a BytesIO."""
+
+    def read(self, size: int = ..., /) -> bytes: ...
+    def readline(self, size: int = ..., /) -> bytes: ...
+
+
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler that can rebuild plain ndarrays and nothing else.
 
@@ -197,7 +204,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         return getattr(_numpy_multiarray(), name)
 
 
-def load_numpy_pickle(file: BinaryIO) -> np.ndarray:
+def load_numpy_pickle(file: ReadableBinary) -> np.ndarray:
     """Read one ndarray from a pickle stream without allowing arbitrary callables."""
     obj = NumpyOnlyUnpickler(file).load()
     if not isinstance(obj, np.ndarray):
@@ -338,8 +345,8 @@ def load_image_folder(root: str | os.PathLike[str], image_size: int) -> RawImage
             raise ConfigError(f"class folder {class_dir} holds no {'/'.join(IMAGE_EXTENSIONS)}")
         for path in files:
             try:
-                with Image.open(path) as img:
-                    img = img if img.mode in ("L", "RGB") else img.convert("RGB")
+                with Image.open(path) as opened:
+                    img = opened if opened.mode in ("L", "RGB") else opened.convert("RGB")
                     size = (image_size, image_size)
                     pictures.append(ImageOps.fit(img, size, Image.Resampling.BILINEAR))
             except (UnidentifiedImageError, OSError) as exc:

@@ -18,11 +18,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.backbones import Backbone
 from core.model import CrossbarModel
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def _stages(model: nn.Module) -> list[nn.Module]:
 
 def distill_backbone(
     student: CrossbarModel,
-    teacher: nn.Module,
+    teacher: Backbone,
     teacher_head: nn.Module,
     images: Tensor,
     config: DistillConfig,
@@ -80,9 +82,8 @@ def distill_backbone(
         for module in student.body.modules():
             if isinstance(module, nn.BatchNorm2d):
                 params += [module.weight, module.bias]
-    optimizer = torch.optim.Adam(
-        [{"params": params}, {"params": steps, "lr": config.lr * 5}], lr=config.lr
-    )
+    groups: list[dict[str, Any]] = [{"params": params}, {"params": steps, "lr": config.lr * 5}]
+    optimizer = torch.optim.Adam(groups, lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, config.steps)))
     )

@@ -182,7 +182,7 @@ class EnergyReport:
 
     @property
     def total_j(self) -> float:
-        return sum(getattr(self, f.name) for f in fields(self))
+        return sum(float(getattr(self, f.name)) for f in fields(self))
 
     def __add__(self, other: EnergyReport) -> EnergyReport:
         if not isinstance(other, EnergyReport):

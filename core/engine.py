@@ -36,6 +36,7 @@ from core.energy import (
 from core.errors import ConfigError, TaskNotFound, TaskStateError
 from core.layers import CrossbarConv2d, DigitalNorm, SampleChannels, SpareRead
 from core.lru import LRUCache
+from core.mapping import ModelMapping
 from core.model import DAC_MODES, CrossbarModel
 from core.ops.crossbar import (
     CrossbarProgram,
@@ -126,7 +127,7 @@ class CrossbarEngine:
         # layers, and the caller's backbone (its fingerprint, a trainer's source) must not
         # depend on which task ran last.
         self.model = copy.deepcopy(model).eval()
-        self.mapping = self.model.mapping
+        self.mapping: ModelMapping = model.mapping
         self.crossbar = crossbar or CrossbarSettings()
         self.chip = self.crossbar.chip(model.config)
         """The chip as emulated: the backbone's config with the settings' ADC and DAC."""
@@ -269,7 +270,8 @@ class CrossbarEngine:
     def features(self, x: Tensor, task_id: str, fidelity: Fidelity | str | None = None
                  ) -> Tensor:
         self.activate(task_id, fidelity)
-        return self.model(x)
+        features: Tensor = self.model(x)
+        return features
 
     @torch.no_grad()
     def forward(self, x: Tensor, task_id: str, fidelity: Fidelity | str | None = None
@@ -391,7 +393,8 @@ class CrossbarEngine:
                                            .transpose(0, 1).contiguous(), strict=True))
             norms.append(module)
         try:
-            return self.model(x)
+            features: Tensor = self.model(x)
+            return features
         finally:
             for module in norms:
                 module.sample_terms = None
@@ -689,7 +692,8 @@ class CrossbarEngine:
 
     def _get_tensor(self, name: str) -> nn.Parameter | Tensor:
         module, attr = self._slot(name)
-        return getattr(module, attr)
+        value: nn.Parameter | Tensor = getattr(module, attr)
+        return value
 
     def _set_tensor(self, name: str, value: nn.Parameter | Tensor) -> None:
         module, attr = self._slot(name)

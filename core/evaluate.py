@@ -21,6 +21,7 @@ stopped (``resume``).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -188,7 +189,7 @@ def cell_energy(engine: CrossbarEngine, model: CrossbarModel, task: TaskState,
 
 
 def _total_j(cell: dict[str, Any]) -> float:
-    return charged_reprogram_j(cell["method"], cell) + cell["inference_j"]
+    return charged_reprogram_j(cell["method"], cell) + float(cell["inference_j"])
 
 
 def backbone_weight_bytes(model: CrossbarModel) -> float:
@@ -308,8 +309,8 @@ def run_grid(config: GridConfig, model: CrossbarModel, serve_model: CrossbarMode
         }
         if adapted.task is not None:
             engine.add_task(adapted.task)
-            row["test_accuracy"] = accuracy(
-                lambda x, t=adapted.task.task_id: engine.forward(x, t), data.test)
+            predict = functools.partial(engine.forward, task_id=adapted.task.task_id)
+            row["test_accuracy"] = accuracy(predict, data.test)
             row.update(cell_energy(engine, model, adapted.task, config.image_size,
                                    len(data.test), method))
             row.update(task_storage(model, adapted.task, method,
@@ -358,7 +359,8 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str, float | None]]:
 
 def _cell(result: dict[str, Any], dataset: str, method: str,
           p: float | None) -> dict[str, Any] | None:
-    return result["cells"].get(cell_key(dataset, method, p))
+    cell: dict[str, Any] | None = result["cells"].get(cell_key(dataset, method, p))
+    return cell
 
 
 def _table(result: dict[str, Any], value: Any, header: str) -> list[str]:
@@ -381,7 +383,7 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None,
         return _total_j(a) / _total_j(b)
 
     def total(c: dict[str, Any]) -> float:
-        return charged_reprogram_j(c["method"], c) + images * c["inference_per_image_j"]
+        return charged_reprogram_j(c["method"], c) + images * float(c["inference_per_image_j"])
 
     return total(a) / total(b) if total(b) else None
 
@@ -474,7 +476,7 @@ def render_markdown(result: dict[str, Any], out_prefix: Path) -> str:
         datasets=tuple(datasets), methods=tuple(grid["methods"]),
         pe_fractions=tuple(grid["pe_fractions"])).cells()]
     missing = [k for k in expected if k not in cells]
-    any_cell = next(iter(cells.values()), {})
+    any_cell: dict[str, Any] = next(iter(cells.values()), {})
     settings = ", ".join(f"`{k}={v}`" for k, v in grid.get("settings", []))
     name = out_prefix.name
     lines = [

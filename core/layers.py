@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.config import OperatorImplementation
+from core.errors import ConfigError
 from core.mapping import LayerMapping, Placement
 from core.ops.crossbar import (
     ConvGeometry,
@@ -46,6 +47,13 @@ from core.quant import (
 )
 
 
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    """A 2-D convolution's (height, width) setting."""
+    if len(value) != 2:
+        raise ConfigError(f"expected a (height, width) pair, got {value}")
+    return value[0], value[1]
+
+
 class CrossbarConv2d(nn.Module):
     """A convolution whose weights are programmed into crossbar PEs (or the digital periphery).
 
@@ -57,17 +65,27 @@ class CrossbarConv2d(nn.Module):
             are about to be loaded from a file).
     """
 
+    # Buffers (registered in __init__, so nn.Module alone would not know their types).
+    weight_scale: Tensor
+    weight_codes: Tensor
+    bias: Tensor | None
+    _task_codes: Tensor | None
+    _task_weight: Tensor | None
+    adc_range: Tensor | None
+
     def __init__(
         self, conv: nn.Conv2d, weight_bits: int, input_quant: ActivationQuantizer,
         quantize: bool = True,
     ) -> None:
         super().__init__()
+        if isinstance(conv.padding, str):  # the mapping and the crossbar operator need sizes
+            raise ConfigError(f"padding={conv.padding!r} is not supported; give sizes")
         self.in_channels = conv.in_channels
         self.out_channels = conv.out_channels
-        self.kernel_size = conv.kernel_size
-        self.stride = conv.stride
-        self.padding = conv.padding
-        self.dilation = conv.dilation
+        self.kernel_size = _pair(conv.kernel_size)
+        self.stride = _pair(conv.stride)
+        self.padding = _pair(conv.padding)
+        self.dilation = _pair(conv.dilation)
         self.groups = conv.groups
         self.weight_bits = weight_bits
         self.input_quant = input_quant
@@ -121,6 +139,7 @@ class CrossbarConv2d(nn.Module):
         """The active task's dequantized weight."""
         if self._task_weight is not None:
             return self._task_weight
+        assert self._task_codes is not None  # the setters keep exactly one of the two
         return self._task_codes * self.weight_scale.reshape(-1, 1, 1, 1)
 
     @effective_weight.setter
@@ -143,9 +162,10 @@ class CrossbarConv2d(nn.Module):
 
     def start_weight_training(self) -> list[nn.Parameter]:
         """Expose a latent fp32 weight and a learnable scale for quantization-aware training."""
-        self.latent_weight = nn.Parameter(self.backbone_weight())
-        self.weight_scale = nn.Parameter(self.weight_scale.clone())  # type: ignore[assignment]
-        return [self.latent_weight, self.weight_scale]  # type: ignore[list-item]
+        latent = nn.Parameter(self.backbone_weight())
+        scale = nn.Parameter(self.weight_scale.clone())
+        self.latent_weight, self.weight_scale = latent, scale
+        return [latent, scale]
 
     def finish_weight_training(self) -> None:
         """Freeze the trained latent weight back into codes and scales."""
@@ -198,7 +218,7 @@ class CrossbarConv2d(nn.Module):
 
     @property
     def geometry(self) -> ConvGeometry:
-        return ConvGeometry(tuple(self.stride), tuple(self.padding), tuple(self.dilation))  # type: ignore[arg-type]
+        return ConvGeometry(self.stride, self.padding, self.dilation)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.program is not None and not (self.program.lossless and self._lossless_path()):
@@ -377,9 +397,10 @@ class DigitalNorm(nn.BatchNorm2d):
         if quantize:
             assert consumer is not None
             low, high = consumer.input_quant.qrange
+            top = float(high)
             if self.clamp_top is not None:
-                low, high = max(low, 0), min(float(high), self.clamp_top / float(step))
-            return out.clamp_(low, high).round_()
+                low, top = max(low, 0), min(top, self.clamp_top / float(step))
+            return out.clamp_(low, top).round_()
         if self.clamp_top is not None:
             out = F.hardtanh(out, 0.0, self.clamp_top, inplace=True)
         return out

@@ -58,13 +58,12 @@ class LRUCache(Generic[K, V]):
         return list(self._data)
 
     def get(self, key: K) -> V | None:
-        value = self._data.get(key)
-        if value is None:
+        if key not in self._data:  # membership, not the value: a stored None is an entry
             self.stats.misses += 1
             return None
         self._data.move_to_end(key)
         self.stats.hits += 1
-        return value
+        return self._data[key]
 
     def peek(self, key: K) -> V | None:
         """The entry without touching recency or statistics."""
@@ -87,9 +86,12 @@ class LRUCache(Generic[K, V]):
         self._data[key] = value
 
     def pop(self, key: K) -> V | None:
-        value = self._data.pop(key, None)
+        """Remove an entry (pinned or not), calling ``on_evict``; None when absent."""
         self._pinned.discard(key)
-        if value is not None and self.on_evict is not None:
+        if key not in self._data:
+            return None
+        value = self._data.pop(key)
+        if self.on_evict is not None:
             self.on_evict(key, value)
         return value
 

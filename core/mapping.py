@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from torch import nn
@@ -183,6 +183,8 @@ class ModelMapping:
 
     config: CrossbarConfig
     layers: tuple[LayerMapping, ...]
+    _by_name: dict[str, LayerMapping] = field(init=False, repr=False, compare=False)
+    _pe_offsets: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.layers]
@@ -198,7 +200,7 @@ class ModelMapping:
 
     def layer(self, name: str) -> LayerMapping:
         try:
-            return self._by_name[name]  # type: ignore[attr-defined]
+            return self._by_name[name]
         except KeyError as e:
             raise ConfigError(f"no mapped layer named {name!r}") from e
 
@@ -219,7 +221,7 @@ class ModelMapping:
         m = self.layer(pe.layer)
         if not (0 <= pe.row_group < m.row_groups and 0 <= pe.col_group < m.col_groups):
             raise ConfigError(f"{pe} is not a PE of layer {m.name}")
-        return self._pe_offsets[m.name] + pe.row_group * m.col_groups + pe.col_group  # type: ignore[attr-defined]
+        return self._pe_offsets[m.name] + pe.row_group * m.col_groups + pe.col_group
 
     @property
     def cells_used(self) -> int:
@@ -252,7 +254,7 @@ def map_layer(
     weight_bits: int, input_bits: int, input_signed: bool,
 ) -> LayerMapping:
     """Map one convolution; depthwise convolutions go to the digital periphery."""
-    kh, kw = conv.kernel_size  # type: ignore[misc]
+    kh, kw = conv.kernel_size
     depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
     if conv.groups > 1 and not depthwise:
         raise ConfigError(f"layer {name}: only depthwise grouped convolutions are supported")

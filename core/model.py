@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from core.atomic import atomic_write
 from core.backbones.mobilenet_v2 import InvertedResidual
-from core.backbones.registry import build_backbone
+from core.backbones.registry import Backbone, build_backbone
 from core.config import CrossbarConfig, DacMode
 from core.errors import ConfigError, ResourceUnavailable
 from core.layers import CrossbarConv2d, DigitalNorm, crossbar_layers
@@ -147,7 +148,7 @@ class CrossbarModel(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, backbone_name: str, config: CrossbarConfig,
+        self, backbone: Backbone, backbone_name: str, config: CrossbarConfig,
         quantize: bool = True,
     ) -> None:
         super().__init__()
@@ -268,11 +269,11 @@ class CrossbarModel(nn.Module):
                         else _best_adc_top(values[s], weight[s], qmax,
                                            signed=self.config.adc_signed))
 
-    def with_chip(self, **changes: object) -> CrossbarModel:
+    def with_chip(self, **changes: Any) -> CrossbarModel:
         """The same programmed weights on another periphery (encoding, rows per read, ADC,
         DAC): a copy whose ADC ranges must be calibrated again for it."""
         model = copy.deepcopy(self)
-        model.config = replace(self.config, **changes)  # type: ignore[arg-type]
+        model.config = replace(self.config, **changes)  # CrossbarConfig validates them
         model.build_mapping()
         model.adc_calibrated_bits = None
         for _, layer in model.layers():

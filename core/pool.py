@@ -425,13 +425,20 @@ class SparePEPool:
         # only once that is known to fit, so a refusal leaves the old version resident.
         beside = current is not None and (self.free_slots >= len(pe_ids)
                                           and None in self._mask_entries)
-        if current is not None and not beside:
-            if not self._has_room(len(pe_ids), exclude=task_id, reusing=current):
+        # Whether it fits is decided before anything is evicted: a refusal changes nothing.
+        if not beside and not self._has_room(len(pe_ids), exclude=task_id, reusing=current):
+            if current is not None:
                 raise CapacityError(
                     f"task {task_id}: the new version needs {len(pe_ids)} spare PEs and a "
                     f"mask entry; even in place of the old version only "
-                    f"{self.free_slots + len(current.slots)} PEs can be freed (other tasks "
+                    f"{self._freeable_slots(task_id, current)} PEs can be freed (other tasks "
                     "are pinned); the old version stays resident")
+            raise CapacityError(
+                f"task {task_id} needs {len(pe_ids)} spare PEs and a mask entry, but evicting "
+                f"every unpinned task frees only {self._freeable_slots(task_id)} PEs"
+                f"{'' if self._freeable_entry(task_id) else ' and no mask entry'} (the others "
+                "are pinned); unpin a task or enlarge the pool; nothing was evicted")
+        if current is not None and not beside:
             self._release(task_id)
         evicted = self._make_room(len(pe_ids), exclude=task_id)
         slots = self._assign(task_id, pe_ids)
@@ -496,16 +503,24 @@ class SparePEPool:
         self._mask_entries[resident.mask_entry] = None
         self._pinned.discard(task_id)
 
+    def _movable(self, exclude: str, reusing: _Resident | None = None) -> list[_Resident]:
+        """Residents that may leave to make room for ``exclude`` (``reusing``: its old version)."""
+        movable = [r for t, r in self._resident.items()
+                   if t not in self._pinned and t != exclude]
+        return movable + ([reusing] if reusing is not None else [])
+
+    def _freeable_slots(self, exclude: str, reusing: _Resident | None = None) -> int:
+        return self.free_slots + sum(len(r.slots) for r in self._movable(exclude, reusing))
+
+    def _freeable_entry(self, exclude: str, reusing: _Resident | None = None) -> bool:
+        return None in self._mask_entries or bool(self._movable(exclude, reusing))
+
     def _has_room(self, slots_needed: int, *, exclude: str,
                   reusing: _Resident | None = None) -> bool:
         """Whether evicting unpinned tasks other than ``exclude`` (and giving up ``reusing``'s
         PEs and mask entry) frees ``slots_needed`` spare PEs and a mask entry."""
-        movable = [r for t, r in self._resident.items()
-                   if t not in self._pinned and t != exclude]
-        if reusing is not None:
-            movable.append(reusing)
-        free = self.free_slots + sum(len(r.slots) for r in movable)
-        return free >= slots_needed and (None in self._mask_entries or bool(movable))
+        return (self._freeable_slots(exclude, reusing) >= slots_needed
+                and self._freeable_entry(exclude, reusing))
 
     def _make_room(self, slots_needed: int, *, exclude: str) -> tuple[str, ...]:
         evicted = []

@@ -11,17 +11,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+
+from core.datasets import ImageSplit
 
 
 @torch.no_grad()
 def extract_features(
-    features: Callable[[Tensor], Tensor], split: Dataset, batch_size: int = 128,
+    features: Callable[[Tensor], Tensor], split: ImageSplit, batch_size: int = 128,
 ) -> tuple[Tensor, Tensor]:
     """Features and labels of every item of ``split``."""
     feats, labels = [], []
-    for start in range(0, len(split), batch_size):  # type: ignore[arg-type]
-        x, y = split.batch(slice(start, start + batch_size))  # type: ignore[attr-defined]
+    for start in range(0, len(split), batch_size):
+        x, y = split.batch(slice(start, start + batch_size))
         feats.append(features(x))
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)

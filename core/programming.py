@@ -35,7 +35,7 @@ def _check_integer(t: Tensor, what: str) -> None:
 
 def _digits(values: Tensor, slices: int, bits_per_cell: int) -> Tensor:
     shifts = bits_per_cell * torch.arange(slices - 1, -1, -1, dtype=torch.int64)
-    return ((values.unsqueeze(-1) >> shifts) & (2**bits_per_cell - 1)).to(torch.uint8)
+    return ((values.unsqueeze(-1) >> shifts) & ((1 << bits_per_cell) - 1)).to(torch.uint8)
 
 
 def weight_codes_to_cell_levels(
@@ -53,7 +53,7 @@ def weight_codes_to_cell_levels(
     """
     slices = _check_bits(weight_bits, bits_per_cell)
     _check_integer(codes, "weight codes")
-    half = 2 ** (weight_bits - 1)
+    half = 1 << (weight_bits - 1)
     signed = codes.to(torch.int64)
     if signed.numel() and (int(signed.min()) < -half or int(signed.max()) >= half):
         raise ConfigError(f"{weight_bits}-bit weight codes must be in [{-half}, {half - 1}]")
@@ -79,7 +79,7 @@ def cell_levels_to_weight_codes(
     if lv.numel() and (int(lv.min()) < 0 or int(lv.max()) >= 2**bits_per_cell):
         raise ConfigError(f"cell levels out of range for {bits_per_cell}-bit cells")
     shifts = bits_per_cell * torch.arange(slices - 1, -1, -1, dtype=torch.int64)
-    half = 2 ** (weight_bits - 1)
+    half = 1 << (weight_bits - 1)
     if differential:
         codes = (lv[..., :slices] << shifts).sum(-1) - (lv[..., slices:] << shifts).sum(-1)
         if codes.numel() and (int(codes.min()) < -half or int(codes.max()) >= half):
@@ -126,7 +126,7 @@ class ProgrammingConfig:
 
     @property
     def levels(self) -> int:
-        return 2**self.bits_per_cell
+        return 1 << self.bits_per_cell
 
     @property
     def pulses_per_level(self) -> int:

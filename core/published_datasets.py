@@ -133,7 +133,8 @@ class _Tree:
 
     def images(self, names: Sequence[str], listed_in: str) -> tuple[Path, ...]:
         """Resolve and check every image, naming the missing ones in one error."""
-        found, missing = [], []
+        found: list[Path] = []
+        missing: list[Path] = []
         for name in names:
             path = self.path(name)
             (found if path.is_file() else missing).append(path)
@@ -157,7 +158,8 @@ def _loadmat(path: Path, layout: str) -> dict[str, Any]:
     from scipy.io.matlab import MatReadError
 
     try:
-        return loadmat(str(path), squeeze_me=True)
+        contents: dict[str, Any] = loadmat(str(path), squeeze_me=True)
+        return contents
     except NotImplementedError as e:  # v7.3 is HDF5
         raise ConfigError(f"{layout}: {path.name} is a MATLAB v7.3 file; the published file "
                           "is v5, download it again") from e
@@ -458,7 +460,8 @@ def _limit(rows: np.ndarray, labels: np.ndarray, n: int | None, rng_stage: int,
     if n is None or n >= len(rows):
         return rows
     picked, _ = _stratified_pick(labels[rows], n, np.random.default_rng([seed, rng_stage]))
-    return rows[picked]
+    limited: np.ndarray = rows[picked]
+    return limited
 
 
 def split_rows(index: LayoutIndex, spec: DatasetSpec) -> dict[str, np.ndarray]:

@@ -25,6 +25,7 @@ from core.datasets import ImageSplit
 from core.engine import CrossbarEngine
 from core.errors import ConfigError
 from core.model import CrossbarModel
+from core.photo_split import PhotoSplit
 from core.task_state import TaskState
 
 EVAL_BATCH = 128
@@ -63,10 +64,10 @@ def split_logits(engine: CrossbarEngine, task_id: str, split: ImageSplit,
 
 def unaugmented(split: ImageSplit) -> ImageSplit:
     """The split as served images look (a photo training split augments its crops)."""
-    if getattr(split, "augment", None) is None:
+    if not isinstance(split, PhotoSplit) or split.augment is None:
         return split
     plain = copy.copy(split)
-    plain.augment = None  # type: ignore[attr-defined]
+    plain.augment = None
     return plain
 
 

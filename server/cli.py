@@ -253,7 +253,7 @@ def chip_frontier(args: argparse.Namespace) -> int:
 
 def calibrate_tasks(args: argparse.Namespace) -> int:
 
-    from core.commands import load_backbone
+    from core.backbones.shipped import load_backbone
     from server import confidence_tasks
     from server.shipped_tasks import SHIPPED_DIR
     from task_store import TaskStore
@@ -285,7 +285,7 @@ def calibrate_tasks(args: argparse.Namespace) -> int:
 
 def calibration_report(args: argparse.Namespace) -> int:
 
-    from core.commands import git_revision, load_backbone
+    from core.backbones.shipped import git_revision, load_backbone
     from server import confidence_tasks
     from server.shipped_tasks import SHIPPED_DIR
 

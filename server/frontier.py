@@ -324,8 +324,8 @@ def run(out: Path, points: Sequence[ChipPoint], *, test_limit: int, calibration_
     """The sweep as ``xma2 chip-frontier`` runs it: JSON rewritten after every point (a
     rerun with the same settings resumes), then the table and the plot beside it."""
     from core.atomic import atomic_write_bytes
+    from core.backbones.shipped import git_revision, load_backbone
     from core.calibration import calibration_images as crops
-    from core.commands import git_revision, load_backbone
 
     backbone = load_backbone(backbone_file)
     settings = {"test_limit": test_limit, "calibration_images": calibration_images,
@@ -360,7 +360,7 @@ def price(out: Path, points: Sequence[ChipPoint], *, command: str,
     """Every point priced by the energy model alone, with whether it is provably lossless
     (then its accuracy is ideal fidelity's, exactly): the cheap half of the frontier."""
     from core.atomic import atomic_write_bytes
-    from core.commands import git_revision, load_backbone
+    from core.backbones.shipped import git_revision, load_backbone
 
     backbone = load_backbone(backbone_file)
     tasks = shipped_tasks(test_limit=1)

@@ -78,7 +78,7 @@ def run_job(job_id: str, config: WorkerConfig, cancel: CancelFlag) -> None:
     import torch
 
     torch.set_num_threads(config.threads)
-    from core.commands import load_backbone
+    from core.backbones.shipped import load_backbone
     from task_store import JobStatus, TaskStore
 
     model = load_backbone(Path(config.backbone_file) if config.backbone_file else None)

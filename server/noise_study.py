@@ -91,7 +91,7 @@ def noise_study(out: Path, *, test_limit: int, command: str,
     ideal fidelity, the accuracy a user of the clean chip gets.
     """
     from core.atomic import atomic_write_bytes
-    from core.commands import git_revision, load_backbone
+    from core.backbones.shipped import git_revision, load_backbone
 
     backbone = load_backbone(backbone_file)
     fingerprint = backbone.fingerprint()

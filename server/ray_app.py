@@ -40,7 +40,7 @@ from ray import serve
 from ray.serve import metrics as ray_metrics
 from ray.serve.handle import DeploymentHandle
 
-from core.commands import imagenet_task, load_backbone
+from core.backbones.shipped import imagenet_task, load_backbone
 from core.config import Fidelity
 from core.errors import TaskNotFound, Xma2Error
 from core.pool import PoolConfig

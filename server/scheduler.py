@@ -57,13 +57,19 @@ class BatchScheduler:
     Args:
         policy: FIFO, or one of the residency-aware policies.
         max_batch_size: requests per batch.
-        max_wait_s: the residency-aware policies serve a request no later than the first
-            batch formed after it has waited this long (the bound on reordering).
+        max_wait_s: the bound on reordering: once a request has waited this long the
+            residency-aware policies take it before any request that has not, oldest first.
+            The oldest waiting request, once overdue, is in the next batch; more overdue
+            requests than one batch (or the chip) holds go in the batches after it.
         chip: residency and capacity of the chip.
     """
 
     def __init__(self, policy: SchedulingPolicy | str, max_batch_size: int, max_wait_s: float,
                  chip: ChipView) -> None:
+        if max_batch_size < 1:  # an empty batch for a non-empty queue: the batcher would spin
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if not max_wait_s >= 0:  # NaN included: no request would ever be overdue
+            raise ValueError(f"max_wait_s must be >= 0 (inf: no bound), got {max_wait_s}")
         self.policy = SchedulingPolicy(policy)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from core.commands import imagenet_task, load_backbone
+from core.backbones.shipped import imagenet_task, load_backbone
 from core.pool import PoolConfig
 from server.batcher import Batcher
 from server.job_worker import WorkerConfig

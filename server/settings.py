@@ -61,8 +61,8 @@ class Settings(BaseSettings):
     """Batch order: fifo (arrival order), or residency-aware: resident tasks first, then the
     task with the oldest request (lru) or the most waiting requests per joule (energy)."""
     max_reorder_wait_ms: float = Field(200.0, ge=0)
-    """Residency-aware schedulers serve a request no later than the first batch formed
-    after it has waited this long."""
+    """Residency-aware schedulers take a request that has waited this long before any that
+    has not, oldest first (the oldest overdue request is in the next batch)."""
     max_prepared_tasks: int = Field(8, ge=1)
     """Tasks whose folded weights stay in memory."""
     inference_threads: int = Field(1, ge=1)

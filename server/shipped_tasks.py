@@ -106,7 +106,7 @@ def _import_once(store: TaskStore, folder: Path, shipped: list[dict[str, Any]]) 
 def build_default_tasks(out: Path, names: list[str], config: BuildConfig, *,
                         backbone_file: Path | None, command: str) -> dict[str, Any]:
     """Adapt, test and export each named task to ``out``; returns the index written."""
-    from core.commands import git_revision, load_backbone
+    from core.backbones.shipped import git_revision, load_backbone
     from core.datasets import DatasetSpec, load_dataset
     from core.engine import CrossbarEngine
     from core.errors import ConfigError

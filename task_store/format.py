@@ -79,7 +79,7 @@ def pack_uint(values: Tensor, bits: int) -> Tensor:
     elif bits == 4:
         nibbles = np.zeros(v.size + v.size % 2, dtype=np.uint8)
         nibbles[: v.size] = v
-        out = nibbles[0::2] | (nibbles[1::2] << 4)
+        out = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8, copy=False)
     else:
         bit_matrix = (v[:, None] >> np.arange(bits)) & 1
         out = np.packbits(bit_matrix.astype(np.uint8).reshape(-1), bitorder="little")

@@ -290,7 +290,8 @@ class TaskIndex:
     def jobs(self, *, status: JobStatus | None = None, limit: int = 20,
              after: str | None = None) -> list[JobRecord]:
         """Jobs newest first; ``after`` is the last id of the previous page."""
-        sql, args = "SELECT id FROM jobs WHERE 1 = 1", []
+        sql = "SELECT id FROM jobs WHERE 1 = 1"
+        args: list[str | int] = []
         if status is not None:
             sql += " AND status = ?"
             args.append(JobStatus(status).value)

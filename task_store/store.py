@@ -14,6 +14,7 @@ next writer removes; readers only ever follow committed rows.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import os
@@ -143,7 +144,7 @@ class TaskStore:
     def list(self) -> list[TaskRecord]:
         return self.index.tasks()
 
-    def versions(self, name: str) -> list[VersionRecord]:
+    def versions(self, name: str) -> builtins.list[VersionRecord]:  # list: the method above
         return self.index.versions(validate_task_name(name))
 
     def get(self, name: str, version: int | None = None) -> StoredTask:

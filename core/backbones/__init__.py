@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from core.backbones.mobilenet_v2 import ConvBNReLU, InvertedResidual, MobileNetV2, mobilenet_v2
 from core.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess_image
-from core.backbones.registry import BACKBONES, build_backbone, imagenet_labels
+from core.backbones.registry import BACKBONES, Backbone, build_backbone, imagenet_labels
 from core.backbones.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from core.backbones.weights import load_state_dict_file, mobilenet_v2_weights_path
 
@@ -12,6 +12,7 @@ __all__ = [
     "BACKBONES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "Backbone",
     "BasicBlock",
     "Bottleneck",
     "ConvBNReLU",

@@ -61,7 +61,7 @@ class InvertedResidual(nn.Module):
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv(x)
+        out: Tensor = self.conv(x)
         return x + out if self.use_residual else out
 
 
@@ -105,7 +105,8 @@ class MobileNetV2(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.forward_features(x))
+        logits: Tensor = self.classifier(self.forward_features(x))
+        return logits
 
 
 def mobilenet_v2(num_classes: int = 1000) -> MobileNetV2:

@@ -14,16 +14,19 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from core.backbones.mobilenet_v2 import mobilenet_v2
-from core.backbones.resnet import resnet18, resnet50
+from core.backbones.mobilenet_v2 import MobileNetV2, mobilenet_v2
+from core.backbones.resnet import ResNet, resnet18, resnet50
 from core.backbones.weights import load_state_dict_file, mobilenet_v2_weights_path
 from core.errors import ConfigError, ResourceUnavailable
 
-__all__ = ["BACKBONES", "build_backbone", "imagenet_labels"]
+__all__ = ["BACKBONES", "Backbone", "build_backbone", "imagenet_labels"]
 
 BACKBONES: tuple[str, ...] = ("mobilenet_v2", "resnet18", "resnet50")
 
-_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
+Backbone = MobileNetV2 | ResNet
+"""An ImageNet backbone: ``forward_features`` gives the pooled features its head reads."""
+
+_BUILDERS: dict[str, Callable[[int], Backbone]] = {
     "mobilenet_v2": mobilenet_v2,
     "resnet18": resnet18,
     "resnet50": resnet50,
@@ -41,7 +44,7 @@ def build_backbone(
     pretrained: bool = True,
     weights_path: str | Path | None = None,
     num_classes: int = 1000,
-) -> nn.Module:
+) -> Backbone:
     """Build backbone ``name`` as an fp32 model in eval mode.
 
     With ``pretrained`` (or any ``weights_path``) the checkpoint is loaded strictly.  Asking

@@ -40,7 +40,8 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        result: Tensor = self.relu(out + identity)
+        return result
 
 
 class Bottleneck(nn.Module):
@@ -67,7 +68,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        result: Tensor = self.relu(out + identity)
+        return result
 
 
 class ResNet(nn.Module):
@@ -120,7 +122,8 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.forward_features(x))
+        logits: Tensor = self.fc(self.forward_features(x))
+        return logits
 
 
 def resnet18(num_classes: int = 1000) -> ResNet:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.backbones import build_backbone
+from core.backbones import Backbone, build_backbone
 from core.datasets import TaskDataset
 from core.errors import ConfigError
 from core.methods.common import (
@@ -32,7 +32,12 @@ from core.methods.common import (
     fit,
     warm_start_head,
 )
-from core.methods.task_model import CrossbarAdapter, new_task_model, train_task_model
+from core.methods.task_model import (
+    CrossbarAdapter,
+    LayerAdapter,
+    new_task_model,
+    train_task_model,
+)
 from core.model import CrossbarModel
 
 __all__ = ["Fp32FinetuneConfig", "QatFinetuneConfig", "adapt_finetune_fp32",
@@ -71,7 +76,7 @@ def adapt_finetune_qat(model: CrossbarModel, data: TaskDataset, task_id: str,
                                 pe_mask=torch.ones(m.row_groups, m.col_groups, dtype=torch.bool))
         for m in task_model.mapping.crossbar_layers
     }
-    task_model.set_adapters(adapters)  # type: ignore[arg-type]
+    task_model.set_adapters(dict[str, LayerAdapter](adapters))
     groups = [{"params": [a.spare_latent for a in adapters.values()], "lr": config.lr_codes}]
     return train_task_model("finetune_qat", task_model, groups, data, task_id, config,
                             config.train, options, started)
@@ -80,7 +85,7 @@ def adapt_finetune_qat(model: CrossbarModel, data: TaskDataset, task_id: str,
 class Fp32Classifier(nn.Module):
     """The fp32 backbone's features with a new head; BatchNorm keeps its statistics."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, channels_last: bool) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int, channels_last: bool) -> None:
         super().__init__()
         self.body = copy.deepcopy(backbone).float()
         self.channels_last = channels_last
@@ -101,7 +106,8 @@ class Fp32Classifier(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.body.forward_features(x)
+        features: Tensor = self.body.forward_features(x)
+        return features
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.features(x), self.head.weight, self.head.bias)
@@ -109,7 +115,7 @@ class Fp32Classifier(nn.Module):
 
 def adapt_finetune_fp32(model: CrossbarModel, data: TaskDataset, task_id: str,
                         config: Fp32FinetuneConfig, options: RunOptions,
-                        fp32_backbone: nn.Module | None = None) -> AdaptationResult:
+                        fp32_backbone: Backbone | None = None) -> AdaptationResult:
     """``model`` only names the backbone; its fp32 ImageNet weights are loaded (or passed)."""
     started = time.perf_counter()
     backbone = fp32_backbone if fp32_backbone is not None else build_backbone(

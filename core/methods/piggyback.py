@@ -42,6 +42,8 @@ class PiggybackConfig:
 class ElementMaskAdapter(LayerAdapter):
     """One real mask value per weight, binarised by a threshold (straight-through)."""
 
+    codes: Tensor  # buffer of LayerAdapter: the backbone's weight codes
+
     def __init__(self, layer: CrossbarConv2d, init: float, threshold: float) -> None:
         super().__init__(layer)
         self.threshold = threshold
@@ -72,7 +74,7 @@ def adapt_piggyback(model: CrossbarModel, data: TaskDataset, task_id: str,
     adapters = {n: ElementMaskAdapter(task_model.source_layer(n), config.mask_init,
                                       config.threshold)
                 for n in task_model.crossbar_layer_names()}
-    task_model.set_adapters(adapters)  # type: ignore[arg-type]
+    task_model.set_adapters(dict[str, LayerAdapter](adapters))
     groups = [{"params": [a.real_mask for a in adapters.values()], "lr": config.lr_mask}]
     result = train_task_model("piggyback", task_model, groups, data, task_id, config,
                               config.train, options, started)

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import ConfigError
+from core.layers import CrossbarConv2d
 from core.methods.task_model import LayerAdapter, TaskModel
 from core.ops.fold import fold_effective_weight
+from core.task_state import LayerTaskState
 
 __all__ = ["pe_sensitivity", "select_top_pes"]
 
@@ -23,8 +25,10 @@ __all__ = ["pe_sensitivity", "select_top_pes"]
 class _PEMaskProbe(LayerAdapter):
     """Multiplies each PE's weights by a mask of ones whose gradient is the PE's score."""
 
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__(layer)  # type: ignore[arg-type]
+    codes: Tensor  # buffer of LayerAdapter: the backbone's weight codes
+
+    def __init__(self, layer: CrossbarConv2d) -> None:
+        super().__init__(layer)
         m = self.mapping
         self.pe_mask = nn.Parameter(torch.ones(m.row_groups, m.col_groups))
 
@@ -33,7 +37,7 @@ class _PEMaskProbe(LayerAdapter):
         columns = self.pe_mask.repeat_interleave(m.outputs_per_pe, dim=1)[:, : m.out_channels]
         return fold_effective_weight(self.codes, scale, m, column_values=columns)
 
-    def export(self, chip_shift_levels: int):  # type: ignore[no-untyped-def]
+    def export(self, chip_shift_levels: int) -> LayerTaskState:
         raise NotImplementedError("a PE-mask probe is not a task")
 
 
@@ -44,7 +48,7 @@ def pe_sensitivity(task_model: TaskModel, x: Tensor, y: Tensor) -> dict[str, Ten
     probes = {name: _PEMaskProbe(task_model.source_layer(name))
               for name in task_model.crossbar_layer_names()}
     was_training = task_model.training
-    task_model.set_adapters(probes)  # type: ignore[arg-type]
+    task_model.set_adapters(dict[str, LayerAdapter](probes))
     task_model.eval()  # deterministic: no mask noise; BatchNorm uses its running statistics
     try:
         with torch.enable_grad():

@@ -16,6 +16,8 @@ it is an option (``mask.kind=categorical``), not the default.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,7 +36,7 @@ def anneal(start: float, end: float, progress: float, until: float) -> float:
     linear), constant afterwards."""
     t = 1.0 if until <= 0 else min(1.0, max(0.0, progress / until))
     if start > 0 and end > 0:
-        return start * (end / start) ** t
+        return start * math.pow(end / start, t)
     return start + (end - start) * t
 
 
@@ -53,6 +55,8 @@ class CategoricalColumnMask(torch.nn.Module):
         l1: weight of the penalty on the mean expected mask value (pressure toward
             cheaper levels; a column at 0 needs no ADC conversion).
     """
+
+    levels: Tensor  # buffer: the value of each shift level
 
     def __init__(self, row_groups: int, out_channels: int, *, shift_levels: int,
                  prior: float, temperature: float = 1.0, noise: float = 1.0,
@@ -86,7 +90,7 @@ class CategoricalColumnMask(torch.nn.Module):
         ``stochastic`` (training), else the served mask."""
         if not stochastic:
             return self.levels[self.logits.detach().argmax(dim=-1)]
-        scores = self.logits
+        scores: Tensor = self.logits
         if self.noise > 0:
             u = torch.rand(scores.shape, generator=generator).clamp_(_EPS, 1 - _EPS)
             scores = scores + self.noise * -torch.log(-torch.log(u))

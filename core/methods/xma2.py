@@ -21,7 +21,12 @@ from core.errors import ConfigError
 from core.methods.column_masks import ColumnMaskConfig, column_masks_for, mask_training
 from core.methods.common import AdaptationResult, RunOptions, TrainConfig, seeded_generator
 from core.methods.ranking import pe_sensitivity, select_top_pes
-from core.methods.task_model import CrossbarAdapter, new_task_model, train_task_model
+from core.methods.task_model import (
+    CrossbarAdapter,
+    LayerAdapter,
+    new_task_model,
+    train_task_model,
+)
 from core.model import CrossbarModel
 
 __all__ = ["Xma2Config", "adapt_xma2"]
@@ -60,7 +65,7 @@ def adapt_xma2(model: CrossbarModel, data: TaskDataset, task_id: str, config: Xm
     adapters = {n: CrossbarAdapter(task_model.source_layer(n), pe_mask=pe_masks[n],
                                    column_mask=masks.get(n))
                 for n in task_model.crossbar_layer_names()}
-    task_model.set_adapters(adapters)  # type: ignore[arg-type]
+    task_model.set_adapters(dict[str, LayerAdapter](adapters))
     mask_groups, before_step = mask_training(masks, config.mask)
     groups = [{"params": [a.spare_latent for a in adapters.values()], "lr": config.lr_spare},
               *mask_groups]

@@ -216,7 +216,7 @@ def largest_read_sum(layer: LayerMapping, dac_bits: int) -> int:
     """The largest magnitude one read's column sum can reach (a full read group, every
     input at the DAC's top code, every cell at the top level)."""
     rows = min(layer.rows_per_conversion, layer.weight_rows)
-    return rows * (2**dac_bits - 1) * (2**layer.bits_per_cell - 1)
+    return rows * ((1 << dac_bits) - 1) * ((1 << layer.bits_per_cell) - 1)
 
 
 def read_levels(levels: Tensor, layer: LayerMapping) -> Tensor:
@@ -348,7 +348,7 @@ def _adc_shift_add_reference(
     grouped = psum.reshape(rows, groups, program.columns, height * width)
     input_sum = grouped[:, :, -1]
     packed_sums = grouped[:, :, :-1].reshape(rows, groups, cout, packed, height * width)
-    digits: list[Tensor | None] = [None] * (packed * program.pack)
+    digits: dict[int, Tensor] = {}  # slice index -> its digit (every index gets one)
     for j in range(packed):
         rest = packed_sums[:, :, :, j]
         for t in range(program.pack - 1, -1, -1):
@@ -356,7 +356,7 @@ def _adc_shift_add_reference(
             digit = torch.floor(rest / scale) if t > 0 else rest
             rest = rest - digit * scale
             digits[j * program.pack + t] = digit
-    analog = torch.stack(digits[: program.slices], dim=3)  # type: ignore[arg-type]
+    analog = torch.stack([digits[i] for i in range(program.slices)], dim=3)
     if program.digit_bias:
         analog = analog - program.digit_bias * input_sum[:, :, None, None]
     if read_noise is not None:

@@ -64,8 +64,9 @@ def crossbar_extension() -> ModuleType | None:
 
     _clear_stale_lock(Path(_get_build_directory("xma2_crossbar", verbose=False)) / "lock")
     try:
-        return load(name="xma2_crossbar", sources=[str(KERNEL_SOURCE)], extra_cflags=_FLAGS,
-                    verbose=False)
+        module: ModuleType = load(name="xma2_crossbar", sources=[str(KERNEL_SOURCE)],
+                                  extra_cflags=_FLAGS, verbose=False)
+        return module
     except Exception as e:  # any build failure leaves the reference in place
         log.warning("building the crossbar operator failed (%s): using the pure-torch "
                     "reference", e)

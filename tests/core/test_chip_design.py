@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from core.commands import default_backbone_path
+from core.backbones.shipped import default_backbone_path
 from core.config import PAPER_CHIP, CrossbarConfig, DacMode, WeightEncoding
 from core.energy import EnergyConfig, count_layer_ops, sar_adc_energy_j
 from core.engine import CrossbarEngine
@@ -233,7 +233,7 @@ def test_differential_chip_runs_a_network_and_costs_twice_the_cells(quantized_mo
     images = torch.rand(4, 3, 32, 32)
     differential.calibrate_adc(images)
     engine = CrossbarEngine(differential)
-    from core.commands import imagenet_task
+    from core.backbones.shipped import imagenet_task
 
     engine.add_task(imagenet_task(differential))
     crossbar = engine.forward(images, "imagenet", "crossbar")

@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
+from core.backbones.shipped import default_backbone_path, imagenet_task, load_backbone
 from core.cli import main
-from core.commands import _photo_batch, default_backbone_path, imagenet_task, load_backbone
+from core.commands import _photo_batch
 from core.engine import CrossbarEngine
 
 CAT_CLASSES = range(281, 286)

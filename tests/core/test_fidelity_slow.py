@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from core.backbones import build_backbone
+from core.backbones.shipped import load_backbone
 from core.calibration import calibration_images
-from core.commands import load_backbone
 from core.datasets import DatasetSpec, load_dataset
 from core.model import CrossbarModel
 from core.probe import extract_features, linear_probe

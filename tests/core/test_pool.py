@@ -270,3 +270,20 @@ def test_default_pool_holds_about_two_mobilenet_tasks(quantized_mobilenet) -> No
     assert first.event.mask_bits_written == 35_088 * 3
     assert pool.ensure_resident(tasks[2]).evicted == ("t0",)
     assert pool.write_counter is not None and pool.write_counter.max_writes >= 1
+
+
+def test_a_refused_load_evicts_nothing() -> None:
+    """Regression: room was made one eviction at a time, so a load that could not fit
+    (the PEs it needs held by a pinned task) still evicted the unpinned ones first."""
+    pool = SparePEPool(hand_mapping(), PoolConfig(spare_pes=2, mask_entries=3))
+    pool.ensure_resident(hand_task("x", [7, -8, 0]))
+    pool.pin("x")
+    pool.ensure_resident(hand_task("m", None))  # masks only: holds an entry, no PEs
+    two_pes = LayerTaskState(torch.ones(1, 2, dtype=torch.bool),
+                             torch.zeros(2, 2, 4, dtype=torch.int8),
+                             hand_task("x", None).layers["conv"].column_codes)
+    before = (pool.slot_table(), pool.mask_table(), list(pool.events))
+    with pytest.raises(CapacityError, match=r"frees only 1 PEs .*nothing was evicted"):
+        pool.ensure_resident(TaskState("big", 3, random_head(2, 3), {"conv": two_pes}))
+    assert (pool.slot_table(), pool.mask_table(), list(pool.events)) == before
+    assert pool.resident_tasks() == ["x", "m"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from core.commands import imagenet_task, load_backbone
+from core.backbones.shipped import imagenet_task, load_backbone
 from core.config import Fidelity
 from server.runtime import BatchItem, Prediction, TaskRuntime
 from server.shipped_tasks import import_default_tasks

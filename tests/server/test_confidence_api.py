@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from core.backbones.preprocess import preprocess_fit
-from core.commands import load_backbone
+from core.backbones.shipped import load_backbone
 from core.datasets import DatasetSpec, load_raw, split_indices
 from core.engine import CrossbarEngine
 from server.shipped_tasks import SHIPPED, SHIPPED_DIR

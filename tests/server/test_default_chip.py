@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.commands import load_backbone
+from core.backbones.shipped import load_backbone
 from core.config import CrossbarConfig
 from core.engine import CrossbarEngine
 from server.frontier import ChipPoint, provably_lossless, shipped_tasks

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from core.commands import imagenet_task, load_backbone
+from core.backbones.shipped import imagenet_task, load_backbone
 from core.engine import CrossbarEngine
 from server.errors import ApiError
 from server.images import (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core.commands import load_backbone
+from core.backbones.shipped import load_backbone
 from core.model import CrossbarModel
 from server.shipped_tasks import SHIPPED, SHIPPED_DIR, import_default_tasks
 from task_store import TaskStore

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from core.commands import imagenet_task, load_backbone
+from core.backbones.shipped import imagenet_task, load_backbone
 from core.config import Fidelity
 from core.task_state import TaskHead, TaskState
 from server.errors import ApiError

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from core.commands import load_backbone
+from core.backbones.shipped import load_backbone
 from core.datasets import ImageSplit
 from core.engine import CrossbarEngine
 from core.errors import ConfigError

@@ -1,0 +1,49 @@
+"""What ships inside the package: the distilled 4-bit backbone and its ImageNet task.
+
+A plain module (no console, no plotting) so that the server, the benchmarks and the
+tests can load the shipped backbone without importing the command line.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import subprocess
+from pathlib import Path
+
+from torch import nn
+
+from core.backbones.registry import build_backbone, imagenet_labels
+from core.model import CrossbarModel, imagenet_head
+from core.task_state import TaskState
+
+__all__ = ["SHIPPED_BACKBONE", "default_backbone_path", "git_revision", "imagenet_task",
+           "load_backbone"]
+
+SHIPPED_BACKBONE = "mobilenet_v2_w4a4.safetensors"
+
+
+def default_backbone_path() -> Path:
+    """The distilled 4-bit MobileNetV2 that ships inside the package."""
+    return Path(str(importlib.resources.files("core") / "artifacts" / SHIPPED_BACKBONE))
+
+
+def load_backbone(path: Path | None) -> CrossbarModel:
+    """The backbone saved at ``path``, or the shipped one when ``path`` is None."""
+    return CrossbarModel.load(path or default_backbone_path())
+
+
+def git_revision() -> str:
+    """The source revision recorded in results and artifacts ("unknown" outside git)."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).parent)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def imagenet_task(model: CrossbarModel, fp32: nn.Module | None = None) -> TaskState:
+    """The backbone's own ImageNet classifier (from the fp32 checkpoint) as a built-in task."""
+    fp32 = fp32 if fp32 is not None else build_backbone(model.backbone_name)
+    return TaskState("imagenet", model.config.shift_levels,
+                     imagenet_head(fp32, model.backbone_name, imagenet_labels()))
