@@ -240,8 +240,6 @@ def fidelity_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-
-
 def crossbar_accuracy(backbone_file: Path | None, dataset: str, size: int, train_limit: int,
                       test_limit: int, seed: int,
                       adc_bits: tuple[int, ...] = (5, 6, 8, 10, 12)) -> dict[str, Any]:
@@ -276,7 +274,7 @@ def crossbar_accuracy(backbone_file: Path | None, dataset: str, size: int, train
         "crossbar_config": model.config.to_dict(), "dataset": dataset, "image_size": size,
         "train": len(data.train), "test": len(data.test), "seed": seed,
         "git_revision": git_revision(), "torch": torch.__version__,
-        "noise_levels": {k: asdict(v) for k, v in NOISE_LEVELS.items() if v.any},
+        "noise_levels": {k: asdict(v) for k, v in NOISE_LEVELS.items()},
         "ideal": round(100 * ideal_accuracy, 2), "rows": [],
     }
     calibrated: dict[int, CrossbarModel] = {model.config.adc_bits: model}
@@ -311,8 +309,6 @@ def crossbar_accuracy(backbone_file: Path | None, dataset: str, size: int, train
             CrossbarSettings(adc_bits=bits, dac_mode=DacMode.BIT_SERIAL), bits)
     chip_bits = model.config.adc_bits
     for level, noise in NOISE_LEVELS.items():
-        if not noise.any:
-            continue
         run(f"{level} non-idealities, lossless ADC",
             replace(lossless, non_idealities=noise))
         run(f"{level} non-idealities, {chip_bits}-bit ADC",

@@ -273,7 +273,6 @@ class NonIdealities:
 
 
 NOISE_LEVELS: dict[str, NonIdealities] = {
-    "none": NonIdealities(),
     "low": NonIdealities(programming_sigma=0.05, read_sigma=0.02, stuck_on_rate=0.0005,
                          stuck_off_rate=0.0005, adc_offset_sigma=0.1, seed=0),
     "high": NonIdealities(programming_sigma=0.15, read_sigma=0.05, stuck_on_rate=0.005,
@@ -281,6 +280,16 @@ NOISE_LEVELS: dict[str, NonIdealities] = {
 }
 """Named device non-idealities (cell levels 0..3 of a 2-bit cell, ADC LSB), seed 0: the
 levels of the accuracy studies in docs/results.md, and the chips a task can be adapted for."""
+
+
+def noise_level(name: str) -> NonIdealities:
+    """A level of :data:`NOISE_LEVELS` by name; ``none`` is the chip without them."""
+    if name == "none":
+        return NonIdealities()
+    if name not in NOISE_LEVELS:
+        raise ConfigError(f"noise level must be one of none, {', '.join(NOISE_LEVELS)}, "
+                          f"got {name!r}")
+    return NOISE_LEVELS[name]
 
 
 @dataclass(frozen=True)

@@ -226,10 +226,10 @@ def chip_frontier(args: argparse.Namespace) -> int:
         from server import noise_study
 
         levels = tuple(args.noise_levels.split(","))
-        unknown = sorted(set(levels) - set(NOISE_LEVELS) | ({"none"} & set(levels)))
+        unknown = sorted(set(levels) - set(NOISE_LEVELS))
         if unknown:
             raise ConfigError(f"unknown noise level(s) {unknown}; choose from "
-                              f"{', '.join(k for k in NOISE_LEVELS if k != 'none')}")
+                              f"{', '.join(NOISE_LEVELS)}")
         adaptation = (noise_study.NoiseAdaptation(args.adapt_train_limit, args.adapt_epochs)
                       if args.adapt_for_noise else None)
         noise = noise_study.noise_study(args.out, test_limit=args.test_limit,

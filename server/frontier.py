@@ -93,7 +93,7 @@ def shipped_tasks(folder: Path = SHIPPED_DIR, test_limit: int = 1000,
     return out
 
 
-def _predictions(engine: CrossbarEngine, task: ShippedTask, fidelity: str,
+def predicted_labels(engine: CrossbarEngine, task: ShippedTask, fidelity: str,
                  batch: int = 64, first: int = 0, stop: int | None = None) -> torch.Tensor:
     out = []
     stop = len(task.images) if stop is None else min(stop, len(task.images))
@@ -116,14 +116,14 @@ def evaluate_point(model: CrossbarModel, point: ChipPoint, tasks: Sequence[Shipp
     started = time.perf_counter()
     for task in tasks:  # a probe first: a point far from ideal stops there
         engine.add_task(task.task)
-        predictions[task.name] = _predictions(engine, task, "crossbar", stop=PROBE_IMAGES)
+        predictions[task.name] = predicted_labels(engine, task, "crossbar", stop=PROBE_IMAGES)
     row["early_stop"] = any(
         100 * float((predictions[t.name] == t.labels[:PROBE_IMAGES]).float().mean()
                      - (ideal[t.name][:PROBE_IMAGES] == t.labels[:PROBE_IMAGES]).float().mean())
         < -PROBE_MARGIN for t in tasks)
     if not row["early_stop"]:
         for task in tasks:
-            rest = _predictions(engine, task, "crossbar", first=PROBE_IMAGES)
+            rest = predicted_labels(engine, task, "crossbar", first=PROBE_IMAGES)
             predictions[task.name] = torch.cat([predictions[task.name], rest])
     seconds = time.perf_counter() - started
     for task in tasks:
@@ -202,7 +202,7 @@ def chip_frontier(backbone: CrossbarModel, points: Sequence[ChipPoint],
     ideal = {}
     for task in tasks:
         ideal_engine.add_task(task.task)
-        ideal[task.name] = _predictions(ideal_engine, task, "ideal")
+        ideal[task.name] = predicted_labels(ideal_engine, task, "ideal")
     rows = []
     chips: dict[tuple[str, int, int], CrossbarModel] = {}
     # the chip's own ADC resolution first, cheapest first: the default is found early

@@ -23,7 +23,7 @@ from core.config import NOISE_LEVELS, CrossbarSettings, NonIdealities
 from core.engine import CrossbarEngine
 from core.errors import ConfigError
 from core.model import CrossbarModel
-from server.frontier import ShippedTask, _predictions, shipped_tasks
+from server.frontier import ShippedTask, predicted_labels, shipped_tasks
 from server.shipped_tasks import INDEX_FILE, SHIPPED_DIR
 
 logger = logging.getLogger(__name__)
@@ -93,18 +93,18 @@ def noise_study(out: Path, *, test_limit: int, command: str,
     from core.atomic import atomic_write_bytes
     from core.backbones.shipped import git_revision, load_backbone
 
-    backbone = load_backbone(backbone_file)
-    fingerprint = backbone.fingerprint()
     index = {e["name"]: e for e in json.loads((SHIPPED_DIR / INDEX_FILE).read_text())["tasks"]}
     unknown = sorted(set(names or ()) - set(index))
     if unknown:
         raise ConfigError(f"unknown shipped task(s) {unknown}; choose from {sorted(index)}")
+    backbone = load_backbone(backbone_file)
+    fingerprint = backbone.fingerprint()
     tasks = shipped_tasks(test_limit=test_limit, names=names)
     settings = {"test_limit": test_limit, "backbone_fingerprint": fingerprint,
                 "tasks": [t.name for t in tasks]}
     result: dict[str, Any] = {"command": command, "chip": backbone.config.describe(),
                               **settings, "git_revision": git_revision(),
-                              "levels": {k: asdict(v) for k, v in NOISE_LEVELS.items() if v.any},
+                              "levels": {k: asdict(v) for k, v in NOISE_LEVELS.items()},
                               "rows": []}
     if out.is_file():
         previous = json.loads(out.read_text())
@@ -115,7 +115,7 @@ def noise_study(out: Path, *, test_limit: int, command: str,
     ideal = {}
     for task in tasks:
         ideal_engine.add_task(task.task)
-        ideal[task.name] = _top1(_predictions(ideal_engine, task, "ideal"), task.labels)
+        ideal[task.name] = _top1(predicted_labels(ideal_engine, task, "ideal"), task.labels)
     result["ideal"] = {k: round(v, 2) for k, v in ideal.items()}
 
     def record(row: dict[str, Any]) -> None:
@@ -138,7 +138,7 @@ def noise_study(out: Path, *, test_limit: int, command: str,
         started = time.perf_counter()
         for task in tasks:
             engine.add_task(task.task)
-            top1 = _top1(_predictions(engine, task, "crossbar"), task.labels)
+            top1 = _top1(predicted_labels(engine, task, "crossbar"), task.labels)
             row["tasks"][task.name] = {"top1": round(top1, 2),
                                        "minus_ideal": round(top1 - ideal[task.name], 2)}
         row["seconds"] = round(time.perf_counter() - started, 1)
@@ -156,8 +156,8 @@ def noise_study(out: Path, *, test_limit: int, command: str,
             shipped_like = ShippedTask(task.name, adapted.task, task.images, task.labels)
             engine.add_task(adapted.task)
             clean.add_task(adapted.task)
-            top1 = _top1(_predictions(engine, shipped_like, "crossbar"), task.labels)
-            own = _top1(_predictions(clean, shipped_like, "ideal"), task.labels)
+            top1 = _top1(predicted_labels(engine, shipped_like, "crossbar"), task.labels)
+            own = _top1(predicted_labels(clean, shipped_like, "ideal"), task.labels)
             row["tasks"][task.name] = {
                 "top1": round(top1, 2), "minus_ideal": round(top1 - ideal[task.name], 2),
                 "ideal_on_clean_chip": round(own, 2),

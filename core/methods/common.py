@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from core.atomic import atomic_write
-from core.config import NOISE_LEVELS
+from core.config import noise_level
 from core.datasets import ImageSplit
 from core.errors import ConfigError, TrainingCancelled
 from core.probe import linear_probe
@@ -77,7 +77,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     """Steps between checkpoints when a checkpoint folder is given (0: only at the end)."""
     chip_noise: str = "none"
-    """Adapt for a chip with these device non-idealities (a name of
+    """Adapt for a chip with these device non-idealities (``none`` or a name of
     :data:`core.config.NOISE_LEVELS`): its programming variation and stuck cells, drawn as
     that chip draws them, are in every forward pass, so the task learns around them."""
 
@@ -90,9 +90,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.warm_start_images < 0 or self.checkpoint_every < 0:
             raise ConfigError("warm_start_images and checkpoint_every must be >= 0")
-        if self.chip_noise not in NOISE_LEVELS:
-            raise ConfigError(f"chip_noise must be one of {', '.join(NOISE_LEVELS)}, "
-                              f"got {self.chip_noise!r}")
+        try:
+            noise_level(self.chip_noise)
+        except ConfigError as e:
+            raise ConfigError(f"chip_noise: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.chip_instance import programmed_backbone
-from core.config import NOISE_LEVELS
+from core.config import noise_level
 from core.datasets import TaskDataset
 from core.errors import ConfigError
 from core.layers import CrossbarConv2d, DigitalNorm
@@ -468,7 +468,7 @@ def level_shares(counts: Tensor, shift_levels: int) -> dict[str, float]:
 def new_task_model(model: CrossbarModel, data: TaskDataset, train: TrainConfig) -> TaskModel:
     """A task model whose head is warm-started on the frozen backbone's features (as the
     chip of ``train.chip_noise`` holds them)."""
-    noise = NOISE_LEVELS[train.chip_noise]
+    noise = noise_level(train.chip_noise)
     source = programmed_backbone(model, noise) if noise.alters_cells else model
     task_model = TaskModel(source, len(data.classes), train_batchnorm=train.train_batchnorm,
                            channels_last=train.channels_last)

@@ -157,6 +157,12 @@ def layer_cell_levels(codes: Tensor, layer: LayerMapping) -> Tensor:
     return levels * (rows < layer.weight_rows)
 
 
+def slice_weights(layer: LayerMapping) -> Tensor:
+    """What one level of each cell slice is worth in weight codes (slice 0 the most
+    significant): ``2 ** (bits_per_cell * (slices - 1 - s))``."""
+    return 2.0 ** (layer.bits_per_cell * torch.arange(layer.slices - 1, -1, -1).float())
+
+
 def programmed_codes(levels: Tensor, layer: LayerMapping) -> Tensor:
     """The weights ``[Cout, Cin, kh, kw]``, in code units, that cell levels ``[columns,
     Cout, row_groups, rows_per_group]`` hold: the inverse of :func:`layer_cell_levels`,
@@ -164,8 +170,7 @@ def programmed_codes(levels: Tensor, layer: LayerMapping) -> Tensor:
     periphery subtracts the nominal offset, so a drifted offset cell shifts its weight."""
     slices = layer.slices
     signed = levels[:slices] - levels[slices:] if layer.arrays_per_pe == 2 else levels
-    weights = 2.0 ** (layer.bits_per_cell * torch.arange(slices - 1, -1, -1, dtype=torch.float64))
-    codes = (signed.double() * weights.reshape(-1, 1, 1, 1)).sum(0)
+    codes = (signed.double() * slice_weights(layer).double().reshape(-1, 1, 1, 1)).sum(0)
     if layer.arrays_per_pe == 1:
         codes = codes - 2 ** (layer.weight_bits - 1)
     return from_row_groups(codes.float(), layer)
@@ -265,7 +270,7 @@ def build_program(
     ones = torch.ones(groups * reads, 1, read_rows)
     weight = torch.cat([packed_columns, ones], dim=1).reshape(
         groups * reads * (cout * packed + 1), layer.channels_per_read, *layer.kernel_size)
-    slice_weight = 2.0 ** (layer.bits_per_cell * torch.arange(slices - 1, -1, -1).float())
+    slice_weight = slice_weights(layer)
     adc_step = adc_step.float().reshape(slices).contiguous()
     if not bool((adc_step > 0).all()):
         raise ConfigError(f"layer {layer.name}: ADC steps must be > 0, got {adc_step.tolist()}")

@@ -37,5 +37,5 @@ def test_a_task_adapted_for_a_noisy_chip_is_trained_on_that_chip(
 
 
 def test_an_unknown_noise_level_is_refused() -> None:
-    with pytest.raises(ConfigError, match="chip_noise must be one of none, low, high"):
+    with pytest.raises(ConfigError, match="chip_noise: noise level must be one of none, low, high"):
         TrainConfig(chip_noise="medium")

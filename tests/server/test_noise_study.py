@@ -1,0 +1,34 @@
+"""The noise study's choices: which effects a row keeps, and bad input refused up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.config import NOISE_LEVELS
+from core.errors import ConfigError
+from server.cli import main
+from server.noise_study import ALL_FOUR, NOISE_EFFECTS, noise_study, only
+
+
+def test_each_row_keeps_exactly_its_effect() -> None:
+    high = NOISE_LEVELS["high"]
+    stuck = only(high, "stuck cells")
+    assert (stuck.stuck_on_rate, stuck.stuck_off_rate) == (high.stuck_on_rate,
+                                                          high.stuck_off_rate)
+    assert stuck.programming_sigma == stuck.read_sigma == stuck.adc_offset_sigma == 0
+    assert stuck.seed == high.seed  # the same chip instance as the all-four row
+    assert only(high, ALL_FOUR) == high
+    assert all(only(high, effect).any for effect in NOISE_EFFECTS)
+
+
+def test_unknown_levels_and_tasks_are_refused_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "noise.json"
+    assert main(["chip-frontier", "--noise", "--noise-levels", "low,medium",
+                 "--out", str(out)]) != 0
+    assert "unknown noise level(s) ['medium']; choose from low, high" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown shipped task"):
+        noise_study(out, test_limit=1, command="test", names=["cifar"])
+    assert not out.exists()
