@@ -562,6 +562,20 @@ class CrossbarEngine:
             prepared.programs = programs
         return prepared.programs
 
+    def layer_program(self, name: str, state: LayerTaskState | None = None, *,
+                      task_id: str = "") -> CrossbarProgram:
+        """One crossbar layer as this chip programs it: the backbone's cells, or ``state``
+        on them (spare PEs drawn as the chip draws task ``task_id``'s). A trainer reads
+        the chip through it while a task's state is still changing."""
+        layer = self._layers[name]
+        if not layer.on_crossbar:
+            raise ConfigError(f"layer {name} is not on crossbars")
+        self._check_adc()
+        if state is None:
+            return self._backbone_program(name, layer)
+        return self._task_program(task_id, name, layer, state,
+                                  shift_values(self.model.config.shift_levels))
+
     def _backbone_program(self, name: str, layer: CrossbarConv2d) -> CrossbarProgram:
         if name not in self._backbone_programs:
             mapping = layer.mapping

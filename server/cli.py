@@ -89,16 +89,24 @@ class ServerCommands:
         frontier.add_argument("--noise-levels", default="low,high",
                               help="with --noise: levels of core.config.NOISE_LEVELS")
         frontier.add_argument("--tasks", default=None,
-                              help="with --noise: comma-separated shipped tasks (default: all)")
+                              help="with --noise or --adapt-on-chip: comma-separated shipped "
+                                   "tasks (default: all)")
         frontier.add_argument("--no-effects", action="store_true",
                               help="with --noise: only all four effects together")
         frontier.add_argument("--adapt-for-noise", action="store_true",
                               help="with --noise: also adapt each shipped task again for the "
                                    "noisy chip (train.chip_noise) and serve it there")
-        frontier.add_argument("--adapt-train-limit", type=int, default=10000,
-                              help="training images per task when adapting for noise")
+        frontier.add_argument("--adapt-on-chip", action="store_true",
+                              help="instead: on each point, adapt the shipped tasks again with "
+                                   "the chip in the training loop (train.chip_periphery) and "
+                                   "without it (same budget), and serve all on that chip")
+        frontier.add_argument("--adapt-train-limit", type=int, default=None,
+                              help="training images per task when adapting (default: 10000 "
+                                   "for noise, 2000 on a chip)")
         frontier.add_argument("--adapt-epochs", type=int, default=None,
-                              help="epochs when adapting for noise (default: the shipped ones)")
+                              help="epochs when adapting (default: the shipped ones)")
+        frontier.add_argument("--adapt-warm-start", type=int, default=512,
+                              help="with --adapt-on-chip: images that fit the initial head")
 
         calibrate = commands.add_parser(
             "calibrate-tasks",
@@ -230,7 +238,8 @@ def chip_frontier(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"unknown noise level(s) {unknown}; choose from "
                               f"{', '.join(NOISE_LEVELS)}")
-        adaptation = (noise_study.NoiseAdaptation(args.adapt_train_limit, args.adapt_epochs)
+        adaptation = (noise_study.NoiseAdaptation(args.adapt_train_limit or 10000,
+                                                  args.adapt_epochs)
                       if args.adapt_for_noise else None)
         noise = noise_study.noise_study(args.out, test_limit=args.test_limit,
                                         command=core_cli.command_line(args.argv),
@@ -241,6 +250,19 @@ def chip_frontier(args: argparse.Namespace) -> int:
         return 0
     points = frontier.grid(args.encodings.split(","), [int(r) for r in args.rows.split(",")],
                            [int(b) for b in args.adc_bits.split(",")], args.dac.split(","))
+    if args.adapt_on_chip:
+        from server import chip_adaptation
+
+        budget = chip_adaptation.Readaptation(args.adapt_train_limit or 2000, args.adapt_epochs,
+                                              args.adapt_warm_start)
+        adapted = chip_adaptation.adapt_on_chip(
+            args.out, points, test_limit=args.test_limit,
+            calibration_images=args.calibration_images, seed=args.seed,
+            command=core_cli.command_line(args.argv), budget=budget,
+            names=args.tasks.split(",") if args.tasks else None,
+            backbone_file=args.backbone_file)
+        print(chip_adaptation.markdown(adapted))
+        return 0
     result = frontier.run(args.out, points, test_limit=args.test_limit,
                           calibration_images=args.calibration_images, seed=args.seed,
                           command=core_cli.command_line(args.argv),

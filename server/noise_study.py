@@ -22,7 +22,9 @@ import torch
 from core.config import NOISE_LEVELS, CrossbarSettings, NonIdealities
 from core.engine import CrossbarEngine
 from core.errors import ConfigError
+from core.methods.common import TrainConfig
 from core.model import CrossbarModel
+from server.chip_adaptation import Readaptation, readapt
 from server.frontier import ShippedTask, predicted_labels, shipped_tasks
 from server.shipped_tasks import INDEX_FILE, SHIPPED_DIR
 
@@ -64,20 +66,9 @@ def _top1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _adapt_for_chip(model: CrossbarModel, task: ShippedTask, entry: dict[str, Any],
                     level: str, adaptation: NoiseAdaptation) -> Any:
-    from core.datasets import DatasetSpec, load_dataset
-    from core.methods import adapt, default_config
-    from core.methods.registry import override_config
-
-    build = entry["build"]
-    spec = DatasetSpec(entry["dataset"], image_size=build["image_size"], seed=build["seed"],
-                       train_limit=min(adaptation.train_limit, build["train_limit"]),
-                       test_limit=1)
-    config = default_config(entry["method"], epochs=adaptation.epochs or build["epochs"],
-                            seed=build["seed"])
-    config = override_config(config, {"train.chip_noise": level})
-    with torch.set_grad_enabled(True):
-        result = adapt(entry["method"], model, load_dataset(spec), task.name, config)
-    return result
+    budget = Readaptation(adaptation.train_limit, adaptation.epochs,
+                          TrainConfig.warm_start_images)
+    return readapt(model, task, entry, budget, {"train.chip_noise": level})
 
 
 def noise_study(out: Path, *, test_limit: int, command: str,

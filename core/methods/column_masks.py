@@ -163,7 +163,7 @@ def adapt_column_mask(model: CrossbarModel, data: TaskDataset, task_id: str,
                       config: XmaConfig, options: RunOptions, method: str = "xma"
                       ) -> AdaptationResult:
     started = time.perf_counter()
-    task_model = new_task_model(model, data, config.train)
+    task_model = new_task_model(model, data, config.train, task_id)
     masks = column_masks_for(task_model, config.mask)
     task_model.set_adapters({n: CrossbarAdapter(task_model.source_layer(n),
                                                 column_mask=masks.get(n))
@@ -176,6 +176,6 @@ def adapt_column_mask(model: CrossbarModel, data: TaskDataset, task_id: str,
 def adapt_head_only(model: CrossbarModel, data: TaskDataset, task_id: str,
                     config: HeadOnlyConfig, options: RunOptions) -> AdaptationResult:
     started = time.perf_counter()
-    task_model = new_task_model(model, data, config.train)
+    task_model = new_task_model(model, data, config.train, task_id)
     return train_task_model("head_bn", task_model, [], data, task_id, config, config.train,
                             options, started)

@@ -80,6 +80,11 @@ class TrainConfig:
     """Adapt for a chip with these device non-idealities (``none`` or a name of
     :data:`core.config.NOISE_LEVELS`): its programming variation and stuck cells, drawn as
     that chip draws them, are in every forward pass, so the task learns around them."""
+    chip_periphery: bool = False
+    """Read the chip in every forward pass (:mod:`core.methods.chip_loop`): each crossbar
+    layer's value is what the served chip's periphery (its ADCs, and the read noise and
+    ADC offsets of ``chip_noise``) makes of it, its gradient the float layer's
+    (straight-through). Costs the emulation of every lossy layer in each step."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:

@@ -70,7 +70,7 @@ class Fp32FinetuneConfig:
 def adapt_finetune_qat(model: CrossbarModel, data: TaskDataset, task_id: str,
                        config: QatFinetuneConfig, options: RunOptions) -> AdaptationResult:
     started = time.perf_counter()
-    task_model = new_task_model(model, data, config.train)
+    task_model = new_task_model(model, data, config.train, task_id)
     adapters = {
         m.name: CrossbarAdapter(task_model.source_layer(m.name),
                                 pe_mask=torch.ones(m.row_groups, m.col_groups, dtype=torch.bool))

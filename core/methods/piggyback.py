@@ -70,7 +70,7 @@ class ElementMaskAdapter(LayerAdapter):
 def adapt_piggyback(model: CrossbarModel, data: TaskDataset, task_id: str,
                     config: PiggybackConfig, options: RunOptions) -> AdaptationResult:
     started = time.perf_counter()
-    task_model = new_task_model(model, data, config.train)
+    task_model = new_task_model(model, data, config.train, task_id)
     adapters = {n: ElementMaskAdapter(task_model.source_layer(n), config.mask_init,
                                       config.threshold)
                 for n in task_model.crossbar_layer_names()}

@@ -40,6 +40,9 @@ class _PEMaskProbe(LayerAdapter):
     def export(self, chip_shift_levels: int) -> LayerTaskState:
         raise NotImplementedError("a PE-mask probe is not a task")
 
+    def chip_state(self, chip_shift_levels: int) -> LayerTaskState | None:
+        return None  # its mask is all ones: the backbone's cells
+
 
 def pe_sensitivity(task_model: TaskModel, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """Normalised ``|dL/dm_PE|`` of every crossbar PE, ``[row_groups, col_groups]`` per layer,

@@ -29,6 +29,7 @@ from core.datasets import TaskDataset
 from core.errors import ConfigError
 from core.layers import CrossbarConv2d, DigitalNorm
 from core.mapping import LayerMapping
+from core.methods.chip_loop import ChipInTheLoop
 from core.methods.common import (
     AdaptationResult,
     RunOptions,
@@ -195,6 +196,10 @@ class LayerAdapter(nn.Module):
     def export(self, chip_shift_levels: int) -> LayerTaskState:
         """The learned state as the engine serves it."""
 
+    def chip_state(self, chip_shift_levels: int) -> LayerTaskState | None:
+        """What the chip holds for this layer now (None: the backbone's cells)."""
+        return self.export(chip_shift_levels)
+
 
 class CrossbarAdapter(LayerAdapter):
     """Spare PEs (4-bit QAT codes) and/or a learned column shift mask on the other PEs.
@@ -343,6 +348,8 @@ class TaskModel(nn.Module):
         self._frozen: dict[str, tuple[Tensor, Tensor]] = {}
         self.set_adapters({})
         self.generator: torch.Generator | None = None
+        self.chip: ChipInTheLoop | None = None
+        """The chip the task is adapted for, read in every pass (None: float training)."""
 
     backbone: CrossbarModel
 
@@ -373,16 +380,39 @@ class TaskModel(nn.Module):
                 # The layer's fp32 weight in training, computed once instead of per pass.
                 self._frozen[name] = (codes, layer.effective_weight)
 
+    def attach_chip(self, chip: ChipInTheLoop) -> None:
+        """Run every pass through ``chip``'s crossbar reads (see :mod:`core.methods.chip_loop`)."""
+        self.chip = chip
+        for name, layer in self._layers.items():
+            if layer.on_crossbar:
+                layer.register_forward_hook(self._chip_hook(name))
+
+    def _chip_hook(self, name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor],
+                                                Tensor | None]:
+        quant = self._quantizers[name][0]
+        assert isinstance(quant, ActivationQuantizer)
+
+        def hook(layer: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
+            if self.chip is None:
+                return None
+            assert isinstance(layer, CrossbarConv2d)
+            return self.chip.read(layer, quant, name, inputs[0], out)
+        return hook
+
     def load_weights(self) -> None:
         """Fold every adapter into its layer of the copy (training: fresh Gumbel noise).
 
         With gradients: differentiable fp32 weights and a frozen-step STE input quantizer.
         Without: exactly what the engine serves (weights in code units where the layer
         takes them, the backbone's own input quantizers), so outputs match bit for bit.
+        With a chip attached, every pass takes the float path and each crossbar layer is
+        programmed with the task's current state, to be read by the chip.
         """
-        grad = torch.is_grad_enabled()
+        grad = torch.is_grad_enabled() or self.chip is not None
         exact = not grad and hasattr(CrossbarConv2d, "effective_codes")
-        fuse = grad and self.fuse_activation
+        fuse = torch.is_grad_enabled() and self.fuse_activation
+        if self.chip is not None:
+            self._program_chip(self.chip)
         for name, layer in self._layers.items():
             original, frozen = self._quantizers[name]
             if fuse and name in self._fused_inputs:
@@ -408,6 +438,13 @@ class TaskModel(nn.Module):
             if self.channels_last:
                 weight = weight.contiguous(memory_format=torch.channels_last)
             layer.effective_weight = weight
+
+    def _program_chip(self, chip: ChipInTheLoop) -> None:
+        with torch.no_grad():
+            for name in self.crossbar_layer_names():
+                adapter = self.adapters[_key(name)] if _key(name) in self.adapters else None
+                chip.program(name, None if adapter is None
+                             else adapter.chip_state(self.shift_levels))
 
     def regularization(self) -> Tensor | None:
         """The column masks' penalties (None when no mask has one)."""
@@ -465,13 +502,17 @@ def level_shares(counts: Tensor, shift_levels: int) -> dict[str, float]:
             for v, c in zip(shift_values(shift_levels).tolist(), counts.tolist(), strict=True)}
 
 
-def new_task_model(model: CrossbarModel, data: TaskDataset, train: TrainConfig) -> TaskModel:
+def new_task_model(model: CrossbarModel, data: TaskDataset, train: TrainConfig,
+                   task_id: str = "") -> TaskModel:
     """A task model whose head is warm-started on the frozen backbone's features (as the
-    chip of ``train.chip_noise`` holds them)."""
+    chip of ``train.chip_noise`` holds them, read through its periphery with
+    ``train.chip_periphery``). ``task_id``: the name the task will be served under."""
     noise = noise_level(train.chip_noise)
     source = programmed_backbone(model, noise) if noise.alters_cells else model
     task_model = TaskModel(source, len(data.classes), train_batchnorm=train.train_batchnorm,
                            channels_last=train.channels_last)
+    if train.chip_periphery:
+        task_model.attach_chip(ChipInTheLoop(model, noise, task_id, seed=train.seed))
     task_model.eval()
     warm_start_head(task_model.features, task_model.head, data.train, train)
     return task_model

@@ -56,7 +56,7 @@ class Xma2Config:
 def adapt_xma2(model: CrossbarModel, data: TaskDataset, task_id: str, config: Xma2Config,
                options: RunOptions) -> AdaptationResult:
     started = time.perf_counter()
-    task_model = new_task_model(model, data, config.train)
+    task_model = new_task_model(model, data, config.train, task_id)
     order = torch.randperm(len(data.train), generator=seeded_generator(config.train.seed, 3, 0))
     x, y = data.train.batch(order[: config.ranking_batch_size])
     scores = pe_sensitivity(task_model, x, y)
