@@ -61,6 +61,18 @@ def _rebuild_api_error(status_code: int, message: str,
 class ServerError(Xma2Error):
     """Base of the errors of the batcher, the chip runtime and the job manager."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Picklable across processes (Ray) whatever a subclass's constructor takes.
+        return (_rebuild_server_error, (type(self), str(self), dict(self.__dict__)))
+
+
+def _rebuild_server_error(kind: type[ServerError], message: str,
+                          state: dict[str, object]) -> ServerError:
+    error = kind.__new__(kind)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class QueueFull(ServerError):
     """The request queue holds its limit: the client should retry later.
@@ -90,14 +102,15 @@ class ChipFailure(ServerError):
 
     Args:
         task: the task whose requests get this error.
-        cause: what failed; its traceback goes to the server log, its type to the client.
+        cause: what failed; its traceback goes to the server log, its type to the client
+            (kept by name only: the error waits in request futures, the frames need not).
     """
 
     def __init__(self, task: str, cause: BaseException) -> None:
-        super().__init__(f"task {task!r} failed on the chip ({type(cause).__name__}); the "
-                         "server log has the details. Other tasks are not affected")
         self.task = task
-        self.cause = cause
+        self.cause_type = type(cause).__name__
+        super().__init__(f"task {task!r} failed on the chip ({self.cause_type}); the "
+                         "server log has the details. Other tasks are not affected")
 
 
 class JobNotFound(ServerError, LookupError):
