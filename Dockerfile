@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # xma2 inference server: docker build -t xma2:0.1.0 .   (add --build-arg XMA2_EXTRAS=[ray]
-# for an image that can also run the Ray Serve deployment, python -m server.ray_app).
+# for an image that can also run the Ray Serve deployment, python -m server.ray.app).
 # The install steps are deploy/setup.sh's, in its order (tests/deploy/test_dockerfile.py
 # keeps them equal); only the test extras and the Prometheus server are left out.
 FROM python:3.11-slim-bookworm

@@ -3,8 +3,9 @@
 Requests wait at most ``max_delay_s`` for company (or until ``max_batch_size`` are
 queued), then the scheduler picks the next batch, which may mix tasks; the chip worker
 runs it as one forward pass (:meth:`core.engine.CrossbarEngine.forward_mixed`). A
-full queue refuses new requests with 429 and ``Retry-After`` instead of letting
-latency grow without bound. One batch runs at a time; the next one forms meanwhile.
+full queue refuses new requests (:class:`~server.errors.QueueFull`: 429 and
+``Retry-After``) instead of letting latency grow without bound. One batch runs at a
+time; the next one forms meanwhile.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from core.config import Fidelity
-from server.errors import ApiError
+from server.errors import QueueFull, ShuttingDown
 from server.runtime import BatchItem, Prediction, TaskRuntime
-from server.scheduler import BatchScheduler, Pending
+from server.scheduler import BatchScheduler, ChipView, Pending
+from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class Batcher:
     Args:
         runtime: the chip (its worker thread runs each batch).
         scheduler: which queued requests form the next batch.
-        max_queue: requests waiting at most; more get 429.
+        max_queue: requests waiting at most; more get :class:`~server.errors.QueueFull`.
         max_delay_s: how long the first request of a batch may wait for others.
         on_batch: told the size of every batch and each request's queue wait.
         on_reject: told the reason of every refused request.
@@ -84,7 +86,7 @@ class Batcher:
         for pending in self.queue:
             future: asyncio.Future[Prediction] = pending.payload[1]
             if not future.done():
-                future.set_exception(ApiError(503, "the server is shutting down"))
+                future.set_exception(ShuttingDown())
         self.queue.clear()
 
     async def submit(self, task: str, x: Tensor, fidelity: Fidelity | None,
@@ -93,9 +95,7 @@ class Batcher:
             self.stats.rejected += 1
             if self.on_reject is not None:
                 self.on_reject("queue_full")
-            raise ApiError(429, f"the request queue is full ({self.max_queue} waiting); retry "
-                                "after the Retry-After seconds",
-                           headers={"Retry-After": str(self.retry_after_s())})
+            raise QueueFull(self.max_queue, self.retry_after_s())
         fidelity = fidelity or self.runtime.fidelity
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
         item = BatchItem(task, x, fidelity, top_k)
@@ -150,3 +150,17 @@ class Batcher:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+def build_batcher(settings: Settings, runtime: TaskRuntime, *,
+                  on_batch: Callable[[int, list[tuple[str, float]]], None] | None = None,
+                  on_reject: Callable[[str], None] | None = None) -> Batcher:
+    """The batcher and scheduler ``settings`` describe, in front of ``runtime`` (the same
+    for ``xma2 serve`` and every Ray chip replica); not started yet."""
+    chip = ChipView(resident=runtime.resident_tasks, fits=runtime.fits,
+                    reload_energy_j=runtime.reload_energy_j)
+    scheduler = BatchScheduler(settings.scheduler, settings.max_batch_size,
+                               settings.max_reorder_wait_ms / 1e3, chip)
+    return Batcher(runtime, scheduler, max_queue=settings.max_queue,
+                   max_delay_s=settings.max_queue_delay_ms / 1e3, on_batch=on_batch,
+                   on_reject=on_reject)

@@ -1,4 +1,12 @@
-"""One HTTP status per error kind, so bad input never surfaces as a 500."""
+"""The server's errors, and their HTTP answers in one place.
+
+The batcher, the chip runtime and the job manager raise the domain errors below
+(:class:`QueueFull`, :class:`ShuttingDown`, :class:`ChipFailure`, :class:`JobNotFound`,
+:class:`JobConflict`); ``core`` and ``task_store`` raise theirs. :func:`http_answer`
+alone turns any of them into a status, message and headers, so bad input never surfaces
+as a 500 and a client sees one answer whichever deployment (FastAPI or Ray) served it.
+Only the HTTP layer raises :class:`ApiError`, which already is an answer.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """An error with its HTTP status and a message that says what to do."""
+    """An HTTP refusal raised by the HTTP layer itself (routers, dependencies, request
+    decoding), with its status and a message that says what to do."""
 
     def __init__(self, status_code: int, message: str, *,
                  headers: dict[str, str] | None = None) -> None:
@@ -37,15 +47,109 @@ class ApiError(Exception):
         self.headers = headers
 
     def __reduce__(self) -> tuple[object, ...]:  # picklable across processes (Ray Serve)
-        return (_api_error, (self.status_code, self.message, self.headers))
+        return (_rebuild_api_error, (self.status_code, self.message, self.headers))
 
 
-def _api_error(status_code: int, message: str, headers: dict[str, str] | None) -> ApiError:
+def _rebuild_api_error(status_code: int, message: str,
+                       headers: dict[str, str] | None) -> ApiError:
     return ApiError(status_code, message, headers=headers)
+
+
+# -- the serving layer's own errors (no HTTP in them; http_answer maps them) -------------
+
+
+class ServerError(Xma2Error):
+    """Base of the errors of the batcher, the chip runtime and the job manager."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Picklable across processes (Ray) whatever a subclass's constructor takes.
+        return (_rebuild_server_error, (type(self), str(self), dict(self.__dict__)))
+
+
+def _rebuild_server_error(kind: type[ServerError], message: str,
+                          state: dict[str, object]) -> ServerError:
+    error = kind.__new__(kind)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
+
+class QueueFull(ServerError):
+    """The request queue holds its limit: the client should retry later.
+
+    Args:
+        waiting: requests in the queue (its limit).
+        retry_after_s: seconds until it has likely drained; None if unknown.
+    """
+
+    def __init__(self, waiting: int, retry_after_s: int | None = None) -> None:
+        when = ("retry after the Retry-After seconds" if retry_after_s is not None
+                else "retry shortly")
+        super().__init__(f"the request queue is full ({waiting} waiting); {when}")
+        self.waiting = waiting
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(ServerError):
+    """The server stopped before it could answer a queued request."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down")
+
+
+class ChipFailure(ServerError):
+    """A task's part of a batch failed on the chip (the other tasks were answered).
+
+    Args:
+        task: the task whose requests get this error.
+        cause: what failed; its traceback goes to the server log, its type to the client
+            (kept by name only: the error waits in request futures, the frames need not).
+    """
+
+    def __init__(self, task: str, cause: BaseException) -> None:
+        self.task = task
+        self.cause_type = type(cause).__name__
+        super().__init__(f"task {task!r} failed on the chip ({self.cause_type}); the "
+                         "server log has the details. Other tasks are not affected")
+
+
+class JobNotFound(ServerError, LookupError):
+    """No adaptation job has this id."""
+
+
+class JobConflict(ServerError):
+    """The job's state does not allow the request (cancelling a job that already ended).
+
+    Args:
+        job_id: the job.
+        status: its state now.
+    """
+
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"job {job_id} is already {status}")
+        self.job_id = job_id
+        self.status = status
+
+
+# -- the one mapping to HTTP ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    """What a client receives for an error: status, message and headers."""
+
+    status: int
+    message: str
+    headers: dict[str, str] | None = None
 
 
 # Most specific first: the first matching class decides the status.
 _STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (QueueFull, 429),
+    (ShuttingDown, 503),
+    (ChipFailure, 500),
+    (JobNotFound, 404),
+    (JobConflict, 409),
     (TaskNotFound, 404),
     (TaskInUse, 409),
     (FingerprintMismatch, 409),
@@ -57,6 +161,16 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (ResourceUnavailable, 422),
     (StoreError, 503),  # the store is busy (write lock) or damaged: not the client's fault
 )
+
+
+def http_answer(error: BaseException) -> HttpAnswer:
+    """The answer to a client for ``error``; every error kind maps here and nowhere else
+    (the FastAPI handlers and the Ray chip replicas both ask)."""
+    if isinstance(error, ApiError):
+        return HttpAnswer(error.status_code, error.message, error.headers)
+    if isinstance(error, QueueFull) and error.retry_after_s is not None:
+        return HttpAnswer(429, str(error), {"Retry-After": str(error.retry_after_s)})
+    return HttpAnswer(status_of(error), str(error))
 
 
 @contextmanager
@@ -100,16 +214,13 @@ def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
     return sorted(methods)
 
 
-async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
-    return JSONResponse(_body(error.status_code, error.message), error.status_code,
-                        headers=error.headers)
-
-
-async def _xma2_error(_request: Request, error: Xma2Error) -> JSONResponse:
-    status = status_of(error)
-    if status >= 500:
+async def _known_error(_request: Request, error: Exception) -> JSONResponse:
+    answer = http_answer(error)
+    if answer.status >= 500 and not isinstance(error, ApiError | ServerError):
+        # (ChipFailure is logged where it happens; ApiError is a deliberate answer)
         logger.exception("unexpected error", exc_info=error)
-    return JSONResponse(_body(status, str(error)), status)
+    return JSONResponse(_body(answer.status, answer.message), answer.status,
+                        headers=answer.headers)
 
 
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -136,8 +247,9 @@ async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
-    app.add_exception_handler(Xma2Error, _xma2_error)  # type: ignore[arg-type]
+    """Answer every error the way :func:`http_answer` says, in the ``{"error": ...}`` shape."""
+    app.add_exception_handler(ApiError, _known_error)
+    app.add_exception_handler(Xma2Error, _known_error)  # ServerError and the store's too
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
 

@@ -20,10 +20,10 @@ from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any
 
-from server.errors import ApiError
+from server.errors import JobConflict, JobNotFound
 from server.job_worker import JOB_KIND, WorkerConfig, run_job
 from task_store import JobRecord, JobStatus, StoreError
-from task_store.index import TaskIndex
+from task_store.index import JobEvent, TaskIndex
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class JobManager:
     def cancel(self, job_id: str) -> JobRecord:
         job = self.get(job_id)
         if job.status.terminal:
-            raise ApiError(409, f"job {job_id} is already {job.status.value}")
+            raise JobConflict(job_id, job.status.value)
         with self._wake:
             running = self._running.get(job_id)
             if running is None:
@@ -132,10 +132,15 @@ class JobManager:
         try:
             job = self.index.job(job_id)
         except StoreError as e:
-            raise ApiError(404, str(e)) from e
+            raise JobNotFound(str(e)) from e
         if job.kind != JOB_KIND:
-            raise ApiError(404, f"no adaptation job {job_id!r}")
+            raise JobNotFound(f"no adaptation job {job_id!r}")
         return job
+
+    def events(self, job_id: str, *, after: int = 0, limit: int = 50) -> list[JobEvent]:
+        """The job's events after the one numbered ``after``, oldest first."""
+        self.get(job_id)
+        return self.index.job_events(job_id, after=after, limit=limit)
 
     def _all(self, status: JobStatus) -> list[JobRecord]:
         return [j for j in self.index.jobs(status=status, limit=1_000_000)

@@ -22,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from core.backbones.preprocess import imagenet_resize_size, preprocess_fit, preprocess_image
+from core.backbones.shipped import imagenet_task, load_backbone
 from core.confidence import UNCALIBRATED, Confidence
 from core.config import Fidelity
 from core.energy import EnergyReport
@@ -31,8 +32,9 @@ from core.lru import CapacityError
 from core.model import CrossbarModel
 from core.pool import EnergyAwareEviction, LRUEviction, PoolConfig, SparePEPool
 from core.task_state import TaskState
-from server.errors import ApiError
+from server.errors import ChipFailure
 from server.images import load_image
+from server.settings import Settings
 from task_store import StoredTask, TaskStore, VersionRecord
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,9 @@ PREPROCESS_IMAGENET = "imagenet"
 """Resize the short side to 256/224 of the input size, then centre-crop (ImageNet eval)."""
 PREPROCESS_FIT = "fit"
 """Resize the centre square to the input size (how task datasets are read)."""
+BUILTIN_TASK = "imagenet"
+"""The backbone's own ImageNet classifier, served on every chip without a store entry."""
+IMAGENET_INPUT_SIZE = 224
 
 
 @dataclass(frozen=True)
@@ -109,11 +114,6 @@ class Prediction:
     """The task's OOD score of the image (:mod:`core.confidence`; higher: more like its own)."""
     ood: bool
     """The score is below the task's threshold: the image is unlike the task's own."""
-
-
-def _task_failed(task: str, error: Exception) -> Exception:
-    return ApiError(500, f"task {task!r} failed on the chip ({type(error).__name__}); the "
-                         "server log has the details. Other tasks are not affected")
 
 
 def served_from_store(stored: StoredTask, record: VersionRecord) -> ServedTask:
@@ -370,7 +370,7 @@ class TaskRuntime:
                 except Exception as error:
                     logger.exception("task %s failed on the chip", task, exc_info=error)
                     for i in group:
-                        results[i] = _task_failed(task, error)
+                        results[i] = ChipFailure(task, error)
 
     def _run_batch(self, items: list[BatchItem], runnable: list[int],
                    results: list[Prediction | Exception]) -> None:
@@ -477,3 +477,29 @@ class TaskRuntime:
         return table
 
 
+def build_runtime(settings: Settings) -> TaskRuntime:
+    """The chip ``settings`` describe, as ``xma2 serve`` and every Ray chip replica run it.
+
+    Loads (and programs) the backbone, opens the store for it and serves the built-in
+    ImageNet task; registers nothing yet: the caller runs :meth:`TaskRuntime.load_all` or
+    :meth:`TaskRuntime.load_builtins` on the worker. Sets this process's torch threads.
+    """
+    torch.set_num_threads(settings.inference_threads)
+    began = time.perf_counter()
+    logger.info("loading the backbone: file=%s threads=%d",
+                settings.backbone_file or "shipped MobileNetV2 (4-bit)",
+                settings.inference_threads)
+    model = load_backbone(settings.backbone_file)
+    logger.info("backbone loaded and programmed: seconds=%.1f fingerprint=%s",
+                time.perf_counter() - began, model.fingerprint()[:12])
+    store = TaskStore.for_model(settings.store_root, model,
+                                max_archive_bytes=settings.max_body_bytes)
+    try:
+        return TaskRuntime(
+            model, store, builtin={BUILTIN_TASK: (imagenet_task(model), IMAGENET_INPUT_SIZE)},
+            fidelity=settings.fidelity,
+            pool=PoolConfig(spare_pes=settings.spare_pes, mask_entries=settings.mask_entries),
+            eviction=settings.eviction, max_prepared_tasks=settings.max_prepared_tasks)
+    except BaseException:
+        store.close()
+        raise

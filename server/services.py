@@ -11,17 +11,13 @@ import threading
 import time
 from collections.abc import Iterator
 
-import torch
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from core.backbones.shipped import imagenet_task, load_backbone
-from core.pool import PoolConfig
-from server.batcher import Batcher
+from server.batcher import Batcher, build_batcher
 from server.job_worker import WorkerConfig
 from server.jobs import JobManager
 from server.metrics import ServerMetrics
-from server.runtime import TaskRuntime
-from server.scheduler import BatchScheduler, ChipView
+from server.runtime import TaskRuntime, build_runtime
 from server.scratch import remove_orphaned_scratch
 from server.settings import Settings
 from server.shipped_tasks import import_default_tasks
@@ -29,7 +25,6 @@ from task_store import JobStatus, TaskStore
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_INPUT_SIZE = 224
 CHECKPOINTS_DIR = "job_checkpoints"
 
 
@@ -56,13 +51,8 @@ class Services:
     def _start(self) -> None:
         s = self.settings
         began = time.perf_counter()
-        torch.set_num_threads(s.inference_threads)
-        logger.info("loading the backbone: file=%s threads=%d",
-                    s.backbone_file or "shipped MobileNetV2 (4-bit)", s.inference_threads)
-        model = load_backbone(s.backbone_file)
-        logger.info("backbone loaded and programmed: seconds=%.1f fingerprint=%s",
-                    time.perf_counter() - began, model.fingerprint()[:12])
-        store = TaskStore.for_model(s.store_root, model, max_archive_bytes=s.max_body_bytes)
+        runtime = build_runtime(s)
+        store = runtime.store
         self.store = store
         scratch = remove_orphaned_scratch(store.root)
         if scratch:
@@ -72,11 +62,6 @@ class Services:
             imported = import_default_tasks(store)
             logger.info("shipped tasks: imported=%s (each is imported once per store; a "
                         "deleted one stays deleted)", ",".join(imported) or "none")
-        builtin = {"imagenet": (imagenet_task(model), IMAGENET_INPUT_SIZE)}
-        runtime = TaskRuntime(
-            model, store, builtin=builtin, fidelity=s.fidelity,
-            pool=PoolConfig(spare_pes=s.spare_pes, mask_entries=s.mask_entries),
-            eviction=s.eviction, max_prepared_tasks=s.max_prepared_tasks)
         metrics = ServerMetrics(runtime.pool)
         metrics.add_collector(self._job_states)
         runtime.on_prediction = metrics.observe_prediction
@@ -103,13 +88,8 @@ class Services:
         runtime, metrics, s = self.runtime, self.metrics, self.settings
         if runtime is None or metrics is None:
             return
-        chip = ChipView(resident=runtime.resident_tasks, fits=runtime.fits,
-                        reload_energy_j=runtime.reload_energy_j)
-        scheduler = BatchScheduler(s.scheduler, s.max_batch_size, s.max_reorder_wait_ms / 1e3,
-                                   chip)
-        batcher = Batcher(runtime, scheduler, max_queue=s.max_queue,
-                          max_delay_s=s.max_queue_delay_ms / 1e3,
-                          on_batch=metrics.observe_batch, on_reject=metrics.observe_reject)
+        batcher = build_batcher(s, runtime, on_batch=metrics.observe_batch,
+                                on_reject=metrics.observe_reject)
         metrics.watch_queue(lambda: batcher.depth)
         batcher.start()
         self.batcher = batcher

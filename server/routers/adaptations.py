@@ -152,8 +152,7 @@ def adaptation_events(
                                        description="seq of the last event already seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobEventList:
-    jobs.get(job_id)
-    events = jobs.index.job_events(job_id, after=after, limit=limit + 1)
+    events = jobs.events(job_id, after=after, limit=limit + 1)
     return JobEventList(data=[JobEventOut(seq=e.seq, created=e.created, level=e.level,
                                           message=e.message) for e in events[:limit]],
                         has_more=len(events) > limit)

@@ -21,11 +21,9 @@ import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.backbones.shipped import imagenet_task, load_backbone
 from core.datasets import load_raw
 from server.images import decode_image
-from server.runtime import TaskRuntime
-from server.services import IMAGENET_INPUT_SIZE
+from server.runtime import build_runtime
 from server.settings import Settings
 from server.shipped_tasks import SHIPPED_DIR
 from task_store import TaskStore
@@ -36,14 +34,8 @@ try:
     import ray
     from ray import serve
 
-    from server.ray_app import (
-        APP_NAME,
-        REPLICA_HEADER,
-        REPLICA_TASKS_HEADER,
-        RayOptions,
-        build,
-        prepare_store,
-    )
+    from server.ray.app import APP_NAME, RayOptions, build, prepare_store
+    from server.ray.gateway import REPLICA_HEADER, REPLICA_TASKS_HEADER
 except ImportError as e:  # pragma: no cover - a missing test dependency must fail, not skip
     raise ImportError(f"{e}: install the Ray extra (`pip install -e '.[ray]'`)") from e
 
@@ -99,11 +91,8 @@ def samples() -> list[Sample]:
 def reference(settings: Settings, samples: list[Sample]) -> dict[bytes, list[dict]]:
     """Predictions of the single-process runtime (what `xma2 serve` answers), by image."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(settings.inference_threads)
-    model = load_backbone(None)
-    store = TaskStore.for_model(settings.store_root, model)
-    runtime = TaskRuntime(model, store, builtin={
-        "imagenet": (imagenet_task(model), IMAGENET_INPUT_SIZE)})
+    runtime = build_runtime(settings)  # as `xma2 serve` and every chip replica build it
+    store = runtime.store
     try:
         runtime.load_all()  # on this thread: nothing else touches this engine
         out = {}

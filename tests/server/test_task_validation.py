@@ -18,7 +18,7 @@ from safetensors.torch import save as save_tensors
 from core.backbones.shipped import imagenet_task, load_backbone
 from core.config import Fidelity
 from core.task_state import TaskHead, TaskState
-from server.errors import ApiError
+from server.errors import ChipFailure, http_answer
 from server.runtime import BatchItem, Prediction, ServedTask, TaskRuntime
 from task_store import TaskStore
 from task_store.format import FORMAT_TAG, sha256_hex
@@ -106,8 +106,8 @@ def test_a_failing_task_fails_only_its_own_requests(tmp_path: Path) -> None:
         results = runtime.worker.submit(runtime.infer_batch, items).result()
         good, bad = results[0::2], results[1::2]
         assert all(isinstance(r, Prediction) and r.task == "imagenet" for r in good), good
-        assert all(isinstance(r, ApiError) and r.status_code == 500
-                   and "poisoned" in r.message for r in bad), bad
+        assert all(isinstance(r, ChipFailure) and r.task == "poisoned" for r in bad), bad
+        assert all(http_answer(r).status == 500 for r in bad)
         assert good[0].top == good[1].top  # (the same image)
         alone = runtime.worker.submit(runtime.infer_batch, items[:1]).result()[0]
         assert isinstance(alone, Prediction)
