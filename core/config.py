@@ -249,6 +249,10 @@ class NonIdealities:
     """Fraction of cells stuck at level 0."""
     adc_offset_sigma: float = 0.0
     """Std of each layer's ADC offset, in LSB."""
+    adc_offset_trimmed: bool = False
+    """The chip trims each ADC's offset by its whole LSBs (a one-time foreground
+    calibration), leaving the fraction in [-0.5, 0.5]; where sums are integers read at
+    unit step, a fraction below half an LSB then changes no code."""
     seed: int = 0
 
     def __post_init__(self) -> None:

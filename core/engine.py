@@ -629,6 +629,8 @@ class CrossbarEngine:
         if noise.adc_offset_sigma:
             generator = torch.Generator().manual_seed(part_seed(noise.seed, f"adc/{name}"))
             offset = float(torch.randn((), generator=generator)) * noise.adc_offset_sigma
+            if noise.adc_offset_trimmed:
+                offset -= round(offset)
         return build_program(cells, column_values, mapping, dac_bits=chip.dac_bits,
                              adc_step=step, adc_bits=chip.adc_bits, adc_offset_lsb=offset,
                              read_sigma=noise.read_sigma,

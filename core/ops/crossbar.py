@@ -112,8 +112,9 @@ class CrossbarProgram:
     """Read groups per PE row group (``row_groups`` counts read groups)."""
     lossless: bool = False
     """Every sum a read can produce is converted exactly (unit step, no clipping, no
-    noise): the layer's result is ``sum(input_code * weight_code * mask)``, which ideal
-    fidelity computes bit for bit, so the forward pass may take that path."""
+    noise, an ADC offset below half an LSB): the layer's result is
+    ``sum(input_code * weight_code * mask)``, which ideal fidelity computes bit for bit,
+    so the forward pass may take that path."""
 
     @property
     def packed_columns(self) -> int:
@@ -275,7 +276,8 @@ def build_program(
     if not bool((adc_step > 0).all()):
         raise ConfigError(f"layer {layer.name}: ADC steps must be > 0, got {adc_step.tolist()}")
     qmin, qmax = adc_code_range(adc_bits, signed)
-    lossless = (cells_as_encoded and read_sigma == 0 and adc_offset_lsb == 0 and integer
+    # An offset below half an LSB moves no integer sum read at unit step off its code.
+    lossless = (cells_as_encoded and read_sigma == 0 and abs(adc_offset_lsb) < 0.5 and integer
                 and bool((adc_step == 1).all())
                 and largest_read_sum(layer, dac_bits) <= min(qmax, -qmin if signed else qmax))
     return CrossbarProgram(

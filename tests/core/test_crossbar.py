@@ -19,6 +19,7 @@ from core.mapping import LayerMapping, map_layer
 from core.model import CrossbarModel
 from core.ops.crossbar import (
     ConvGeometry,
+    CrossbarProgram,
     build_program,
     conversions,
     crossbar_conv2d,
@@ -50,16 +51,48 @@ HAND_INPUT = torch.tensor([3.0, 1.0, 2.0, 0.0]).reshape(1, 4, 1, 1)
 HAND_GEOMETRY = ConvGeometry((1, 1), (0, 0), (1, 1))
 
 
-def _hand(step: float, adc_bits: int, mask: float = 1.0, dac_bits: int = 4) -> float:
+def _hand_program(step: float, adc_bits: int, mask: float = 1.0, dac_bits: int = 4,
+                  offset: float = 0.0) -> CrossbarProgram:
     layer = _layer(4, 1, 1, HAND_CONFIG)
-    program = build_program(
+    return build_program(
         layer_cell_levels(HAND_CODES, layer), torch.tensor([[mask]]), layer, dac_bits=dac_bits,
-        adc_step=torch.tensor([step, step]), adc_bits=adc_bits)
+        adc_step=torch.tensor([step, step]), adc_bits=adc_bits, adc_offset_lsb=offset)
+
+
+def _hand(step: float, adc_bits: int, mask: float = 1.0, dac_bits: int = 4,
+          offset: float = 0.0) -> float:
+    program = _hand_program(step, adc_bits, mask, dac_bits, offset)
     return crossbar_conv2d(HAND_INPUT, program, HAND_GEOMETRY, implementation="reference").item()
 
 
 def test_hand_pe_lossless_adc_gives_the_exact_dot_product():
     assert _hand(step=1.0, adc_bits=8) == 7.0  # 4*11 + 11 - 8*6
+
+
+def test_hand_pe_adc_offset_below_half_an_lsb_changes_no_integer_sum():
+    # Both partial sums are 11: an offset of 0.49 LSB reads 11.49 -> 11, of 0.51 -> 12.
+    for offset in (0.49, -0.49):
+        assert _hand(step=1.0, adc_bits=8, offset=offset) == 7.0
+        assert _hand_program(step=1.0, adc_bits=8, offset=offset).lossless
+    assert _hand(step=1.0, adc_bits=8, offset=0.51) == 12.0  # 4*12 + 12 - 48
+    assert not _hand_program(step=1.0, adc_bits=8, offset=0.51).lossless
+
+
+def test_trimmed_adc_offsets_leave_the_default_chip_exact(quantized_mobilenet, images32):
+    # The default chip's sums are integers read at unit step: trimming each ADC's offset
+    # to its fraction (below half an LSB) makes even the high level's offsets harmless.
+    head = random_head(5, 1280)
+    answers = {}
+    for trimmed in (False, True):
+        noise = NonIdealities(adc_offset_sigma=0.5, adc_offset_trimmed=trimmed, seed=3)
+        engine = CrossbarEngine(quantized_mobilenet,
+                                crossbar=CrossbarSettings(non_idealities=noise))
+        engine.add_task(TaskState("t", quantized_mobilenet.config.shift_levels, head))
+        answers[trimmed] = engine.features(images32, "t", "crossbar")
+    ideal = CrossbarEngine(quantized_mobilenet)
+    ideal.add_task(TaskState("t", quantized_mobilenet.config.shift_levels, head))
+    assert torch.equal(answers[True], ideal.features(images32, "t", "ideal"))
+    assert not torch.equal(answers[False], answers[True])  # some offsets exceed 0.5 LSB
 
 
 def test_hand_pe_adc_rounds_half_to_even():
