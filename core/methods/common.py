@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ __all__ = [
     "deterministic",
     "fit",
     "seeded_generator",
+    "to_channels_last",
     "warm_start_head",
 ]
 
@@ -221,6 +222,18 @@ def warm_start_head(features: Callable[[Tensor], Tensor], head: nn.Linear, split
     head.bias.copy_(bias)
 
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def to_channels_last(module: ModuleT) -> ModuleT:
+    """``module.to(memory_format=torch.channels_last)`` (in place; returns ``module``).
+
+    ``Module.to`` takes the keyword at run time, but torch's stubs declare only its
+    device, dtype and tensor forms: the call goes through a ``Callable[..., ModuleT]``."""
+    to: Callable[..., ModuleT] = module.to
+    return to(memory_format=torch.channels_last)
+
+
 # -- checkpoints ---------------------------------------------------------------------------
 
 
@@ -243,7 +256,7 @@ def _load_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Opt
     json_path = folder / CHECKPOINT_JSON
     if not json_path.is_file():
         return None
-    saved = json.loads(json_path.read_text())
+    saved: dict[str, Any] = json.loads(json_path.read_text())
     if saved.get("format_version") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{folder}: checkpoint format {saved.get('format_version')!r}, "
                           f"this xma2 reads {CHECKPOINT_FORMAT!r}")
@@ -266,6 +279,19 @@ def _load_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Opt
 
 
 # -- the loop ------------------------------------------------------------------------------
+
+
+# What fit reads of a module that has it (checked with hasattr first).
+class _Reseeded(Protocol):
+    generator: torch.Generator | None
+
+
+class _Regularized(Protocol):
+    def regularization(self) -> Tensor | None: ...
+
+
+class _EpochMetrics(Protocol):
+    def epoch_metrics(self) -> dict[str, float]: ...
 
 
 class _Progress:
@@ -363,7 +389,7 @@ def fit(
             idx = order[index * config.batch_size : (index + 1) * config.batch_size]
             x, y = train_split.batch(idx)
             if hasattr(module, "generator"):
-                module.generator = seeded_generator(config.seed, 1, step)
+                cast(_Reseeded, module).generator = seeded_generator(config.seed, 1, step)
             factor = (0.5 * (1 + math.cos(math.pi * step / total))
                       if config.cosine_schedule else 1.0)
             for g in optimizer.param_groups:
@@ -375,8 +401,8 @@ def fit(
                 before_step(step / total)
             logits = module(x)
             loss = F.cross_entropy(logits, y)
-            penalty = (module.regularization() if hasattr(module, "regularization")
-                       else None)
+            penalty = (cast(_Regularized, module).regularization()
+                       if hasattr(module, "regularization") else None)
             if penalty is not None:
                 loss = loss + penalty
             optimizer.zero_grad(set_to_none=True)
@@ -390,7 +416,8 @@ def fit(
             epoch_seen += len(y)
             metrics = None
             if index == steps_per_epoch - 1:
-                metrics = module.epoch_metrics() if hasattr(module, "epoch_metrics") else {}
+                metrics = (cast(_EpochMetrics, module).epoch_metrics()
+                           if hasattr(module, "epoch_metrics") else {})
                 history.append({"epoch": epoch, "loss": epoch_loss / epoch_seen,
                                 "train_accuracy": epoch_correct / epoch_seen, **metrics})
             info = StepInfo(step, total, epoch, value, epoch_correct / epoch_seen,
@@ -409,4 +436,5 @@ def fit(
 
 def config_dict(config: Any) -> dict[str, Any]:
     """A method config as plain JSON data."""
-    return json.loads(json.dumps(asdict(config)))
+    data: dict[str, Any] = json.loads(json.dumps(asdict(config)))
+    return data

@@ -30,6 +30,7 @@ from core.methods.common import (
     config_dict,
     deterministic,
     fit,
+    to_channels_last,
     warm_start_head,
 )
 from core.methods.task_model import (
@@ -90,7 +91,7 @@ class Fp32Classifier(nn.Module):
         self.body = copy.deepcopy(backbone).float()
         self.channels_last = channels_last
         if channels_last:
-            self.body = self.body.to(memory_format=torch.channels_last)
+            self.body = to_channels_last(self.body)
         features = int(getattr(self.body, "feature_dim", 0)) or int(
             self.body.forward_features(torch.zeros(1, 3, 32, 32)).shape[1])
         self.head = nn.Linear(features, num_classes)

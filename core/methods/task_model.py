@@ -17,7 +17,7 @@ import math
 import time
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +38,16 @@ from core.methods.common import (
     config_dict,
     deterministic,
     fit,
+    to_channels_last,
     warm_start_head,
 )
 from core.model import CrossbarModel
 from core.ops.fold import replaced_columns, to_row_groups
 from core.quant import ActivationQuantizer, round_ste, signed_range
 from core.task_state import LayerTaskState, TaskHead, TaskState, ones_code, shift_values
+
+if TYPE_CHECKING:
+    from core.methods.column_masks import ColumnMaskModule
 
 __all__ = [
     "CrossbarAdapter",
@@ -62,6 +66,13 @@ def _just_outside(low: int, high: int) -> tuple[float, float]:
     below = torch.nextafter(torch.tensor(float(low)), torch.tensor(-math.inf))
     above = torch.nextafter(torch.tensor(float(high)), torch.tensor(math.inf))
     return float(below), float(above)
+
+
+def _apply(function: type[torch.autograd.Function], *args: Any) -> Tensor:
+    """``function.apply(*args)``, typed: torch's stubs leave ``Function.apply`` unannotated.
+    Callers name the class at each call, so a test can swap the module's STE classes."""
+    apply: Callable[..., Tensor] = function.apply
+    return apply(*args)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
@@ -93,6 +104,8 @@ class _FakeQuantSTE(torch.autograd.Function):
 class FrozenInputQuant(nn.Module):
     """A crossbar input quantizer whose step is frozen (the backbone's DAC range)."""
 
+    step: Tensor
+
     def __init__(self, quant: ActivationQuantizer) -> None:
         super().__init__()
         self.register_buffer("step", quant.step.detach().clone())
@@ -105,7 +118,7 @@ class FrozenInputQuant(nn.Module):
         if not self.enabled:
             return x
         if torch.is_grad_enabled():
-            return _FakeQuantSTE.apply(x, self.step, self.qmin, self.qmax, self.bounds)
+            return _apply(_FakeQuantSTE, x, self.step, self.qmin, self.qmax, self.bounds)
         # The same operations, in the same order, as ActivationQuantizer at inference.
         y = x.div_(self.step) if self.inplace else x / self.step
         return y.round_().clamp_(self.qmin, self.qmax).mul_(self.step)
@@ -146,7 +159,7 @@ class _ClampQuant:
         self.bounds = (0.0, over if over <= qmax else _just_outside(qmin, qmax)[1])
 
     def __call__(self, x: Tensor) -> Tensor:
-        return _ClampQuantSTE.apply(x, self.step, self.clamp, self.bounds)
+        return _apply(_ClampQuantSTE, x, self.step, self.clamp, self.bounds)
 
 
 class _Identity(nn.Module):
@@ -169,6 +182,9 @@ class LayerAdapter(nn.Module):
     Args:
         layer: the backbone layer (its codes and scale are copied, never modified).
     """
+
+    codes: Tensor
+    scale: Tensor
 
     def __init__(self, layer: CrossbarConv2d) -> None:
         super().__init__()
@@ -211,8 +227,15 @@ class CrossbarAdapter(LayerAdapter):
         column_mask: the learnable tier-2 mask (None: every column at 1).
     """
 
+    pe_mask: Tensor
+    spare_valid: Tensor
+    grouped_codes: Tensor
+    spare_kept: Tensor
+    spare_outputs: Tensor
+    spare_groups: Tensor
+
     def __init__(self, layer: CrossbarConv2d, pe_mask: Tensor | None = None,
-                 column_mask: nn.Module | None = None) -> None:
+                 column_mask: ColumnMaskModule | None = None) -> None:
         super().__init__(layer)
         mapping = self.mapping
         mask = (pe_mask if pe_mask is not None
@@ -310,7 +333,7 @@ class TaskModel(nn.Module):
             layer.reset_effective_weight()
         self.channels_last = channels_last
         if channels_last:
-            backbone = backbone.to(memory_format=torch.channels_last)
+            backbone = to_channels_last(backbone)
         object.__setattr__(self, "backbone", backbone)  # not a submodule: never saved or moved
         self._source_layers = dict(model.layers())
         self._layers = dict(backbone.layers())
@@ -362,7 +385,11 @@ class TaskModel(nn.Module):
 
     def current_adapters(self) -> dict[str, LayerAdapter]:
         """Layer name -> adapter."""
-        return {self._adapter_names[k]: a for k, a in self.adapters.items()}  # type: ignore[misc]
+        return {self._adapter_names[k]: a for k, a in self._adapter_items()}
+
+    def _adapter_items(self) -> list[tuple[str, LayerAdapter]]:
+        """``self.adapters.items()``, typed (:meth:`set_adapters` stores LayerAdapters only)."""
+        return [(k, cast(LayerAdapter, a)) for k, a in self.adapters.items()]
 
     def set_adapters(self, adapters: dict[str, LayerAdapter]) -> None:
         """Replace the adapters; layers without one run the backbone's weights."""
@@ -425,7 +452,7 @@ class TaskModel(nn.Module):
                 self._layers[name].effective_weight = weight
             else:
                 self._layers[name].effective_codes = codes
-        for key, adapter in self.adapters.items():
+        for key, adapter in self._adapter_items():
             name = self._adapter_names[key]
             layer = self._layers[name]
             if exact:
@@ -440,16 +467,17 @@ class TaskModel(nn.Module):
             layer.effective_weight = weight
 
     def _program_chip(self, chip: ChipInTheLoop) -> None:
+        adapters = dict(self._adapter_items())
         with torch.no_grad():
             for name in self.crossbar_layer_names():
-                adapter = self.adapters[_key(name)] if _key(name) in self.adapters else None
+                adapter = adapters.get(_key(name))
                 chip.program(name, None if adapter is None
                              else adapter.chip_state(self.shift_levels))
 
     def regularization(self) -> Tensor | None:
         """The column masks' penalties (None when no mask has one)."""
-        terms = [a.column_mask.penalty() for a in self.adapters.values()
-                 if hasattr(getattr(a, "column_mask", None), "penalty")]
+        masks: list[Any] = [getattr(a, "column_mask", None) for a in self.adapters.values()]
+        terms: list[Tensor | None] = [m.penalty() for m in masks if hasattr(m, "penalty")]
         present = [t for t in terms if t is not None]
         return torch.stack(present).sum() if present else None
 
@@ -475,7 +503,8 @@ class TaskModel(nn.Module):
         self.load_weights()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.backbone(x)
+        features: Tensor = self.backbone(x)
+        return features
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.features(x), self.head.weight, self.head.bias)
@@ -483,7 +512,7 @@ class TaskModel(nn.Module):
     def export(self, task_id: str, labels: tuple[str, ...]) -> TaskState:
         """The learned task as the engine serves it (bit-exact in ideal fidelity)."""
         layers = {self._adapter_names[k]: a.export(self.shift_levels)
-                  for k, a in self.adapters.items()}
+                  for k, a in self._adapter_items()}
         digital = {self._bn_names[k]: p.detach().clone() for k, p in self.batchnorm.items()}
         head = TaskHead(self.head.weight.detach().clone(), self.head.bias.detach().clone(),
                         tuple(labels))
