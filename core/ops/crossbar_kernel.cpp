@@ -380,15 +380,16 @@ void crossbar_matmul(
               const float* __restrict w1 = w_r + k1 * columns;
               const float* __restrict w2 = w_r + k2 * columns;
               const float* __restrict w3 = w_r + k3 * columns;
-              for (int64_t n = 0; n < columns; ++n) {
-                s_row[n] += (a0 * w0[n] + a1 * w1[n]) + (a2 * w2[n] + a3 * w3[n]);
+              for (int64_t n = 0; n < columns; ++n) {  // fused multiply-adds: exact here
+                s_row[n] = std::fma(a3, w3[n], std::fma(a2, w2[n], std::fma(
+                    a1, w1[n], std::fma(a0, w0[n], s_row[n]))));
               }
             }
             for (; z < n_nonzero; ++z) {
               const int32_t k0 = nonzero[z];
               const float a0 = chunk[k0];
               const float* __restrict w0 = w_r + k0 * columns;
-              for (int64_t n = 0; n < columns; ++n) s_row[n] += a0 * w0[n];
+              for (int64_t n = 0; n < columns; ++n) s_row[n] = std::fma(a0, w0[n], s_row[n]);
             }
             // ADC, shift-add, column mask and offset correction of every output channel
             const float input_sum = s_row[columns - 1];
