@@ -24,6 +24,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+import core.layers as layers_module
+import core.ops.crossbar as ops
+from core.ops.crossbar import ConvGeometry, CrossbarProgram
+
+Call = tuple[Tensor, CrossbarProgram, ConvGeometry, dict[str, object]]
 
 
 def _best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -35,8 +42,30 @@ def _best_ms(fn: Callable[[], object], repeats: int) -> float:
     return best * 1e3
 
 
+def _operator(operator: Callable[..., Tensor], call: Call) -> Callable[[], Tensor]:
+    codes, program, geometry, kw = call
+    return lambda: operator(codes, program, geometry, **kw)
+
+
+def _unfused_phases(call: Call, repeats: int) -> tuple[float, float, float]:
+    """Stacking, grouped convolution and ADC pass of one layer's compiled operator (ms)."""
+    codes, program, geometry, _ = call
+    skip = program.zero_reads_zero
+    stacked, weights = ops._stack_cycles(codes, program, True, skip)
+    out = torch.zeros(codes.shape[0], program.out_channels,
+                      *geometry.output_size(codes.shape[2], codes.shape[3],
+                                            program.kernel_size))
+    stack = _best_ms(lambda: ops._stack_cycles(codes, program, True, skip), repeats)
+    conv = _best_ms(lambda: F.conv2d(stacked, program.weight, None, geometry.stride,
+                                     geometry.padding, geometry.dilation,
+                                     program.row_groups), repeats)
+    chunk = _best_ms(lambda: ops._compiled_chunk(stacked, program, geometry, weights, None,
+                                                 out.zero_()), repeats)
+    return stack, conv, max(0.0, chunk - conv)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--dac-mode", choices=("multi_bit", "bit_serial"), default="multi_bit")
@@ -46,8 +75,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import core.layers as layers_module
-    import core.ops.crossbar as ops
     from core.backbones.shipped import load_backbone
     from core.calibration import calibration_images
     from core.config import PAPER_CHIP, CrossbarSettings
@@ -64,13 +91,16 @@ def main() -> None:
                                       seed=1))
     x = torch.randn(args.batch, 3, args.size, args.size,
                     generator=torch.Generator().manual_seed(args.seed))
-    forward = lambda: engine.forward(x, "task-a", "crossbar")  # noqa: E731
+
+    def forward() -> Tensor:
+        return engine.forward(x, "task-a", "crossbar")
+
     forward()
-    calls: list[tuple[torch.Tensor, object, object, dict[str, object]]] = []
+    calls: list[Call] = []
     original = ops.crossbar_conv2d
 
-    def capture(codes: torch.Tensor, program: object, geometry: object,
-                **kw: object) -> torch.Tensor:
+    def capture(codes: Tensor, program: CrossbarProgram, geometry: ConvGeometry,
+                **kw: object) -> Tensor:
         calls.append((codes.clone(), program, geometry, kw))
         return original(codes, program, geometry, **kw)  # type: ignore[arg-type]
 
@@ -86,31 +116,18 @@ def main() -> None:
               "stack input cycles": 0.0, "grouped convolution": 0.0,
               "ADC and shift-add pass": 0.0}
     unfused_calls = 0.0
-    for codes, program, geometry, kw in calls:
-        call = _best_ms(lambda: original(codes, program, geometry, **kw),  # type: ignore
-                        args.repeats)
-        phases["operator calls"] += call
-        if fused and ops._matmul_applies(program):  # type: ignore[arg-type]
-            phases["fused operator calls (matrix-product path)"] += call
+    for call in calls:
+        program = call[1]
+        call_ms = _best_ms(_operator(original, call), args.repeats)
+        phases["operator calls"] += call_ms
+        if fused and ops._matmul_applies(program):
+            phases["fused operator calls (matrix-product path)"] += call_ms
             continue
-        unfused_calls += call
-        stacked, weights = ops._stack_cycles(codes, program, True,  # type: ignore
-                                             program.zero_reads_zero)  # type: ignore
-        out = torch.zeros(codes.shape[0], program.out_channels,  # type: ignore
-                          *geometry.output_size(codes.shape[2], codes.shape[3],  # type: ignore
-                                                program.kernel_size))  # type: ignore
-        stack = _best_ms(lambda: ops._stack_cycles(codes, program, True,  # type: ignore
-                                                   program.zero_reads_zero),  # type: ignore
-                         args.repeats)
-        conv = _best_ms(lambda: F.conv2d(
-            stacked, program.weight, None, geometry.stride, geometry.padding,  # type: ignore
-            geometry.dilation, program.row_groups), args.repeats)  # type: ignore
-        chunk = _best_ms(lambda: ops._compiled_chunk(stacked, program, geometry,  # type: ignore
-                                                     weights, None, out.zero_()),
-                         args.repeats)
+        unfused_calls += call_ms
+        stack, conv, adc = _unfused_phases(call, args.repeats)
         phases["stack input cycles"] += stack
         phases["grouped convolution"] += conv
-        phases["ADC and shift-add pass"] += max(0.0, chunk - conv)
+        phases["ADC and shift-add pass"] += adc
     phases["operator glue (Python, output, chunking)"] = max(
         0.0, unfused_calls - phases["stack input cycles"] - phases["grouped convolution"]
         - phases["ADC and shift-add pass"])

@@ -23,7 +23,12 @@ fp32 output column as ``sum(level_t * 2**(k*t))`` (exact below ``2**24``),
 which halves the convolution work for 2-slice weights. The compiled operator
 (``crossbar_kernel.cpp``) and :func:`_adc_shift_add_reference` implement the
 same semantics; :func:`crossbar_conv2d` cuts the batch so that the partial
-sums in memory stay under a bound.
+sums in memory stay under a bound. Where every partial sum is an exact integer
+(:attr:`CrossbarProgram.exact_sums`: integer cell levels, no read noise), the
+compiled operator skips the convolution: per output position, cycle and read
+group it multiplies the read's non-zero inputs into its levels and converts the
+sums at once, equal bit for bit to the convolution path on small maps, where
+that one's fixed costs dominate.
 """
 
 from __future__ import annotations

@@ -156,3 +156,17 @@ def test_paper_chip_network_is_unchanged_by_the_matmul_path(paper_chip, images32
     mixed = ["t", "u", "u", "t"][: len(images32)]  # shared reads, then each task's spare PEs
     fast, slow = _both_paths(lambda: engine.forward_mixed(images32, mixed, "crossbar"))
     assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+
+
+def test_operator_refuses_a_layout_it_was_not_built_for():
+    layer = _layer(20, 6, 1, CrossbarConfig(), input_bits=4, signed=False)
+    levels = layer_cell_levels(torch.randint(-8, 8, (6, 20, 1, 1), dtype=torch.int8), layer)
+    program = _program(levels, layer)
+    x = torch.randint(0, 16, (2, 20, 3, 3)).float()
+    geometry = ConvGeometry((1, 1), (0, 0), (1, 1))
+    wrong = torch.ones(2, program.row_groups + 1, program.out_channels)  # one group too many
+    with pytest.raises(RuntimeError, match="column values do not match"):
+        crossbar_conv2d(x, program, geometry, implementation="compiled", column_values=wrong)
+    with pytest.raises(RuntimeError, match="output does not match"):
+        crossbar_ops._compiled_matmul(x, program, geometry, program.column_values, True,
+                                      torch.zeros(2, program.out_channels, 2, 2))
