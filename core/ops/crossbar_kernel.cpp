@@ -7,7 +7,8 @@
 // column's shift mask, subtracts the offset-encoding correction, sums row groups
 // in the adder tree and weights each input cycle by its significance and sign.
 // The semantics are those of core/ops/crossbar.py:_adc_shift_add_reference; the
-// two are compared by property-based tests.
+// two are compared by property-based tests. crossbar_matmul computes the same bit for
+// bit without the convolution where partial sums are exact integers.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
