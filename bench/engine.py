@@ -6,10 +6,16 @@ so machine noise hits them alike, and reports medians and ratios:
     python bench/engine.py [--batch 16] [--size 224] [--repeats 7] [--crossbar]
     python bench/engine.py --mixed [--batch 16] [--repeats 15]
 
-With ``--crossbar`` it adds crossbar fidelity (5-bit calibrated ADC, multi-bit
-and bit-serial DAC) with the compiled operator and with the eager pure-torch
-reference, and measures each variant's peak memory (RSS) in a fresh process
-(``--memory VARIANT`` runs one variant alone and prints its peak RSS).
+With ``--crossbar`` it adds crossbar fidelity on a lossy periphery, where every layer
+runs the crossbar operator: by default the paper's (:data:`core.config.PAPER_CHIP`: 72
+rows read at once, offset cells, 5-bit ADC calibrated for it on ``--calibration-images``
+photo crops) with its 4-bit multi-bit DAC (compiled operator and eager pure-torch
+reference) and bit-serial (compiled). ``--chip shipped`` times the shipped backbone's
+periphery instead (9 rows per read: bit-serial is lossless there and takes the ideal
+path). Each crossbar variant's logits are hashed (``output_sha256``), so runs of two
+trees can be checked for equal results. Unless ``--skip-memory``, it measures each
+variant's peak memory (RSS) in a fresh process (``--memory VARIANT`` runs one variant
+alone and prints its peak RSS).
 
 ``--mixed`` times the chip alone (one thread, as the server runs it) on a batch of 64x64
 images mixing tasks against the same images all of one task, alternating: the three
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import random
@@ -38,6 +45,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from server.cli import MALLOC_ENV
 
@@ -64,7 +72,15 @@ def main() -> None:
     parser.add_argument("--memory", metavar="VARIANT", help=argparse.SUPPRESS)
     parser.add_argument("--mixed", action="store_true",
                         help="only the chip on a batch mixing tasks vs one task")
-    parser.add_argument("--seed", type=int, default=0, help="--mixed: images and task mix")
+    parser.add_argument("--seed", type=int, default=0, help="images (and --mixed: task mix)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own choice)")
+    parser.add_argument("--chip", choices=("paper", "shipped"), default="paper",
+                        help="--crossbar: the periphery of the crossbar variants")
+    parser.add_argument("--calibration-images", type=int, default=32,
+                        help="--chip paper: photo crops its ADC ranges are calibrated on")
+    parser.add_argument("--skip-memory", action="store_true",
+                        help="--crossbar: do not measure peak RSS in fresh processes")
     args = parser.parse_args()
     if not args.keep_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
@@ -74,10 +90,13 @@ def main() -> None:
 
     from core.backbones import build_backbone
     from core.backbones.shipped import imagenet_task, load_backbone
-    from core.config import CrossbarSettings
+    from core.calibration import calibration_images
+    from core.config import PAPER_CHIP, CrossbarSettings
     from core.engine import CrossbarEngine
     from core.task_state import TaskState, random_task_state
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     fp32 = build_backbone("mobilenet_v2")
     model = load_backbone(None)
@@ -87,14 +106,26 @@ def main() -> None:
     engine.add_task(random_task_state("task-a", engine.mapping, head, seed=1))
     engine.add_task(random_task_state("task-b", engine.mapping, head, seed=2))
     engine.add_task(TaskState("plain", model.config.shift_levels, head))
-    x = torch.randn(args.batch, 3, args.size, args.size)
+    x = torch.randn(args.batch, 3, args.size, args.size,
+                    generator=torch.Generator().manual_seed(args.seed))
     x_cl = x.contiguous(memory_format=torch.channels_last)
+    chip_model = model
+    if (args.crossbar or args.memory) and args.chip == "paper":
+        chip_model = model.with_chip(**PAPER_CHIP)
+        chip_model.calibrate_adc(calibration_images(args.calibration_images, 64, seed=0))
+    outputs: dict[str, Tensor] = {}
 
     def crossbar(dac_mode: str, implementation: str) -> Callable[[], object]:
-        other = CrossbarEngine(model, crossbar=CrossbarSettings(
+        other = CrossbarEngine(chip_model, crossbar=CrossbarSettings(
             dac_mode=dac_mode, implementation=implementation))  # type: ignore[arg-type]
         other.add_task(engine.tasks["task-a"])
-        return lambda: other.forward(x, "task-a", "crossbar")
+        name = (f"crossbar {'bit-serial ' if dac_mode == 'bit_serial' else ''}"
+                f"{implementation}")
+
+        def run() -> Tensor:
+            outputs[name] = other.forward(x, "task-a", "crossbar")
+            return outputs[name]
+        return run
 
     variants: dict[str, Callable[[], object]] = {
         "fp32 torch": lambda: fp32(x),
@@ -136,9 +167,10 @@ def main() -> None:
     engine.prepare("task-b")
     prepare_ms = (time.perf_counter() - started) * 1e3
 
-    result = {
+    result: dict[str, object] = {
+        "command": "python bench/engine.py " + " ".join(sys.argv[1:]),
         "batch": args.batch, "size": args.size, "repeats": args.repeats,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "seed": args.seed,
         "median_ms": {k: round(v, 2) for k, v in medians.items()},
         "ideal_over_fp32": round(medians["ideal (task-a)"] / medians["fp32 torch"], 3),
         "ideal_over_fp32_channels_last": round(
@@ -148,13 +180,23 @@ def main() -> None:
         "prepare_uncached_ms": round(prepare_ms, 1),
     }
     if args.crossbar:
-        ideal = medians["ideal (task-a)"]
+        ideal, fp32_ms = medians["ideal (task-a)"], medians["fp32 torch"]
+        result["chip"] = (chip_model.config.describe()
+                          + (f", ADC calibrated on {args.calibration_images} photo crops"
+                             if args.chip == "paper" else ""))
         result["crossbar_over_ideal"] = round(medians["crossbar compiled"] / ideal, 3)
+        result["crossbar_over_fp32"] = round(medians["crossbar compiled"] / fp32_ms, 3)
         result["reference_over_compiled"] = round(
             medians["crossbar reference"] / medians["crossbar compiled"], 3)
         result["bit_serial_over_ideal"] = round(
             medians["crossbar bit-serial compiled"] / ideal, 3)
-        result["peak_rss_mb"] = {name: _peak_rss(name, args) for name in variants}
+        result["bit_serial_over_fp32"] = round(
+            medians["crossbar bit-serial compiled"] / fp32_ms, 3)
+        result["output_sha256"] = {
+            name: hashlib.sha256(out.contiguous().numpy().tobytes()).hexdigest()
+            for name, out in outputs.items()}
+        if not args.skip_memory:
+            result["peak_rss_mb"] = {name: _peak_rss(name, args) for name in variants}
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -168,10 +210,14 @@ def main() -> None:
           f"({100 * result['switch_over_batch']:.4f}% of one batch)")
     print(f"  fold an uncached task:           {prepare_ms:.1f} ms")
     if args.crossbar:
+        print(f"  crossbar chip:                   {result['chip']}")
         print(f"  crossbar (compiled) / ideal:     {result['crossbar_over_ideal']:.3f}x")
+        print(f"  crossbar (compiled) / fp32:      {result['crossbar_over_fp32']:.3f}x")
         print(f"  reference / compiled crossbar:   {result['reference_over_compiled']:.3f}x")
         print(f"  bit-serial (compiled) / ideal:   {result['bit_serial_over_ideal']:.3f}x")
-        for name, mb in result["peak_rss_mb"].items():
+        print(f"  bit-serial (compiled) / fp32:    {result['bit_serial_over_fp32']:.3f}x")
+        peaks: dict[str, dict[str, float]] = result.get("peak_rss_mb", {})  # type: ignore[assignment]
+        for name, mb in peaks.items():
             print(f"  peak RSS, {name:29s} {mb['peak']:7.0f} MB "
                   f"(+{mb['above_loaded']:.0f} MB while running)")
 
@@ -246,6 +292,8 @@ def _peak_rss(variant: str, args: argparse.Namespace) -> dict[str, float]:
     how far running it rose above the process's peak once everything was loaded."""
     out = subprocess.run(
         [sys.executable, __file__, "--batch", str(args.batch), "--size", str(args.size),
+         "--chip", args.chip, "--calibration-images", str(args.calibration_images),
+         *(["--threads", str(args.threads)] if args.threads is not None else []),
          "--memory", variant], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return {"peak": round(result["peak_rss_mb"], 1),

@@ -23,7 +23,12 @@ fp32 output column as ``sum(level_t * 2**(k*t))`` (exact below ``2**24``),
 which halves the convolution work for 2-slice weights. The compiled operator
 (``crossbar_kernel.cpp``) and :func:`_adc_shift_add_reference` implement the
 same semantics; :func:`crossbar_conv2d` cuts the batch so that the partial
-sums in memory stay under a bound.
+sums in memory stay under a bound. Where every partial sum is an exact integer
+(:attr:`CrossbarProgram.exact_sums`: integer cell levels, no read noise), the
+compiled operator skips the convolution: per output position, cycle and read
+group it multiplies the read's non-zero inputs into its levels and converts the
+sums at once, equal bit for bit to the convolution path on small maps, where
+that one's fixed costs dominate.
 """
 
 from __future__ import annotations
@@ -110,6 +115,8 @@ class CrossbarProgram:
     ``digit_bias * input_sum`` is removed from each digit before its ADC."""
     reads: int = 1
     """Read groups per PE row group (``row_groups`` counts read groups)."""
+    integer_levels: bool = False
+    """Every cell level is an integer (none moved off the grid by programming variation)."""
     lossless: bool = False
     """Every sum a read can produce is converted exactly (unit step, no clipping, no
     noise, an ADC offset below half an LSB): the layer's result is
@@ -135,6 +142,22 @@ class CrossbarProgram:
         levels = torch.round(analog * inverse + self.adc_offset_lsb).clamp_(self.adc_qmin,
                                                                            self.adc_qmax)
         return levels * step
+
+    @property
+    def exact_sums(self) -> bool:
+        """Whether every partial sum is an integer held exactly in float32, in any order of
+        its terms: then the operator may compute them as matrix products."""
+        return (self.integer_levels and not self.read_sigma
+                and self.pack_base**self.pack <= 2**_EXACT_FLOAT_BITS)
+
+    @functools.cached_property
+    def read_major_weight(self) -> Tensor:
+        """:attr:`weight` as ``[row_groups, channels_per_group * kh * kw, columns]``: per
+        read group, each input row's levels of every column, contiguous (the compiled
+        operator's row-vector products read it so)."""
+        rows = self.channels_per_group * self.kernel_size[0] * self.kernel_size[1]
+        return self.weight.reshape(self.row_groups, self.columns, rows).transpose(
+            1, 2).contiguous()
 
     @functools.cached_property
     def zero_reads_zero(self) -> bool:
@@ -304,6 +327,7 @@ def build_program(
         adc_qmin=float(qmin),
         digit_bias=bias,
         reads=reads,
+        integer_levels=integer,
         lossless=lossless,
     )
 
@@ -432,8 +456,15 @@ def crossbar_conv2d(
         program.columns + (program.out_channels * program.slices if program.read_sigma else 0))
     chunk = max(1, max_chunk_elements // max(1, per_cycle_image * program.cycles))
     skip_zero_cycles = program.zero_reads_zero
+    matmul = kernel is _compiled_chunk and _matmul_applies(program)
     for start in range(0, batch, chunk):
         part = codes[start : start + chunk]
+        if matmul:
+            values = (program.column_values if column_values is None
+                      else column_values[start : start + len(part)].contiguous())
+            _compiled_matmul(part, program, geometry, values, skip_zero_cycles,
+                             out[start : start + len(part)])
+            continue
         stacked, cycle_weight = _stack_cycles(part, program, kernel is _compiled_chunk,
                                               skip_zero_cycles)
         if cycle_weight.numel() == 0:
@@ -520,6 +551,26 @@ def _compiled_chunk(
         program.adc_inv_step, program.adc_qmin, program.adc_qmax, program.adc_offset_lsb,
         program.weight_offset, program.digit_bias, program.column_values, cycle_weight,
         read_noise, out,
+    )
+
+
+def _matmul_applies(program: CrossbarProgram) -> bool:
+    """Whether the compiled operator takes the matrix-product path (bit-equal to the
+    grouped convolution whenever partial sums are exact)."""
+    return program.exact_sums
+
+
+def _compiled_matmul(part: Tensor, program: CrossbarProgram, geometry: ConvGeometry,
+                     column_values: Tensor, skip_zero: bool, out: Tensor) -> None:
+    extension = crossbar_extension()
+    assert extension is not None
+    extension.crossbar_matmul(
+        part, program.read_major_weight, list(program.kernel_size), list(geometry.stride),
+        list(geometry.padding), list(geometry.dilation), program.out_channels,
+        program.slices, program.pack, program.pack_base, program.slice_weight,
+        program.adc_step, program.adc_inv_step, program.adc_qmin, program.adc_qmax,
+        program.adc_offset_lsb, program.weight_offset, program.digit_bias, column_values,
+        program.input_bits, program.input_signed, program.dac_bits, skip_zero, out,
     )
 
 

@@ -7,7 +7,8 @@
 // column's shift mask, subtracts the offset-encoding correction, sums row groups
 // in the adder tree and weights each input cycle by its significance and sign.
 // The semantics are those of core/ops/crossbar.py:_adc_shift_add_reference; the
-// two are compared by property-based tests.
+// two are compared by property-based tests. crossbar_matmul computes the same bit for
+// bit without the convolution where partial sums are exact integers.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -203,6 +204,268 @@ std::tuple<torch::Tensor, torch::Tensor> stack_input_cycles(
 }
 
 
+// Crossbar-exact convolution without a convolution call, for programs whose partial sums
+// are exact in float (integer cell levels, packed below 2^24, no read noise): every sum is
+// then the same whatever the order of its terms, so the result equals crossbar_conv2d's
+// bit for bit. What changes is the layout and the work, which matter on small maps:
+//  - one work item is a block of output positions of one image; for each position, cycle
+//    and read group it forms the read's input vector (im2col of the DAC chunk) and, unless
+//    every input is zero and a zero input reads as zero (it would add exactly nothing),
+//    the read's column sums as a row-vector product over its non-zero inputs only;
+//  - the ADC and shift-add pass then runs over the output channels of that read at once
+//    (contiguous, vectorised) while its column sums are in L1, in the same order of
+//    cycles and read groups per output as crossbar_conv2d, with the same float operations.
+// No partial-sum tensor, stacked input or convolution is allocated.
+void crossbar_matmul(
+    const torch::Tensor& codes_in,       // float [B, C, H, W], integer codes
+    const torch::Tensor& weight_t,       // float [R, c * kh * kw, columns]: read-major levels
+    const std::vector<int64_t>& kernel_size,
+    const std::vector<int64_t>& stride,
+    const std::vector<int64_t>& padding,
+    const std::vector<int64_t>& dilation,
+    int64_t out_channels,
+    int64_t slices,
+    int64_t pack,
+    double pack_base,
+    const torch::Tensor& slice_weight,   // float [S]
+    const torch::Tensor& adc_step,       // float [S]
+    const torch::Tensor& adc_inv_step,   // float [S]
+    double adc_qmin,
+    double adc_qmax,
+    double adc_offset_lsb,
+    double weight_offset,
+    double digit_bias,
+    const torch::Tensor& column_values,  // float [R, Cout], or [B, R, Cout] per image
+    int64_t input_bits,
+    bool input_signed,
+    int64_t dac_bits,
+    bool skip_zero,                      // a zero input reads as zero: skip all-zero reads
+    torch::Tensor out)                   // float [B, Cout, Ho, Wo], accumulated into
+{
+  TORCH_CHECK(codes_in.scalar_type() == at::kFloat && codes_in.dim() == 4,
+              "input codes must be float [B, C, H, W]");
+  TORCH_CHECK(weight_t.scalar_type() == at::kFloat && weight_t.dim() == 3 &&
+              weight_t.is_contiguous(), "crossbar weight must be float [R, rows, columns]");
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+              dilation.size() == 2, "kernel, stride, padding and dilation need two entries");
+  const auto codes = codes_in.permute({0, 2, 3, 1}).contiguous();  // [B, H, W, C]
+  const int64_t images = codes.size(0), height = codes.size(1), width = codes.size(2);
+  const int64_t channels = codes.size(3);
+  const int64_t row_groups = weight_t.size(0), k_len = weight_t.size(1);
+  const int64_t kh = kernel_size[0], kw = kernel_size[1];
+  TORCH_CHECK(k_len % (kh * kw) == 0, "weight rows must be whole kernels");
+  const int64_t cg = k_len / (kh * kw);
+  const int64_t packed = (slices + pack - 1) / pack;
+  const int64_t columns = out_channels * packed + 1;
+  TORCH_CHECK(weight_t.size(2) == columns, "weight does not match the layout");
+  TORCH_CHECK(row_groups * cg >= channels, "row groups hold fewer channels than the input");
+  const int64_t out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  const int64_t positions = out_h * out_w;
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 4 &&
+              out.size(0) == images && out.size(1) == out_channels && out.size(2) == out_h &&
+              out.size(3) == out_w, "output does not match the input");
+  TORCH_CHECK(column_values.dim() == 2 || (column_values.dim() == 3 &&
+              column_values.size(0) == images), "column values must be [R, Cout] or "
+              "[B, R, Cout]");
+  TORCH_CHECK(column_values.size(-2) == row_groups && column_values.size(-1) == out_channels,
+              "column values do not match the layout");
+  const int64_t chunks = (input_bits + dac_bits - 1) / dac_bits;
+  const int64_t phases = input_signed ? 2 : 1;
+  const int64_t cycles = chunks * phases;
+  // Cycle c applies (max(sign * code, 0) >> shift) & mask, as stack_input_cycles does,
+  // and weighs sign * 2^shift, as core/ops/crossbar.py:input_cycles.
+  std::vector<int32_t> cycle_sign(cycles), cycle_shift(cycles), cycle_mask(cycles);
+  std::vector<float> cycle_weight(cycles);
+  for (int64_t c = 0; c < cycles; ++c) {
+    const int64_t k = c % chunks;
+    cycle_sign[c] = c / chunks == 0 ? 1 : -1;
+    cycle_shift[c] = static_cast<int32_t>(k * dac_bits);
+    cycle_mask[c] = k == chunks - 1 ? -1 : (1 << dac_bits) - 1;
+    cycle_weight[c] = static_cast<float>(cycle_sign[c] * std::pow(2.0, k * dac_bits));
+  }
+
+  const auto sw = slice_weight.contiguous();
+  const auto st = adc_step.contiguous();
+  const auto ist = adc_inv_step.contiguous();
+  const auto cv = column_values.contiguous();
+  const float* slice_w = sw.data_ptr<float>();
+  const float* step = st.data_ptr<float>();
+  const float* inv_step = ist.data_ptr<float>();
+  const float* col = cv.data_ptr<float>();
+  const int64_t col_image_stride = column_values.dim() == 3 ? row_groups * out_channels : 0;
+  const float* src = codes.data_ptr<float>();
+  const float* levels = weight_t.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const float qmin = static_cast<float>(adc_qmin);
+  const float qmax = static_cast<float>(adc_qmax);
+  const float bias = static_cast<float>(digit_bias);
+  const float offset_lsb = static_cast<float>(adc_offset_lsb);
+  const float w_offset = static_cast<float>(weight_offset);
+  std::vector<float> digit_scale(pack);
+  for (int64_t t = 0; t < pack; ++t) digit_scale[t] = static_cast<float>(std::pow(pack_base, t));
+  const int64_t cout = out_channels;
+  const int64_t patch = row_groups * k_len;
+  const bool pointwise = kh == 1 && kw == 1 && stride[0] == 1 && stride[1] == 1 &&
+                         padding[0] == 0 && padding[1] == 0;
+  std::vector<int64_t> k_real(row_groups);  // input rows of each read group that exist
+  for (int64_t r = 0; r < row_groups; ++r) {
+    k_real[r] = std::clamp<int64_t>(channels - r * cg, 0, cg) * kh * kw;
+  }
+  // two cell slices in one packed column (4-bit weights in 2-bit cells): slice 1 is the
+  // packed column's high digit (t = 1), slice 0 its low one, as the general loop takes them
+  const bool two_slices_packed = slices == 2 && pack == 2;
+  constexpr int64_t kBlock = 16;  // output positions per work item (of one image)
+  const int64_t blocks = (positions + kBlock - 1) / kBlock;
+
+  at::parallel_for(0, images * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(kBlock * cout), sums(columns), rest(cout), value(cout);
+    std::vector<int32_t> codes_patch(patch), nonzero(k_len);
+    std::vector<float> chunk(k_len);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / blocks;
+      const int64_t p0 = (item % blocks) * kBlock;
+      const int64_t np = std::min(kBlock, positions - p0);
+      float* image_out = dst + b * cout * positions;
+      for (int64_t o = 0; o < cout; ++o) {
+        for (int64_t i = 0; i < np; ++i) acc[i * cout + o] = image_out[o * positions + p0 + i];
+      }
+      for (int64_t i = 0; i < np; ++i) {
+        const int64_t p = p0 + i;
+        // the position's input patch as integer codes, [R, c, kh, kw] (the weight's order)
+        if (pointwise) {
+          const float* in = src + (b * positions + p) * channels;
+          for (int64_t ch = 0; ch < channels; ++ch) {
+            codes_patch[ch] = static_cast<int32_t>(in[ch]);
+          }
+        } else {
+          const int64_t oy = p / out_w, ox = p % out_w;
+          int32_t* to = codes_patch.data();
+          for (int64_t ch = 0; ch < channels; ++ch) {  // padded channels are never read
+            for (int64_t ky = 0; ky < kh; ++ky) {
+              const int64_t iy = oy * stride[0] - padding[0] + ky * dilation[0];
+              for (int64_t kx = 0; kx < kw; ++kx) {
+                const int64_t ix = ox * stride[1] - padding[1] + kx * dilation[1];
+                const bool inside = iy >= 0 && iy < height && ix >= 0 && ix < width;
+                *to++ = inside ? static_cast<int32_t>(
+                    src[((b * height + iy) * width + ix) * channels + ch]) : 0;
+              }
+            }
+          }
+        }
+        float* a_out = acc.data() + i * cout;
+        for (int64_t c = 0; c < cycles; ++c) {
+          const int32_t sign = cycle_sign[c], shift = cycle_shift[c], mask = cycle_mask[c];
+          const float cyc = cycle_weight[c];
+          for (int64_t r = 0; r < row_groups; ++r) {
+            // the read's inputs (this cycle's DAC chunk) and which of them are non-zero
+            const int32_t* in = codes_patch.data() + r * k_len;
+            int64_t n_nonzero = 0;
+            for (int64_t k = 0; k < k_real[r]; ++k) {  // rows past the inputs hold zeros
+              const int32_t v = (std::max(sign * in[k], 0) >> shift) & mask;
+              chunk[k] = static_cast<float>(v);
+              nonzero[n_nonzero] = static_cast<int32_t>(k);
+              n_nonzero += v != 0;
+            }
+            if (n_nonzero == 0 && skip_zero) continue;  // adds exactly nothing
+            // column sums: integers below 2^24, exact in any order
+            float* __restrict s_row = sums.data();
+            std::fill(sums.begin(), sums.end(), 0.0f);
+            const float* w_r = levels + r * k_len * columns;
+            int64_t z = 0;
+            for (; z + 4 <= n_nonzero; z += 4) {
+              const int32_t k0 = nonzero[z], k1 = nonzero[z + 1], k2 = nonzero[z + 2],
+                            k3 = nonzero[z + 3];
+              const float a0 = chunk[k0], a1 = chunk[k1], a2 = chunk[k2], a3 = chunk[k3];
+              const float* __restrict w0 = w_r + k0 * columns;
+              const float* __restrict w1 = w_r + k1 * columns;
+              const float* __restrict w2 = w_r + k2 * columns;
+              const float* __restrict w3 = w_r + k3 * columns;
+              for (int64_t n = 0; n < columns; ++n) {  // fused multiply-adds: exact here
+                s_row[n] = std::fma(a3, w3[n], std::fma(a2, w2[n], std::fma(
+                    a1, w1[n], std::fma(a0, w0[n], s_row[n]))));
+              }
+            }
+            for (; z < n_nonzero; ++z) {
+              const int32_t k0 = nonzero[z];
+              const float a0 = chunk[k0];
+              const float* __restrict w0 = w_r + k0 * columns;
+              for (int64_t n = 0; n < columns; ++n) s_row[n] = std::fma(a0, w0[n], s_row[n]);
+            }
+            // ADC, shift-add, column mask and offset correction of every output channel
+            const float input_sum = s_row[columns - 1];
+            const float* mask_r = col + b * col_image_stride + r * cout;
+            const float correction = w_offset * input_sum;
+            const float shift_in = bias * input_sum;
+            if (two_slices_packed) {  // the usual layout, in one pass: same operations
+              const float d = digit_scale[1], inv_d = 1.0f / d;
+              const float step0 = step[0], step1 = step[1], inv0 = inv_step[0],
+                          inv1 = inv_step[1], w0 = slice_w[0], w1 = slice_w[1];
+              for (int64_t o = 0; o < cout; ++o) {
+                const float packed_sum = s_row[o];
+                const float high = std::floor(packed_sum * inv_d);
+                const float low = packed_sum - high * d;
+                const float analog1 = bias != 0.0f ? high - shift_in : high;
+                float level1 = std::nearbyint(analog1 * inv1 + offset_lsb);
+                level1 = std::min(std::max(level1, qmin), qmax);
+                const float analog0 = bias != 0.0f ? low - shift_in : low;
+                float level0 = std::nearbyint(analog0 * inv0 + offset_lsb);
+                level0 = std::min(std::max(level0, qmin), qmax);
+                const float val = (0.0f + level1 * step1 * w1) + level0 * step0 * w0;
+                const float m = mask_r[o];
+                const float add = (cyc * m) * (val - correction);
+                a_out[o] = m != 0.0f ? a_out[o] + add : a_out[o];
+              }
+              continue;
+            }
+            std::fill(value.begin(), value.end(), 0.0f);
+            for (int64_t j = 0; j < packed; ++j) {
+              float* __restrict rs = rest.data();
+              for (int64_t o = 0; o < cout; ++o) rs[o] = s_row[o * packed + j];
+              for (int64_t t = pack - 1; t >= 0; --t) {
+                const int64_t s = j * pack + t;
+                const float d = digit_scale[t];
+                const float inv_d = 1.0f / d;  // exact: d is a power of two
+                const float s_step = s < slices ? step[s] : 1.0f;
+                const float s_inv = s < slices ? inv_step[s] : 1.0f;
+                const float s_w = s < slices ? slice_w[s] : 0.0f;
+                float* __restrict val = value.data();
+                if (t > 0) {
+                  for (int64_t o = 0; o < cout; ++o) {
+                    const float digit = std::floor(rs[o] * inv_d);
+                    rs[o] -= digit * d;
+                    const float analog = bias != 0.0f ? digit - shift_in : digit;
+                    float level = std::nearbyint(analog * s_inv + offset_lsb);
+                    level = std::min(std::max(level, qmin), qmax);
+                    val[o] += level * s_step * s_w;
+                  }
+                } else {
+                  for (int64_t o = 0; o < cout; ++o) {
+                    const float digit = rs[o];
+                    const float analog = bias != 0.0f ? digit - shift_in : digit;
+                    float level = std::nearbyint(analog * s_inv + offset_lsb);
+                    level = std::min(std::max(level, qmin), qmax);
+                    val[o] += level * s_step * s_w;
+                  }
+                }
+              }
+            }
+            for (int64_t o = 0; o < cout; ++o) {
+              const float m = mask_r[o];
+              const float add = (cyc * m) * (value[o] - correction);
+              a_out[o] = m != 0.0f ? a_out[o] + add : a_out[o];  // switched off: no conversion
+            }
+          }
+        }
+      }
+      for (int64_t o = 0; o < cout; ++o) {
+        for (int64_t i = 0; i < np; ++i) image_out[o * positions + p0 + i] = acc[i * cout + o];
+      }
+    }
+  });
+}
+
+
 // A batch mixing tasks, one 1x1 convolution layer: overwrites, for every task, the output
 // channels it changed on its own samples with its codes' products. Each task's samples are
 // gathered channel-major so that one matrix product per task reads its weights once.
@@ -379,6 +642,8 @@ void crossbar_spare_reads(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("crossbar_conv2d", &crossbar_conv2d,
         "Row-group partial sums, ADC, shift-add, column masks and adder tree of one layer");
+  m.def("crossbar_matmul", &crossbar_matmul,
+        "crossbar_conv2d as matrix products over im2col rows, for exact partial sums");
   m.def("crossbar_spare_reads", &crossbar_spare_reads,
         "Every task's spare PEs of one layer read for its own samples, added in");
   m.def("mixed_channels_1x1", &mixed_channels_1x1,

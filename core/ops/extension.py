@@ -21,7 +21,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 KERNEL_SOURCE = Path(__file__).with_name("crossbar_kernel.cpp")
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off"]
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
 
 
 def _put_venv_ninja_on_path() -> None:
