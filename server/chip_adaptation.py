@@ -29,10 +29,15 @@ from typing import Any
 import torch
 
 from core.engine import CrossbarEngine
-from core.errors import ConfigError
 from core.model import CrossbarModel
-from server.frontier import ChipPoint, ShippedTask, predicted_labels, shipped_tasks
-from server.shipped_tasks import INDEX_FILE, SHIPPED_DIR
+from server.frontier import (
+    ChipPoint,
+    ShippedTask,
+    ideal_top1,
+    predicted_labels,
+    shipped_index,
+    shipped_tasks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +89,7 @@ def adapt_on_chip(out: Path, points: Sequence[ChipPoint], *, test_limit: int,
     from core.backbones.shipped import git_revision, load_backbone
     from core.calibration import calibration_images as crops
 
-    index = {e["name"]: e for e in json.loads((SHIPPED_DIR / INDEX_FILE).read_text())["tasks"]}
-    unknown = sorted(set(names or ()) - set(index))
-    if unknown:
-        raise ConfigError(f"unknown shipped task(s) {unknown}; choose from {sorted(index)}")
+    index = shipped_index(names)
     backbone = load_backbone(backbone_file)
     tasks = shipped_tasks(test_limit=test_limit, names=names)
     settings = {"test_limit": test_limit, "calibration_images": calibration_images,
@@ -101,11 +103,7 @@ def adapt_on_chip(out: Path, points: Sequence[ChipPoint], *, test_limit: int,
         if previous.get("settings") == settings:
             result["rows"] = previous.get("rows", [])
     done = {(r["label"], r["task"]) for r in result["rows"]}
-    ideal_engine = CrossbarEngine(backbone)
-    ideal = {}
-    for task in tasks:
-        ideal_engine.add_task(task.task)
-        ideal[task.name] = _top1(predicted_labels(ideal_engine, task, "ideal"), task.labels)
+    ideal = {k: round(v, 2) for k, v in ideal_top1(backbone, tasks).items()}
     calibration = crops(calibration_images, int(tasks[0].images.shape[-1]), seed=seed)
     for point in points:
         if all((point.label, t.name) in done for t in tasks):

@@ -93,6 +93,29 @@ def shipped_tasks(folder: Path = SHIPPED_DIR, test_limit: int = 1000,
     return out
 
 
+def shipped_index(names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The shipped tasks' index entries (recipe, dataset) by name; unknown ``names`` are
+    refused before any work."""
+    from core.errors import ConfigError
+
+    index = {e["name"]: e for e in json.loads((SHIPPED_DIR / INDEX_FILE).read_text())["tasks"]}
+    unknown = sorted(set(names or ()) - set(index))
+    if unknown:
+        raise ConfigError(f"unknown shipped task(s) {unknown}; choose from {sorted(index)}")
+    return index
+
+
+def ideal_top1(backbone: CrossbarModel, tasks: Sequence[ShippedTask]) -> dict[str, float]:
+    """Each task's top-1 % on its test images in ideal fidelity."""
+    engine = CrossbarEngine(backbone)
+    top1 = {}
+    for task in tasks:
+        engine.add_task(task.task)
+        predicted = predicted_labels(engine, task, "ideal")
+        top1[task.name] = 100 * float((predicted == task.labels).float().mean())
+    return top1
+
+
 def predicted_labels(engine: CrossbarEngine, task: ShippedTask, fidelity: str,
                  batch: int = 64, first: int = 0, stop: int | None = None) -> torch.Tensor:
     out = []

@@ -21,12 +21,16 @@ import torch
 
 from core.config import NOISE_LEVELS, CrossbarSettings, NonIdealities
 from core.engine import CrossbarEngine
-from core.errors import ConfigError
 from core.methods.common import TrainConfig
 from core.model import CrossbarModel
 from server.chip_adaptation import Readaptation, readapt
-from server.frontier import ShippedTask, predicted_labels, shipped_tasks
-from server.shipped_tasks import INDEX_FILE, SHIPPED_DIR
+from server.frontier import (
+    ShippedTask,
+    ideal_top1,
+    predicted_labels,
+    shipped_index,
+    shipped_tasks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +88,7 @@ def noise_study(out: Path, *, test_limit: int, command: str,
     from core.atomic import atomic_write_bytes
     from core.backbones.shipped import git_revision, load_backbone
 
-    index = {e["name"]: e for e in json.loads((SHIPPED_DIR / INDEX_FILE).read_text())["tasks"]}
-    unknown = sorted(set(names or ()) - set(index))
-    if unknown:
-        raise ConfigError(f"unknown shipped task(s) {unknown}; choose from {sorted(index)}")
+    index = shipped_index(names)
     backbone = load_backbone(backbone_file)
     fingerprint = backbone.fingerprint()
     tasks = shipped_tasks(test_limit=test_limit, names=names)
@@ -102,11 +103,7 @@ def noise_study(out: Path, *, test_limit: int, command: str,
         if all(previous.get(k) == v for k, v in settings.items()):
             result["rows"] = previous.get("rows", [])
     done = {(r["level"], r["effect"]) for r in result["rows"]}
-    ideal_engine = CrossbarEngine(backbone)
-    ideal = {}
-    for task in tasks:
-        ideal_engine.add_task(task.task)
-        ideal[task.name] = _top1(predicted_labels(ideal_engine, task, "ideal"), task.labels)
+    ideal = ideal_top1(backbone, tasks)
     result["ideal"] = {k: round(v, 2) for k, v in ideal.items()}
 
     def record(row: dict[str, Any]) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+import math
 
+import torch
+from hypothesis import strategies as st
+
+from core.config import CrossbarConfig
 from core.mapping import ModelMapping
 from core.methods.task_model import pe_blocks
 from core.model import CrossbarModel
@@ -41,3 +45,17 @@ def backbone_copy_task(model: CrossbarModel, replace: set[str], change: int = 0,
         codes = torch.full((m.row_groups, m.out_channels), ones_code(3), dtype=torch.uint8)
         layers[name] = LayerTaskState(pe_mask, spare, codes)
     return TaskState(task_id, 3, random_head(10), layers)
+
+
+@st.composite
+def chip_configs(draw: st.DrawFn, kernel: int) -> CrossbarConfig:
+    """Crossbar shapes, cell precisions, encodings and rows per read for property tests
+    of a layer with a ``kernel`` x ``kernel`` convolution."""
+    bits_per_cell = draw(st.sampled_from([1, 2, 3]))
+    weight_bits = draw(st.sampled_from([4, 8]))
+    slices = math.ceil(weight_bits / bits_per_cell)
+    rows = draw(st.sampled_from([9, 18, 72])) if kernel == 3 else draw(st.sampled_from([4, 72]))
+    return CrossbarConfig(rows=rows, cols=slices * draw(st.integers(1, 4)),
+                          bits_per_cell=bits_per_cell, weight_bits=weight_bits,
+                          weight_encoding=draw(st.sampled_from(["offset", "differential"])),
+                          rows_per_read=draw(st.sampled_from([1, 9, 18, 72])))

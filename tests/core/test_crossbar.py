@@ -29,6 +29,7 @@ from core.ops.crossbar import (
 )
 from core.ops.fold import fold_effective_weight
 from core.task_state import TaskState, random_head, random_task_state, shift_values
+from tests.core.helpers import chip_configs
 
 LOSSLESS = CrossbarSettings(adc_bits=16, adc_range="full_scale")
 
@@ -146,15 +147,8 @@ def test_input_cycles_rebuild_signed_codes():
 
 @st.composite
 def operator_cases(draw: st.DrawFn) -> dict:
-    bits_per_cell = draw(st.sampled_from([1, 2, 3]))
-    weight_bits = draw(st.sampled_from([4, 8]))
-    slices = math.ceil(weight_bits / bits_per_cell)
     kernel = draw(st.sampled_from([1, 3]))
-    rows = draw(st.sampled_from([9, 18, 72])) if kernel == 3 else draw(st.sampled_from([4, 72]))
-    config = CrossbarConfig(rows=rows, cols=slices * draw(st.integers(1, 4)),
-                            bits_per_cell=bits_per_cell, weight_bits=weight_bits,
-                            weight_encoding=draw(st.sampled_from(["offset", "differential"])),
-                            rows_per_read=draw(st.sampled_from([1, 9, 18, 72])))
+    config = draw(chip_configs(kernel))
     signed = draw(st.booleans())
     input_bits = draw(st.sampled_from([4, 8]))
     return {

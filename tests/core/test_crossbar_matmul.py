@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -26,6 +25,7 @@ from core.ops.crossbar import (
 )
 from core.ops.extension import crossbar_extension
 from core.task_state import random_head, random_task_state, shift_values
+from tests.core.helpers import chip_configs
 
 T = TypeVar("T")
 pytestmark = pytest.mark.skipif(crossbar_extension() is None,
@@ -53,15 +53,8 @@ def _both_paths(run: Callable[[], T]) -> tuple[T, T]:
 
 @st.composite
 def exact_cases(draw: st.DrawFn) -> dict:
-    bits_per_cell = draw(st.sampled_from([1, 2, 3]))
-    weight_bits = draw(st.sampled_from([4, 8]))
-    slices = math.ceil(weight_bits / bits_per_cell)
     kernel = draw(st.sampled_from([1, 3]))
-    rows = draw(st.sampled_from([9, 18, 72])) if kernel == 3 else draw(st.sampled_from([4, 72]))
-    config = CrossbarConfig(rows=rows, cols=slices * draw(st.integers(1, 4)),
-                            bits_per_cell=bits_per_cell, weight_bits=weight_bits,
-                            weight_encoding=draw(st.sampled_from(["offset", "differential"])),
-                            rows_per_read=draw(st.sampled_from([1, 9, 18, 72])))
+    config = draw(chip_configs(kernel))
     return {
         "config": config,
         "cin": draw(st.integers(1, 40)),
