@@ -309,10 +309,18 @@ class CrossbarConv2d(nn.Module):
             rows = codes.permute(0, 2, 3, 1).reshape(-1, cin)
             out = rows.new_empty(rows.shape[0], self.out_channels)
             per_sample = height * width
-            for start, stop, weight in plan.segments:
-                torch.mm(rows[start * per_sample : stop * per_sample],
-                         pointwise_matrix(weight),
-                         out=out[start * per_sample : stop * per_sample])
+            matrices = [pointwise_matrix(weight) for _, _, weight in plan.segments]
+            extension = (crossbar_extension() if self.implementation
+                         is not OperatorImplementation.REFERENCE else None)
+            if extension is not None:
+                extension.blocks_pointwise(rows, out,
+                                           [s[0] * per_sample for s in plan.segments],
+                                           [s[1] * per_sample for s in plan.segments],
+                                           matrices)
+            else:
+                for (start, stop, _), matrix in zip(plan.segments, matrices, strict=True):
+                    torch.mm(rows[start * per_sample : stop * per_sample], matrix,
+                             out=out[start * per_sample : stop * per_sample])
             return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
         if self.groups == 1:  # the stem: a few of its channels change per task
             acc = self._code_conv(codes, self._task_codes)  # type: ignore[arg-type]

@@ -205,6 +205,30 @@ std::tuple<torch::Tensor, torch::Tensor> stack_input_cycles(
 
 
 // A batch mixing tasks, one 1x1 layer over channels-last codes ([pixels, channels] rows,
+// samples sorted by task): each block of rows times its own task's [Cin, Cout] codes,
+// written in place into out's same rows.
+void blocks_pointwise(
+    const torch::Tensor& rows,                    // float [N, Cin], integer codes
+    torch::Tensor out,                            // float [N, Cout], contiguous
+    const std::vector<int64_t>& starts,           // per block: first row
+    const std::vector<int64_t>& stops,            // per block: one past its last row
+    const std::vector<torch::Tensor>& matrices)   // per block: float [Cin, Cout] codes
+{
+  TORCH_CHECK(out.is_contiguous() && rows.dim() == 2 && out.dim() == 2 &&
+              rows.size(0) == out.size(0), "rows and output must be [N, channels]");
+  TORCH_CHECK(starts.size() == stops.size() && starts.size() == matrices.size(),
+              "one start, stop and matrix per block");
+  for (size_t b = 0; b < starts.size(); ++b) {
+    const int64_t start = starts[b], stop = stops[b];
+    TORCH_CHECK(0 <= start && start <= stop && stop <= rows.size(0), "block out of range");
+    if (stop == start) continue;
+    auto block_out = out.narrow(0, start, stop - start);
+    at::mm_out(block_out, rows.narrow(0, start, stop - start), matrices[b]);
+  }
+}
+
+
+// A batch mixing tasks, one 1x1 layer over channels-last codes ([pixels, channels] rows,
 // samples sorted by task so each task owns one block of rows): overwrites, for every task,
 // the output channels it changed on its block with one matrix product of the block (read
 // in place) by its codes. Sums of integer codes are exact in float, so this equals the
@@ -250,7 +274,15 @@ void block_channels_rows(
 }
 
 
-// One row of the periphery: y = fma(x, alpha, beta), clamped and rounded as asked.
+// Round half to even of |y| < 2^22 (what nearbyint does), as two additions that the
+// compiler vectorizes: the sum with 1.5 * 2^23 has no fraction bits, so it rounds.
+static inline float round_small(float y) {
+  constexpr float magic = 12582912.0f;  // 1.5 * 2^23; IEEE keeps both additions
+  return (y + magic) - magic;
+}
+
+// One row of the periphery: y = fma(x, alpha, beta), clamped and rounded as asked
+// (rounding only after a clamp inside +-2^22, see periphery_norm).
 // step 1: alpha/beta per element (a channels-last row); step 0: one channel's terms.
 template <bool CLAMP, bool ROUND>
 static inline void periphery_row(const float* __restrict from, float* __restrict to,
@@ -261,13 +293,13 @@ static inline void periphery_row(const float* __restrict from, float* __restrict
     for (int64_t i = 0; i < n; ++i) {
       float y = std::fma(from[i], a, b);
       if (CLAMP) y = std::min(std::max(y, lo), hi);
-      to[i] = ROUND ? std::nearbyint(y) : y;
+      to[i] = ROUND ? round_small(y) : y;
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
       float y = std::fma(from[i], alpha[i], beta[i]);
       if (CLAMP) y = std::min(std::max(y, lo), hi);
-      to[i] = ROUND ? std::nearbyint(y) : y;
+      to[i] = ROUND ? round_small(y) : y;
     }
   }
 }
@@ -310,8 +342,12 @@ void periphery_norm(
   float* dst = out.data_ptr<float>();
   const float lo = static_cast<float>(low), hi = static_cast<float>(high);
   const float feps = static_cast<float>(eps);
-  std::vector<float> alpha(channels), beta(channels);
+  TORCH_CHECK(!round || (clamp && std::abs(lo) < 4194304.0f && std::abs(hi) < 4194304.0f),
+              "rounding needs a clamp inside +-2^22");
+  std::vector<float> alpha, beta;
   for (int64_t b = 0; b < blocks; ++b) {
+    alpha.assign(channels, 0.0f);
+    beta.assign(channels, 0.0f);
     const int64_t start = starts[b], stop = stops[b];
     TORCH_CHECK(0 <= start && start <= stop && stop <= batch, "block out of range");
     const float* m = mean.data_ptr<float>() + b * channels;
@@ -323,27 +359,39 @@ void periphery_norm(
       alpha[c] = invstd * w[c];
       beta[c] = std::fma(-m[c], alpha[c], bi[c]);
     }
-    const int64_t rows = (stop - start) * (channels_last || pixels == 1 ? pixels : channels);
-    const int64_t width = channels_last || pixels == 1 ? channels : pixels;
-    const int64_t first = start * (channels_last || pixels == 1 ? pixels : channels);
     const bool per_row = !(channels_last || pixels == 1);  // NCHW: one channel per row
+    // Channels-last rows are one pixel's channels: take several pixels per call, with the
+    // terms repeated, so that short rows (16 channels) still run in long vector loops.
+    const int64_t repeat = per_row ? 1 : std::max<int64_t>(1, 512 / std::max<int64_t>(1, channels));
+    if (!per_row) {
+      alpha.resize(channels * repeat);
+      beta.resize(channels * repeat);
+      for (int64_t k = 1; k < repeat; ++k) {
+        std::copy(alpha.begin(), alpha.begin() + channels, alpha.begin() + k * channels);
+        std::copy(beta.begin(), beta.begin() + channels, beta.begin() + k * channels);
+      }
+    }
+    const int64_t width = per_row ? pixels : channels;  // elements of one row
+    const int64_t first = start * (per_row ? channels : pixels);
+    const int64_t rows = (stop - start) * (per_row ? channels : pixels);
     auto run = [&](auto clamp_tag, auto round_tag) {
-      for (int64_t r = first; r < first + rows; ++r) {
+      constexpr bool C = decltype(clamp_tag)::value, R = decltype(round_tag)::value;
+      for (int64_t r = first; r < first + rows;) {
         const float* from = src + r * width;
         float* to = dst + r * width;
         if (per_row) {
           const int64_t c = r % channels;
-          periphery_row<decltype(clamp_tag)::value, decltype(round_tag)::value>(
-              from, to, width, alpha.data() + c, beta.data() + c, 0, lo, hi);
+          periphery_row<C, R>(from, to, width, alpha.data() + c, beta.data() + c, 0, lo, hi);
+          ++r;
         } else {
-          periphery_row<decltype(clamp_tag)::value, decltype(round_tag)::value>(
-              from, to, width, alpha.data(), beta.data(), 1, lo, hi);
+          const int64_t take = std::min(repeat, first + rows - r);
+          periphery_row<C, R>(from, to, width * take, alpha.data(), beta.data(), 1, lo, hi);
+          r += take;
         }
       }
     };
     if (clamp && round) run(std::true_type{}, std::true_type{});
     else if (clamp) run(std::true_type{}, std::false_type{});
-    else if (round) run(std::false_type{}, std::true_type{});
     else run(std::false_type{}, std::false_type{});
   }
 }
@@ -472,6 +520,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Every task's spare PEs of one layer read for its own samples, added in");
   m.def("periphery_norm", &periphery_norm,
         "BatchNorm, clamp and round in one pass, per block of samples with its own terms");
+  m.def("blocks_pointwise", &blocks_pointwise,
+        "Each block of rows of a 1x1 layer times its own task's codes");
   m.def("block_channels_rows", &block_channels_rows,
         "Every task's changed output channels of a 1x1 layer on its own block of rows");
   m.def("stack_input_cycles", &stack_input_cycles,
