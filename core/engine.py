@@ -745,7 +745,7 @@ NORM_TERMS = ("running_mean", "running_var", "weight", "bias")
 def _norm_terms(prepared: PreparedTask, module_name: str, module: DigitalNorm) -> Tensor:
     """A task's terms of one BatchNorm as ``[4, C]`` (the backbone's where it has none).
 
-    A mixed batch gathers each sample's rows into ``[B, C]`` terms
+    A mixed batch stacks each task's rows into ``[T, C]`` terms, one per block of samples
     (:attr:`core.layers.DigitalNorm.sample_terms`).
     """
     cached = prepared.norm_terms.get(module_name)

@@ -245,7 +245,7 @@ class CrossbarConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.program is not None and not (self.program.lossless and self._lossless_path()):
-            codes = self.input_codes(x)
+            codes = self.input_codes(x).contiguous()  # the operator reads NCHW codes
             acc = crossbar_conv2d(
                 codes, self.program, self.geometry, implementation=self.implementation,
                 generator=self.read_generator, max_chunk_elements=self.max_chunk_elements,
