@@ -107,3 +107,21 @@ def test_pointwise_matrix_follows_its_weight() -> None:
     assert torch.equal(layers.pointwise_matrix(weight), weight.reshape(4, 3).t())
     other = weight.clone()
     assert layers.pointwise_matrix(other) is not layers.pointwise_matrix(weight)
+
+
+def test_folded_norm_terms_follow_in_place_changes(quantized_mobilenet: CrossbarModel,
+                                                  images32: torch.Tensor) -> None:
+    engine = CrossbarEngine(quantized_mobilenet)
+    engine.add_task(TaskState("plain", engine.mapping.config.shift_levels,
+                              random_head(3, 1280, seed=0)))
+    before = engine.forward(images32, "plain")
+    norm = engine.model.body.get_submodule("features.5.conv.1.1")
+    assert isinstance(norm, layers.DigitalNorm) and "_folded_cache" in norm.__dict__
+    assert norm.running_var is not None
+    with torch.no_grad():
+        norm.running_var.mul_(4)
+    after = engine.forward(images32, "plain")
+    assert not torch.equal(after, before)
+    for module in engine.model.modules():  # recomputed from scratch: the same
+        module.__dict__.pop("_folded_cache", None)
+    assert torch.equal(engine.forward(images32, "plain"), after)
