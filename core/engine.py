@@ -392,9 +392,8 @@ class CrossbarEngine:
         for module_name in {m for p in prepared.values() for m in p.norms}:
             module = self.model.body.get_submodule(module_name)
             assert isinstance(module, DigitalNorm)
-            terms = torch.stack([_norm_terms(p, module_name, module)
-                                 for p in prepared.values()])
-            module.sample_terms = dict(zip(NORM_TERMS, terms.transpose(0, 1), strict=True))
+            module.sample_terms = [_norm_terms(p, module_name, module)
+                                   for p in prepared.values()]
             module.sample_blocks = list(blocks.values())
             norms.append(module)
         try:
@@ -745,8 +744,9 @@ NORM_TERMS = ("running_mean", "running_var", "weight", "bias")
 def _norm_terms(prepared: PreparedTask, module_name: str, module: DigitalNorm) -> Tensor:
     """A task's terms of one BatchNorm as ``[4, C]`` (the backbone's where it has none).
 
-    A mixed batch stacks each task's rows into ``[T, C]`` terms, one per block of samples
-    (:attr:`core.layers.DigitalNorm.sample_terms`).
+    A mixed batch hands each task's to the module, one per block of samples
+    (:attr:`core.layers.DigitalNorm.sample_terms`); the tensor is kept, so the module's
+    folded terms of it are too.
     """
     cached = prepared.norm_terms.get(module_name)
     if cached is None:

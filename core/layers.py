@@ -389,14 +389,15 @@ class DigitalNorm(nn.BatchNorm2d):
     so the whole periphery costs one BatchNorm pass plus a clamp and a round, not
     six passes. Elsewhere (training, calibration) it is BatchNorm then ReLU6.
     ``sample_terms`` (set by the engine for a batch mixing tasks, whose samples it
-    sorted by task) holds each task's terms ``[T, C]`` and ``sample_blocks`` its rows:
+    sorted by task) holds each task's terms (``[4, C]``: mean, var, weight, bias) and
+    ``sample_blocks`` its rows:
     the same BatchNorm kernel then normalises each block in place of the output (every
     element gets the same arithmetic as in a batch of its task alone).
     """
 
     clamp_top: float | None = None
     """The absorbed ReLU6's top (None: no activation here)."""
-    sample_terms: dict[str, Tensor] | None = None
+    sample_terms: list[Tensor] | None = None
     sample_blocks: list[tuple[int, int]] | None = None
     train_quant: Callable[[Tensor], Tensor] | None = None
     """Passes with autograd: the activation and the consumer's input quantization in one
@@ -425,37 +426,35 @@ class DigitalNorm(nn.BatchNorm2d):
         return self.__dict__.get("_producer"), self.__dict__.get("_consumer")
 
     def _terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if self.sample_terms is not None:
-            terms = self.sample_terms
-            return (terms["running_mean"], terms["running_var"], terms["weight"],
-                    terms["bias"])
         assert self.running_mean is not None and self.running_var is not None
         ones = torch.ones_like(self.running_mean)
         return (self.running_mean, self.running_var,
                 ones if self.weight is None else self.weight,
                 torch.zeros_like(ones) if self.bias is None else self.bias)
 
-    def _folded(self, producer: CrossbarConv2d | None, consumer: CrossbarConv2d | None
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[float, float] | None]:
-        """The BatchNorm terms with ``producer``'s output scale and ``consumer``'s input
-        step folded in (``[C]``, or ``[T, C]`` per block of a mixed batch), and the
-        clamp bounds. Without per-block terms they are kept until a tensor they come
-        from is replaced or changed in place: computing them is about ten small tensor
+    def _fold(self, rows: Tensor | None, producer: CrossbarConv2d | None,
+              consumer: CrossbarConv2d | None) -> tuple[Tensor, tuple[float, float] | None]:
+        """``[4, C]`` BatchNorm terms (mean, var, weight, bias) with ``producer``'s output
+        scale and ``consumer``'s input step folded in, and the clamp bounds; of the
+        module's own terms, or of a task's ``rows`` in a mixed batch. Kept until a tensor
+        they come from is replaced or changed in place: folding is about ten small tensor
         operations per layer, which at 2x2 maps cost more than the layer's arithmetic."""
-        per_block = self.sample_terms is not None
-        sources: tuple[Tensor | None, ...] = ()
-        if not per_block:
-            sources = (self.running_mean, self.running_var, self.weight, self.bias,
-                       None if producer is None else producer.input_quant.step,
-                       None if producer is None else producer.weight_scale,
-                       None if consumer is None else consumer.input_quant.step)
-            key = (tuple(-1 if t is None else t._version for t in sources), self.clamp_top,
-                   None if consumer is None else consumer.input_quant.qrange)
-            cached = self.__dict__.get("_folded_cache")
-            if (cached is not None and cached[1] == key
-                    and all(a is b for a, b in zip(cached[0], sources, strict=True))):
-                return cached[2]  # type: ignore[no-any-return]
-        mean, var, weight, bias = self._terms()
+        own = (self.running_mean, self.running_var, self.weight, self.bias)
+        sources = ((rows,) if rows is not None else own) + (
+            None if producer is None else producer.input_quant.step,
+            None if producer is None else producer.weight_scale,
+            None if consumer is None else consumer.input_quant.step)
+        key = (tuple(-1 if t is None else t._version for t in sources), self.clamp_top,
+               None if consumer is None else consumer.input_quant.qrange)
+        cache: dict[int | None, tuple[tuple[Tensor | None, ...], object, tuple[
+            Tensor, tuple[float, float] | None]]] = self.__dict__.setdefault(
+                "_folded_cache", {})
+        slot = None if rows is None else id(rows)
+        hit = cache.get(slot)
+        if (hit is not None and hit[1] == key
+                and all(a is b for a, b in zip(hit[0], sources, strict=True))):
+            return hit[2]
+        mean, var, weight, bias = self._terms() if rows is None else rows.unbind(0)
         if producer is not None:
             scale = producer.output_scale()
             mean, weight = mean / scale, weight * scale
@@ -470,9 +469,10 @@ class DigitalNorm(nn.BatchNorm2d):
             bounds = (float(low), top)
         elif self.clamp_top is not None:
             bounds = (0.0, float(self.clamp_top))
-        value = (mean.detach(), var.detach(), weight.detach(), bias.detach(), bounds)
-        if not per_block:
-            self.__dict__["_folded_cache"] = (sources, key, value)
+        value = (torch.stack([mean, var, weight, bias]).detach(), bounds)
+        if len(cache) >= FOLDED_CACHE_ENTRIES:  # tasks come and go: drop the stale ones
+            cache.clear()
+        cache[slot] = (sources, key, value)
         return value
 
     def forward(self, x: Tensor) -> Tensor:
@@ -487,20 +487,24 @@ class DigitalNorm(nn.BatchNorm2d):
             # copy of every activation per training step).
             return out if self.clamp_top is None else F.hardtanh(
                 out, 0.0, self.clamp_top, inplace=not torch.is_grad_enabled())
-        mean, var, weight, bias, bounds = self._folded(producer if scaled else None,
-                                                       consumer if quantize else None)
+        links = (producer if scaled else None, consumer if quantize else None)
+        if self.sample_terms is not None:  # one row of terms per block of samples
+            folded = [self._fold(rows, *links) for rows in self.sample_terms]
+            terms, bounds = torch.stack([f for f, _ in folded]), folded[0][1]
+        else:
+            own, bounds = self._fold(None, *links)
+            terms = own.unsqueeze(0)
+        mean, var, weight, bias = terms.unbind(1)  # [blocks, C] each
         blocks = self.sample_blocks or [(0, x.shape[0])]
         extension = fused_periphery()
         if extension is not None and (x.is_contiguous() or x.is_contiguous(
                 memory_format=torch.channels_last)):
             out = torch.empty_like(x)
             extension.periphery_norm(x, out, [b[0] for b in blocks], [b[1] for b in blocks],
-                                     *(t.reshape(len(blocks), -1) for t in
-                                       (mean, var, weight, bias)),
-                                     self.eps, bounds is not None, *(bounds or (0.0, 0.0)),
-                                     quantize)
+                                     mean, var, weight, bias, self.eps, bounds is not None,
+                                     *(bounds or (0.0, 0.0)), quantize)
             return out
-        if self.sample_terms is not None:
+        if len(blocks) > 1:
             out = torch.empty_like(x)
             empty = x.new_empty(0)
             for index, (start, stop) in enumerate(blocks):
@@ -509,7 +513,7 @@ class DigitalNorm(nn.BatchNorm2d):
                     False, 0.0, self.eps, out=out[start:stop], save_mean=empty,
                     save_invstd=empty)
         else:
-            out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+            out = F.batch_norm(x, mean[0], var[0], weight[0], bias[0], False, 0.0, self.eps)
         if bounds is not None:
             out.clamp_(*bounds)
         return out.round_() if quantize else out
@@ -546,6 +550,9 @@ def fused_periphery() -> ModuleType | None:
                 return None
     return extension
 
+
+FOLDED_CACHE_ENTRIES = 64
+"""Folded BatchNorm terms kept per module (its own and those of recent tasks)."""
 
 SHARED_PASS_PIXELS = 16
 """A pointwise layer of a mixed batch with fewer output pixels per sample than this

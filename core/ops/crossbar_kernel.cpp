@@ -331,8 +331,10 @@ void periphery_norm(
   TORCH_CHECK(channels_last || x.is_contiguous(), "input must be NCHW or channels-last");
   const int64_t batch = x.size(0), channels = x.size(1);
   const int64_t pixels = batch * channels == 0 ? 0 : x.numel() / (batch * channels);
-  const auto mean = mean_in.contiguous(), var = var_in.contiguous();
-  const auto weight = weight_in.contiguous(), bias = bias_in.contiguous();
+  // rows of the terms may be strided (views of one [T, 4, C] stack); channels contiguous
+  const auto dense = [](const torch::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  const auto mean = dense(mean_in), var = dense(var_in);
+  const auto weight = dense(weight_in), bias = dense(bias_in);
   const int64_t blocks = static_cast<int64_t>(starts.size());
   TORCH_CHECK(static_cast<int64_t>(stops.size()) == blocks, "one stop per start");
   for (const auto* t : {&mean, &var, &weight, &bias})
@@ -350,10 +352,10 @@ void periphery_norm(
     beta.assign(channels, 0.0f);
     const int64_t start = starts[b], stop = stops[b];
     TORCH_CHECK(0 <= start && start <= stop && stop <= batch, "block out of range");
-    const float* m = mean.data_ptr<float>() + b * channels;
-    const float* v = var.data_ptr<float>() + b * channels;
-    const float* w = weight.data_ptr<float>() + b * channels;
-    const float* bi = bias.data_ptr<float>() + b * channels;
+    const float* m = mean.data_ptr<float>() + b * mean.stride(0);
+    const float* v = var.data_ptr<float>() + b * var.stride(0);
+    const float* w = weight.data_ptr<float>() + b * weight.stride(0);
+    const float* bi = bias.data_ptr<float>() + b * bias.stride(0);
     for (int64_t c = 0; c < channels; ++c) {
       const float invstd = 1.0f / std::sqrt(v[c] + feps);
       alpha[c] = invstd * w[c];
