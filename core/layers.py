@@ -436,24 +436,7 @@ class DigitalNorm(nn.BatchNorm2d):
               consumer: CrossbarConv2d | None) -> tuple[Tensor, tuple[float, float] | None]:
         """``[4, C]`` BatchNorm terms (mean, var, weight, bias) with ``producer``'s output
         scale and ``consumer``'s input step folded in, and the clamp bounds; of the
-        module's own terms, or of a task's ``rows`` in a mixed batch. Kept until a tensor
-        they come from is replaced or changed in place: folding is about ten small tensor
-        operations per layer, which at 2x2 maps cost more than the layer's arithmetic."""
-        own = (self.running_mean, self.running_var, self.weight, self.bias)
-        sources = ((rows,) if rows is not None else own) + (
-            None if producer is None else producer.input_quant.step,
-            None if producer is None else producer.weight_scale,
-            None if consumer is None else consumer.input_quant.step)
-        key = (tuple(-1 if t is None else t._version for t in sources), self.clamp_top,
-               None if consumer is None else consumer.input_quant.qrange)
-        cache: dict[int | None, tuple[tuple[Tensor | None, ...], object, tuple[
-            Tensor, tuple[float, float] | None]]] = self.__dict__.setdefault(
-                "_folded_cache", {})
-        slot = None if rows is None else id(rows)
-        hit = cache.get(slot)
-        if (hit is not None and hit[1] == key
-                and all(a is b for a, b in zip(hit[0], sources, strict=True))):
-            return hit[2]
+        module's own terms, or of a task's ``rows`` in a mixed batch."""
         mean, var, weight, bias = self._terms() if rows is None else rows.unbind(0)
         if producer is not None:
             scale = producer.output_scale()
@@ -469,11 +452,46 @@ class DigitalNorm(nn.BatchNorm2d):
             bounds = (float(low), top)
         elif self.clamp_top is not None:
             bounds = (0.0, float(self.clamp_top))
-        value = (torch.stack([mean, var, weight, bias]).detach(), bounds)
-        if len(cache) >= FOLDED_CACHE_ENTRIES:  # tasks come and go: drop the stale ones
-            cache.clear()
-        cache[slot] = (sources, key, value)
-        return value
+        return torch.stack([mean, var, weight, bias]).detach(), bounds
+
+    def _folded(self, producer: CrossbarConv2d | None, consumer: CrossbarConv2d | None
+                ) -> tuple[Tensor, tuple[float, float] | None]:
+        """:meth:`_fold` for every block (``[blocks, 4, C]``), kept until a tensor it
+        comes from is replaced or changed in place: folding is about ten small tensor
+        operations per layer and task, which at 2x2 maps cost more than the layer's
+        arithmetic. The links' part of the check is made once per call, each task's
+        rows by identity and version."""
+        links = (None if producer is None else producer.input_quant.step,
+                 None if producer is None else producer.weight_scale,
+                 None if consumer is None else consumer.input_quant.step)
+        key = (tuple(-1 if t is None else t._version for t in links), self.clamp_top,
+               None if consumer is None else consumer.input_quant.qrange)
+        state = self.__dict__.get("_folded_cache")
+        if state is None or state[1] != key or any(
+                a is not b for a, b in zip(state[0], links, strict=True)):
+            state = self.__dict__["_folded_cache"] = (links, key, {})
+        cache: dict[int | None, tuple[tuple[Tensor | None, ...], tuple[int, ...],
+                                      tuple[Tensor, tuple[float, float] | None]]] = state[2]
+        if self.sample_terms is None:
+            sources: tuple[Tensor | None, ...] = (self.running_mean, self.running_var,
+                                                  self.weight, self.bias)
+            slots: list[tuple[int | None, tuple[Tensor | None, ...], Tensor | None]] = [
+                (None, sources, None)]
+        else:
+            slots = [(id(rows), (rows,), rows) for rows in self.sample_terms]
+        folded = []
+        for slot, sources, rows in slots:
+            versions = tuple(-1 if t is None else t._version for t in sources)
+            hit = cache.get(slot)
+            if (hit is None or hit[1] != versions
+                    or any(a is not b for a, b in zip(hit[0], sources, strict=True))):
+                if len(cache) >= FOLDED_CACHE_ENTRIES:  # tasks come and go
+                    cache.clear()
+                hit = cache[slot] = (sources, versions, self._fold(rows, producer, consumer))
+            folded.append(hit[2])
+        terms = folded[0][0].unsqueeze(0) if len(folded) == 1 else torch.stack(
+            [f for f, _ in folded])
+        return terms, folded[0][1]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.train_quant is not None and torch.is_grad_enabled():
@@ -487,13 +505,8 @@ class DigitalNorm(nn.BatchNorm2d):
             # copy of every activation per training step).
             return out if self.clamp_top is None else F.hardtanh(
                 out, 0.0, self.clamp_top, inplace=not torch.is_grad_enabled())
-        links = (producer if scaled else None, consumer if quantize else None)
-        if self.sample_terms is not None:  # one row of terms per block of samples
-            folded = [self._fold(rows, *links) for rows in self.sample_terms]
-            terms, bounds = torch.stack([f for f, _ in folded]), folded[0][1]
-        else:
-            own, bounds = self._fold(None, *links)
-            terms = own.unsqueeze(0)
+        terms, bounds = self._folded(producer if scaled else None,
+                                     consumer if quantize else None)
         mean, var, weight, bias = terms.unbind(1)  # [blocks, C] each
         blocks = self.sample_blocks or [(0, x.shape[0])]
         extension = fused_periphery()
