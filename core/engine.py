@@ -74,7 +74,8 @@ class PreparedTask:
     """Per module, the four terms a mixed batch gathers (``[4, C]``), built on first use."""
     changed: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
     """Per layer: output channels whose codes differ from the backbone's, the task's
-    codes of those channels and the same as a matrix; built on first mixed batch."""
+    codes of those channels and the same as a ``[Cin * kh * kw, c]`` matrix; built on
+    first mixed batch."""
 
 
 @dataclass(frozen=True)
@@ -376,51 +377,57 @@ class CrossbarEngine:
             for attr, value in settings.items():  # module attribute writes are slow
                 if getattr(layer, attr) is not value:
                     setattr(layer, attr, value)
-        sample_task = torch.empty(x.shape[0], dtype=torch.long)
-        samples = {task_id: torch.tensor(rows) for task_id, rows in groups.items()}
-        for index, task_id in enumerate(groups):
-            sample_task[samples[task_id]] = index
-        touched = (self._mixed_crossbar_layers(x.shape[0], samples, prepared) if crossbar
-                   else self._mixed_ideal_layers(list(samples.values()),
-                                                 list(prepared.values())))
+        # Sorted by task, each task's samples are one block of rows: its layers and
+        # BatchNorm then read and write them in place (no gathers or scatters).
+        order = [row for rows in groups.values() for row in rows]
+        blocks, start = {}, 0
+        for task_id, rows in groups.items():
+            blocks[task_id] = (start, start + len(rows))
+            start += len(rows)
+        order_index = torch.tensor(order)
+        sorted_x = x if order == sorted(order) else x.index_select(0, order_index)
+        touched = (self._mixed_crossbar_layers(x.shape[0], blocks, prepared) if crossbar
+                   else self._mixed_ideal_layers(blocks, prepared))
         norms = []
         for module_name in {m for p in prepared.values() for m in p.norms}:
             module = self.model.body.get_submodule(module_name)
             assert isinstance(module, DigitalNorm)
-            terms = torch.stack([_norm_terms(p, module_name, module)
-                                 for p in prepared.values()])
-            module.sample_terms = dict(zip(NORM_TERMS, terms.index_select(0, sample_task)
-                                           .transpose(0, 1).contiguous(), strict=True))
+            module.sample_terms = [_norm_terms(p, module_name, module)
+                                   for p in prepared.values()]
+            module.sample_blocks = list(blocks.values())
             norms.append(module)
         try:
-            features: Tensor = self.model(x)
-            return features
+            features: Tensor = self.model(sorted_x)
+            if sorted_x is x:
+                return features
+            return features.index_copy(0, order_index, features)
         finally:
             for module in norms:
                 module.sample_terms = None
+                module.sample_blocks = None
             for layer in touched:
                 for attr in ("sample_channels", "sample_column_values", "spare_reads",
                              "program"):
                     if getattr(layer, attr) is not None:
                         setattr(layer, attr, None)
 
-    def _mixed_ideal_layers(self, samples: list[Tensor], prepared: list[PreparedTask]
-                            ) -> list[CrossbarConv2d]:
-        """Per layer, every task's changed channels for its own samples."""
-        changed = [self._changed(p) for p in prepared]
+    def _mixed_ideal_layers(self, blocks: dict[str, tuple[int, int]],
+                            prepared: dict[str, PreparedTask]) -> list[CrossbarConv2d]:
+        """Per layer, every task's changed channels for its own block of samples."""
         touched = []
         for name, layer in self._layers.items():
-            layer.sample_channels = _sample_channels(samples, [c.get(name) for c in changed])
+            layer.sample_channels = self._sample_channels(name, layer, blocks, prepared)
             if layer.sample_channels is not None:
                 touched.append(layer)
         return touched
 
-    def _mixed_crossbar_layers(self, batch: int, samples: dict[str, Tensor],
+    def _mixed_crossbar_layers(self, batch: int, blocks: dict[str, tuple[int, int]],
                                prepared: dict[str, PreparedTask]) -> list[CrossbarConv2d]:
         """The backbone's programmed cells for the whole batch with each sample's shift
         mask (0 on its task's replaced PEs), plus each task's spare PEs read on their own
         row groups for its samples."""
         self._check_adc()
+        samples = {t: torch.arange(start, stop) for t, (start, stop) in blocks.items()}
         touched = []
         for name, layer in self._layers.items():
             if not layer.on_crossbar:
@@ -428,9 +435,7 @@ class CrossbarEngine:
             mapping = layer.mapping
             assert mapping is not None
             if self._backbone_program(name, layer).lossless:  # exact: the ideal code path
-                layer.sample_channels = _sample_channels(
-                    list(samples.values()), [self._changed(p).get(name)
-                                             for p in prepared.values()])
+                layer.sample_channels = self._sample_channels(name, layer, blocks, prepared)
                 touched.append(layer)
                 continue
             column_values = torch.ones(batch, mapping.row_groups, mapping.out_channels)
@@ -523,9 +528,30 @@ class CrossbarEngine:
                     differs = torch.ones_like(differs)
                 channels = differs.nonzero().flatten()
                 own = codes.index_select(0, channels).contiguous()
-                changed[name] = (channels, own, own.flatten(1))
+                changed[name] = (channels, own, own.flatten(1).t().contiguous())
             prepared.changed = changed
         return prepared.changed
+
+    def _sample_channels(self, name: str, layer: CrossbarConv2d,
+                         blocks: dict[str, tuple[int, int]],
+                         prepared: dict[str, PreparedTask]) -> SampleChannels | None:
+        """One layer's plan in a mixed batch sorted by task (None: no task changed it)."""
+        changed = {t: self._changed(p).get(name) for t, p in prepared.items()}
+        kept = [(blocks[t], entry) for t, entry in changed.items() if entry is not None]
+        if not kept:
+            return None
+        segments: list[tuple[int, int, Tensor]] = []
+        for task_id, (start, stop) in blocks.items():
+            own = prepared[task_id].weights.get(name) if changed[task_id] else None
+            codes = self._backbone_codes(name, layer) if own is None else own
+            if segments and own is None and segments[-1][2] is codes:
+                segments[-1] = (segments[-1][0], stop, codes)  # both keep the backbone's
+            else:
+                segments.append((start, stop, codes))
+        return SampleChannels(blocks=[block for block, _ in kept],
+                              channels=[entry[0] for _, entry in kept],
+                              codes=[entry[1] for _, entry in kept],
+                              matrices=[entry[2] for _, entry in kept], segments=segments)
 
     # -- the programmed chip (crossbar fidelity) -------------------------------------
 
@@ -734,8 +760,9 @@ NORM_TERMS = ("running_mean", "running_var", "weight", "bias")
 def _norm_terms(prepared: PreparedTask, module_name: str, module: DigitalNorm) -> Tensor:
     """A task's terms of one BatchNorm as ``[4, C]`` (the backbone's where it has none).
 
-    A mixed batch gathers each sample's rows into ``[B, C]`` terms
-    (:attr:`core.layers.DigitalNorm.sample_terms`).
+    A mixed batch hands each task's to the module, one per block of samples
+    (:attr:`core.layers.DigitalNorm.sample_terms`); the tensor is kept, so the module's
+    folded terms of it are too.
     """
     cached = prepared.norm_terms.get(module_name)
     if cached is None:
@@ -744,19 +771,6 @@ def _norm_terms(prepared: PreparedTask, module_name: str, module: DigitalNorm) -
                               for attr in NORM_TERMS])
         prepared.norm_terms[module_name] = cached
     return cached
-
-
-def _sample_channels(samples: Sequence[Tensor],
-                     changed: Sequence[tuple[Tensor, Tensor, Tensor] | None]
-                     ) -> SampleChannels | None:
-    """One layer's plan in a mixed batch from each task's samples and its changed channels
-    (None: it changed none)."""
-    kept = [(rows, entry) for rows, entry in zip(samples, changed, strict=True)
-            if entry is not None]
-    if not kept:
-        return None
-    return SampleChannels(*([rows for rows, _ in kept],
-                            *([entry[k] for _, entry in kept] for k in range(3))))
 
 
 def _fidelity(value: Fidelity | str) -> Fidelity:

@@ -22,8 +22,12 @@ inference pass run the same modules, so they stay equal bit for bit.
 
 from __future__ import annotations
 
+import functools
+import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +49,25 @@ from core.quant import (
     mse_weight_scale,
     quantize_weight_codes,
 )
+
+_MATRICES: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = {}
+
+
+def pointwise_matrix(codes: Tensor) -> Tensor:
+    """A pointwise layer's ``[Cout, Cin, 1, 1]`` codes as the contiguous ``[Cin, Cout]``
+    matrix its channels-last product reads (a transposed operand is slower), made once
+    per weight tensor and kept while that tensor lives and is unchanged."""
+    key = id(codes)
+    entry = _MATRICES.get(key)
+    if entry is not None and entry[0]() is codes and entry[1] == codes._version:
+        return entry[2]
+    matrix = codes.detach().reshape(codes.shape[0], -1).t().contiguous()
+    _MATRICES[key] = (weakref.ref(codes, lambda _ref: _MATRICES.pop(key, None)),
+                      codes._version, matrix)
+    return matrix
+
+
+log = logging.getLogger(__name__)
 
 
 def _pair(value: tuple[int, ...]) -> tuple[int, int]:
@@ -222,7 +245,7 @@ class CrossbarConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.program is not None and not (self.program.lossless and self._lossless_path()):
-            codes = self.input_codes(x)
+            codes = self.input_codes(x).contiguous()  # the operator reads NCHW codes
             acc = crossbar_conv2d(
                 codes, self.program, self.geometry, implementation=self.implementation,
                 generator=self.read_generator, max_chunk_elements=self.max_chunk_elements,
@@ -235,17 +258,82 @@ class CrossbarConv2d(nn.Module):
             weight = fake_quant_weight(self.latent_weight, self.weight_scale, self.weight_bits)
         elif self._task_codes is not None and self._exact_inputs():
             codes = self.input_codes(x)
-            acc = F.conv2d(codes, self._task_codes, None, self.stride, self.padding,
-                           self.dilation, self.groups)
             if self.sample_channels is not None:
-                self._apply_sample_channels(codes, acc)
+                acc = self._blocks_forward(codes, self.sample_channels)
+            else:
+                acc = self._code_conv(codes, self._task_codes)
             return self._finish(acc)
         else:
             weight = self.effective_weight
+        # Float paths (training, calibration) keep the layout they always had.
         return F.conv2d(
-            self.input_quant(x), weight, self.bias, self.stride, self.padding,
+            self.input_quant(x.contiguous()), weight, self.bias, self.stride, self.padding,
             self.dilation, self.groups,
         )
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1, stride-1, unpadded, ungrouped layer: one matrix product over pixels."""
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1)
+                and self.padding == (0, 0) and self.groups == 1)
+
+    def _code_conv(self, codes: Tensor, weight: Tensor) -> Tensor:
+        """Integer codes convolved with code-unit weights: exact in any summation order,
+        so a pointwise layer over channels-last codes is one matrix product
+        ``[B*H*W, Cin] @ [Cin, Cout]`` whose result is channels-last again (no copy)."""
+        if self.pointwise and codes.is_contiguous(memory_format=torch.channels_last):
+            batch, cin, height, width = codes.shape
+            rows = codes.permute(0, 2, 3, 1).reshape(-1, cin)
+            out = torch.mm(rows, pointwise_matrix(weight))
+            return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+        return F.conv2d(codes, weight, None, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def _blocks_forward(self, codes: Tensor, plan: SampleChannels) -> Tensor:
+        """A mixed batch, whose samples the engine sorted by task (one block of rows each).
+
+        Each block of a layer with few pixels per sample (weight-bound) shares one
+        product with the backbone's codes, then each task recomputes the output channels
+        it changed on its own block. Elsewhere each block is convolved with its own
+        task's codes (the shared pass would be work done twice): written in place for a
+        pointwise layer, concatenated for the stem and depthwise layers (whose every
+        output channel changes with the task)."""
+        last = codes.is_contiguous(memory_format=torch.channels_last)
+        if self.pointwise and last:
+            batch, cin, height, width = codes.shape
+            if height * width < SHARED_PASS_PIXELS:
+                assert self._task_codes is not None  # the backbone's, in a mixed batch
+                acc = self._code_conv(codes, self._task_codes)
+                _block_channels_1x1(codes, acc, plan, self.implementation)
+                return acc
+            rows = codes.permute(0, 2, 3, 1).reshape(-1, cin)
+            out = rows.new_empty(rows.shape[0], self.out_channels)
+            per_sample = height * width
+            matrices = [pointwise_matrix(weight) for _, _, weight in plan.segments]
+            extension = (crossbar_extension() if self.implementation
+                         is not OperatorImplementation.REFERENCE else None)
+            if extension is not None:
+                extension.blocks_pointwise(rows, out,
+                                           [s[0] * per_sample for s in plan.segments],
+                                           [s[1] * per_sample for s in plan.segments],
+                                           matrices)
+            else:
+                for (start, stop, _), matrix in zip(plan.segments, matrices, strict=True):
+                    torch.mm(rows[start * per_sample : stop * per_sample], matrix,
+                             out=out[start * per_sample : stop * per_sample])
+            return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+        if self.groups == 1:  # the stem: a few of its channels change per task
+            acc = self._code_conv(codes, self._task_codes)  # type: ignore[arg-type]
+            for (start, stop), channels, own in zip(plan.blocks, plan.channels, plan.codes,
+                                                    strict=True):
+                acc[start:stop].index_copy_(1, channels, self._code_conv(codes[start:stop], own))
+            return acc
+        parts = [self._code_conv(codes[start:stop], weight)
+                 for start, stop, weight in plan.segments]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts).contiguous(
+            memory_format=torch.channels_last if last else torch.contiguous_format)
 
     def _add_spare_reads(self, codes: Tensor, acc: Tensor, reads: list[SpareRead]) -> None:
         """Add every task's spare-PE reads of a mixed batch: one compiled call for all
@@ -283,28 +371,6 @@ class CrossbarConv2d(nn.Module):
         return (self.latent_weight is None and self._task_codes is not None
                 and self._exact_inputs())
 
-    def _apply_sample_channels(self, codes: Tensor, out: Tensor) -> None:
-        """Overwrite every task's changed channels on its samples with its own weights.
-
-        A 1x1 layer takes one compiled call for all tasks (one matrix product per task,
-        no per-task dispatch from Python); others convolve per task. Sums of integer codes
-        are exact, so either equals the task's own convolution bit for bit."""
-        plan = self.sample_channels
-        assert plan is not None
-        pointwise = (tuple(self.kernel_size) == (1, 1) and tuple(self.stride) == (1, 1)
-                     and tuple(self.padding) == (0, 0) and self.groups == 1)
-        extension = (crossbar_extension() if pointwise and self.implementation
-                     is not OperatorImplementation.REFERENCE else None)
-        if extension is not None:
-            extension.mixed_channels_1x1(codes, out, plan.samples, plan.channels,
-                                         plan.matrices)
-            return
-        for rows, channels, weight in zip(plan.samples, plan.channels, plan.codes,
-                                          strict=True):
-            part = F.conv2d(codes.index_select(0, rows), weight, None, self.stride,
-                            self.padding, self.dilation, self.groups)
-            out[rows.unsqueeze(1), channels.unsqueeze(0)] = part
-
     def extra_repr(self) -> str:
         where = self.mapping.placement.value if self.mapping else "unmapped"
         return (
@@ -322,15 +388,17 @@ class DigitalNorm(nn.BatchNorm2d):
     output: it then skips its own), folded into the BatchNorm's per-channel terms
     so the whole periphery costs one BatchNorm pass plus a clamp and a round, not
     six passes. Elsewhere (training, calibration) it is BatchNorm then ReLU6.
-    ``sample_terms`` (set by the engine for a batch mixing tasks) holds each
-    sample's own task's terms ``[B, C]``, so that one kernel call normalises the batch
-    (viewed as one sample of ``B * C`` channels: every element gets the same per-channel
-    arithmetic as in a batch of its task alone).
+    ``sample_terms`` (set by the engine for a batch mixing tasks, whose samples it
+    sorted by task) holds each task's terms (``[4, C]``: mean, var, weight, bias) and
+    ``sample_blocks`` its rows:
+    the same BatchNorm kernel then normalises each block in place of the output (every
+    element gets the same arithmetic as in a batch of its task alone).
     """
 
     clamp_top: float | None = None
     """The absorbed ReLU6's top (None: no activation here)."""
-    sample_terms: dict[str, Tensor] | None = None
+    sample_terms: list[Tensor] | None = None
+    sample_blocks: list[tuple[int, int]] | None = None
     train_quant: Callable[[Tensor], Tensor] | None = None
     """Passes with autograd: the activation and the consumer's input quantization in one
     (a task model sets it and has the consumer skip its own quantization)."""
@@ -358,15 +426,72 @@ class DigitalNorm(nn.BatchNorm2d):
         return self.__dict__.get("_producer"), self.__dict__.get("_consumer")
 
     def _terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if self.sample_terms is not None:
-            terms = self.sample_terms
-            return (terms["running_mean"], terms["running_var"], terms["weight"],
-                    terms["bias"])
         assert self.running_mean is not None and self.running_var is not None
         ones = torch.ones_like(self.running_mean)
         return (self.running_mean, self.running_var,
                 ones if self.weight is None else self.weight,
                 torch.zeros_like(ones) if self.bias is None else self.bias)
+
+    def _fold(self, rows: Tensor | None, producer: CrossbarConv2d | None,
+              consumer: CrossbarConv2d | None) -> tuple[Tensor, tuple[float, float] | None]:
+        """``[4, C]`` BatchNorm terms (mean, var, weight, bias) with ``producer``'s output
+        scale and ``consumer``'s input step folded in, and the clamp bounds; of the
+        module's own terms, or of a task's ``rows`` in a mixed batch."""
+        mean, var, weight, bias = self._terms() if rows is None else rows.unbind(0)
+        if producer is not None:
+            scale = producer.output_scale()
+            mean, weight = mean / scale, weight * scale
+        bounds: tuple[float, float] | None = None
+        if consumer is not None:
+            step = consumer.input_quant.step.detach()
+            weight, bias = weight / step, bias / step
+            low, high = consumer.input_quant.qrange
+            top = float(high)
+            if self.clamp_top is not None:
+                low, top = max(low, 0), min(top, self.clamp_top / float(step))
+            bounds = (float(low), top)
+        elif self.clamp_top is not None:
+            bounds = (0.0, float(self.clamp_top))
+        return torch.stack([mean, var, weight, bias]).detach(), bounds
+
+    def _folded(self, producer: CrossbarConv2d | None, consumer: CrossbarConv2d | None
+                ) -> tuple[Tensor, tuple[float, float] | None]:
+        """:meth:`_fold` for every block (``[blocks, 4, C]``), kept until a tensor it
+        comes from is replaced or changed in place: folding is about ten small tensor
+        operations per layer and task, which at 2x2 maps cost more than the layer's
+        arithmetic. The links' part of the check is made once per call, each task's
+        rows by identity and version."""
+        links = (None if producer is None else producer.input_quant.step,
+                 None if producer is None else producer.weight_scale,
+                 None if consumer is None else consumer.input_quant.step)
+        key = (tuple(-1 if t is None else t._version for t in links), self.clamp_top,
+               None if consumer is None else consumer.input_quant.qrange)
+        state = self.__dict__.get("_folded_cache")
+        if state is None or state[1] != key or any(
+                a is not b for a, b in zip(state[0], links, strict=True)):
+            state = self.__dict__["_folded_cache"] = (links, key, {})
+        cache: dict[int | None, tuple[tuple[Tensor | None, ...], tuple[int, ...],
+                                      tuple[Tensor, tuple[float, float] | None]]] = state[2]
+        if self.sample_terms is None:
+            sources: tuple[Tensor | None, ...] = (self.running_mean, self.running_var,
+                                                  self.weight, self.bias)
+            slots: list[tuple[int | None, tuple[Tensor | None, ...], Tensor | None]] = [
+                (None, sources, None)]
+        else:
+            slots = [(id(rows), (rows,), rows) for rows in self.sample_terms]
+        folded = []
+        for slot, sources, rows in slots:
+            versions = tuple(-1 if t is None else t._version for t in sources)
+            hit = cache.get(slot)
+            if (hit is None or hit[1] != versions
+                    or any(a is not b for a, b in zip(hit[0], sources, strict=True))):
+                if len(cache) >= FOLDED_CACHE_ENTRIES:  # tasks come and go
+                    cache.clear()
+                hit = cache[slot] = (sources, versions, self._fold(rows, producer, consumer))
+            folded.append(hit[2])
+        terms = folded[0][0].unsqueeze(0) if len(folded) == 1 else torch.stack(
+            [f for f, _ in folded])
+        return terms, folded[0][1]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.train_quant is not None and torch.is_grad_enabled():
@@ -380,48 +505,118 @@ class DigitalNorm(nn.BatchNorm2d):
             # copy of every activation per training step).
             return out if self.clamp_top is None else F.hardtanh(
                 out, 0.0, self.clamp_top, inplace=not torch.is_grad_enabled())
-        mean, var, weight, bias = self._terms()  # [C], or [B, C] per sample
-        if scaled:
-            assert producer is not None
-            scale = producer.output_scale()
-            mean, weight = mean / scale, weight * scale
-        if quantize:
-            assert consumer is not None
-            step = consumer.input_quant.step.detach()
-            weight, bias = weight / step, bias / step
-        shape = x.shape
-        if self.sample_terms is not None:
-            x = x.reshape(1, shape[0] * shape[1], *shape[2:])
-            mean, var, weight, bias = (t.reshape(-1) for t in (mean, var, weight, bias))
-        out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps).view(shape)
-        if quantize:
-            assert consumer is not None
-            low, high = consumer.input_quant.qrange
-            top = float(high)
-            if self.clamp_top is not None:
-                low, top = max(low, 0), min(top, self.clamp_top / float(step))
-            return out.clamp_(low, top).round_()
-        if self.clamp_top is not None:
-            out = F.hardtanh(out, 0.0, self.clamp_top, inplace=True)
-        return out
+        terms, bounds = self._folded(producer if scaled else None,
+                                     consumer if quantize else None)
+        mean, var, weight, bias = terms.unbind(1)  # [blocks, C] each
+        blocks = self.sample_blocks or [(0, x.shape[0])]
+        extension = fused_periphery()
+        if extension is not None and (x.is_contiguous() or x.is_contiguous(
+                memory_format=torch.channels_last)):
+            out = torch.empty_like(x)
+            extension.periphery_norm(x, out, [b[0] for b in blocks], [b[1] for b in blocks],
+                                     mean, var, weight, bias, self.eps, bounds is not None,
+                                     *(bounds or (0.0, 0.0)), quantize)
+            return out
+        if len(blocks) > 1:
+            out = torch.empty_like(x)
+            empty = x.new_empty(0)
+            for index, (start, stop) in enumerate(blocks):
+                torch.ops.aten.native_batch_norm.out(
+                    x[start:stop], weight[index], bias[index], mean[index], var[index],
+                    False, 0.0, self.eps, out=out[start:stop], save_mean=empty,
+                    save_invstd=empty)
+        else:
+            out = F.batch_norm(x, mean[0], var[0], weight[0], bias[0], False, 0.0, self.eps)
+        if bounds is not None:
+            out.clamp_(*bounds)
+        return out.round_() if quantize else out
+
+
+@functools.cache
+def fused_periphery() -> ModuleType | None:
+    """The compiled one-pass periphery (BatchNorm, clamp, round), if it equals torch's
+    ``F.batch_norm`` bit for bit on this build of torch (None otherwise: the periphery
+    then runs torch's kernels). It reproduces the arithmetic of ATen's inference kernel
+    (fused multiply-adds); a build whose kernel rounds differently fails the check on
+    random data in both layouts, odd channel counts and single pixels."""
+    extension = crossbar_extension()
+    if extension is None:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    for channels, size in ((5, 3), (16, 8), (37, 1), (96, 4), (1280, 2), (24, 16)):
+        x = torch.randn(3, channels, size, size, generator=generator) * 1e3
+        mean = torch.randn(channels, generator=generator) * 10
+        var = torch.rand(channels, generator=generator) * 5 + 1e-3
+        weight = torch.randn(channels, generator=generator)
+        bias = torch.randn(channels, generator=generator) * 3
+        terms = (mean, var, weight, bias)
+        expected = F.batch_norm(x, mean, var, weight, bias, False, 0.0, 1e-5)
+        for memory in (torch.contiguous_format, torch.channels_last):
+            source = x.contiguous(memory_format=memory)
+            out = torch.empty_like(source)
+            extension.periphery_norm(source, out, [0, 1], [1, 3],
+                                     *(t.expand(2, -1) for t in terms), 1e-5, False, 0.0,
+                                     0.0, False)
+            if not torch.equal(out, expected):
+                log.warning("the compiled periphery does not match this torch's BatchNorm "
+                            "bit for bit: using torch's kernels")
+                return None
+    return extension
+
+
+FOLDED_CACHE_ENTRIES = 64
+"""Folded BatchNorm terms kept per module (its own and those of recent tasks)."""
+
+SHARED_PASS_PIXELS = 16
+"""A pointwise layer of a mixed batch with fewer output pixels per sample than this
+shares one product with the backbone's codes and recomputes each task's changed
+channels (reading the weights is what costs there); with more, each task's block of
+samples is multiplied by its own codes (the arithmetic is what costs)."""
 
 
 @dataclass(frozen=True)
 class SampleChannels:
-    """One layer of a batch that mixes tasks: for every task that changed the layer, its
-    samples, the output channels it changed and its codes of them.
+    """One layer of a batch that mixes tasks, its samples sorted by task so that each
+    task's samples are one block of rows.
 
     Args:
-        samples: per task, long ``[n]`` batch positions.
-        channels: per task, long ``[c]`` output channels (all of them for a grouped layer).
-        codes: per task, its code-unit weight ``[c, Cin / groups, kh, kw]`` of ``channels``.
+        blocks: per task that changed the layer, its rows ``(start, stop)``.
+        channels: per such task, long ``[c]`` output channels it changed.
+        codes: per such task, its code-unit weight ``[c, Cin / groups, kh, kw]`` of them.
+        matrices: per such task, ``codes`` as a contiguous ``[Cin * kh * kw, c]``.
+        segments: the whole batch as ``(start, stop, codes)`` blocks, each with the full
+            code-unit weight its samples' task convolves (adjacent tasks that kept the
+            backbone's codes share one block).
     """
 
-    samples: list[Tensor]
+    blocks: list[tuple[int, int]]
     channels: list[Tensor]
     codes: list[Tensor]
     matrices: list[Tensor]
-    """Per task, ``codes`` as ``[c, Cin * kh * kw]`` (what the compiled 1x1 call takes)."""
+    segments: list[tuple[int, int, Tensor]]
+
+
+def _block_channels_1x1(codes: Tensor, out: Tensor, plan: SampleChannels,
+                        implementation: OperatorImplementation) -> None:
+    """Overwrite every task's changed output channels on its block of rows of a
+    channels-last pointwise layer: one compiled call for all tasks, or a product and an
+    index copy per task. Sums of integer codes are exact, so either equals the task's
+    own layer bit for bit."""
+    cin, cout = codes.shape[1], out.shape[1]
+    rows, out_rows = codes.permute(0, 2, 3, 1).reshape(-1, cin), out.permute(0, 2, 3, 1)
+    out_rows = out_rows.reshape(-1, cout)  # a view: out is channels-last contiguous
+    per_sample = codes.shape[2] * codes.shape[3]
+    extension = (crossbar_extension() if implementation
+                 is not OperatorImplementation.REFERENCE else None)
+    if extension is not None:
+        extension.block_channels_rows(rows, out_rows, [b[0] * per_sample for b in plan.blocks],
+                                      [b[1] * per_sample for b in plan.blocks],
+                                      plan.channels, plan.matrices)
+        return
+    for (start, stop), channels, matrix in zip(plan.blocks, plan.channels, plan.matrices,
+                                               strict=True):
+        lo, hi = start * per_sample, stop * per_sample
+        out_rows[lo:hi].index_copy_(1, channels, torch.mm(rows[lo:hi], matrix))
 
 
 @dataclass(frozen=True)

@@ -177,6 +177,8 @@ class CrossbarModel(nn.Module):
         self.mapping: ModelMapping | None = None
         self.adc_calibrated_bits: int | None = None
         """ADC resolution the stored ranges were tuned for (None: not calibrated)."""
+        self.channels_last = True
+        """Whether inference runs channels-last (False: the NCHW pass, for comparison)."""
 
     def layers(self) -> list[tuple[str, CrossbarConv2d]]:
         return crossbar_layers(self.body)
@@ -297,7 +299,16 @@ class CrossbarModel(nn.Module):
             -1, mapping.channels_per_read, *mapping.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Pooled features of the active task (see :class:`core.engine.CrossbarEngine`)."""
+        """Pooled features of the active task (see :class:`core.engine.CrossbarEngine`).
+
+        Inference runs channels-last (``[B, H, W, C]`` in memory): a pointwise layer is
+        then one matrix product over every pixel, whose output is channels-last again,
+        so the layout holds from layer to layer without a transpose. Convolutions of
+        integer codes are exact in any summation order and the periphery is elementwise,
+        so the result equals the NCHW pass bit for bit (the pooling sums in NCHW order).
+        Passes with autograd keep the caller's layout."""
+        if self.channels_last and not torch.is_grad_enabled():
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.body.forward_features(x)
 
     # -- persistence ---------------------------------------------------------------

@@ -57,6 +57,8 @@ class ServerProcess:
             env[f"XMA2_{name.upper()}"] = str(value)
         if self.source is not None:
             env["PYTHONPATH"] = str(self.source.resolve())
+            # its own compiled operator: one cache shared by two sources rebuilds in turn
+            env["TORCH_EXTENSIONS_DIR"] = str(self.source.resolve() / ".torch_ext")
         log = self.log_path.open("ab")
         self.process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env,
                                         stdout=log, stderr=subprocess.STDOUT,

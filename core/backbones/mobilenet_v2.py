@@ -101,7 +101,7 @@ class MobileNetV2(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Pooled 1280-d embedding, so task heads can replace the ImageNet classifier."""
-        x = self.features(x)
+        x = self.features(x).contiguous()  # pooling sums in NCHW order in every layout
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -119,6 +119,7 @@ class ResNet(nn.Module):
         """Pooled embedding (512-d or 2048-d), so task heads can replace ``fc``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = x.contiguous()  # pooling sums in NCHW order in every layout
         return torch.flatten(self.avgpool(x), 1)
 
     def forward(self, x: Tensor) -> Tensor:

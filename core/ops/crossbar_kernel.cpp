@@ -18,6 +18,7 @@
 #include <mutex>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -466,59 +467,197 @@ void crossbar_matmul(
 }
 
 
-// A batch mixing tasks, one 1x1 convolution layer: overwrites, for every task, the output
-// channels it changed on its own samples with its codes' products. Each task's samples are
-// gathered channel-major so that one matrix product per task reads its weights once.
-// Sums of integer codes are exact in float, so this equals the task's own convolution
-// bit for bit.
-void mixed_channels_1x1(
-    const torch::Tensor& codes_in,                // float [B, Cin, H, W], integer codes
-    torch::Tensor out,                            // float [B, Cout, H, W], overwritten in part
-    const std::vector<torch::Tensor>& samples,    // per task: long [n] batch positions
-    const std::vector<torch::Tensor>& channels,   // per task: long [c] output channels
-    const std::vector<torch::Tensor>& weights)    // per task: float [c, Cin] codes
+// A batch mixing tasks, one 1x1 layer over channels-last codes ([pixels, channels] rows,
+// samples sorted by task): each block of rows times its own task's [Cin, Cout] codes,
+// written in place into out's same rows.
+void blocks_pointwise(
+    const torch::Tensor& rows,                    // float [N, Cin], integer codes
+    torch::Tensor out,                            // float [N, Cout], contiguous
+    const std::vector<int64_t>& starts,           // per block: first row
+    const std::vector<int64_t>& stops,            // per block: one past its last row
+    const std::vector<torch::Tensor>& matrices)   // per block: float [Cin, Cout] codes
 {
-  TORCH_CHECK(codes_in.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+  TORCH_CHECK(out.is_contiguous() && rows.dim() == 2 && out.dim() == 2 &&
+              rows.size(0) == out.size(0), "rows and output must be [N, channels]");
+  TORCH_CHECK(starts.size() == stops.size() && starts.size() == matrices.size(),
+              "one start, stop and matrix per block");
+  for (size_t b = 0; b < starts.size(); ++b) {
+    const int64_t start = starts[b], stop = stops[b];
+    TORCH_CHECK(0 <= start && start <= stop && stop <= rows.size(0), "block out of range");
+    if (stop == start) continue;
+    auto block_out = out.narrow(0, start, stop - start);
+    at::mm_out(block_out, rows.narrow(0, start, stop - start), matrices[b]);
+  }
+}
+
+
+// A batch mixing tasks, one 1x1 layer over channels-last codes ([pixels, channels] rows,
+// samples sorted by task so each task owns one block of rows): overwrites, for every task,
+// the output channels it changed on its block with one matrix product of the block (read
+// in place) by its codes. Sums of integer codes are exact in float, so this equals the
+// task's own layer bit for bit.
+void block_channels_rows(
+    const torch::Tensor& rows,                    // float [N, Cin], integer codes
+    torch::Tensor out,                            // float [N, Cout] view, overwritten in part
+    const std::vector<int64_t>& starts,           // per task: first row of its block
+    const std::vector<int64_t>& stops,            // per task: one past its last row
+    const std::vector<torch::Tensor>& channels,   // per task: long [c] output channels
+    const std::vector<torch::Tensor>& weights)    // per task: float [Cin, c] codes
+{
+  TORCH_CHECK(rows.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
               "codes and output must be float32");
-  TORCH_CHECK(out.is_contiguous(), "output must be contiguous");
-  TORCH_CHECK(samples.size() == channels.size() && samples.size() == weights.size(),
-              "one sample, channel and weight list per task");
-  const auto codes = codes_in.contiguous();
-  const int64_t images = codes.size(0), cin = codes.size(1);
-  const int64_t hw = codes.size(2) * codes.size(3);
-  const int64_t cout = out.size(1);
-  TORCH_CHECK(out.size(0) == images && out.size(2) * out.size(3) == hw,
-              "output does not match the input");
-  const float* src = codes.data_ptr<float>();
+  TORCH_CHECK(rows.dim() == 2 && out.dim() == 2 && rows.size(0) == out.size(0),
+              "rows and output must be [N, channels] with the same N");
+  TORCH_CHECK(out.stride(1) == 1, "output channels must be contiguous");
+  TORCH_CHECK(starts.size() == stops.size() && starts.size() == channels.size() &&
+              starts.size() == weights.size(), "one block, channel and weight list per task");
+  const int64_t n_rows = rows.size(0), cin = rows.size(1), cout = out.size(1);
+  const int64_t out_stride = out.stride(0);
   float* dst = out.data_ptr<float>();
-  for (size_t t = 0; t < samples.size(); ++t) {
-    const auto rows = samples[t].contiguous();
+  for (size_t t = 0; t < starts.size(); ++t) {
+    const int64_t start = starts[t], stop = stops[t];
+    TORCH_CHECK(0 <= start && start <= stop && stop <= n_rows, "block out of range");
     const auto chans = channels[t].contiguous();
-    const auto weight = weights[t].contiguous();
-    const int64_t n = rows.numel(), c = chans.numel();
-    TORCH_CHECK(weight.dim() == 2 && weight.size(0) == c && weight.size(1) == cin,
-                "weights must be [channels, Cin]");
-    if (n == 0 || c == 0) continue;
-    const int64_t* row = rows.data_ptr<int64_t>();
+    const auto& weight = weights[t];
+    const int64_t c = chans.numel();
+    TORCH_CHECK(weight.dim() == 2 && weight.size(0) == cin && weight.size(1) == c,
+                "weights must be [Cin, channels]");
+    if (stop == start || c == 0) continue;
     const int64_t* chan = chans.data_ptr<int64_t>();
-    auto gathered = torch::empty({cin, n * hw}, codes.options());
-    float* g = gathered.data_ptr<float>();
-    for (int64_t j = 0; j < n; ++j) {
-      TORCH_CHECK(row[j] >= 0 && row[j] < images, "sample out of range");
-      for (int64_t k = 0; k < cin; ++k) {
-        const float* from = src + (row[j] * cin + k) * hw;
-        std::copy(from, from + hw, g + k * n * hw + j * hw);
-      }
-    }
-    const auto product = at::mm(weight, gathered);  // [c, n * hw]
-    const float* p = product.data_ptr<float>();
-    for (int64_t i = 0; i < c; ++i) {
+    for (int64_t i = 0; i < c; ++i)
       TORCH_CHECK(chan[i] >= 0 && chan[i] < cout, "channel out of range");
-      for (int64_t j = 0; j < n; ++j) {
-        const float* from = p + i * n * hw + j * hw;
-        std::copy(from, from + hw, dst + (row[j] * cout + chan[i]) * hw);
+    const auto product = at::mm(rows.narrow(0, start, stop - start), weight).contiguous();
+    const float* p = product.data_ptr<float>();
+    for (int64_t r = 0; r < stop - start; ++r) {
+      float* to = dst + (start + r) * out_stride;
+      const float* from = p + r * c;
+      for (int64_t i = 0; i < c; ++i) to[chan[i]] = from[i];
+    }
+  }
+}
+
+
+// Round half to even of |y| < 2^22 (what nearbyint does), as two additions that the
+// compiler vectorizes: the sum with 1.5 * 2^23 has no fraction bits, so it rounds.
+static inline float round_small(float y) {
+  constexpr float magic = 12582912.0f;  // 1.5 * 2^23; IEEE keeps both additions
+  return (y + magic) - magic;
+}
+
+// One row of the periphery: y = fma(x, alpha, beta), clamped and rounded as asked
+// (rounding only after a clamp inside +-2^22, see periphery_norm).
+// step 1: alpha/beta per element (a channels-last row); step 0: one channel's terms.
+template <bool CLAMP, bool ROUND>
+static inline void periphery_row(const float* __restrict from, float* __restrict to,
+                                 int64_t n, const float* alpha, const float* beta,
+                                 int64_t step, float lo, float hi) {
+  if (step == 0) {
+    const float a = alpha[0], b = beta[0];
+    for (int64_t i = 0; i < n; ++i) {
+      float y = std::fma(from[i], a, b);
+      if (CLAMP) y = std::min(std::max(y, lo), hi);
+      to[i] = ROUND ? round_small(y) : y;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      float y = std::fma(from[i], alpha[i], beta[i]);
+      if (CLAMP) y = std::min(std::max(y, lo), hi);
+      to[i] = ROUND ? round_small(y) : y;
+    }
+  }
+}
+
+
+// The digital periphery between two layers in one pass: BatchNorm (inference), then
+// optionally a clamp and a round to the next layer's DAC codes. Samples come in blocks
+// (one per task of a batch mixing tasks, sorted by task), each with its own terms. The
+// arithmetic is ATen's inference BatchNorm kernel's: alpha = weight / sqrt(var + eps),
+// beta = bias - mean * alpha (fused), y = x * alpha + beta (fused); core/layers.py uses
+// this only after checking it equals F.batch_norm bit for bit on this build.
+void periphery_norm(
+    const torch::Tensor& x,                       // float [B, C, ...], NCHW or channels-last
+    torch::Tensor out,                            // float, laid out as x
+    const std::vector<int64_t>& starts,           // per block: first sample
+    const std::vector<int64_t>& stops,            // per block: one past its last sample
+    const torch::Tensor& mean_in,                 // float [T, C], one row per block
+    const torch::Tensor& var_in,
+    const torch::Tensor& weight_in,
+    const torch::Tensor& bias_in,
+    double eps, bool clamp, double low, double high, bool round)
+{
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "input and output must be float32");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.strides() == x.strides(),
+              "output must be laid out as the input");
+  const bool channels_last = !x.is_contiguous() &&
+      x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(channels_last || x.is_contiguous(), "input must be NCHW or channels-last");
+  const int64_t batch = x.size(0), channels = x.size(1);
+  const int64_t pixels = batch * channels == 0 ? 0 : x.numel() / (batch * channels);
+  // rows of the terms may be strided (views of one [T, 4, C] stack); channels contiguous
+  const auto dense = [](const torch::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  const auto mean = dense(mean_in), var = dense(var_in);
+  const auto weight = dense(weight_in), bias = dense(bias_in);
+  const int64_t blocks = static_cast<int64_t>(starts.size());
+  TORCH_CHECK(static_cast<int64_t>(stops.size()) == blocks, "one stop per start");
+  for (const auto* t : {&mean, &var, &weight, &bias})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == blocks &&
+                t->size(1) == channels, "terms must be float [blocks, C]");
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const float lo = static_cast<float>(low), hi = static_cast<float>(high);
+  const float feps = static_cast<float>(eps);
+  TORCH_CHECK(!round || (clamp && std::abs(lo) < 4194304.0f && std::abs(hi) < 4194304.0f),
+              "rounding needs a clamp inside +-2^22");
+  std::vector<float> alpha, beta;
+  for (int64_t b = 0; b < blocks; ++b) {
+    alpha.assign(channels, 0.0f);
+    beta.assign(channels, 0.0f);
+    const int64_t start = starts[b], stop = stops[b];
+    TORCH_CHECK(0 <= start && start <= stop && stop <= batch, "block out of range");
+    const float* m = mean.data_ptr<float>() + b * mean.stride(0);
+    const float* v = var.data_ptr<float>() + b * var.stride(0);
+    const float* w = weight.data_ptr<float>() + b * weight.stride(0);
+    const float* bi = bias.data_ptr<float>() + b * bias.stride(0);
+    for (int64_t c = 0; c < channels; ++c) {
+      const float invstd = 1.0f / std::sqrt(v[c] + feps);
+      alpha[c] = invstd * w[c];
+      beta[c] = std::fma(-m[c], alpha[c], bi[c]);
+    }
+    const bool per_row = !(channels_last || pixels == 1);  // NCHW: one channel per row
+    // Channels-last rows are one pixel's channels: take several pixels per call, with the
+    // terms repeated, so that short rows (16 channels) still run in long vector loops.
+    const int64_t repeat = per_row ? 1 : std::max<int64_t>(1, 512 / std::max<int64_t>(1, channels));
+    if (!per_row) {
+      alpha.resize(channels * repeat);
+      beta.resize(channels * repeat);
+      for (int64_t k = 1; k < repeat; ++k) {
+        std::copy(alpha.begin(), alpha.begin() + channels, alpha.begin() + k * channels);
+        std::copy(beta.begin(), beta.begin() + channels, beta.begin() + k * channels);
       }
     }
+    const int64_t width = per_row ? pixels : channels;  // elements of one row
+    const int64_t first = start * (per_row ? channels : pixels);
+    const int64_t rows = (stop - start) * (per_row ? channels : pixels);
+    auto run = [&](auto clamp_tag, auto round_tag) {
+      constexpr bool C = decltype(clamp_tag)::value, R = decltype(round_tag)::value;
+      for (int64_t r = first; r < first + rows;) {
+        const float* from = src + r * width;
+        float* to = dst + r * width;
+        if (per_row) {
+          const int64_t c = r % channels;
+          periphery_row<C, R>(from, to, width, alpha.data() + c, beta.data() + c, 0, lo, hi);
+          ++r;
+        } else {
+          const int64_t take = std::min(repeat, first + rows - r);
+          periphery_row<C, R>(from, to, width * take, alpha.data(), beta.data(), 1, lo, hi);
+          r += take;
+        }
+      }
+    };
+    if (clamp && round) run(std::true_type{}, std::true_type{});
+    else if (clamp) run(std::true_type{}, std::false_type{});
+    else run(std::false_type{}, std::false_type{});
   }
 }
 
@@ -646,8 +785,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "crossbar_conv2d as matrix products over im2col rows, for exact partial sums");
   m.def("crossbar_spare_reads", &crossbar_spare_reads,
         "Every task's spare PEs of one layer read for its own samples, added in");
-  m.def("mixed_channels_1x1", &mixed_channels_1x1,
-        "Every task's changed output channels of a 1x1 layer for its own samples");
+  m.def("periphery_norm", &periphery_norm,
+        "BatchNorm, clamp and round in one pass, per block of samples with its own terms");
+  m.def("blocks_pointwise", &blocks_pointwise,
+        "Each block of rows of a 1x1 layer times its own task's codes");
+  m.def("block_channels_rows", &block_channels_rows,
+        "Every task's changed output channels of a 1x1 layer on its own block of rows");
   m.def("stack_input_cycles", &stack_input_cycles,
         "Input codes split into DAC cycles, stacked and channel-padded for the operator");
 }

@@ -89,16 +89,24 @@ def mix_engine(quantized_mobilenet: CrossbarModel) -> tuple[CrossbarEngine, list
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(picks=st.lists(st.integers(0, 4), min_size=1, max_size=9),
        implementation=st.sampled_from(["compiled", "reference"]),
+       shared_below=st.sampled_from([0, 16, 1 << 20]),
        seed=st.integers(0, 2**16))
 def test_any_task_mix_equals_each_task_alone_bit_for_bit(
         mix_engine: tuple[CrossbarEngine, list[str]], picks: list[int], implementation: str,
-        seed: int) -> None:
-    """Through the compiled 1x1 call or the per-task convolutions."""
+        shared_below: int, seed: int) -> None:
+    """Through the compiled calls or the per-task products, with 1x1 layers sharing one
+    product with the backbone (then recomputing changed channels) or multiplying each
+    task's block by its own codes, by map size."""
     engine, ids = mix_engine
     engine.crossbar = replace(engine.crossbar, implementation=implementation)
     order = [ids[i] for i in picks]
     x = torch.randn(len(order), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    mixed = engine.forward_mixed(x, order)
+    default = layers.SHARED_PASS_PIXELS
+    layers.SHARED_PASS_PIXELS = shared_below
+    try:
+        mixed = engine.forward_mixed(x, order)
+    finally:
+        layers.SHARED_PASS_PIXELS = default
     alone = _alone(engine, x, order, Fidelity.IDEAL)
     for i, (m, a) in enumerate(zip(mixed, alone, strict=True)):
         assert torch.equal(m, a), (i, order[i], float((m - a).abs().max()))
