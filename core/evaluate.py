@@ -255,6 +255,16 @@ def _same_run(previous: dict[str, Any], current: dict[str, Any]) -> bool:
     return decisive(previous) == decisive(current)
 
 
+def resume_from(previous: dict[str, Any], result: dict[str, Any]) -> None:
+    """Reuse a previous run's cells and its priced switches when it is the same run: a
+    grid resumed with fewer datasets (or without the task files it priced from) keeps
+    every pair priced before."""
+    if _same_run(previous.get("grid", {}), result["grid"]) and previous.get(
+            "backbone_fingerprint") == result["backbone_fingerprint"]:
+        result["cells"] = previous.get("cells", {})
+        result["switching"] = previous.get("switching", {})
+
+
 def run_grid(config: GridConfig, model: CrossbarModel, serve_model: CrossbarModel,
              out_prefix: Path, *, command: str, git_revision: str, resume: bool = True,
              threads: int = 1, progress: bool = False) -> dict[str, Any]:
@@ -272,10 +282,7 @@ def run_grid(config: GridConfig, model: CrossbarModel, serve_model: CrossbarMode
         "cells": {},
     }
     if resume and path.is_file():
-        previous = json.loads(path.read_text())
-        if _same_run(previous.get("grid", {}), result["grid"]) and previous.get(
-                "backbone_fingerprint") == result["backbone_fingerprint"]:
-            result["cells"] = previous.get("cells", {})
+        resume_from(json.loads(path.read_text()), result)
     engine = CrossbarEngine(serve_model, max_prepared_tasks=2)
     tasks_dir = tasks_folder(out_prefix)
     data_cache: dict[str, TaskDataset] = {}

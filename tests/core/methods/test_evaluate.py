@@ -15,6 +15,7 @@ from core.evaluate import (
     cell_energy,
     render_markdown,
     reprogramming_cost,
+    resume_from,
     task_storage,
 )
 from core.task_state import TaskState
@@ -111,3 +112,18 @@ def test_grid_settings_are_checked_and_decide_what_a_resumed_grid_reuses():
     assert not _same_run(default, asdict(GridConfig(methods=("xma",), epochs=12)))
     old_file = {k: v for k, v in default.items() if k != "settings"}  # before settings existed
     assert _same_run(old_file, default)
+
+
+def test_a_resumed_grid_keeps_every_switch_priced_before():
+    grid = asdict(GridConfig(methods=("xma2",), datasets=("mnist5k", "animal_mnist")))
+    priced = {"xma2@0.1": {"animal_mnist<->mnist5k": {"energy_j": 2.9e-05}}}
+    previous = {"grid": grid, "backbone_fingerprint": "f", "cells": {"a": {}},
+                "switching": priced}
+    # resumed with one more dataset only: the old pair's task files need not be here
+    result = {"grid": asdict(GridConfig(methods=("xma2",), datasets=("fashion_mnist",))),
+              "backbone_fingerprint": "f", "cells": {}}
+    resume_from(json.loads(json.dumps(previous)), result)
+    assert result["cells"] == {"a": {}} and result["switching"] == priced
+    other = {**result, "backbone_fingerprint": "g", "cells": {}, "switching": {}}
+    resume_from(previous, other)  # another backbone: nothing is reused
+    assert other["cells"] == {} and other["switching"] == {}
