@@ -62,6 +62,7 @@ def readapt(model: CrossbarModel, task: ShippedTask, entry: dict[str, Any],
     """The shipped task's recipe run again on ``model`` with config ``overrides``."""
     from core.datasets import DatasetSpec, load_dataset
     from core.methods import adapt, default_config
+    from core.methods.common import RunOptions
     from core.methods.registry import override_config
 
     build = entry["build"]
@@ -73,7 +74,8 @@ def readapt(model: CrossbarModel, task: ShippedTask, entry: dict[str, Any],
     config = override_config(config, {k: str(v).lower() if isinstance(v, bool) else str(v)
                                       for k, v in settings.items()})
     with torch.set_grad_enabled(True):
-        return adapt(entry["method"], model, load_dataset(spec), task.name, config)
+        return adapt(entry["method"], model, load_dataset(spec), task.name, config,
+                     RunOptions(progress=logger.isEnabledFor(logging.INFO)))
 
 
 def _top1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
