@@ -2,7 +2,8 @@
 
 torch's extension tools compile ``crossbar_kernel.cpp`` with ninja into the
 torch extensions cache (``TORCH_EXTENSIONS_DIR``, by default under
-``~/.cache/torch_extensions``); later processes load the cached library. Where
+``~/.cache/torch_extensions``), under a name that hashes the source and flags;
+later processes load the cached library of the same source. Where
 no C++ compiler is present, or the build fails, :func:`crossbar_extension`
 returns None and callers use the pure-torch reference.
 """
@@ -10,6 +11,7 @@ returns None and callers use the pure-torch reference.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -53,6 +55,14 @@ def _clear_stale_lock(lock: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
+def extension_name() -> str:
+    """The build's name in the shared cache, from a hash of the source and flags: two
+    checkouts (or versions) of the operator never load each other's library."""
+    digest = hashlib.sha256(KERNEL_SOURCE.read_bytes())
+    digest.update(" ".join(_FLAGS).encode())
+    return f"xma2_crossbar_{digest.hexdigest()[:12]}"
+
+
 @functools.cache
 def crossbar_extension() -> ModuleType | None:
     """The compiled operator module, or None (with a logged reason) if it cannot be built."""
@@ -62,9 +72,10 @@ def crossbar_extension() -> ModuleType | None:
         return None
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    _clear_stale_lock(Path(_get_build_directory("xma2_crossbar", verbose=False)) / "lock")
+    name = extension_name()
+    _clear_stale_lock(Path(_get_build_directory(name, verbose=False)) / "lock")
     try:
-        module: ModuleType = load(name="xma2_crossbar", sources=[str(KERNEL_SOURCE)],
+        module: ModuleType = load(name=name, sources=[str(KERNEL_SOURCE)],
                                   extra_cflags=_FLAGS, verbose=False)
         return module
     except Exception as e:  # any build failure leaves the reference in place

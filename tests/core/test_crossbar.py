@@ -373,3 +373,16 @@ def test_without_a_compiler_auto_falls_back_to_the_reference():
         finally:
             extension.crossbar_extension.cache_clear()
     assert crossbar_ops._select("auto") is crossbar_ops._compiled_chunk
+
+
+def test_each_operator_source_builds_under_its_own_name(tmp_path, monkeypatch):
+    # Two checkouts of different operator versions share the extensions cache: a process
+    # must never load the other version's library (it lacks or changes functions).
+    from core.ops import extension
+
+    name = extension.extension_name()
+    assert name.startswith("xma2_crossbar_") and name == extension.extension_name()
+    other = tmp_path / "crossbar_kernel.cpp"
+    other.write_bytes(extension.KERNEL_SOURCE.read_bytes() + b"\n// another version\n")
+    monkeypatch.setattr(extension, "KERNEL_SOURCE", other)
+    assert extension.extension_name() != name
