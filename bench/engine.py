@@ -43,11 +43,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from server.cli import MALLOC_ENV
+
+if TYPE_CHECKING:
+    from core.engine import CrossbarEngine
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -226,24 +230,40 @@ SHIPPED = ("mnist", "fashion-mnist", "animal-mnist")
 COPIES = ("mnist-b", "fashion-mnist-b", "animal-mnist-b", "mnist-c", "fashion-mnist-c")
 
 
-def mixed_batches(args: argparse.Namespace) -> None:
-    """Single-task vs mixed-task batches on the chip alone, per fidelity and periphery."""
-    from core.backbones.shipped import load_backbone
-    from core.config import PAPER_CHIP, CrossbarSettings
-    from core.engine import CrossbarEngine
+def task_mix(seed: int, batch: int) -> tuple[tuple[str, ...], list[str], list[str],
+                                            torch.Tensor]:
+    """The 8 task names, a batch drawing them with Zipf popularity (the stream of
+    bench/serve.py), the same batch all of one task, and its 64x64 images."""
+    names = (*SHIPPED, *COPIES)
+    rng = random.Random(seed)
+    mixed = rng.choices(list(names), [1.0 / (k + 1) for k in range(len(names))], k=batch)
+    x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return names, mixed, [SHIPPED[0]] * batch, x
+
+
+def add_shipped_tasks(engine: CrossbarEngine, names: tuple[str, ...]) -> None:
+    """Register the shipped tasks, and copies of them under other names, on ``engine``."""
     from core.task_state import TaskState
     from server.shipped_tasks import SHIPPED_DIR
     from task_store.archive import read_archive
     from task_store.format import decode_task
 
+    for name in names:
+        manifest, data = read_archive(SHIPPED_DIR / f"{_source(name)}.tar")
+        task = decode_task(data, manifest)
+        engine.add_task(TaskState(name, task.shift_levels, task.head, task.layers,
+                                  task.digital))
+
+
+def mixed_batches(args: argparse.Namespace) -> None:
+    """Single-task vs mixed-task batches on the chip alone, per fidelity and periphery."""
+    from core.backbones.shipped import load_backbone
+    from core.config import PAPER_CHIP, CrossbarSettings
+    from core.engine import CrossbarEngine
+
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
-    names = (*SHIPPED, *COPIES)
-    rng = random.Random(args.seed)
-    mixed = rng.choices(list(names), [1.0 / (k + 1) for k in range(len(names))],
-                        k=args.batch)
-    single = [SHIPPED[0]] * args.batch
-    x = torch.randn(args.batch, 3, 64, 64, generator=torch.Generator().manual_seed(args.seed))
+    names, mixed, single, x = task_mix(args.seed, args.batch)
     backbone = load_backbone(None)
     paper = CrossbarSettings(adc_range="full_scale", adc_bits=PAPER_CHIP["adc_bits"],
                              dac_mode=PAPER_CHIP["dac_mode"])
@@ -259,11 +279,7 @@ def mixed_batches(args: argparse.Namespace) -> None:
             "--mixed", "").strip(), "batch": args.batch, "size": 64, "threads": 1,
         "distinct_tasks": len(set(mixed)), "seed": args.seed, "mixed": mixed}
     for label, (engine, fidelity) in chips.items():
-        for name in names:
-            manifest, data = read_archive(SHIPPED_DIR / f"{_source(name)}.tar")
-            task = decode_task(data, manifest)
-            engine.add_task(TaskState(name, task.shift_levels, task.head, task.layers,
-                                      task.digital))
+        add_shipped_tasks(engine, names)
         for ids in (mixed, single, mixed, single):  # warm: fold, program, plan every task
             engine.forward_mixed(x, ids, fidelity)
         repeats = args.repeats if fidelity == "ideal" else max(3, args.repeats // 3)

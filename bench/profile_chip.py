@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
 from collections import defaultdict
 from typing import Any
 
 import torch
+from engine import add_shipped_tasks, task_mix  # bench/engine.py, beside this script
 from torch.profiler import ProfilerActivity, profile
 
 from server.cli import MALLOC_ENV
-
-SHIPPED = ("mnist", "fashion-mnist", "animal-mnist")
-COPIES = ("mnist-b", "fashion-mnist-b", "animal-mnist-b", "mnist-c", "fashion-mnist-c")
 
 
 def main() -> None:
@@ -37,26 +34,12 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
     from core.backbones.shipped import load_backbone
     from core.engine import CrossbarEngine
-    from core.task_state import TaskState
-    from server.shipped_tasks import SHIPPED_DIR
-    from task_store.archive import read_archive
-    from task_store.format import decode_task
 
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
-    names = (*SHIPPED, *COPIES)
-    rng = random.Random(args.seed)
-    mixed = rng.choices(list(names), [1.0 / (k + 1) for k in range(len(names))],
-                        k=args.batch)
-    single = [SHIPPED[0]] * args.batch
-    x = torch.randn(args.batch, 3, 64, 64, generator=torch.Generator().manual_seed(args.seed))
+    names, mixed, single, x = task_mix(args.seed, args.batch)
     engine = CrossbarEngine(load_backbone(None), max_prepared_tasks=len(names))
-    for name in names:
-        source = name.rsplit("-", 1)[0] if name in COPIES else name
-        manifest, data = read_archive(SHIPPED_DIR / f"{source}.tar")
-        task = decode_task(data, manifest)
-        engine.add_task(TaskState(name, task.shift_levels, task.head, task.layers,
-                                  task.digital))
+    add_shipped_tasks(engine, names)
     _label_compiled_calls()
     for ids in (mixed, single, mixed, single):
         engine.forward_mixed(x, ids)
