@@ -29,6 +29,13 @@ from core.task_state import LayerTaskState
 __all__ = ["ChipInTheLoop"]
 
 
+def _same_state(a: LayerTaskState | None, b: LayerTaskState | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (torch.equal(a.pe_mask, b.pe_mask) and torch.equal(a.spare_codes, b.spare_codes)
+            and torch.equal(a.column_codes, b.column_codes))
+
+
 class ChipInTheLoop:
     """Programs and reads the chip that a task is being adapted for.
 
@@ -49,9 +56,14 @@ class ChipInTheLoop:
         self.generator = torch.Generator().manual_seed(part_seed(seed, "train-read"))
         self.programs: dict[str, CrossbarProgram] = {}
         """Each crossbar layer's program for the current pass (set by :meth:`program`)."""
+        self._states: dict[str, LayerTaskState | None] = {}
 
     def program(self, name: str, state: LayerTaskState | None) -> None:
-        """Program layer ``name`` with the task's current ``state`` (None: the backbone)."""
+        """Program layer ``name`` with the task's current ``state`` (None: the backbone);
+        a layer whose served state did not change since the last pass keeps its program."""
+        if name in self.programs and _same_state(self._states[name], state):
+            return
+        self._states[name] = state
         self.programs[name] = self.engine.layer_program(name, state, task_id=self.task_id)
 
     @property

@@ -62,14 +62,25 @@ def test_the_forward_value_is_the_served_chip(paper_chip, images32) -> None:
     # The engine passes codes between layers in the code domain, the task model in
     # float: an activation on a rounding boundary may land on the other code, nothing more.
     assert (looped - served).norm() < 0.05 * (ideal - served).norm()
-    # With gradients the value is the same, and the gradient reaches the spare PEs.
+    # With gradients the value is the same (nothing changed: every program is reused),
+    # and the gradient reaches the spare PEs.
+    programs = dict(chip.programs)
     task_model.train()
     logits = task_model(images32)
+    assert all(chip.programs[n] is p for n, p in programs.items())
     torch.testing.assert_close(logits, looped, rtol=0, atol=0)
     logits.square().sum().backward()
     spare_grads = [a.spare_latent.grad for a in task_model.adapters.values()
                    if isinstance(a, CrossbarAdapter) and a.spare_latent.numel()]
     assert spare_grads and all(g is not None and bool(g.abs().sum() > 0) for g in spare_grads)
+    # A changed spare PE is programmed again; the other layers keep theirs.
+    changed = next(n for n, a in task_model.current_adapters().items()
+                   if isinstance(a, CrossbarAdapter) and a.spare_latent.numel())
+    with torch.no_grad():
+        task_model.current_adapters()[changed].spare_latent.add_(1.0)
+        task_model(images32)
+    assert chip.programs[changed] is not programs[changed]
+    assert all(chip.programs[n] is p for n, p in programs.items() if n != changed)
 
 
 def test_a_lossless_chip_adds_nothing(quantized_mobilenet, images32) -> None:
