@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from core import layers
 from core.engine import CrossbarEngine
 from core.model import CrossbarModel
-from core.ops.extension import crossbar_extension
 from core.task_state import TaskState, random_head, random_task_state
+from tests.conftest import compiled_operator
 
 
 def _engine(model: CrossbarModel) -> tuple[CrossbarEngine, list[str]]:
@@ -51,7 +51,7 @@ def test_channels_last_and_fused_periphery_equal_the_nchw_torch_pass(
         outputs.append(run())
     nchw_single, nchw_mixed = outputs[-1]  # the NCHW pass through torch's own kernels
     # the fast path really is another formulation, not the same calls
-    assert layers.SHARED_PASS_PIXELS > 1 and crossbar_extension() is not None
+    assert layers.SHARED_PASS_PIXELS > 1 and compiled_operator() is not None
     for single, mixed in [(fast_single, fast_mixed), *outputs[:-1]]:
         assert torch.equal(single, nchw_single)
         assert all(torch.equal(a, b) for a, b in zip(mixed, nchw_mixed, strict=True))
@@ -61,9 +61,7 @@ def test_channels_last_and_fused_periphery_equal_the_nchw_torch_pass(
 @pytest.mark.parametrize("channels,size", [(3, 5), (16, 4), (37, 1), (96, 3)])
 def test_periphery_kernel_equals_batch_norm_clamp_round_per_block(
         memory: torch.memory_format, channels: int, size: int) -> None:
-    extension = crossbar_extension()
-    if extension is None:
-        pytest.skip("no C++ compiler")
+    extension = compiled_operator()
     g = torch.Generator().manual_seed(channels)
     x = (torch.randn(5, channels, size, size, generator=g) * 40).contiguous(
         memory_format=memory)

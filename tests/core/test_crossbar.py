@@ -386,3 +386,20 @@ def test_each_operator_source_builds_under_its_own_name(tmp_path, monkeypatch):
     other.write_bytes(extension.KERNEL_SOURCE.read_bytes() + b"\n// another version\n")
     monkeypatch.setattr(extension, "KERNEL_SOURCE", other)
     assert extension.extension_name() != name
+
+
+def test_the_operator_tests_fail_without_a_compiler_unless_told_to_skip(monkeypatch):
+    from core.ops import extension
+    from tests.conftest import ALLOW_NO_COMPILER, compiled_operator
+
+    monkeypatch.setattr(extension, "compiler_available", lambda: False)
+    extension.crossbar_extension.cache_clear()
+    try:
+        monkeypatch.delenv(ALLOW_NO_COMPILER, raising=False)
+        with pytest.raises(pytest.fail.Exception, match="make setup"):
+            compiled_operator()
+        monkeypatch.setenv(ALLOW_NO_COMPILER, "1")
+        with pytest.raises(pytest.skip.Exception, match="g\\+\\+ and ninja"):
+            compiled_operator()
+    finally:
+        extension.crossbar_extension.cache_clear()

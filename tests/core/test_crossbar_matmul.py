@@ -23,13 +23,16 @@ from core.ops.crossbar import (
     full_scale_adc_step,
     layer_cell_levels,
 )
-from core.ops.extension import crossbar_extension
 from core.task_state import random_head, random_task_state, shift_values
+from tests.conftest import compiled_operator
 from tests.core.helpers import chip_configs
 
 T = TypeVar("T")
-pytestmark = pytest.mark.skipif(crossbar_extension() is None,
-                                reason="the compiled operator is unavailable")
+
+
+@pytest.fixture(autouse=True)
+def _compiled() -> None:
+    compiled_operator()  # every test here checks the compiled path
 
 
 def _layer(cin: int, cout: int, kernel: int, config: CrossbarConfig, *, input_bits: int,
