@@ -48,13 +48,14 @@ SHIPPED = "shipped task"
 
 @dataclass(frozen=True)
 class Readaptation:
-    """The shipped recipe of a task, bounded to fit a study's time."""
+    """The shipped recipe of a task (method, seed, image size), with its training images
+    and epochs bounded to fit a study's time."""
 
-    train_limit: int = 2000
+    train_limit: int = 10000
     epochs: int | None = None
     """None: the task's shipped epochs."""
-    warm_start_images: int = 512
-    """Training images whose (chip) features fit the initial head."""
+    warm_start_images: int | None = None
+    """Training images whose (chip) features fit the initial head; None: the method's."""
 
 
 def readapt(model: CrossbarModel, task: ShippedTask, entry: dict[str, Any],
@@ -70,7 +71,9 @@ def readapt(model: CrossbarModel, task: ShippedTask, entry: dict[str, Any],
                        train_limit=min(budget.train_limit, build["train_limit"]), test_limit=1)
     config = default_config(entry["method"], epochs=budget.epochs or build["epochs"],
                             seed=build["seed"])
-    settings = {"train.warm_start_images": budget.warm_start_images, **overrides}
+    settings = dict(overrides)
+    if budget.warm_start_images is not None:
+        settings["train.warm_start_images"] = budget.warm_start_images
     config = override_config(config, {k: str(v).lower() if isinstance(v, bool) else str(v)
                                       for k, v in settings.items()})
     with torch.set_grad_enabled(True):

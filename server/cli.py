@@ -238,8 +238,9 @@ def chip_frontier(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"unknown noise level(s) {unknown}; choose from "
                               f"{', '.join(NOISE_LEVELS)}")
-        adaptation = (noise_study.NoiseAdaptation(args.adapt_train_limit or 10000,
-                                                  args.adapt_epochs)
+        from server.chip_adaptation import Readaptation
+
+        adaptation = (Readaptation(args.adapt_train_limit or 10000, args.adapt_epochs)
                       if args.adapt_for_noise else None)
         noise = noise_study.noise_study(args.out, test_limit=args.test_limit,
                                         command=core_cli.command_line(args.argv),

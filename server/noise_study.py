@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,6 @@ import torch
 
 from core.config import NOISE_LEVELS, CrossbarSettings, NonIdealities
 from core.engine import CrossbarEngine
-from core.methods.common import TrainConfig
-from core.model import CrossbarModel
 from server.chip_adaptation import Readaptation, readapt
 from server.frontier import (
     ShippedTask,
@@ -46,16 +44,6 @@ ALL_FOUR = "all four"
 ADAPTED = "all four, tasks adapted for this chip"
 
 
-@dataclass(frozen=True)
-class NoiseAdaptation:
-    """The shipped recipe (method, seed, image size) for adapting a task to a noisy chip,
-    with the training images and epochs bounded to fit a study's time."""
-
-    train_limit: int = 10000
-    epochs: int | None = None
-    """None: each task's shipped epochs."""
-
-
 def only(noise: NonIdealities, effect: str) -> NonIdealities:
     """``noise`` with every effect but ``effect`` switched off (``ALL_FOUR``: all kept)."""
     names = NOISE_EFFECTS.get(effect, ())
@@ -68,17 +56,10 @@ def _top1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     return 100 * float((predicted == labels).float().mean())
 
 
-def _adapt_for_chip(model: CrossbarModel, task: ShippedTask, entry: dict[str, Any],
-                    level: str, adaptation: NoiseAdaptation) -> Any:
-    budget = Readaptation(adaptation.train_limit, adaptation.epochs,
-                          TrainConfig.warm_start_images)
-    return readapt(model, task, entry, budget, {"train.chip_noise": level})
-
-
 def noise_study(out: Path, *, test_limit: int, command: str,
                 backbone_file: Path | None = None, levels: tuple[str, ...] = ("low", "high"),
                 effects: bool = True, names: Sequence[str] | None = None,
-                adaptation: NoiseAdaptation | None = None) -> dict[str, Any]:
+                adaptation: Readaptation | None = None) -> dict[str, Any]:
     """Crossbar top-1 of the shipped tasks under device non-idealities (see the module).
 
     All four effects at every level, then each alone (``effects``), then the tasks
@@ -140,7 +121,8 @@ def noise_study(out: Path, *, test_limit: int, command: str,
         row = {"level": level, "effect": ADAPTED, "tasks": {}, "adaptation": asdict(adaptation)}
         started = time.perf_counter()
         for task in tasks:
-            adapted = _adapt_for_chip(backbone, task, index[task.name], level, adaptation)
+            adapted = readapt(backbone, task, index[task.name], adaptation,
+                              {"train.chip_noise": level})
             shipped_like = ShippedTask(task.name, adapted.task, task.images, task.labels)
             engine.add_task(adapted.task)
             clean.add_task(adapted.task)

@@ -15,7 +15,6 @@ from server.frontier import ChipPoint
 LOSSY = ChipPoint("differential", 72, 5, "multi_bit")
 
 
-@pytest.mark.slow  # two adaptations of the shipped recipe, one through the chip (minutes)
 def test_each_variant_is_served_on_the_chip_and_a_rerun_resumes(tmp_path: Path) -> None:
     out = tmp_path / "adapted.json"
     budget = Readaptation(train_limit=32, epochs=1, warm_start_images=16)
