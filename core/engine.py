@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -34,6 +34,7 @@ from core.energy import (
     energy_of,
 )
 from core.errors import ConfigError, TaskNotFound, TaskStateError
+from core.forward_context import ForwardContext, LayerCall, NormCall, forward_context
 from core.layers import CrossbarConv2d, DigitalNorm, SampleChannels, SpareRead
 from core.lru import LRUCache
 from core.mapping import ModelMapping
@@ -60,13 +61,15 @@ class PreparedTask:
 
     task: TaskState
     weights: dict[str, Tensor]
-    digital: dict[str, nn.Parameter | Tensor]
     prepare_seconds: float
     ops_per_image: dict[tuple[int, int], OpCounts] = field(default_factory=dict)
     programs: dict[str, CrossbarProgram] | None = None
     """Crossbar-fidelity layout of every crossbar layer, built on first crossbar use."""
     norms: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     """The task's BatchNorm terms by module (``{"features.1.1": {"weight": w, ...}}``)."""
+    contexts: dict[bool, ForwardContext] = field(default_factory=dict)
+    """The task's call of the shared model alone, in ideal (False) and crossbar (True)
+    fidelity, built on first use."""
     mixed_reads: dict[str, tuple[Tensor, SpareRead | None] | None] = field(
         default_factory=dict)
     """Per crossbar layer, the task's part of a mixed crossbar batch (built on first use)."""
@@ -124,9 +127,9 @@ class CrossbarEngine:
     ) -> None:
         if model.mapping is None:
             raise ConfigError("the backbone has no crossbar mapping: calibrate or load it first")
-        # The engine's own copy: it swaps each task's weights and BatchNorm terms into its
-        # layers, and the caller's backbone (its fingerprint, a trainer's source) must not
-        # depend on which task ran last.
+        # The engine's own copy, in inference mode: a trainer may go on changing the
+        # caller's model. Tasks never change it: their weights, cells and BatchNorm terms
+        # reach the layers with each call (core.forward_context).
         self.model = copy.deepcopy(model).eval()
         self.mapping: ModelMapping = model.mapping
         self.crossbar = crossbar or CrossbarSettings()
@@ -137,23 +140,21 @@ class CrossbarEngine:
         self.tasks: dict[str, TaskState] = {}
         self.prepared: LRUCache[str, PreparedTask] = LRUCache(max_prepared_tasks)
         self.active: str | None = None
-        self._backbone_active = False
-        """Whether every layer is known to hold the backbone's own values (the model may
-        come from elsewhere with a task's state in it)."""
+        """The task of the last single-task call (a switch is counted when it changes)."""
         self.stats = EngineStats()
         self.pool = pool
         self.last_residency: Residency | None = None
         """What the last :meth:`activate` did to the pool (None without a pool or state)."""
         self._layers = dict(self.model.layers())
         self._digital_names = self._overridable_names()
-        self._digital_defaults: dict[str, nn.Parameter | Tensor] = {}
         self._backbone_float: dict[str, tuple[tuple[int, int], Tensor]] = {}
-        self._tensor_slots: dict[str, tuple[nn.Module, str]] = {}
         self._positions: dict[tuple[int, int], dict[str, int]] = {}
         self._backbone_cells: dict[str, Tensor] = {}
         self._backbone_programs: dict[str, CrossbarProgram] = {}
         noise = self.crossbar.non_idealities
         self._read_generator = torch.Generator().manual_seed(part_seed(noise.seed, "read"))
+        for name, layer in self._layers.items():  # the model may hold a trainer's task
+            layer.effective_codes = self._backbone_codes(name, layer)
         if self.fidelity is Fidelity.CROSSBAR:
             self._check_adc()
 
@@ -169,7 +170,7 @@ class CrossbarEngine:
                 "(only BatchNorm parameters and statistics can be task-specific)"
             )
         for name, value in task.digital.items():
-            expected = self._get_tensor(name).shape
+            expected = self.backbone_digital(name).shape
             if value.shape != expected:
                 raise TaskStateError(
                     f"task {task.task_id}: {name} must have shape {list(expected)}, "
@@ -178,6 +179,14 @@ class CrossbarEngine:
         if self.prepared.pop(task.task_id) is not None and self.active == task.task_id:
             self.active = None
         self.tasks[task.task_id] = task
+
+    def backbone_digital(self, name: str) -> Tensor:
+        """The backbone's own value of a tensor a task may override (``features.1.1.bias``)."""
+        if name not in self._digital_names:
+            raise TaskStateError(f"{name} is not a digital backbone tensor")
+        module_name, _, attr = name.rpartition(".")
+        value: Tensor = getattr(self.model.body.get_submodule(module_name), attr)
+        return value.detach()
 
     def remove_task(self, task_id: str) -> None:
         self._task(task_id)
@@ -215,20 +224,17 @@ class CrossbarEngine:
                     column_values=values[state.column_codes.long()],
                     pe_mask=state.pe_mask, spare_codes=state.spare_codes,
                 )
-        digital = {
-            name: nn.Parameter(t.detach().float().clone(), requires_grad=False)
-            if self._is_parameter(name) else t.detach().float().clone()
-            for name, t in task.digital.items()
-        }
+        digital = {name: t.detach().float().clone() for name, t in task.digital.items()}
         seconds = time.perf_counter() - started
-        prepared = PreparedTask(task, weights, digital, seconds, norms=_by_module(digital))
+        prepared = PreparedTask(task, weights, seconds, norms=_by_module(digital))
         self.stats.prepares += 1
         self.stats.prepare_seconds += seconds
         self.prepared.put(task_id, prepared)
         return prepared
 
     def activate(self, task_id: str, fidelity: Fidelity | str | None = None) -> PreparedTask:
-        """Point every layer at the task's effective weights or programmed cells (no copy)."""
+        """Fold the task, make it resident on the pool and program its cells (crossbar
+        fidelity), so that the next call runs at once."""
         started = time.perf_counter()
         try:
             return self._activate(task_id, fidelity)
@@ -240,38 +246,51 @@ class CrossbarEngine:
         crossbar = _fidelity(fidelity or self.fidelity) is Fidelity.CROSSBAR
         self.last_residency = (self.pool.ensure_resident(prepared.task)
                                if self.pool is not None and prepared.task.layers else None)
-        programs = self._programs(prepared) if crossbar else None
-        for name, layer in self._layers.items():
-            layer.program = programs.get(name) if programs is not None else None
-            layer.implementation = self.crossbar.implementation
-            layer.read_generator = self._read_generator
-            layer.max_chunk_elements = self.crossbar.max_chunk_elements
-        if self.active == task_id:
-            return prepared
-        previous = self.prepared.peek(self.active) if self.active else None
-        for name, layer in self._layers.items():
-            if name in prepared.weights:
-                layer.effective_codes = prepared.weights[name]
-            elif previous is None or name in previous.weights:
-                layer.effective_codes = self._backbone_codes(name, layer)
-        for name in set(self._digital_defaults) - set(prepared.digital):
-            self._set_tensor(name, self._digital_defaults[name])
-        for name, value in prepared.digital.items():
-            if name not in self._digital_defaults:
-                self._digital_defaults[name] = self._get_tensor(name)
-            self._set_tensor(name, value)
-        self.active = task_id
-        self._backbone_active = False
-        self.stats.switches += 1
+        self._task_context(prepared, crossbar=crossbar)
+        if self.active != task_id:
+            self.active = task_id
+            self.stats.switches += 1
         return prepared
+
+    def _task_context(self, prepared: PreparedTask, *, crossbar: bool) -> ForwardContext:
+        """The call of the shared model for one task: its folded weights per layer (its
+        programmed cells in crossbar fidelity) and its BatchNorm terms."""
+        context = prepared.contexts.get(crossbar)
+        if context is None:
+            programs = self._programs(prepared) if crossbar else {}
+            layers: dict[nn.Module, LayerCall] = {}
+            for name, layer in self._layers.items():
+                codes, program = prepared.weights.get(name), programs.get(name)
+                if codes is not None or program is not None:
+                    layers[layer] = LayerCall(codes=codes, program=program)
+            context = prepared.contexts[crossbar] = self._context(
+                layers, {module: NormCall([_norm_terms(prepared, module_name, module)])
+                         for module_name, module in self._norms(prepared.norms)})
+        return context
+
+    def _context(self, layers: dict[nn.Module, LayerCall], norms: dict[nn.Module, NormCall]
+                 ) -> ForwardContext:
+        return ForwardContext(layers, norms, implementation=self.crossbar.implementation,
+                              read_generator=self._read_generator,
+                              max_chunk_elements=self.crossbar.max_chunk_elements)
+
+    def _norms(self, module_names: Iterable[str]) -> list[tuple[str, DigitalNorm]]:
+        modules = []
+        for module_name in module_names:
+            module = self.model.body.get_submodule(module_name)
+            assert isinstance(module, DigitalNorm)
+            modules.append((module_name, module))
+        return modules
 
     # -- inference -------------------------------------------------------------------
 
     @torch.no_grad()
     def features(self, x: Tensor, task_id: str, fidelity: Fidelity | str | None = None
                  ) -> Tensor:
-        self.activate(task_id, fidelity)
-        features: Tensor = self.model(x)
+        prepared = self.activate(task_id, fidelity)
+        crossbar = _fidelity(fidelity or self.fidelity) is Fidelity.CROSSBAR
+        with forward_context(self._task_context(prepared, crossbar=crossbar)):
+            features: Tensor = self.model(x)
         return features
 
     @torch.no_grad()
@@ -369,14 +388,7 @@ class CrossbarEngine:
 
     def _mixed_features(self, x: Tensor, groups: dict[str, list[int]],
                         prepared: dict[str, PreparedTask], *, crossbar: bool) -> Tensor:
-        self._activate_backbone()
-        settings = {"program": None, "implementation": self.crossbar.implementation,
-                    "read_generator": self._read_generator,
-                    "max_chunk_elements": self.crossbar.max_chunk_elements}
-        for layer in self._layers.values():
-            for attr, value in settings.items():  # module attribute writes are slow
-                if getattr(layer, attr) is not value:
-                    setattr(layer, attr, value)
+        self.active = None
         # Sorted by task, each task's samples are one block of rows: its layers and
         # BatchNorm then read and write them in place (no gathers or scatters).
         order = [row for rows in groups.values() for row in rows]
@@ -386,57 +398,48 @@ class CrossbarEngine:
             start += len(rows)
         order_index = torch.tensor(order)
         sorted_x = x if order == sorted(order) else x.index_select(0, order_index)
-        touched = (self._mixed_crossbar_layers(x.shape[0], blocks, prepared) if crossbar
-                   else self._mixed_ideal_layers(blocks, prepared))
-        norms = []
-        for module_name in {m for p in prepared.values() for m in p.norms}:
-            module = self.model.body.get_submodule(module_name)
-            assert isinstance(module, DigitalNorm)
-            module.sample_terms = [_norm_terms(p, module_name, module)
-                                   for p in prepared.values()]
-            module.sample_blocks = list(blocks.values())
-            norms.append(module)
-        try:
+        layers = (self._mixed_crossbar_layers(x.shape[0], blocks, prepared) if crossbar
+                  else self._mixed_ideal_layers(blocks, prepared))
+        block_rows = list(blocks.values())
+        norms: dict[nn.Module, NormCall] = {
+            module: NormCall([_norm_terms(p, module_name, module) for p in prepared.values()],
+                             block_rows)
+            for module_name, module in self._norms({m for p in prepared.values()
+                                                    for m in p.norms})}
+        with forward_context(self._context(layers, norms)):
             features: Tensor = self.model(sorted_x)
-            if sorted_x is x:
-                return features
-            return features.index_copy(0, order_index, features)
-        finally:
-            for module in norms:
-                module.sample_terms = None
-                module.sample_blocks = None
-            for layer in touched:
-                for attr in ("sample_channels", "sample_column_values", "spare_reads",
-                             "program"):
-                    if getattr(layer, attr) is not None:
-                        setattr(layer, attr, None)
+        if sorted_x is x:
+            return features
+        return features.index_copy(0, order_index, features)
 
     def _mixed_ideal_layers(self, blocks: dict[str, tuple[int, int]],
-                            prepared: dict[str, PreparedTask]) -> list[CrossbarConv2d]:
+                            prepared: dict[str, PreparedTask]) -> dict[nn.Module, LayerCall]:
         """Per layer, every task's changed channels for its own block of samples."""
-        touched = []
+        layers: dict[nn.Module, LayerCall] = {}
         for name, layer in self._layers.items():
-            layer.sample_channels = self._sample_channels(name, layer, blocks, prepared)
-            if layer.sample_channels is not None:
-                touched.append(layer)
-        return touched
+            plan = self._sample_channels(name, layer, blocks, prepared)
+            if plan is not None:
+                layers[layer] = LayerCall(sample_channels=plan)
+        return layers
 
     def _mixed_crossbar_layers(self, batch: int, blocks: dict[str, tuple[int, int]],
-                               prepared: dict[str, PreparedTask]) -> list[CrossbarConv2d]:
+                               prepared: dict[str, PreparedTask]
+                               ) -> dict[nn.Module, LayerCall]:
         """The backbone's programmed cells for the whole batch with each sample's shift
         mask (0 on its task's replaced PEs), plus each task's spare PEs read on their own
         row groups for its samples."""
         self._check_adc()
         samples = {t: torch.arange(start, stop) for t, (start, stop) in blocks.items()}
-        touched = []
+        layers: dict[nn.Module, LayerCall] = {}
         for name, layer in self._layers.items():
             if not layer.on_crossbar:
                 continue
             mapping = layer.mapping
             assert mapping is not None
             if self._backbone_program(name, layer).lossless:  # exact: the ideal code path
-                layer.sample_channels = self._sample_channels(name, layer, blocks, prepared)
-                touched.append(layer)
+                plan = self._sample_channels(name, layer, blocks, prepared)
+                if plan is not None:
+                    layers[layer] = LayerCall(sample_channels=plan)
                 continue
             column_values = torch.ones(batch, mapping.row_groups, mapping.out_channels)
             reads = []
@@ -448,11 +451,9 @@ class CrossbarEngine:
                 if read is not None:
                     reads.append(replace(read, samples=rows))
                 column_values[rows] = values
-            layer.program = self._backbone_program(name, layer)
-            layer.sample_column_values = column_values
-            layer.spare_reads = reads
-            touched.append(layer)
-        return touched
+            layers[layer] = LayerCall(program=self._backbone_program(name, layer),
+                                      sample_column_values=column_values, spare_reads=reads)
+        return layers
 
     def _mixed_reads(self, prepared: PreparedTask, name: str, layer: CrossbarConv2d
                      ) -> tuple[Tensor, SpareRead | None] | None:
@@ -487,21 +488,6 @@ class CrossbarEngine:
     def _exact(self) -> bool:
         """Whether every layer takes the code-domain path that mixed batches extend."""
         return all(layer._exact_inputs() for layer in self._layers.values())
-
-    def _activate_backbone(self) -> None:
-        """Every layer and BatchNorm back to the backbone's own values (no task active)."""
-        if self.active is None and self._backbone_active:
-            return
-        previous = self.prepared.peek(self.active) if self.active is not None else None
-        for name, layer in self._layers.items():
-            if previous is None or name in previous.weights:
-                layer.effective_codes = self._backbone_codes(name, layer)
-        names = self._digital_defaults if previous is None else previous.digital
-        for name in names:
-            if name in self._digital_defaults:
-                self._set_tensor(name, self._digital_defaults[name])
-        self.active = None
-        self._backbone_active = True
 
     def _backbone_codes(self, name: str, layer: CrossbarConv2d) -> Tensor:
         """The backbone's codes of a layer as the float weight it convolves (kept until the
@@ -721,31 +707,9 @@ class CrossbarEngine:
                     names.add(f"{module_name}.{attr}")
         return names
 
-    def _is_parameter(self, name: str) -> bool:
-        module_name, _, attr = name.rpartition(".")
-        return attr in self.model.body.get_submodule(module_name)._parameters
-
-    def _slot(self, name: str) -> tuple[nn.Module, str]:
-        slot = self._tensor_slots.get(name)
-        if slot is None:
-            module_name, _, attr = name.rpartition(".")
-            slot = self._tensor_slots[name] = (self.model.body.get_submodule(module_name), attr)
-        return slot
-
-    def _get_tensor(self, name: str) -> nn.Parameter | Tensor:
-        module, attr = self._slot(name)
-        value: nn.Parameter | Tensor = getattr(module, attr)
-        return value
-
-    def _set_tensor(self, name: str, value: nn.Parameter | Tensor) -> None:
-        module, attr = self._slot(name)
-        if attr in module._parameters:
-            module._parameters[attr] = value  # type: ignore[assignment]
-        else:
-            module._buffers[attr] = value
 
 
-def _by_module(digital: dict[str, nn.Parameter | Tensor]) -> dict[str, dict[str, Tensor]]:
+def _by_module(digital: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     """``{"a.b.weight": w}`` -> ``{"a.b": {"weight": w}}``."""
     modules: dict[str, dict[str, Tensor]] = {}
     for name, value in digital.items():
@@ -760,9 +724,9 @@ NORM_TERMS = ("running_mean", "running_var", "weight", "bias")
 def _norm_terms(prepared: PreparedTask, module_name: str, module: DigitalNorm) -> Tensor:
     """A task's terms of one BatchNorm as ``[4, C]`` (the backbone's where it has none).
 
-    A mixed batch hands each task's to the module, one per block of samples
-    (:attr:`core.layers.DigitalNorm.sample_terms`); the tensor is kept, so the module's
-    folded terms of it are too.
+    A call hands the task's to the module (a mixed batch one per block of samples,
+    :class:`core.forward_context.NormCall`); the tensor is kept, so the module's folded
+    terms of it are too.
     """
     cached = prepared.norm_terms.get(module_name)
     if cached is None:

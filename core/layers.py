@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from core.config import OperatorImplementation
 from core.errors import ConfigError
+from core.forward_context import NO_LAYER_CALL, LayerCall, current_forward_context
 from core.mapping import LayerMapping, Placement
 from core.ops.crossbar import (
     ConvGeometry,
@@ -129,21 +130,6 @@ class CrossbarConv2d(nn.Module):
         """``[dac modes, slices]`` top of each column ADC's range (partial-sum units) per
         DAC mode and cell slice; zeros until calibrated. Crossbar layers only."""
         self.latent_weight: nn.Parameter | None = None
-        self.program: CrossbarProgram | None = None
-        """Set by the engine for crossbar fidelity: the active task's programmed cells."""
-        self.implementation = OperatorImplementation.AUTO
-        self.read_generator: torch.Generator | None = None
-        self.max_chunk_elements = 1 << 23
-        self.sample_column_values: Tensor | None = None
-        """Crossbar fidelity, batch mixing tasks: each sample's own shift-mask values
-        ``[B, R, Cout]`` for the backbone's cells (0 where its task replaced the PE)."""
-        self.spare_reads: list[SpareRead] | None = None
-        """Crossbar fidelity, batch mixing tasks: each task's spare PEs, read for its
-        samples on their own row groups and added in."""
-        self.sample_channels: SampleChannels | None = None
-        """Set by the engine for a batch that mixes tasks: every sample's task's codes of
-        the output channels it changed, stacked for one grouped convolution. The
-        backbone's codes run once for the whole batch."""
         self.scale_in_norm = False
         """The :class:`DigitalNorm` after this layer applies its output scale (code domain)."""
         self.codes_from_norm = False
@@ -208,10 +194,20 @@ class CrossbarConv2d(nn.Module):
         return (not torch.is_grad_enabled() and type(quant) is ActivationQuantizer
                 and quant.observer is None and quant.fake_quant_enabled)
 
+    def _layer_call(self) -> LayerCall:
+        """This layer's part of the engine's call (the layer's own state outside one)."""
+        context = current_forward_context()
+        return NO_LAYER_CALL if context is None else context.layers.get(self, NO_LAYER_CALL)
+
+    def _codes(self, call: LayerCall) -> Tensor | None:
+        """The code-unit weight a pass convolves: the call's task's, else the layer's."""
+        return self._task_codes if call.codes is None else call.codes
+
     def code_domain(self) -> bool:
         """Whether this forward pass takes integer input codes to integer partial sums."""
-        return self.program is not None or (
-            self.latent_weight is None and self._task_codes is not None
+        call = self._layer_call()
+        return call.program is not None or (
+            self.latent_weight is None and self._codes(call) is not None
             and self._exact_inputs())
 
     def emits_partial_sums(self) -> bool:
@@ -244,24 +240,31 @@ class CrossbarConv2d(nn.Module):
         return ConvGeometry(self.stride, self.padding, self.dilation)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.program is not None and not (self.program.lossless and self._lossless_path()):
+        context = current_forward_context()
+        call = NO_LAYER_CALL if context is None else context.layers.get(self, NO_LAYER_CALL)
+        program, task_codes = call.program, self._codes(call)
+        if program is not None and not (program.lossless and self._lossless_path(task_codes)):
+            assert context is not None
             codes = self.input_codes(x).contiguous()  # the operator reads NCHW codes
             acc = crossbar_conv2d(
-                codes, self.program, self.geometry, implementation=self.implementation,
-                generator=self.read_generator, max_chunk_elements=self.max_chunk_elements,
-                column_values=self.sample_column_values,
+                codes, program, self.geometry, implementation=context.implementation,
+                generator=context.read_generator,
+                max_chunk_elements=context.max_chunk_elements,
+                column_values=call.sample_column_values,
             )
-            if self.spare_reads:
-                self._add_spare_reads(codes, acc, self.spare_reads)
+            if call.spare_reads:
+                self._add_spare_reads(codes, acc, call.spare_reads)
             return self._finish(acc)
         if self.latent_weight is not None:
             weight = fake_quant_weight(self.latent_weight, self.weight_scale, self.weight_bits)
-        elif self._task_codes is not None and self._exact_inputs():
+        elif task_codes is not None and self._exact_inputs():
             codes = self.input_codes(x)
-            if self.sample_channels is not None:
-                acc = self._blocks_forward(codes, self.sample_channels)
+            if call.sample_channels is not None:
+                assert context is not None
+                acc = self._blocks_forward(codes, call.sample_channels, task_codes,
+                                           context.implementation)
             else:
-                acc = self._code_conv(codes, self._task_codes)
+                acc = self._code_conv(codes, task_codes)
             return self._finish(acc)
         else:
             weight = self.effective_weight
@@ -289,7 +292,8 @@ class CrossbarConv2d(nn.Module):
         return F.conv2d(codes, weight, None, self.stride, self.padding, self.dilation,
                         self.groups)
 
-    def _blocks_forward(self, codes: Tensor, plan: SampleChannels) -> Tensor:
+    def _blocks_forward(self, codes: Tensor, plan: SampleChannels, backbone_codes: Tensor,
+                        implementation: OperatorImplementation) -> Tensor:
         """A mixed batch, whose samples the engine sorted by task (one block of rows each).
 
         Each block of a layer with few pixels per sample (weight-bound) shares one
@@ -302,15 +306,14 @@ class CrossbarConv2d(nn.Module):
         if self.pointwise and last:
             batch, cin, height, width = codes.shape
             if height * width < SHARED_PASS_PIXELS:
-                assert self._task_codes is not None  # the backbone's, in a mixed batch
-                acc = self._code_conv(codes, self._task_codes)
-                _block_channels_1x1(codes, acc, plan, self.implementation)
+                acc = self._code_conv(codes, backbone_codes)
+                _block_channels_1x1(codes, acc, plan, implementation)
                 return acc
             rows = codes.permute(0, 2, 3, 1).reshape(-1, cin)
             out = rows.new_empty(rows.shape[0], self.out_channels)
             per_sample = height * width
             matrices = [pointwise_matrix(weight) for _, _, weight in plan.segments]
-            extension = (crossbar_extension() if self.implementation
+            extension = (crossbar_extension() if implementation
                          is not OperatorImplementation.REFERENCE else None)
             if extension is not None:
                 extension.blocks_pointwise(rows, out,
@@ -323,7 +326,7 @@ class CrossbarConv2d(nn.Module):
                              out=out[start * per_sample : stop * per_sample])
             return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
         if self.groups == 1:  # the stem: a few of its channels change per task
-            acc = self._code_conv(codes, self._task_codes)  # type: ignore[arg-type]
+            acc = self._code_conv(codes, backbone_codes)
             for (start, stop), channels, own in zip(plan.blocks, plan.channels, plan.codes,
                                                     strict=True):
                 acc[start:stop].index_copy_(1, channels, self._code_conv(codes[start:stop], own))
@@ -338,13 +341,13 @@ class CrossbarConv2d(nn.Module):
     def _add_spare_reads(self, codes: Tensor, acc: Tensor, reads: list[SpareRead]) -> None:
         """Add every task's spare-PE reads of a mixed batch: one compiled call for all
         tasks (same float operations, in the same order, as reading each on its own)."""
-        assert self.program is not None
+        context, program = current_forward_context(), self._layer_call().program
+        assert context is not None and program is not None
         first = reads[0].program
-        extension = (crossbar_extension() if self.implementation
+        extension = (crossbar_extension() if context.implementation
                      is not OperatorImplementation.REFERENCE and _shared_periphery(reads)
                      else None)
         if extension is not None:
-            program = self.program
             extension.crossbar_spare_reads(
                 codes, acc, [r.samples for r in reads], [r.channels for r in reads],
                 [r.program.weight for r in reads], [r.program.column_values for r in reads],
@@ -354,22 +357,22 @@ class CrossbarConv2d(nn.Module):
                 first.pack, first.pack_base, first.slice_weight, first.adc_step,
                 first.adc_inv_step, first.adc_qmin, first.adc_qmax, first.adc_offset_lsb,
                 first.weight_offset, first.digit_bias, first.input_bits, first.input_signed,
-                first.dac_bits, first.zero_reads_zero, self.max_chunk_elements)
+                first.dac_bits, first.zero_reads_zero, context.max_chunk_elements)
             return
         for read in reads:
-            inputs = row_group_inputs(codes.index_select(0, read.samples), self.program,
+            inputs = row_group_inputs(codes.index_select(0, read.samples), program,
                                       read.row_groups)
             part = crossbar_conv2d(
-                inputs, read.program, self.geometry, implementation=self.implementation,
-                generator=self.read_generator, max_chunk_elements=self.max_chunk_elements)
+                inputs, read.program, self.geometry, implementation=context.implementation,
+                generator=context.read_generator,
+                max_chunk_elements=context.max_chunk_elements)
             rows, outputs = read.samples.unsqueeze(1), read.outputs.unsqueeze(0)
             acc[rows, outputs] += part
 
-    def _lossless_path(self) -> bool:
+    def _lossless_path(self, task_codes: Tensor | None) -> bool:
         """Whether a lossless program may run as the code-domain convolution (equal bit
-        for bit): the layer holds the active task's codes and inputs are exact codes."""
-        return (self.latent_weight is None and self._task_codes is not None
-                and self._exact_inputs())
+        for bit): the pass has the task's codes and inputs are exact codes."""
+        return self.latent_weight is None and task_codes is not None and self._exact_inputs()
 
     def extra_repr(self) -> str:
         where = self.mapping.placement.value if self.mapping else "unmapped"
@@ -388,17 +391,15 @@ class DigitalNorm(nn.BatchNorm2d):
     output: it then skips its own), folded into the BatchNorm's per-channel terms
     so the whole periphery costs one BatchNorm pass plus a clamp and a round, not
     six passes. Elsewhere (training, calibration) it is BatchNorm then ReLU6.
-    ``sample_terms`` (set by the engine for a batch mixing tasks, whose samples it
-    sorted by task) holds each task's terms (``[4, C]``: mean, var, weight, bias) and
-    ``sample_blocks`` its rows:
+    A task's own terms come with the engine's call (:class:`core.forward_context.NormCall`),
+    one ``[4, C]`` (mean, var, weight, bias) per block of rows of a batch sorted by task:
     the same BatchNorm kernel then normalises each block in place of the output (every
-    element gets the same arithmetic as in a batch of its task alone).
+    element gets the same arithmetic as in a batch of its task alone), and the module's
+    own tensors never hold a task's.
     """
 
     clamp_top: float | None = None
     """The absorbed ReLU6's top (None: no activation here)."""
-    sample_terms: list[Tensor] | None = None
-    sample_blocks: list[tuple[int, int]] | None = None
     train_quant: Callable[[Tensor], Tensor] | None = None
     """Passes with autograd: the activation and the consumer's input quantization in one
     (a task model sets it and has the consumer skip its own quantization)."""
@@ -454,8 +455,8 @@ class DigitalNorm(nn.BatchNorm2d):
             bounds = (0.0, float(self.clamp_top))
         return torch.stack([mean, var, weight, bias]).detach(), bounds
 
-    def _folded(self, producer: CrossbarConv2d | None, consumer: CrossbarConv2d | None
-                ) -> tuple[Tensor, tuple[float, float] | None]:
+    def _folded(self, producer: CrossbarConv2d | None, consumer: CrossbarConv2d | None,
+                sample_terms: list[Tensor] | None) -> tuple[Tensor, tuple[float, float] | None]:
         """:meth:`_fold` for every block (``[blocks, 4, C]``), kept until a tensor it
         comes from is replaced or changed in place: folding is about ten small tensor
         operations per layer and task, which at 2x2 maps cost more than the layer's
@@ -472,13 +473,13 @@ class DigitalNorm(nn.BatchNorm2d):
             state = self.__dict__["_folded_cache"] = (links, key, {})
         cache: dict[int | None, tuple[tuple[Tensor | None, ...], tuple[int, ...],
                                       tuple[Tensor, tuple[float, float] | None]]] = state[2]
-        if self.sample_terms is None:
+        if sample_terms is None:
             sources: tuple[Tensor | None, ...] = (self.running_mean, self.running_var,
                                                   self.weight, self.bias)
             slots: list[tuple[int | None, tuple[Tensor | None, ...], Tensor | None]] = [
                 (None, sources, None)]
         else:
-            slots = [(id(rows), (rows,), rows) for rows in self.sample_terms]
+            slots = [(id(rows), (rows,), rows) for rows in sample_terms]
         folded = []
         for slot, sources, rows in slots:
             versions = tuple(-1 if t is None else t._version for t in sources)
@@ -499,16 +500,19 @@ class DigitalNorm(nn.BatchNorm2d):
         producer, consumer = self._links()
         scaled = producer is not None and producer.emits_partial_sums()
         quantize = consumer is not None and consumer.takes_codes()
-        if self.training or not (scaled or quantize or self.sample_terms is not None):
+        context = current_forward_context()
+        call = None if context is None else context.norms.get(self)
+        if self.training or not (scaled or quantize or call is not None):
             out = super().forward(x)
             # In place only without autograd: with it, torch clones the input first (a
             # copy of every activation per training step).
             return out if self.clamp_top is None else F.hardtanh(
                 out, 0.0, self.clamp_top, inplace=not torch.is_grad_enabled())
         terms, bounds = self._folded(producer if scaled else None,
-                                     consumer if quantize else None)
+                                     consumer if quantize else None,
+                                     None if call is None else call.terms)
         mean, var, weight, bias = terms.unbind(1)  # [blocks, C] each
-        blocks = self.sample_blocks or [(0, x.shape[0])]
+        blocks = (call.blocks if call is not None else None) or [(0, x.shape[0])]
         extension = fused_periphery()
         if extension is not None and (x.is_contiguous() or x.is_contiguous(
                 memory_format=torch.channels_last)):

@@ -22,8 +22,8 @@ def _engine(model: CrossbarModel) -> tuple[CrossbarEngine, list[str]]:
         task = random_task_state(f"t{i}", engine.mapping, random_head(3, 1280, seed=i),
                                  pe_fraction=0.1, seed=i)
         g = torch.Generator().manual_seed(i)
-        digital = {n: engine._get_tensor(n).detach() + 0.05 * torch.randn(
-            engine._get_tensor(n).shape, generator=g)
+        digital = {n: engine.backbone_digital(n).detach() + 0.05 * torch.randn(
+            engine.backbone_digital(n).shape, generator=g)
                    for n in names[i::4] if n.endswith(("weight", "bias"))}
         engine.add_task(TaskState(task.task_id, task.shift_levels, task.head, task.layers,
                                   digital))

@@ -237,8 +237,11 @@ def test_lossless_crossbar_equals_ideal_bit_for_bit(backbone, dac_mode, request,
     assert not torch.equal(engine.forward(images32, "masked"), engine.forward(images32, "plain"))
 
 
-def _float_path_features(model: CrossbarModel, images: torch.Tensor) -> torch.Tensor:
-    for _, layer in model.layers():
+def _float_path_features(model: CrossbarModel, images: torch.Tensor,
+                         task_codes: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    for name, layer in model.layers():
+        if task_codes and name in task_codes:
+            layer.effective_codes = task_codes[name]
         layer.effective_weight = layer.effective_weight  # force the float path
     try:
         with torch.no_grad():
@@ -256,7 +259,8 @@ def test_ideal_code_path_matches_fake_quantized_float_path(quantized_mobilenet, 
     torch.testing.assert_close(_float_path_features(engine.model, images32), plain,
                                rtol=1e-5, atol=1e-5)
     exact = engine.features(images32, "t")
-    floating = _float_path_features(engine.model, images32)
+    assert not engine.tasks["t"].digital
+    floating = _float_path_features(engine.model, images32, engine.prepare("t").weights)
     # float products of mask fractions and scales differ from the code path's by an ulp,
     # which moves values that sit on an activation code boundary to the next code (and
     # on through the network): the features agree to well under a percent, while the

@@ -30,7 +30,7 @@ def _tasks(engine: CrossbarEngine, count: int, *, pe_fraction: float) -> list[st
         if i % 2:
             g = torch.Generator().manual_seed(100 + i)
             for name in names[i::5]:
-                value = engine._get_tensor(name).detach().clone()
+                value = engine.backbone_digital(name).detach().clone()
                 if name.endswith(("weight", "bias")):
                     value = value + 0.05 * torch.randn(value.shape, generator=g)
                 elif name.endswith("running_var"):
