@@ -96,9 +96,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from core.backbones.shipped import load_backbone
-    from core.datasets import DatasetSpec, load_dataset
-    from core.methods import RunOptions, TrainingCancelled, adapt, default_config
-    from core.methods.common import StepInfo
+    from core.data.datasets import DatasetSpec, load_dataset
+    from core.learning import RunOptions, TrainingCancelled, adapt, default_config
+    from core.learning.common import StepInfo
 
     torch.set_num_threads(args.threads)
     data = load_dataset(DatasetSpec(args.dataset, image_size=args.size, seed=args.seed,
@@ -111,7 +111,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile_steps:
         from torch.profiler import ProfilerActivity, profile, record_function
 
-        from core.methods.task_model import TaskModel
+        from core.learning.task_model import TaskModel
 
         load_weights = TaskModel.load_weights
 

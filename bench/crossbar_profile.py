@@ -1,6 +1,6 @@
 """Where crossbar fidelity's time goes on a lossy periphery, by phase of the operator.
 
-Runs MobileNetV2 in crossbar fidelity on the paper's periphery (:data:`core.config.PAPER_CHIP`,
+Runs MobileNetV2 in crossbar fidelity on the paper's periphery (:data:`core.chip.config.PAPER_CHIP`,
 ADC calibrated as ``bench/engine.py --crossbar`` does), captures every crossbar layer's
 input codes and program, then times each phase of the operator on them alone (best of
 ``--repeats``, one thread by default), besides the whole forward pass:
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import core.layers as layers_module
+import core.nn.layers as layers_module
 import core.ops.crossbar as ops
 from core.ops.crossbar import ConvGeometry, CrossbarProgram
 
@@ -76,9 +76,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from core.backbones.shipped import load_backbone
-    from core.calibration import calibration_images
-    from core.config import PAPER_CHIP, CrossbarSettings
+    from core.chip.config import PAPER_CHIP, CrossbarSettings
     from core.engine import CrossbarEngine
+    from core.nn.calibration import calibration_images
     from core.task_state import random_head, random_task_state
 
     torch.set_num_threads(args.threads)

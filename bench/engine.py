@@ -7,7 +7,7 @@ so machine noise hits them alike, and reports medians and ratios:
     python bench/engine.py --mixed [--batch 16] [--repeats 15]
 
 With ``--crossbar`` it adds crossbar fidelity on a lossy periphery, where every layer
-runs the crossbar operator: by default the paper's (:data:`core.config.PAPER_CHIP`: 72
+runs the crossbar operator: by default the paper's (:data:`core.chip.config.PAPER_CHIP`: 72
 rows read at once, offset cells, 5-bit ADC calibrated for it on ``--calibration-images``
 photo crops) with its 4-bit multi-bit DAC (compiled operator and eager pure-torch
 reference) and bit-serial (compiled). ``--chip shipped`` times the shipped backbone's
@@ -22,7 +22,7 @@ images mixing tasks against the same images all of one task, alternating: the th
 shipped tasks plus five copies under other names, drawn with Zipf popularity (the
 stream of ``bench/serve.py``), in ideal fidelity, crossbar fidelity on the shipped chip
 (provably lossless: the ideal code path) and on the paper's lossy periphery
-(:data:`core.config.PAPER_CHIP`, full-scale ADC), where the spare PEs are read.
+(:data:`core.chip.config.PAPER_CHIP`, full-scale ADC), where the spare PEs are read.
 
 glibc returns large freed blocks to the OS, so every forward pass would pay
 fresh page faults; the script re-executes itself with MALLOC_MMAP_MAX_=0 and
@@ -94,9 +94,9 @@ def main() -> None:
 
     from core.backbones import build_backbone
     from core.backbones.shipped import imagenet_task, load_backbone
-    from core.calibration import calibration_images
-    from core.config import PAPER_CHIP, CrossbarSettings
+    from core.chip.config import PAPER_CHIP, CrossbarSettings
     from core.engine import CrossbarEngine
+    from core.nn.calibration import calibration_images
     from core.task_state import TaskState, random_task_state
 
     if args.threads is not None:
@@ -258,7 +258,7 @@ def add_shipped_tasks(engine: CrossbarEngine, names: tuple[str, ...]) -> None:
 def mixed_batches(args: argparse.Namespace) -> None:
     """Single-task vs mixed-task batches on the chip alone, per fidelity and periphery."""
     from core.backbones.shipped import load_backbone
-    from core.config import PAPER_CHIP, CrossbarSettings
+    from core.chip.config import PAPER_CHIP, CrossbarSettings
     from core.engine import CrossbarEngine
 
     torch.set_num_threads(1)

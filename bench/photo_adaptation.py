@@ -42,15 +42,15 @@ FLOWERS = {"train": 1020, "val": 1020, "test": 6149}
 
 def measure(threads: int, per_split: tuple[int, int, int], epochs: int) -> dict[str, Any]:
     from core.backbones.shipped import load_backbone
-    from core.datasets import DatasetSpec, load_dataset
-    from core.engine import CrossbarEngine
-    from core.methods import RunOptions, adapt, default_config
-    from core.methods.common import StepInfo, accuracy
-    from core.published_datasets import (
+    from core.data.datasets import DatasetSpec, load_dataset
+    from core.data.published_datasets import (
         DEFAULT_BATCH_SIZE,
         DEFAULT_IMAGE_SIZE,
         photo_method_config,
     )
+    from core.engine import CrossbarEngine
+    from core.learning import RunOptions, adapt, default_config
+    from core.learning.common import StepInfo, accuracy
     from tests.layouts import PHOTOS, flowers102_tree
 
     torch.set_num_threads(threads)

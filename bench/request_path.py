@@ -35,7 +35,7 @@ from server.launcher import ServerProcess
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # (stage, markers): a frame "function (file:line)" matches a marker it contains; the
     # stage of a sample is that of the innermost matching frame.
-    ("chip: forward pass", ("forward_mixed (core/engine.py",)),
+    ("chip: forward pass", ("forward_mixed (core/engine/engine.py",)),
     ("chip: batch set-up and results", ("infer_batch (server/runtime.py",)),
     ("queue and batching", ("server/batcher.py", "server/scheduler.py")),
     ("decode", ("decode_image (server/images.py", "open_image (server/images.py",

@@ -52,7 +52,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     from core.backbones.shipped import load_backbone
-    from core.pool import PoolConfig, SparePEPool
+    from core.chip.pool import PoolConfig, SparePEPool
     from core.task_state import LayerTaskState, ones_code, random_head, random_task_state
     from task_store import TaskStore
     from task_store.format import code_bits, packed_bytes

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from core.chip.mapping import LayerMapping, ModelMapping, Placement
 from core.confidence import UNCALIBRATED, Confidence
 from core.errors import ConfigError, TaskStateError
-from core.mapping import LayerMapping, ModelMapping, Placement
 
 TASK_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 

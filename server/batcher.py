@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from core.config import Fidelity
+from core.chip.config import Fidelity
 from server.errors import QueueFull, ShuttingDown
 from server.runtime import BatchItem, Prediction, TaskRuntime
 from server.scheduler import BatchScheduler, ChipView, Pending

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from core.engine import CrossbarEngine
-from core.model import CrossbarModel
+from core.nn.model import CrossbarModel
 from server.frontier import (
     ChipPoint,
     ShippedTask,
@@ -61,10 +61,10 @@ class Readaptation:
 def readapt(model: CrossbarModel, task: ShippedTask, entry: dict[str, Any],
             budget: Readaptation, overrides: dict[str, Any]) -> Any:
     """The shipped task's recipe run again on ``model`` with config ``overrides``."""
-    from core.datasets import DatasetSpec, load_dataset
-    from core.methods import adapt, default_config
-    from core.methods.common import RunOptions
-    from core.methods.registry import override_config
+    from core.data.datasets import DatasetSpec, load_dataset
+    from core.learning import adapt, default_config
+    from core.learning.common import RunOptions
+    from core.learning.registry import override_config
 
     build = entry["build"]
     spec = DatasetSpec(entry["dataset"], image_size=build["image_size"], seed=build["seed"],
@@ -92,7 +92,7 @@ def adapt_on_chip(out: Path, points: Sequence[ChipPoint], *, test_limit: int,
     """Crossbar top-1 of the shipped, looped and control tasks on each point (see the module)."""
     from core.atomic import atomic_write_bytes
     from core.backbones.shipped import git_revision, load_backbone
-    from core.calibration import calibration_images as crops
+    from core.nn.calibration import calibration_images as crops
 
     index = shipped_index(names)
     backbone = load_backbone(backbone_file)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core import cli as core_cli
+from core.cli import main as core_cli
 
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 """glibc returns large freed blocks to the OS, so every forward pass would pay fresh page
@@ -87,7 +87,7 @@ class ServerCommands:
                               help="instead: each device effect alone (and all four) on the "
                                    "backbone's own chip, at the low and high levels")
         frontier.add_argument("--noise-levels", default="low,high",
-                              help="with --noise: levels of core.config.NOISE_LEVELS")
+                              help="with --noise: levels of core.chip.config.NOISE_LEVELS")
         frontier.add_argument("--tasks", default=None,
                               help="with --noise or --adapt-on-chip: comma-separated shipped "
                                    "tasks (default: all)")
@@ -229,7 +229,7 @@ def chip_frontier(args: argparse.Namespace) -> int:
         print(args.out.with_suffix(".md").read_text())
         return 0 if priced["rows"] else 1
     if args.noise:
-        from core.config import NOISE_LEVELS
+        from core.chip.config import NOISE_LEVELS
         from core.errors import ConfigError
         from server import noise_study
 

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from core.atomic import atomic_write_bytes
-from core.calibration import AGREEMENT_PHOTOS, CALIBRATION_PHOTOS, calibration_images
 from core.confidence import (
     ECE_BINS,
     IN_DISTRIBUTION_FRACTION,
@@ -33,17 +32,18 @@ from core.confidence import (
     fit_confidence,
     nll,
 )
-from core.datasets import DatasetSpec, TaskDataset, load_dataset
+from core.data.datasets import DatasetSpec, TaskDataset, load_dataset
 from core.engine import CrossbarEngine
 from core.errors import ConfigError
-from core.model import CrossbarModel
-from core.task_confidence import (
+from core.learning.task_confidence import (
     STATISTICS_IMAGES,
     calibrate_task,
     engine_logits,
     split_logits,
     unaugmented,
 )
+from core.nn.calibration import AGREEMENT_PHOTOS, CALIBRATION_PHOTOS, calibration_images
+from core.nn.model import CrossbarModel
 from core.task_state import TaskState
 from server.shipped_tasks import INDEX_FILE, SHIPPED_DIR
 from task_store import TaskStore
@@ -165,7 +165,7 @@ def _photos(size: int) -> Tensor:
     from PIL import Image
 
     from core.backbones.preprocess import preprocess_fit
-    from core.calibration import load_photo
+    from core.nn.calibration import load_photo
 
     images = []
     for name in AGREEMENT_PHOTOS:

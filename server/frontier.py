@@ -3,10 +3,10 @@
 Every point is one periphery for the same programmed backbone: weight encoding
 (offset or differential), rows read per ADC conversion, ADC bits and DAC mode. The
 backbone's ADC ranges are calibrated again for each point (the chip's rule,
-:meth:`core.model.CrossbarModel.calibrate_adc`, on ``calibration`` photo crops), and the
+:meth:`core.nn.model.CrossbarModel.calibrate_adc`, on ``calibration`` photo crops), and the
 shipped tasks classify their own test images in crossbar fidelity. Energy per image
 comes from the energy model of that point; its ratio to the paper's periphery
-(:data:`core.config.PAPER_CHIP`) is the cost of making the chip accurate.
+(:data:`core.chip.config.PAPER_CHIP`) is the cost of making the chip accurate.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from core.config import PAPER_CHIP, CrossbarSettings, DacMode, WeightEncoding
-from core.datasets import DatasetSpec, load_dataset
+from core.chip.config import PAPER_CHIP, CrossbarSettings, DacMode, WeightEncoding
+from core.data.datasets import DatasetSpec, load_dataset
 from core.engine import CrossbarEngine
-from core.model import CrossbarModel
+from core.nn.model import CrossbarModel
 from core.ops.crossbar import adc_code_range, largest_read_sum
 from core.task_state import TaskState
 from server.shipped_tasks import INDEX_FILE, SHIPPED_DIR
@@ -348,7 +348,7 @@ def run(out: Path, points: Sequence[ChipPoint], *, test_limit: int, calibration_
     rerun with the same settings resumes), then the table and the plot beside it."""
     from core.atomic import atomic_write_bytes
     from core.backbones.shipped import git_revision, load_backbone
-    from core.calibration import calibration_images as crops
+    from core.nn.calibration import calibration_images as crops
 
     backbone = load_backbone(backbone_file)
     settings = {"test_limit": test_limit, "calibration_images": calibration_images,

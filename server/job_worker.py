@@ -61,8 +61,8 @@ def outside_links(folder: Path, root: Path) -> list[str]:
 def dataset_spec_name(params: dict[str, Any]) -> str:
     """The core dataset name of a job: a built-in name, ``imagefolder:<resolved path>`` or
     ``<layout>:<resolved path>`` for a published layout (``flowers102``)."""
-    from core.datasets import IMAGEFOLDER_PREFIX
-    from core.published_datasets import LAYOUTS, layout_name
+    from core.data.datasets import IMAGEFOLDER_PREFIX
+    from core.data.published_datasets import LAYOUTS, layout_name
 
     if params.get("dataset") in LAYOUTS:
         return layout_name(params["dataset"], params["dataset_path"])
@@ -156,13 +156,13 @@ def _duration(seconds: float) -> str:
 
 def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, store: Any,
            config: WorkerConfig, cancel: CancelFlag) -> None:
-    from core.datasets import DatasetSpec, load_dataset
+    from core.data.datasets import DatasetSpec, load_dataset
+    from core.data.photo_split import PhotoSplit
+    from core.data.published_datasets import LAYOUTS, photo_method_config, training_record
     from core.engine import CrossbarEngine
     from core.errors import TrainingCancelled as Cancelled
-    from core.methods import RunOptions, adapt, default_config
-    from core.methods.common import StepInfo, accuracy
-    from core.photo_split import PhotoSplit
-    from core.published_datasets import LAYOUTS, photo_method_config, training_record
+    from core.learning import RunOptions, adapt, default_config
+    from core.learning.common import StepInfo, accuracy
     from task_store import JobStatus
 
     index = store.index

@@ -1,7 +1,7 @@
 """``xma2 chip-frontier --noise``: the shipped tasks on a chip with device non-idealities.
 
 Each of the four device effects alone, and all four together, at the named levels of
-:data:`core.config.NOISE_LEVELS`, on the backbone's own chip in crossbar fidelity; then
+:data:`core.chip.config.NOISE_LEVELS`, on the backbone's own chip in crossbar fidelity; then
 (optionally) each task adapted again for the noisy chip (``train.chip_noise``: the
 chip's programming variation and stuck cells in every training step) and served on it.
 Rows are written as they finish and a rerun with the same settings resumes.
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from core.config import NOISE_LEVELS, CrossbarSettings, NonIdealities
+from core.chip.config import NOISE_LEVELS, CrossbarSettings, NonIdealities
 from core.engine import CrossbarEngine
 from server.chip_adaptation import Readaptation, readapt
 from server.frontier import (

@@ -23,14 +23,14 @@ from torch import Tensor
 
 from core.backbones.preprocess import imagenet_resize_size, preprocess_fit, preprocess_image
 from core.backbones.shipped import imagenet_task, load_backbone
+from core.chip.config import Fidelity
+from core.chip.energy import EnergyReport
+from core.chip.pool import EnergyAwareEviction, LRUEviction, PoolConfig, SparePEPool
 from core.confidence import UNCALIBRATED, Confidence
-from core.config import Fidelity
-from core.energy import EnergyReport
 from core.engine import CrossbarEngine
 from core.errors import TaskNotFound, TaskStateError
 from core.lru import CapacityError
-from core.model import CrossbarModel
-from core.pool import EnergyAwareEviction, LRUEviction, PoolConfig, SparePEPool
+from core.nn.model import CrossbarModel
 from core.task_state import TaskState
 from server.errors import ChipFailure
 from server.images import load_image

@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.config import Fidelity
-from core.published_datasets import LAYOUTS
+from core.chip.config import Fidelity
+from core.data.published_datasets import LAYOUTS
 from core.task_state import TASK_NAME_PATTERN
 
 MAX_INDEX_INT = 2**63 - 1

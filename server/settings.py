@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from core.config import Fidelity
+from core.chip.config import Fidelity
 
 DEFAULT_STORE = Path.home() / ".local" / "share" / "xma2" / "store"
 DEFAULT_DATA_ROOT = Path.home() / ".local" / "share" / "xma2" / "datasets"

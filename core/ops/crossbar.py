@@ -42,12 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.config import OperatorImplementation
+from core.chip.config import OperatorImplementation
+from core.chip.mapping import LayerMapping
+from core.chip.programming import weight_codes_to_cell_levels
 from core.errors import ConfigError
-from core.mapping import LayerMapping
 from core.ops.extension import crossbar_extension
 from core.ops.fold import from_row_groups, replaced_columns, spare_rows, to_row_groups
-from core.programming import weight_codes_to_cell_levels
 
 __all__ = [
     "ConvGeometry",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.mapping import LayerMapping
+from core.chip.mapping import LayerMapping
 
 __all__ = ["fold_effective_weight", "from_row_groups", "replaced_columns", "to_row_groups"]
 

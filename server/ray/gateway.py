@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from ray.serve import metrics as ray_metrics
 from ray.serve.handle import DeploymentHandle
 
-from core.config import Fidelity
+from core.chip.config import Fidelity
 from core.errors import TaskNotFound
 from server.app import BodyLimit
 from server.errors import ApiError, install_error_handlers, recorded_outcome

@@ -21,7 +21,7 @@ from typing import Any
 from ray import serve
 from ray.serve import metrics as ray_metrics
 
-from core.config import Fidelity
+from core.chip.config import Fidelity
 from core.errors import TaskNotFound, Xma2Error
 from server.batcher import Batcher, build_batcher
 from server.errors import ApiError, http_answer

@@ -7,16 +7,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from core.datasets import dataset_names
-from core.methods import default_config
-from core.methods.registry import METHODS
-from core.published_datasets import (
+from core.data.datasets import dataset_names
+from core.data.published_datasets import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_IMAGE_SIZE,
     LAYOUTS,
     OutsideDataRoot,
     scan_layout,
 )
+from core.learning import default_config
+from core.learning.registry import METHODS
 from server.deps import Jobs, Runtime, ServicesDep
 from server.errors import ApiError
 from server.job_worker import outside_links

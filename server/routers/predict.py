@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from core.config import Fidelity
+from core.chip.config import Fidelity
 from server.deps import Runtime, ServicesDep
 from server.errors import ApiError, recorded_outcome
 from server.images import decode_base64, decodes_inline, open_image

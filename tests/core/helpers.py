@@ -7,10 +7,10 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from core.config import CrossbarConfig
-from core.mapping import ModelMapping
-from core.methods.task_model import pe_blocks
-from core.model import CrossbarModel
+from core.chip.config import CrossbarConfig
+from core.chip.mapping import ModelMapping
+from core.learning.task_model import pe_blocks
+from core.nn.model import CrossbarModel
 from core.ops.fold import to_row_groups
 from core.task_state import LayerTaskState, TaskHead, TaskState, ones_code, random_task_state
 from core.task_state import random_head as _random_head

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import layers
 from core.engine import CrossbarEngine
-from core.model import CrossbarModel
+from core.nn import layers
+from core.nn.model import CrossbarModel
 from core.task_state import TaskState, random_head, random_task_state
 from tests.conftest import compiled_operator
 

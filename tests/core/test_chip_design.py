@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from core.backbones.shipped import default_backbone_path
-from core.config import PAPER_CHIP, CrossbarConfig, DacMode, WeightEncoding
-from core.energy import EnergyConfig, count_layer_ops, sar_adc_energy_j
+from core.chip.config import PAPER_CHIP, CrossbarConfig, DacMode, WeightEncoding
+from core.chip.energy import EnergyConfig, count_layer_ops, sar_adc_energy_j
+from core.chip.mapping import LayerMapping, Placement, map_layer
+from core.chip.programming import cell_levels_to_weight_codes, weight_codes_to_cell_levels
 from core.engine import CrossbarEngine
-from core.mapping import LayerMapping, Placement, map_layer
-from core.model import CrossbarModel
+from core.nn.model import CrossbarModel
 from core.ops.crossbar import (
     ConvGeometry,
     adc_code_range,
@@ -26,7 +27,6 @@ from core.ops.crossbar import (
     layer_cell_levels,
 )
 from core.ops.fold import fold_effective_weight
-from core.programming import cell_levels_to_weight_codes, weight_codes_to_cell_levels
 from core.task_state import shift_values
 
 HAND_CODES = torch.tensor([1, -2, 3, 0], dtype=torch.int8).reshape(1, 4, 1, 1)

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import torch
 
-from core.chip_instance import programmed_backbone
-from core.config import CrossbarSettings, NonIdealities, WeightEncoding
+from core.chip.config import CrossbarSettings, NonIdealities, WeightEncoding
 from core.engine import CrossbarEngine
+from core.nn.chip_instance import programmed_backbone
 from core.ops.crossbar import layer_cell_levels, programmed_codes
 from core.task_state import TaskState
 from tests.core.helpers import random_head

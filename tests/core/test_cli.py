@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from core.backbones.shipped import default_backbone_path, imagenet_task, load_backbone
-from core.cli import main
-from core.commands import _photo_batch
+from core.cli.commands import _photo_batch
+from core.cli.main import main
 from core.engine import CrossbarEngine
 
 CAT_CLASSES = range(281, 286)
@@ -45,7 +45,7 @@ def test_inspect_prints_mapping_and_prediction(capsys):
 def test_inspect_bad_image_is_a_clear_cli_error(tmp_path):
     bad = tmp_path / "not-an-image.png"
     bad.write_text("hello")
-    proc = subprocess.run([sys.executable, "-m", "core.cli", "inspect", "--image", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "core.cli.main", "inspect", "--image", str(bad)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "cannot read image" in proc.stderr

@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.backbones import build_backbone
-from core.calibration import calibration_images
-from core.config import CrossbarConfig, CrossbarSettings, NonIdealities
+from core.chip.config import CrossbarConfig, CrossbarSettings, NonIdealities
+from core.chip.mapping import LayerMapping, map_layer
 from core.engine import CrossbarEngine
 from core.errors import ConfigError
-from core.mapping import LayerMapping, map_layer
-from core.model import CrossbarModel
+from core.nn.calibration import calibration_images
+from core.nn.model import CrossbarModel
 from core.ops.crossbar import (
     ConvGeometry,
     CrossbarProgram,
@@ -310,7 +310,7 @@ def test_operator_conversions_are_what_the_energy_model_counts(quantized_mobilen
     engine.add_task(random_task_state("t", engine.mapping, head, pe_fraction=0.2, seed=9))
     size = (32, 32)
     prepared = engine.activate("t", "crossbar")
-    positions = engine._output_positions(size)
+    positions = engine.costs.output_positions(size)
     performed = sum(conversions(program, 1, positions[name])
                     for name, program in (prepared.programs or {}).items())
     counted = engine.ops_per_image("t", size).adc_conversions

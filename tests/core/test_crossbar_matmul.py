@@ -10,10 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.config import PAPER_CHIP, CrossbarConfig, CrossbarSettings
+from core.chip.config import PAPER_CHIP, CrossbarConfig, CrossbarSettings
+from core.chip.mapping import LayerMapping, map_layer
 from core.engine import CrossbarEngine
-from core.mapping import LayerMapping, map_layer
-from core.model import CrossbarModel
+from core.nn.model import CrossbarModel
 from core.ops import crossbar as crossbar_ops
 from core.ops.crossbar import (
     ConvGeometry,

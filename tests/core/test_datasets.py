@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core import datasets as D
-from core.datasets import DatasetSpec, load_dataset, load_numpy_pickle, split_indices
+from core.data import datasets as D
+from core.data.datasets import DatasetSpec, load_dataset, load_numpy_pickle, split_indices
 from core.errors import ConfigError, ResourceUnavailable
 
 MEAN = torch.tensor(D.IMAGENET_MEAN).view(3, 1, 1)

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import torch
 
-from core.calibration import calibration_images
-from core.config import CrossbarConfig
-from core.distill import DistillConfig, distill_backbone
-from core.model import CrossbarModel
+from core.chip.config import CrossbarConfig
+from core.learning.distill import DistillConfig, distill_backbone
+from core.nn.calibration import calibration_images
+from core.nn.model import CrossbarModel
 
 
 def test_distillation_lowers_the_loss_and_keeps_4_bit_codes(fp32_mobilenet):

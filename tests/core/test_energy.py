@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from core.config import PAPER_CHIP, CrossbarConfig, DacMode
-from core.energy import (
+from core.chip.config import PAPER_CHIP, CrossbarConfig, DacMode
+from core.chip.energy import (
     EnergyConfig,
     EnergyReport,
     OpCounts,
@@ -19,8 +19,8 @@ from core.energy import (
     sar_adc_energy_j,
     sar_adc_latency_s,
 )
+from core.chip.mapping import LayerMapping, Placement
 from core.errors import ConfigError
-from core.mapping import LayerMapping, Placement
 
 # 18-row x 8-col crossbar, 4-bit weights in 2-bit cells: 2 slices, 4 outputs per PE,
 # a row group is 2 input channels of a 3x3 kernel = 18 rows.

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from core.engine import CrossbarEngine
 from core.errors import TaskStateError
-from core.model import CrossbarModel
+from core.nn.model import CrossbarModel
 from core.ops.fold import fold_effective_weight
 from core.task_state import LayerTaskState, TaskState, ones_code
 from tests.core.helpers import random_head, random_task

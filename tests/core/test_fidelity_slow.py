@@ -7,10 +7,10 @@ import torch
 
 from core.backbones import build_backbone
 from core.backbones.shipped import load_backbone
-from core.calibration import calibration_images
-from core.datasets import DatasetSpec, load_dataset
-from core.model import CrossbarModel
-from core.probe import extract_features, linear_probe
+from core.data.datasets import DatasetSpec, load_dataset
+from core.learning.probe import extract_features, linear_probe
+from core.nn.calibration import calibration_images
+from core.nn.model import CrossbarModel
 
 
 @pytest.mark.slow

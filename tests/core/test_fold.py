@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from core.config import CrossbarConfig
-from core.mapping import map_layer
+from core.chip.config import CrossbarConfig
+from core.chip.mapping import map_layer
 from core.ops.fold import fold_effective_weight
 from core.task_state import shift_values
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from core.config import CrossbarConfig
+from core.chip.config import CrossbarConfig
+from core.chip.mapping import Placement, map_layer
 from core.errors import ConfigError
-from core.mapping import Placement, map_layer
-from core.model import CrossbarModel
+from core.nn.model import CrossbarModel
 
 
 def test_mapping_covers_every_weight_exactly_once(quantized_mobilenet: CrossbarModel):

@@ -9,12 +9,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core import layers
-from core.config import PAPER_CHIP, CrossbarSettings, Fidelity
+from core.chip.config import PAPER_CHIP, CrossbarSettings, Fidelity
+from core.chip.pool import PoolConfig, SparePEPool
 from core.engine import CrossbarEngine
 from core.lru import CapacityError
-from core.model import CrossbarModel
-from core.pool import PoolConfig, SparePEPool
+from core.nn import layers
+from core.nn.model import CrossbarModel
 from core.task_state import TaskState, random_head, random_task_state
 
 
@@ -152,7 +152,7 @@ def test_spare_reads_of_all_tasks_in_one_call_equal_each_read_alone(
 
     monkeypatch.setattr(layers.CrossbarConv2d, "_add_spare_reads", counting)
     one_call = engine.forward_mixed(x, order, Fidelity.CROSSBAR)
-    assert not any(p.lossless for p in engine._backbone_programs.values())
+    assert not any(p.lossless for p in engine.programmer.backbone_programs.values())
     assert calls and max(calls) == 3  # every task with spare PEs, one call per layer
     monkeypatch.setattr(layers, "_shared_periphery", lambda reads: False)
     per_task = engine.forward_mixed(x, order, Fidelity.CROSSBAR)

@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 
 from core.errors import ResourceUnavailable
-from core.model import CrossbarModel
-from core.quant import ActivationQuantizer, fake_quant_weight, quantize_weight_codes
+from core.nn.model import CrossbarModel
+from core.nn.quant import ActivationQuantizer, fake_quant_weight, quantize_weight_codes
 
 
 def test_save_load_round_trip_is_bit_identical(quantized_mobilenet, images32, tmp_path):

@@ -1,4 +1,4 @@
-"""The digital periphery folded into one BatchNorm pass (core.layers.DigitalNorm)."""
+"""The digital periphery folded into one BatchNorm pass (core.nn.layers.DigitalNorm)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.layers import DigitalNorm
-from core.model import CrossbarModel
+from core.nn.layers import DigitalNorm
+from core.nn.model import CrossbarModel
 
 
 def _unfolded(model: CrossbarModel) -> CrossbarModel:

@@ -4,11 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from core.config import CrossbarConfig
-from core.errors import ConfigError, TaskNotFound
-from core.lru import CapacityError
-from core.mapping import ModelMapping, PEId, map_layer
-from core.pool import (
+from core.chip.config import CrossbarConfig
+from core.chip.mapping import ModelMapping, PEId, map_layer
+from core.chip.pool import (
     EnergyAwareEviction,
     EventKind,
     LRUEviction,
@@ -17,7 +15,9 @@ from core.pool import (
     default_spare_pes,
     task_pe_levels,
 )
-from core.programming import ProgrammingConfig, programming_cost
+from core.chip.programming import ProgrammingConfig, programming_cost
+from core.errors import ConfigError, TaskNotFound
+from core.lru import CapacityError
 from core.task_state import LayerTaskState, TaskState, ones_code, random_head, random_task_state
 
 PJ = 1e-12

@@ -14,10 +14,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from torch import nn
 
-from core.config import CrossbarConfig
-from core.lru import CapacityError
-from core.mapping import ModelMapping, map_layer
-from core.pool import (
+from core.chip.config import CrossbarConfig
+from core.chip.mapping import ModelMapping, map_layer
+from core.chip.pool import (
     EnergyAwareEviction,
     EventKind,
     LRUEviction,
@@ -25,6 +24,7 @@ from core.pool import (
     SparePEPool,
     task_pe_levels,
 )
+from core.lru import CapacityError
 from core.task_state import LayerTaskState, TaskState, ones_code, random_head
 
 TASKS = ("a", "b", "c", "d")

@@ -7,8 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.errors import ConfigError
-from core.programming import (
+from core.chip.programming import (
     CellWriteCounter,
     ProgrammingConfig,
     ProgrammingReport,
@@ -16,6 +15,7 @@ from core.programming import (
     programming_cost,
     weight_codes_to_cell_levels,
 )
+from core.errors import ConfigError
 
 
 def test_codes_to_levels_by_hand() -> None:

@@ -13,12 +13,10 @@ from PIL import Image
 from scipy.io import loadmat, savemat
 
 from core.backbones.preprocess import preprocess_image
-from core.cli import main
-from core.datasets import DatasetSpec, ImageSplit, load_dataset, load_image_folder
-from core.errors import ConfigError, ResourceUnavailable
-from core.methods.common import eval_batch_size
-from core.photo_split import PhotoSplit
-from core.published_datasets import (
+from core.cli.main import main
+from core.data.datasets import DatasetSpec, ImageSplit, load_dataset, load_image_folder
+from core.data.photo_split import PhotoSplit
+from core.data.published_datasets import (
     FLOWERS102_CLASSES,
     LAYOUTS,
     OutsideDataRoot,
@@ -28,6 +26,8 @@ from core.published_datasets import (
     split_rows,
     training_record,
 )
+from core.errors import ConfigError, ResourceUnavailable
+from core.learning.common import eval_batch_size
 from tests.layouts import (
     cub200_tree,
     flowers102_tree,

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from core.evaluate import reprogramming_cost
-from core.switching import (
+from core.cli.evaluate import reprogramming_cost
+from core.cli.switching import (
     load_task_tensors,
     price_grid_switches,
     round_trip_cost,

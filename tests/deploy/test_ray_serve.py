@@ -21,7 +21,7 @@ import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.datasets import load_raw
+from core.data.datasets import load_raw
 from server.images import decode_image
 from server.runtime import build_runtime
 from server.settings import Settings

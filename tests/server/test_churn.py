@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from core.backbones.shipped import imagenet_task, load_backbone
-from core.config import Fidelity
+from core.chip.config import Fidelity
 from server.runtime import BatchItem, Prediction, TaskRuntime
 from server.shipped_tasks import import_default_tasks
 from task_store import TaskStore

@@ -12,7 +12,7 @@ from PIL import Image
 
 from core.backbones.preprocess import preprocess_fit
 from core.backbones.shipped import load_backbone
-from core.datasets import DatasetSpec, load_raw, split_indices
+from core.data.datasets import DatasetSpec, load_raw, split_indices
 from core.engine import CrossbarEngine
 from server.shipped_tasks import SHIPPED, SHIPPED_DIR
 from task_store.archive import read_archive

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core.backbones.shipped import load_backbone
-from core.config import CrossbarConfig
+from core.chip.config import CrossbarConfig
 from core.engine import CrossbarEngine
 from server.frontier import ChipPoint, provably_lossless, shipped_tasks
 

@@ -28,7 +28,7 @@ def test_importing_the_server_leaves_out_console_and_plotting(module: str) -> No
 
 def test_the_command_line_still_has_its_console() -> None:
     """The check above can fail: importing the commands does bring rich in."""
-    code = "import sys, core.commands; print('rich' in sys.modules)"
+    code = "import sys, core.cli.commands; print('rich' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, timeout=300, check=True)
     assert out.stdout.strip().splitlines()[-1] == "True"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import NOISE_LEVELS
+from core.chip.config import NOISE_LEVELS
 from core.errors import ConfigError
 from server.cli import main
 from server.noise_study import ALL_FOUR, NOISE_EFFECTS, noise_study, only

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.config import Fidelity
+from core.chip.config import Fidelity
+from core.chip.pool import EnergyAwareEviction, LRUEviction
 from core.errors import TaskNotFound, TaskStateError
-from core.pool import EnergyAwareEviction, LRUEviction
 from server.errors import http_answer
 from server.runtime import (
     BUILTIN_TASK,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.backbones.shipped import load_backbone
-from core.model import CrossbarModel
+from core.nn.model import CrossbarModel
 from server.shipped_tasks import SHIPPED, SHIPPED_DIR, import_default_tasks
 from task_store import TaskStore
 

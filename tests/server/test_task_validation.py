@@ -16,7 +16,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from core.backbones.shipped import imagenet_task, load_backbone
-from core.config import Fidelity
+from core.chip.config import Fidelity
 from core.task_state import TaskHead, TaskState
 from server.errors import ChipFailure, http_answer
 from server.runtime import BatchItem, Prediction, ServedTask, TaskRuntime

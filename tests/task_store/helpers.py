@@ -7,8 +7,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from core.config import CrossbarConfig
-from core.mapping import ModelMapping, map_layer
+from core.chip.config import CrossbarConfig
+from core.chip.mapping import ModelMapping, map_layer
 from core.task_state import (
     LayerTaskState,
     TaskHead,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from core.engine import CrossbarEngine
-from core.model import CrossbarModel
+from core.nn.model import CrossbarModel
 from task_store import TaskStore
 from task_store.format import code_bits, packed_bytes
 from tests.task_store.helpers import (

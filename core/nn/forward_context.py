@@ -1,0 +1,85 @@
+"""What one forward pass of the shared backbone computes, handed to its layers per call.
+
+The engine serves many tasks on one model. A task's folded weights, its programmed
+cells, its BatchNorm terms and the plan of a batch that mixes tasks belong to the call,
+not to the modules: written into the layers, they would make the shared model's state
+(its fingerprint, a concurrent caller's view) depend on which task ran last. The engine
+builds a :class:`ForwardContext` and runs the model inside :func:`forward_context`; each
+layer reads its own entry with :func:`current_forward_context`. Outside a context the
+layers compute what their own parameters say (training, calibration, a task model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from torch import Generator, Tensor, nn
+
+from core.chip.config import OperatorImplementation
+
+if TYPE_CHECKING:
+    from core.nn.layers import SampleChannels, SpareRead
+    from core.ops.crossbar import CrossbarProgram
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One crossbar layer's part of a call (None fields: the layer's own)."""
+
+    codes: Tensor | None = None
+    """The code-unit weight this call convolves (a task's folded weight)."""
+    program: CrossbarProgram | None = None
+    """Crossbar fidelity: the cells as programmed for this call's task."""
+    sample_column_values: Tensor | None = None
+    """Crossbar fidelity, batch mixing tasks: each sample's own shift-mask values
+    ``[B, R, Cout]`` for the backbone's cells (0 where its task replaced the PE)."""
+    spare_reads: list[SpareRead] | None = None
+    """Crossbar fidelity, batch mixing tasks: each task's spare PEs, read for its
+    samples on their own row groups and added in."""
+    sample_channels: SampleChannels | None = None
+    """Batch mixing tasks: every sample's task's codes of the output channels it
+    changed, stacked for one grouped convolution (the backbone's codes run once)."""
+
+
+@dataclass(frozen=True)
+class NormCall:
+    """One BatchNorm's terms for a call: ``[4, C]`` (mean, var, weight, bias) per block
+    of samples, the blocks being the rows of each task of a batch sorted by task (None:
+    one block, the whole batch)."""
+
+    terms: list[Tensor]
+    blocks: list[tuple[int, int]] | None = None
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """Everything one call of the shared model computes beyond the modules' own state."""
+
+    layers: dict[nn.Module, LayerCall] = field(default_factory=dict)
+    norms: dict[nn.Module, NormCall] = field(default_factory=dict)
+    implementation: OperatorImplementation = OperatorImplementation.AUTO
+    read_generator: Generator | None = None
+    max_chunk_elements: int = 1 << 23
+
+
+NO_LAYER_CALL = LayerCall()
+
+_current: ContextVar[ForwardContext | None] = ContextVar("forward_context", default=None)
+
+
+@contextmanager
+def forward_context(context: ForwardContext) -> Iterator[ForwardContext]:
+    """Run the model's layers with ``context`` for the duration of the block."""
+    token = _current.set(context)
+    try:
+        yield context
+    finally:
+        _current.reset(token)
+
+
+def current_forward_context() -> ForwardContext | None:
+    return _current.get()

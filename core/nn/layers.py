@@ -1,0 +1,658 @@
+"""Backbone layers as they sit on the accelerator.
+
+A :class:`CrossbarConv2d` owns the frozen weight codes and scales (what the
+cells and the digital periphery hold), its input quantizer (the DAC), the
+calibrated range of its column ADCs, and the active task's folded weights.
+The engine points ``effective_codes`` at a task's weights in code units (codes
+times mask values, spare PEs' codes where replaced); ideal fidelity then
+convolves the integer input codes with them and applies ``input step * weight
+scale`` once per output. Every partial sum is an integer (or a multiple of the
+smallest shift) below ``2**24``, so that is exact and equals what a lossless
+crossbar computes, bit for bit. When the engine sets ``program`` (crossbar
+fidelity) the layer runs the crossbar-exact operator instead. Training code
+may set ``effective_weight`` (dequantized, differentiable) directly.
+
+The digital periphery between two layers is a :class:`DigitalNorm`: in that
+code domain it takes the partial sums of the layer before it, applies that
+layer's output scale, the BatchNorm, the ReLU6 and the next layer's DAC
+quantization as one BatchNorm kernel call plus a clamp and a round, and hands
+the next layer its input codes. Both fidelities and the training code's
+inference pass run the same modules, so they stay equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.chip.config import OperatorImplementation
+from core.chip.mapping import LayerMapping, Placement
+from core.errors import ConfigError
+from core.nn.forward_context import NO_LAYER_CALL, LayerCall, current_forward_context
+from core.nn.quant import (
+    ActivationQuantizer,
+    fake_quant_weight,
+    mse_weight_scale,
+    quantize_weight_codes,
+)
+from core.ops.crossbar import (
+    ConvGeometry,
+    CrossbarProgram,
+    crossbar_conv2d,
+    row_group_inputs,
+)
+from core.ops.extension import crossbar_extension
+
+_MATRICES: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = {}
+
+
+def pointwise_matrix(codes: Tensor) -> Tensor:
+    """A pointwise layer's ``[Cout, Cin, 1, 1]`` codes as the contiguous ``[Cin, Cout]``
+    matrix its channels-last product reads (a transposed operand is slower), made once
+    per weight tensor and kept while that tensor lives and is unchanged."""
+    key = id(codes)
+    entry = _MATRICES.get(key)
+    if entry is not None and entry[0]() is codes and entry[1] == codes._version:
+        return entry[2]
+    matrix = codes.detach().reshape(codes.shape[0], -1).t().contiguous()
+    _MATRICES[key] = (weakref.ref(codes, lambda _ref: _MATRICES.pop(key, None)),
+                      codes._version, matrix)
+    return matrix
+
+
+log = logging.getLogger(__name__)
+
+
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    """A 2-D convolution's (height, width) setting."""
+    if len(value) != 2:
+        raise ConfigError(f"expected a (height, width) pair, got {value}")
+    return value[0], value[1]
+
+
+class CrossbarConv2d(nn.Module):
+    """A convolution whose weights are programmed into crossbar PEs (or the digital periphery).
+
+    Args:
+        conv: the fp32 convolution to quantize (or a same-shaped placeholder when loading).
+        weight_bits: precision of the weight codes.
+        input_quant: the quantizer of this layer's inputs.
+        quantize: compute codes and MSE scales from ``conv.weight`` (False when the codes
+            are about to be loaded from a file).
+    """
+
+    # Buffers (registered in __init__, so nn.Module alone would not know their types).
+    weight_scale: Tensor
+    weight_codes: Tensor
+    bias: Tensor | None
+    _task_codes: Tensor | None
+    _task_weight: Tensor | None
+    adc_range: Tensor | None
+
+    def __init__(
+        self, conv: nn.Conv2d, weight_bits: int, input_quant: ActivationQuantizer,
+        quantize: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(conv.padding, str):  # the mapping and the crossbar operator need sizes
+            raise ConfigError(f"padding={conv.padding!r} is not supported; give sizes")
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.kernel_size = _pair(conv.kernel_size)
+        self.stride = _pair(conv.stride)
+        self.padding = _pair(conv.padding)
+        self.dilation = _pair(conv.dilation)
+        self.groups = conv.groups
+        self.weight_bits = weight_bits
+        self.input_quant = input_quant
+        self.mapping: LayerMapping | None = None
+        weight = conv.weight.detach().float()
+        if quantize:
+            scale = mse_weight_scale(weight, weight_bits)
+        else:
+            scale = torch.ones(conv.out_channels)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_codes", quantize_weight_codes(weight, scale, weight_bits))
+        self.register_buffer(
+            "bias", None if conv.bias is None else conv.bias.detach().float().clone()
+        )
+        self.register_buffer("_task_codes", self.weight_codes.float(), persistent=False)
+        self.register_buffer("_task_weight", None, persistent=False)
+        self.register_buffer("adc_range", None)
+        """``[dac modes, slices]`` top of each column ADC's range (partial-sum units) per
+        DAC mode and cell slice; zeros until calibrated. Crossbar layers only."""
+        self.latent_weight: nn.Parameter | None = None
+        self.scale_in_norm = False
+        """The :class:`DigitalNorm` after this layer applies its output scale (code domain)."""
+        self.codes_from_norm = False
+        """The :class:`DigitalNorm` before this layer hands it input codes (code domain)."""
+
+    @property
+    def on_crossbar(self) -> bool:
+        return self.mapping is not None and self.mapping.placement is Placement.CROSSBAR
+
+    def backbone_weight(self) -> Tensor:
+        """Dequantized frozen weight: what every task sees on its frozen PEs."""
+        return self.weight_codes.float() * self.weight_scale.reshape(-1, 1, 1, 1)
+
+    @property
+    def effective_weight(self) -> Tensor:
+        """The active task's dequantized weight."""
+        if self._task_weight is not None:
+            return self._task_weight
+        assert self._task_codes is not None  # the setters keep exactly one of the two
+        return self._task_codes * self.weight_scale.reshape(-1, 1, 1, 1)
+
+    @effective_weight.setter
+    def effective_weight(self, weight: Tensor) -> None:
+        self._task_weight = weight
+        self._task_codes = None
+
+    @property
+    def effective_codes(self) -> Tensor | None:
+        """The active task's weight in code units (None when a float weight was set)."""
+        return self._task_codes
+
+    @effective_codes.setter
+    def effective_codes(self, codes: Tensor) -> None:
+        self._task_codes = codes
+        self._task_weight = None
+
+    def reset_effective_weight(self) -> None:
+        self.effective_codes = self.weight_codes.float()
+
+    def start_weight_training(self) -> list[nn.Parameter]:
+        """Expose a latent fp32 weight and a learnable scale for quantization-aware training."""
+        latent = nn.Parameter(self.backbone_weight())
+        scale = nn.Parameter(self.weight_scale.clone())
+        self.latent_weight, self.weight_scale = latent, scale
+        return [latent, scale]
+
+    def finish_weight_training(self) -> None:
+        """Freeze the trained latent weight back into codes and scales."""
+        if self.latent_weight is None:
+            return
+        scale = self.weight_scale.detach().abs().clamp_min(1e-12).clone()
+        codes = quantize_weight_codes(self.latent_weight.detach(), scale, self.weight_bits)
+        del self.weight_scale
+        self.register_buffer("weight_scale", scale)
+        self.weight_codes = codes
+        self.latent_weight = None
+        self.reset_effective_weight()
+
+    def _exact_inputs(self) -> bool:
+        """Whether inputs are quantized to codes here (inference, quantizer active)."""
+        quant = self.input_quant
+        return (not torch.is_grad_enabled() and type(quant) is ActivationQuantizer
+                and quant.observer is None and quant.fake_quant_enabled)
+
+    def _layer_call(self) -> LayerCall:
+        """This layer's part of the engine's call (the layer's own state outside one)."""
+        context = current_forward_context()
+        return NO_LAYER_CALL if context is None else context.layers.get(self, NO_LAYER_CALL)
+
+    def _codes(self, call: LayerCall) -> Tensor | None:
+        """The code-unit weight a pass convolves: the call's task's, else the layer's."""
+        return self._task_codes if call.codes is None else call.codes
+
+    def code_domain(self) -> bool:
+        """Whether this forward pass takes integer input codes to integer partial sums."""
+        call = self._layer_call()
+        return call.program is not None or (
+            self.latent_weight is None and self._codes(call) is not None
+            and self._exact_inputs())
+
+    def emits_partial_sums(self) -> bool:
+        """Whether forward returns unscaled partial sums (the next norm scales them)."""
+        return self.scale_in_norm and not self.training and self.code_domain()
+
+    def takes_codes(self) -> bool:
+        """Whether forward's input is already the DAC codes (the norm before made them)."""
+        return self.codes_from_norm and not self.training and self.code_domain()
+
+    def input_codes(self, x: Tensor) -> Tensor:
+        """The DAC codes of this layer's forward input (which may be codes already)."""
+        return x if self.takes_codes() else self.input_quant.codes(x)
+
+    def output_scale(self) -> Tensor:
+        """``[Cout]`` real units of one partial-sum unit: input step times weight scale."""
+        return (self.input_quant.step * self.weight_scale).detach()
+
+    def _finish(self, acc: Tensor) -> Tensor:
+        if self.emits_partial_sums():
+            return acc
+        out = acc.mul_(self.output_scale().reshape(1, -1, 1, 1))
+        return out if self.bias is None else out.add_(self.bias.reshape(1, -1, 1, 1))
+
+    def add_adc_range(self, dac_modes: int, slices: int) -> None:
+        self.adc_range = torch.zeros(dac_modes, slices)
+
+    @property
+    def geometry(self) -> ConvGeometry:
+        return ConvGeometry(self.stride, self.padding, self.dilation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        context = current_forward_context()
+        call = NO_LAYER_CALL if context is None else context.layers.get(self, NO_LAYER_CALL)
+        program, task_codes = call.program, self._codes(call)
+        if program is not None and not (program.lossless and self._lossless_path(task_codes)):
+            assert context is not None
+            codes = self.input_codes(x).contiguous()  # the operator reads NCHW codes
+            acc = crossbar_conv2d(
+                codes, program, self.geometry, implementation=context.implementation,
+                generator=context.read_generator,
+                max_chunk_elements=context.max_chunk_elements,
+                column_values=call.sample_column_values,
+            )
+            if call.spare_reads:
+                self._add_spare_reads(codes, acc, call.spare_reads)
+            return self._finish(acc)
+        if self.latent_weight is not None:
+            weight = fake_quant_weight(self.latent_weight, self.weight_scale, self.weight_bits)
+        elif task_codes is not None and self._exact_inputs():
+            codes = self.input_codes(x)
+            if call.sample_channels is not None:
+                assert context is not None
+                acc = self._blocks_forward(codes, call.sample_channels, task_codes,
+                                           context.implementation)
+            else:
+                acc = self._code_conv(codes, task_codes)
+            return self._finish(acc)
+        else:
+            weight = self.effective_weight
+        # Float paths (training, calibration) keep the layout they always had.
+        return F.conv2d(
+            self.input_quant(x.contiguous()), weight, self.bias, self.stride, self.padding,
+            self.dilation, self.groups,
+        )
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1, stride-1, unpadded, ungrouped layer: one matrix product over pixels."""
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1)
+                and self.padding == (0, 0) and self.groups == 1)
+
+    def _code_conv(self, codes: Tensor, weight: Tensor) -> Tensor:
+        """Integer codes convolved with code-unit weights: exact in any summation order,
+        so a pointwise layer over channels-last codes is one matrix product
+        ``[B*H*W, Cin] @ [Cin, Cout]`` whose result is channels-last again (no copy)."""
+        if self.pointwise and codes.is_contiguous(memory_format=torch.channels_last):
+            batch, cin, height, width = codes.shape
+            rows = codes.permute(0, 2, 3, 1).reshape(-1, cin)
+            out = torch.mm(rows, pointwise_matrix(weight))
+            return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+        return F.conv2d(codes, weight, None, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def _blocks_forward(self, codes: Tensor, plan: SampleChannels, backbone_codes: Tensor,
+                        implementation: OperatorImplementation) -> Tensor:
+        """A mixed batch, whose samples the engine sorted by task (one block of rows each).
+
+        Each block of a layer with few pixels per sample (weight-bound) shares one
+        product with the backbone's codes, then each task recomputes the output channels
+        it changed on its own block. Elsewhere each block is convolved with its own
+        task's codes (the shared pass would be work done twice): written in place for a
+        pointwise layer, concatenated for the stem and depthwise layers (whose every
+        output channel changes with the task)."""
+        last = codes.is_contiguous(memory_format=torch.channels_last)
+        if self.pointwise and last:
+            batch, cin, height, width = codes.shape
+            if height * width < SHARED_PASS_PIXELS:
+                acc = self._code_conv(codes, backbone_codes)
+                _block_channels_1x1(codes, acc, plan, implementation)
+                return acc
+            rows = codes.permute(0, 2, 3, 1).reshape(-1, cin)
+            out = rows.new_empty(rows.shape[0], self.out_channels)
+            per_sample = height * width
+            matrices = [pointwise_matrix(weight) for _, _, weight in plan.segments]
+            extension = (crossbar_extension() if implementation
+                         is not OperatorImplementation.REFERENCE else None)
+            if extension is not None:
+                extension.blocks_pointwise(rows, out,
+                                           [s[0] * per_sample for s in plan.segments],
+                                           [s[1] * per_sample for s in plan.segments],
+                                           matrices)
+            else:
+                for (start, stop, _), matrix in zip(plan.segments, matrices, strict=True):
+                    torch.mm(rows[start * per_sample : stop * per_sample], matrix,
+                             out=out[start * per_sample : stop * per_sample])
+            return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+        if self.groups == 1:  # the stem: a few of its channels change per task
+            acc = self._code_conv(codes, backbone_codes)
+            for (start, stop), channels, own in zip(plan.blocks, plan.channels, plan.codes,
+                                                    strict=True):
+                acc[start:stop].index_copy_(1, channels, self._code_conv(codes[start:stop], own))
+            return acc
+        parts = [self._code_conv(codes[start:stop], weight)
+                 for start, stop, weight in plan.segments]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts).contiguous(
+            memory_format=torch.channels_last if last else torch.contiguous_format)
+
+    def _add_spare_reads(self, codes: Tensor, acc: Tensor, reads: list[SpareRead]) -> None:
+        """Add every task's spare-PE reads of a mixed batch: one compiled call for all
+        tasks (same float operations, in the same order, as reading each on its own)."""
+        context, program = current_forward_context(), self._layer_call().program
+        assert context is not None and program is not None
+        first = reads[0].program
+        extension = (crossbar_extension() if context.implementation
+                     is not OperatorImplementation.REFERENCE and _shared_periphery(reads)
+                     else None)
+        if extension is not None:
+            extension.crossbar_spare_reads(
+                codes, acc, [r.samples for r in reads], [r.channels for r in reads],
+                [r.program.weight for r in reads], [r.program.column_values for r in reads],
+                [r.outputs for r in reads], program.row_groups * program.channels_per_group,
+                program.channels_per_group, list(first.kernel_size), list(self.geometry.stride),
+                list(self.geometry.padding), list(self.geometry.dilation), first.slices,
+                first.pack, first.pack_base, first.slice_weight, first.adc_step,
+                first.adc_inv_step, first.adc_qmin, first.adc_qmax, first.adc_offset_lsb,
+                first.weight_offset, first.digit_bias, first.input_bits, first.input_signed,
+                first.dac_bits, first.zero_reads_zero, context.max_chunk_elements)
+            return
+        for read in reads:
+            inputs = row_group_inputs(codes.index_select(0, read.samples), program,
+                                      read.row_groups)
+            part = crossbar_conv2d(
+                inputs, read.program, self.geometry, implementation=context.implementation,
+                generator=context.read_generator,
+                max_chunk_elements=context.max_chunk_elements)
+            rows, outputs = read.samples.unsqueeze(1), read.outputs.unsqueeze(0)
+            acc[rows, outputs] += part
+
+    def _lossless_path(self, task_codes: Tensor | None) -> bool:
+        """Whether a lossless program may run as the code-domain convolution (equal bit
+        for bit): the pass has the task's codes and inputs are exact codes."""
+        return self.latent_weight is None and task_codes is not None and self._exact_inputs()
+
+    def extra_repr(self) -> str:
+        where = self.mapping.placement.value if self.mapping else "unmapped"
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, groups={self.groups}, weight_bits={self.weight_bits}, {where}"
+        )
+
+
+class DigitalNorm(nn.BatchNorm2d):
+    """A BatchNorm of the digital periphery, optionally with the ReLU6 after it.
+
+    In the code domain of its neighbours it also applies the output scale of the
+    layer before it (``producer``: that layer then skips its own multiply) and the
+    DAC quantization of the layer after it (``consumer``, which alone reads this
+    output: it then skips its own), folded into the BatchNorm's per-channel terms
+    so the whole periphery costs one BatchNorm pass plus a clamp and a round, not
+    six passes. Elsewhere (training, calibration) it is BatchNorm then ReLU6.
+    A task's own terms come with the engine's call (:class:`core.nn.forward_context.NormCall`),
+    one ``[4, C]`` (mean, var, weight, bias) per block of rows of a batch sorted by task:
+    the same BatchNorm kernel then normalises each block in place of the output (every
+    element gets the same arithmetic as in a batch of its task alone), and the module's
+    own tensors never hold a task's.
+    """
+
+    clamp_top: float | None = None
+    """The absorbed ReLU6's top (None: no activation here)."""
+    train_quant: Callable[[Tensor], Tensor] | None = None
+    """Passes with autograd: the activation and the consumer's input quantization in one
+    (a task model sets it and has the consumer skip its own quantization)."""
+
+    @classmethod
+    def from_batchnorm(cls, norm: nn.BatchNorm2d) -> DigitalNorm:
+        digital = cls(norm.num_features, norm.eps, norm.momentum, norm.affine,
+                      norm.track_running_stats)
+        digital.load_state_dict(norm.state_dict())
+        return digital.train(norm.training)
+
+    def link(self, producer: CrossbarConv2d | None, consumer: CrossbarConv2d | None) -> None:
+        """Fold ``producer``'s output scale and ``consumer``'s input quantization in here."""
+        if producer is not None and producer.bias is not None:
+            producer = None  # a bias lands between the scale and the norm: keep them apart
+        # Plain attributes (not submodules): the layers stay where the model tree has them.
+        object.__setattr__(self, "_producer", producer)
+        object.__setattr__(self, "_consumer", consumer)
+        if producer is not None:
+            producer.scale_in_norm = True
+        if consumer is not None:
+            consumer.codes_from_norm = True
+
+    def _links(self) -> tuple[CrossbarConv2d | None, CrossbarConv2d | None]:
+        return self.__dict__.get("_producer"), self.__dict__.get("_consumer")
+
+    def _terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        assert self.running_mean is not None and self.running_var is not None
+        ones = torch.ones_like(self.running_mean)
+        return (self.running_mean, self.running_var,
+                ones if self.weight is None else self.weight,
+                torch.zeros_like(ones) if self.bias is None else self.bias)
+
+    def _fold(self, rows: Tensor | None, producer: CrossbarConv2d | None,
+              consumer: CrossbarConv2d | None) -> tuple[Tensor, tuple[float, float] | None]:
+        """``[4, C]`` BatchNorm terms (mean, var, weight, bias) with ``producer``'s output
+        scale and ``consumer``'s input step folded in, and the clamp bounds; of the
+        module's own terms, or of a task's ``rows`` in a mixed batch."""
+        mean, var, weight, bias = self._terms() if rows is None else rows.unbind(0)
+        if producer is not None:
+            scale = producer.output_scale()
+            mean, weight = mean / scale, weight * scale
+        bounds: tuple[float, float] | None = None
+        if consumer is not None:
+            step = consumer.input_quant.step.detach()
+            weight, bias = weight / step, bias / step
+            low, high = consumer.input_quant.qrange
+            top = float(high)
+            if self.clamp_top is not None:
+                low, top = max(low, 0), min(top, self.clamp_top / float(step))
+            bounds = (float(low), top)
+        elif self.clamp_top is not None:
+            bounds = (0.0, float(self.clamp_top))
+        return torch.stack([mean, var, weight, bias]).detach(), bounds
+
+    def _folded(self, producer: CrossbarConv2d | None, consumer: CrossbarConv2d | None,
+                sample_terms: list[Tensor] | None) -> tuple[Tensor, tuple[float, float] | None]:
+        """:meth:`_fold` for every block (``[blocks, 4, C]``), kept until a tensor it
+        comes from is replaced or changed in place: folding is about ten small tensor
+        operations per layer and task, which at 2x2 maps cost more than the layer's
+        arithmetic. The links' part of the check is made once per call, each task's
+        rows by identity and version."""
+        links = (None if producer is None else producer.input_quant.step,
+                 None if producer is None else producer.weight_scale,
+                 None if consumer is None else consumer.input_quant.step)
+        key = (tuple(-1 if t is None else t._version for t in links), self.clamp_top,
+               None if consumer is None else consumer.input_quant.qrange)
+        state = self.__dict__.get("_folded_cache")
+        if state is None or state[1] != key or any(
+                a is not b for a, b in zip(state[0], links, strict=True)):
+            state = self.__dict__["_folded_cache"] = (links, key, {})
+        cache: dict[int | None, tuple[tuple[Tensor | None, ...], tuple[int, ...],
+                                      tuple[Tensor, tuple[float, float] | None]]] = state[2]
+        if sample_terms is None:
+            sources: tuple[Tensor | None, ...] = (self.running_mean, self.running_var,
+                                                  self.weight, self.bias)
+            slots: list[tuple[int | None, tuple[Tensor | None, ...], Tensor | None]] = [
+                (None, sources, None)]
+        else:
+            slots = [(id(rows), (rows,), rows) for rows in sample_terms]
+        folded = []
+        for slot, sources, rows in slots:
+            versions = tuple(-1 if t is None else t._version for t in sources)
+            hit = cache.get(slot)
+            if (hit is None or hit[1] != versions
+                    or any(a is not b for a, b in zip(hit[0], sources, strict=True))):
+                if len(cache) >= FOLDED_CACHE_ENTRIES:  # tasks come and go
+                    cache.clear()
+                hit = cache[slot] = (sources, versions, self._fold(rows, producer, consumer))
+            folded.append(hit[2])
+        terms = folded[0][0].unsqueeze(0) if len(folded) == 1 else torch.stack(
+            [f for f, _ in folded])
+        return terms, folded[0][1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.train_quant is not None and torch.is_grad_enabled():
+            return self.train_quant(super().forward(x))
+        producer, consumer = self._links()
+        scaled = producer is not None and producer.emits_partial_sums()
+        quantize = consumer is not None and consumer.takes_codes()
+        context = current_forward_context()
+        call = None if context is None else context.norms.get(self)
+        if self.training or not (scaled or quantize or call is not None):
+            out = super().forward(x)
+            # In place only without autograd: with it, torch clones the input first (a
+            # copy of every activation per training step).
+            return out if self.clamp_top is None else F.hardtanh(
+                out, 0.0, self.clamp_top, inplace=not torch.is_grad_enabled())
+        terms, bounds = self._folded(producer if scaled else None,
+                                     consumer if quantize else None,
+                                     None if call is None else call.terms)
+        mean, var, weight, bias = terms.unbind(1)  # [blocks, C] each
+        blocks = (call.blocks if call is not None else None) or [(0, x.shape[0])]
+        extension = fused_periphery()
+        if extension is not None and (x.is_contiguous() or x.is_contiguous(
+                memory_format=torch.channels_last)):
+            out = torch.empty_like(x)
+            extension.periphery_norm(x, out, [b[0] for b in blocks], [b[1] for b in blocks],
+                                     mean, var, weight, bias, self.eps, bounds is not None,
+                                     *(bounds or (0.0, 0.0)), quantize)
+            return out
+        if len(blocks) > 1:
+            out = torch.empty_like(x)
+            empty = x.new_empty(0)
+            for index, (start, stop) in enumerate(blocks):
+                torch.ops.aten.native_batch_norm.out(
+                    x[start:stop], weight[index], bias[index], mean[index], var[index],
+                    False, 0.0, self.eps, out=out[start:stop], save_mean=empty,
+                    save_invstd=empty)
+        else:
+            out = F.batch_norm(x, mean[0], var[0], weight[0], bias[0], False, 0.0, self.eps)
+        if bounds is not None:
+            out.clamp_(*bounds)
+        return out.round_() if quantize else out
+
+
+@functools.cache
+def fused_periphery() -> ModuleType | None:
+    """The compiled one-pass periphery (BatchNorm, clamp, round), if it equals torch's
+    ``F.batch_norm`` bit for bit on this build of torch (None otherwise: the periphery
+    then runs torch's kernels). It reproduces the arithmetic of ATen's inference kernel
+    (fused multiply-adds); a build whose kernel rounds differently fails the check on
+    random data in both layouts, odd channel counts and single pixels."""
+    extension = crossbar_extension()
+    if extension is None:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    for channels, size in ((5, 3), (16, 8), (37, 1), (96, 4), (1280, 2), (24, 16)):
+        x = torch.randn(3, channels, size, size, generator=generator) * 1e3
+        mean = torch.randn(channels, generator=generator) * 10
+        var = torch.rand(channels, generator=generator) * 5 + 1e-3
+        weight = torch.randn(channels, generator=generator)
+        bias = torch.randn(channels, generator=generator) * 3
+        terms = (mean, var, weight, bias)
+        expected = F.batch_norm(x, mean, var, weight, bias, False, 0.0, 1e-5)
+        for memory in (torch.contiguous_format, torch.channels_last):
+            source = x.contiguous(memory_format=memory)
+            out = torch.empty_like(source)
+            extension.periphery_norm(source, out, [0, 1], [1, 3],
+                                     *(t.expand(2, -1) for t in terms), 1e-5, False, 0.0,
+                                     0.0, False)
+            if not torch.equal(out, expected):
+                log.warning("the compiled periphery does not match this torch's BatchNorm "
+                            "bit for bit: using torch's kernels")
+                return None
+    return extension
+
+
+FOLDED_CACHE_ENTRIES = 64
+"""Folded BatchNorm terms kept per module (its own and those of recent tasks)."""
+
+SHARED_PASS_PIXELS = 16
+"""A pointwise layer of a mixed batch with fewer output pixels per sample than this
+shares one product with the backbone's codes and recomputes each task's changed
+channels (reading the weights is what costs there); with more, each task's block of
+samples is multiplied by its own codes (the arithmetic is what costs)."""
+
+
+@dataclass(frozen=True)
+class SampleChannels:
+    """One layer of a batch that mixes tasks, its samples sorted by task so that each
+    task's samples are one block of rows.
+
+    Args:
+        blocks: per task that changed the layer, its rows ``(start, stop)``.
+        channels: per such task, long ``[c]`` output channels it changed.
+        codes: per such task, its code-unit weight ``[c, Cin / groups, kh, kw]`` of them.
+        matrices: per such task, ``codes`` as a contiguous ``[Cin * kh * kw, c]``.
+        segments: the whole batch as ``(start, stop, codes)`` blocks, each with the full
+            code-unit weight its samples' task convolves (adjacent tasks that kept the
+            backbone's codes share one block).
+    """
+
+    blocks: list[tuple[int, int]]
+    channels: list[Tensor]
+    codes: list[Tensor]
+    matrices: list[Tensor]
+    segments: list[tuple[int, int, Tensor]]
+
+
+def _block_channels_1x1(codes: Tensor, out: Tensor, plan: SampleChannels,
+                        implementation: OperatorImplementation) -> None:
+    """Overwrite every task's changed output channels on its block of rows of a
+    channels-last pointwise layer: one compiled call for all tasks, or a product and an
+    index copy per task. Sums of integer codes are exact, so either equals the task's
+    own layer bit for bit."""
+    cin, cout = codes.shape[1], out.shape[1]
+    rows, out_rows = codes.permute(0, 2, 3, 1).reshape(-1, cin), out.permute(0, 2, 3, 1)
+    out_rows = out_rows.reshape(-1, cout)  # a view: out is channels-last contiguous
+    per_sample = codes.shape[2] * codes.shape[3]
+    extension = (crossbar_extension() if implementation
+                 is not OperatorImplementation.REFERENCE else None)
+    if extension is not None:
+        extension.block_channels_rows(rows, out_rows, [b[0] * per_sample for b in plan.blocks],
+                                      [b[1] * per_sample for b in plan.blocks],
+                                      plan.channels, plan.matrices)
+        return
+    for (start, stop), channels, matrix in zip(plan.blocks, plan.channels, plan.matrices,
+                                               strict=True):
+        lo, hi = start * per_sample, stop * per_sample
+        out_rows[lo:hi].index_copy_(1, channels, torch.mm(rows[lo:hi], matrix))
+
+
+@dataclass(frozen=True)
+class SpareRead:
+    """One task's replaced PEs in a mixed batch: its samples, the row groups and output
+    channels holding replaced PEs, and a program of just those (1 on replaced columns,
+    else 0)."""
+
+    samples: Tensor
+    row_groups: Tensor
+    outputs: Tensor
+    program: CrossbarProgram
+    channels: Tensor
+    """Long: the layer's input channels (zero-padded to whole row groups) that
+    ``row_groups`` read, in the order the program takes them."""
+
+
+def _shared_periphery(reads: list[SpareRead]) -> bool:
+    """Whether every read has the same ADC, DAC and packing (one compiled call takes one),
+    and none has read noise (drawn per read, in the order of the per-task path)."""
+    first = reads[0].program
+
+    def key(p: CrossbarProgram) -> tuple[object, ...]:
+        return (p.slices, p.pack, p.pack_base, p.adc_qmin, p.adc_qmax, p.adc_offset_lsb,
+                p.weight_offset, p.digit_bias, p.input_bits, p.input_signed, p.dac_bits,
+                p.read_sigma, p.reads)
+
+    return first.read_sigma == 0 and all(
+        key(r.program) == key(first) and torch.equal(r.program.adc_step, first.adc_step)
+        and torch.equal(r.program.slice_weight, first.slice_weight) for r in reads)
+
+
+def crossbar_layers(model: nn.Module) -> list[tuple[str, CrossbarConv2d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, CrossbarConv2d)]
+

@@ -1,0 +1,123 @@
+"""The training step's shortcuts change no number: loss and gradients equal the plain
+formulation's (fold with :func:`fold_effective_weight` every step, BatchNorm then ReLU6 in
+place, then the next layer's input quantization by an STE that saves its mask)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from core.learning import task_model as tm_module
+from core.learning.column_masks import ColumnMaskConfig, column_masks_for
+from core.learning.common import seeded_generator
+from core.learning.task_model import CrossbarAdapter, TaskModel
+from core.nn.layers import DigitalNorm
+from core.ops.fold import fold_effective_weight
+
+
+class _MaskSTE(torch.autograd.Function):
+    """The plain straight-through fake quantization: saves ``qmin <= x / step <= qmax``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, step: Tensor, qmin: int, qmax: int, *_: Any) -> Tensor:
+        y = x / step
+        ctx.save_for_backward((y >= qmin) & (y <= qmax))
+        return y.round_().clamp_(qmin, qmax).mul_(step)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def _plain_fold(self: CrossbarAdapter, scale: Tensor, generator: Any, stochastic: bool) -> Tensor:
+    values = None
+    if self.column_mask is not None:
+        values = self.column_mask(generator=generator, stochastic=stochastic)
+    return fold_effective_weight(self.codes, scale, self.mapping, column_values=values,
+                                 pe_mask=self.pe_mask, spare_codes=self.spare_codes())
+
+
+def _plain_norm(self: DigitalNorm, x: Tensor) -> Tensor:
+    out = torch.nn.BatchNorm2d.forward(self, x)
+    return out if self.clamp_top is None else F.hardtanh(out, 0.0, self.clamp_top, inplace=True)
+
+
+def _xma2_model(backbone: Any, channels_last: bool) -> TaskModel:
+    """A task model with 10% random spare PEs (codes moved) and column masks spread over
+    every level, as training leaves them."""
+    model = TaskModel(backbone, 10, channels_last=channels_last)
+    generator = torch.Generator().manual_seed(0)
+    masks = column_masks_for(model, ColumnMaskConfig())
+    adapters = {}
+    for name in model.crossbar_layer_names():
+        m = model.mapping.layer(name)
+        pe_mask = torch.rand(m.row_groups, m.col_groups, generator=generator) < 0.1
+        mask = masks[name]
+        with torch.no_grad():
+            mask.logits.copy_(torch.randn(mask.logits.shape, generator=generator) * 2)
+        adapter = CrossbarAdapter(model.source_layer(name), pe_mask=pe_mask, column_mask=mask)
+        with torch.no_grad():
+            adapter.spare_latent.add_(torch.randn(adapter.spare_latent.shape,
+                                                  generator=generator))
+        adapters[name] = adapter
+    model.set_adapters(adapters)  # type: ignore[arg-type]
+    with torch.no_grad():
+        model.head.weight.normal_(generator=generator)
+        for p in model.batchnorm.values():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def _loss_and_grads(model: TaskModel, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+    model.train()
+    model.generator = seeded_generator(0, 1, 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() if p.grad is not None else None for p in params]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_step_equals_the_plain_formulation_bit_for_bit(quantized_mobilenet, digits32,
+                                                       monkeypatch, channels_last):
+    model = _xma2_model(quantized_mobilenet, channels_last)
+    x, y = digits32.train.batch(slice(0, 16))
+    loss, grads = _loss_and_grads(model, x, y)
+    assert any(bool(g.abs().sum() > 0) for g in grads if g is not None)
+    spare = [a.spare_latent.grad for a in model.adapters.values()
+             if a.spare_latent.numel()]  # type: ignore[union-attr]
+    assert spare and any(bool(g.abs().sum() > 0) for g in spare)
+    monkeypatch.setattr(CrossbarAdapter, "fold", _plain_fold)
+    monkeypatch.setattr(tm_module, "_FakeQuantSTE", _MaskSTE)
+    monkeypatch.setattr(DigitalNorm, "forward", _plain_norm)
+    for name in model._frozen:  # back to the weight computed in every pass
+        model._layers[name].reset_effective_weight()
+    model._frozen = {}
+    model.fuse_activation = False  # each layer quantizes its own input again
+    plain_loss, plain_grads = _loss_and_grads(model, x, y)
+    assert torch.equal(loss, plain_loss)
+    for g, plain in zip(grads, plain_grads, strict=True):
+        assert (g is None) == (plain is None)
+        if g is not None:
+            assert torch.equal(g, plain)
+
+
+def test_served_weights_equal_the_engine_fold(quantized_mobilenet):
+    model = _xma2_model(quantized_mobilenet, channels_last=False)
+    for adapter in model.adapters.values():
+        assert isinstance(adapter, CrossbarAdapter)
+        for stochastic in (False, True):
+            generator = seeded_generator(0, 1, 3)
+            fast = adapter.fold(adapter.scale, generator, stochastic)
+            generator = seeded_generator(0, 1, 3)
+            plain = _plain_fold(adapter, adapter.scale, generator, stochastic)
+            assert torch.equal(fast, plain)
+        assert torch.equal(adapter.effective_codes(),
+                           _plain_fold(adapter, torch.ones_like(adapter.scale), None, False))
