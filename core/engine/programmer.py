@@ -101,7 +101,7 @@ class ChipProgrammer:
             mapping = layer.mapping
             assert mapping is not None
             ones = torch.ones(mapping.row_groups, mapping.out_channels)
-            self.backbone_programs[name] = self._layout(name, layer, self._cells(name, layer),
+            self.backbone_programs[name] = self._layout(name, layer, self.backbone_cells(name),
                                                         ones)
         return self.backbone_programs[name]
 
@@ -110,7 +110,7 @@ class ChipProgrammer:
         mapping = layer.mapping
         assert mapping is not None
         column_values = values[state.column_codes.long()]
-        cells = self._cells(name, layer)
+        cells = self.backbone_cells(name)
         if state.replaced_pes:
             spare = spare_cell_levels(state.spare_codes, state.pe_mask, mapping)
             spare = self._program_cells(spare, part_seed(self.crossbar.non_idealities.seed,
@@ -120,9 +120,10 @@ class ChipProgrammer:
                                         1.0, column_values)
         return self._layout(name, layer, cells, column_values)
 
-    def _cells(self, name: str, layer: CrossbarConv2d) -> Tensor:
+    def backbone_cells(self, name: str) -> Tensor:
         """The backbone's cell levels of a layer as programmed on this chip (once)."""
         if name not in self._backbone_cells:
+            layer = self._layers[name]
             mapping = layer.mapping
             assert mapping is not None
             levels = layer_cell_levels(layer.weight_codes, mapping)

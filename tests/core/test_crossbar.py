@@ -353,7 +353,7 @@ def test_stuck_cells_and_adc_offset(quantized_mobilenet):
     on = _noisy(quantized_mobilenet, stuck_on_rate=1.0)
     prepared = on.activate("t", "crossbar")
     name = next(iter(prepared.programs or {}))
-    cells = on._cells(name, dict(quantized_mobilenet.layers())[name])
+    cells = on.programmer.backbone_cells(name)
     assert bool((cells == 3).all())
     offset = _noisy(quantized_mobilenet, adc_offset_sigma=0.5, seed=2)
     offsets = {p.adc_offset_lsb for p in (offset.activate("t", "crossbar").programs or {}).values()}

@@ -119,6 +119,9 @@ def ray_app(settings: Settings, reference: dict[bytes, list[dict]]) -> Iterator[
     metrics_port, http_port = free_port(), free_port()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")  # no usage report: nothing leaves the box
+        # A proxy worker that imports Serve on two busy cores can miss the 5 s readiness
+        # check; after three misses Serve kills it before it ever served.
+        env.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
         ray.init(address="local", num_cpus=2, include_dashboard=False,
                  _metrics_export_port=metrics_port,
                  _system_config={"metrics_report_interval_ms": 500})
