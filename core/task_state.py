@@ -7,6 +7,7 @@ optional digital overrides (BatchNorm affine terms and statistics).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -24,6 +25,12 @@ def shift_values(shift_levels: int) -> Tensor:
     """Mask value of every code: ``[0, 2**-N, ..., 1/4, 1/2, 1]`` (N+2 entries)."""
     powers = [2.0 ** -(shift_levels + 1 - c) for c in range(1, shift_levels + 1)]
     return torch.tensor([0.0, *powers, 1.0])
+
+
+def column_code_bits(shift_levels: int) -> int:
+    """Bits of one column code, on the chip's mask buffer and on disk: ``ceil(log2(N + 2))``
+    for the N + 2 mask values (1 bit for a binary mask)."""
+    return max(1, math.ceil(math.log2(shift_levels + 2)))
 
 
 def ones_code(shift_levels: int) -> int:

@@ -38,10 +38,10 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
 
 
 class ServerCommands:
-    commands = ("serve", "build-default-tasks", "chip-frontier", "calibrate-tasks",
+    commands: tuple[str, ...] = ("serve", "build-default-tasks", "chip-frontier", "calibrate-tasks",
                 "calibration-report")
 
-    def add(self, commands: argparse._SubParsersAction) -> None:
+    def add(self, commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         serve = commands.add_parser(
             "serve", help="run the HTTP server (settings also come from XMA2_* variables)")
         _setting_flags(serve)

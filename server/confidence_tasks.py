@@ -104,7 +104,7 @@ def calibrate_shipped(folder: Path, names: Sequence[str] | None, *, model: Cross
     """Fit every named shipped task's confidence and rewrite its archive and ``tasks.json``
     (each file atomically). Returns the new index."""
     index_path = folder / INDEX_FILE
-    index = json.loads(index_path.read_text())
+    index: dict[str, Any] = json.loads(index_path.read_text())
     known = [e["name"] for e in index["tasks"]]
     unknown = sorted(set(names or ()) - set(known))
     if unknown:
@@ -183,9 +183,9 @@ def report(out: Path, folder: Path = SHIPPED_DIR, *, model: CrossbarModel,
     engine = CrossbarEngine(model)
     tasks: dict[str, tuple[TaskState, TaskDataset]] = {}
     for entry in index["tasks"]:
-        manifest, data = read_archive(folder / entry["archive"],
-                                      max_bytes=DEFAULT_MAX_ARCHIVE_BYTES)
-        task = decode_task(data, manifest)
+        manifest, archive = read_archive(folder / entry["archive"],
+                                         max_bytes=DEFAULT_MAX_ARCHIVE_BYTES)
+        task = decode_task(archive, manifest)
         engine.add_task(task)
         tasks[entry["name"]] = (task, load_dataset(dataset_spec(manifest,
                                                                 test_limit=test_limit)))

@@ -22,7 +22,8 @@ _bearer = HTTPBearer(auto_error=False, description="the operator API key")
 
 
 async def get_services(request: Request) -> Services:
-    return request.app.state.services
+    services: Services = request.app.state.services
+    return services
 
 
 async def get_runtime(services: Annotated[Services, Depends(get_services)]) -> TaskRuntime:

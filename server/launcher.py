@@ -19,7 +19,8 @@ STARTUP_TIMEOUT_S = 180.0
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class ServerProcess:

@@ -408,19 +408,19 @@ class TaskRuntime:
             values, indices = probs.topk(min(item.top_k, probs.numel()))
             top = [(served.labels[int(j)], float(v)) for v, j in zip(values, indices,
                                                                       strict=True)]
-            residency = residencies.pop(item.task, None)  # charged once per batch
-            event = residency.event if residency is not None else None
+            charged = residencies.pop(item.task, None)  # charged once per batch
+            event = charged.event if charged is not None else None
             energy = self.engine.energy_per_image(item.task, size)
             usage = self.usage.setdefault(item.task, TaskUsage())
             usage.requests += 1
             usage.images += 1
             usage.inference = usage.inference + energy
-            programmed = bool(residency and residency.programmed)
+            programmed = bool(charged and charged.programmed)
             prediction = Prediction(
                 item.task, served.version, Fidelity(fidelity), top, energy,
                 event.energy_j if event is not None else 0.0, programmed,
                 programmed or item.task in cold,
-                residency.evicted if residency is not None else (), load, seconds - load,
+                charged.evicted if charged is not None else (), load, seconds - load,
                 float(score), bool(served.confidence.flags(score)))
             cold.discard(item.task)
             results[i] = prediction

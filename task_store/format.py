@@ -38,6 +38,7 @@ from core.task_state import (
     LayerTaskState,
     TaskHead,
     TaskState,
+    column_code_bits,
     ones_code,
     validate_task_name,
 )
@@ -59,10 +60,11 @@ _DIGITAL = "digital/"
 
 
 def code_bits(shift_levels: int) -> int:
-    """Bits per column code: ``ceil(log2(N + 2))`` for the N + 2 mask values (1 bit at N=0)."""
+    """Bits per stored column code (:func:`core.task_state.column_code_bits`), for the shift
+    levels a task file may declare."""
     if not 0 <= shift_levels <= 7:
         raise FormatError(f"shift_levels must be in 0..7, got {shift_levels}")
-    return max(1, math.ceil(math.log2(shift_levels + 2)))
+    return column_code_bits(shift_levels)
 
 
 def packed_bytes(count: int, bits: int) -> int:

@@ -222,8 +222,8 @@ _ADDED_AFTER_FINGERPRINTS = ("rows_per_read",)
 """Fields newer than the shipped task archives (whose backbone fingerprint hashed the
 config without them)."""
 
-PAPER_CHIP = {"weight_encoding": "offset", "rows_per_read": 72, "dac_mode": "multi_bit",
-              "adc_bits": 5}
+PAPER_CHIP: dict[str, Any] = {"weight_encoding": "offset", "rows_per_read": 72,
+                              "dac_mode": "multi_bit", "adc_bits": 5}
 """The paper's periphery (72 rows at once, offset cells, 4-bit DAC, 5-bit ADC); its
 crossbar fidelity collapses to chance (docs/results.md)."""
 

@@ -35,7 +35,7 @@ from core.chip.programming import (
 )
 from core.errors import ConfigError, TaskNotFound
 from core.lru import CapacityError
-from core.task_state import TaskState
+from core.task_state import TaskState, column_code_bits
 
 __all__ = [
     "EnergyAwareEviction",
@@ -49,7 +49,6 @@ __all__ = [
     "SparePEPool",
     "TaskPoolStats",
     "default_spare_pes",
-    "mask_code_bits",
     "task_pe_levels",
 ]
 
@@ -61,11 +60,6 @@ LAYOUT_CACHE_SIZE = 32
 def default_spare_pes(mapping: ModelMapping, *, tasks: int = 2, pe_fraction: float = 0.1) -> int:
     """Spare PEs for ``tasks`` tasks that each replace ``pe_fraction`` of the crossbar PEs."""
     return tasks * math.ceil(pe_fraction * mapping.num_pes)
-
-
-def mask_code_bits(shift_levels: int) -> int:
-    """Bits of one mask-buffer entry: ``ceil(log2(N + 2))`` (1 bit for a binary mask)."""
-    return max(1, math.ceil(math.log2(shift_levels + 2)))
 
 
 @dataclass(frozen=True)
@@ -124,9 +118,10 @@ class ProgrammingEvent:
         return self.report.energy_j + self.mask_energy_j
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskPoolStats:
-    """Residency history of one task."""
+    """Residency history of one task. Replaced whole on every change, so a reader on
+    another thread (the metrics scrape) never sees a load without its energy."""
 
     loads: int = 0
     hits: int = 0
@@ -390,7 +385,7 @@ class SparePEPool:
 
     def mask_bits(self, shift_levels: int) -> int:
         """Bits written to load one task's column masks (every logical column's entry)."""
-        return self._logical_columns * mask_code_bits(shift_levels)
+        return self._logical_columns * column_code_bits(shift_levels)
 
     # -- residency ---------------------------------------------------------------------
 
@@ -411,7 +406,7 @@ class SparePEPool:
                                     or current.digest == _task_digest(task)):
             current.task = task
             self.policy.on_access(task_id)
-            self._stats(task_id).hits += 1
+            self._update_stats(task_id, hits=1)
             return Residency(task_id, False, current.slots, current.mask_entry)
         digest = _task_digest(task)
         pe_ids, levels, valid, reload = self._layout(task, digest)
@@ -461,10 +456,8 @@ class SparePEPool:
         self._resident[task_id] = _Resident(task, digest, slots, entry)
         bits = self.mask_bits(task.shift_levels)
         event = self._record(EventKind.PROGRAM, task_id, slots, report, bits, evicted)
-        stats = self._stats(task_id)
-        stats.loads += 1
-        stats.programming = stats.programming + report
-        stats.mask_energy_j += event.mask_energy_j
+        self._update_stats(task_id, loads=1, programming=report,
+                           mask_energy_j=event.mask_energy_j)
         self.policy.on_load(task_id, reload.energy_j + event.mask_energy_j)
         return Residency(task_id, True, slots, entry, event)
 
@@ -493,7 +486,7 @@ class SparePEPool:
         slots = self._resident[task_id].slots
         self._release(task_id)
         self.policy.on_evict(task_id)
-        self._stats(task_id).evictions += 1
+        self._update_stats(task_id, evictions=1)
         return self._record(EventKind.EVICT, task_id, slots, ProgrammingReport(), 0, ())
 
     def _release(self, task_id: str) -> None:
@@ -554,8 +547,15 @@ class SparePEPool:
         self.events.append(event)
         return event
 
-    def _stats(self, task_id: str) -> TaskPoolStats:
-        return self.task_stats.setdefault(task_id, TaskPoolStats())
+    def _update_stats(self, task_id: str, *, loads: int = 0, hits: int = 0,
+                      evictions: int = 0, programming: ProgrammingReport | None = None,
+                      mask_energy_j: float = 0.0) -> None:
+        """Add to a task's history in one assignment (see :class:`TaskPoolStats`)."""
+        old = self.task_stats.get(task_id, TaskPoolStats())
+        self.task_stats[task_id] = TaskPoolStats(
+            loads=old.loads + loads, hits=old.hits + hits, evictions=old.evictions + evictions,
+            programming=old.programming if programming is None else old.programming + programming,
+            mask_energy_j=old.mask_energy_j + mask_energy_j)
 
     def forget(self, task_id: str) -> None:
         """A task was unregistered: evict it if resident (its history stays)."""

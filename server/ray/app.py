@@ -84,16 +84,18 @@ def build(settings: Settings, options: RayOptions) -> serve.Application:
                          "Gateway does not check API keys; put an authenticating proxy in "
                          "front of it")
     chip = serve.deployment(
-        chip_class(options.tasks_per_replica), name="Chip", num_replicas=options.replicas,
+        name="Chip", num_replicas=options.replicas,
         max_ongoing_requests=options.max_ongoing_requests,
         # The same malloc settings as `xma2 serve` (freed activations stay in the process);
         # glibc reads them at start, so they go into the replica's environment.
         ray_actor_options={"num_cpus": options.replica_cpus,
-                           "runtime_env": {"env_vars": dict(MALLOC_ENV)}})
+                           "runtime_env": {"env_vars": dict(MALLOC_ENV)}},
+    )(chip_class(options.tasks_per_replica))
     gateway = serve.deployment(
-        serve.ingress()(Gateway), name="Gateway", num_replicas=options.ingress_replicas,
+        name="Gateway", num_replicas=options.ingress_replicas,
         max_ongoing_requests=options.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": options.ingress_cpus})
+        ray_actor_options={"num_cpus": options.ingress_cpus},
+    )(serve.ingress()(Gateway))
     return gateway.bind(chip.bind(settings, options.refresh_s), settings, options.refresh_s)
 
 

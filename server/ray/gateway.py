@@ -9,7 +9,7 @@ every replica and is balanced freely.
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
@@ -41,7 +41,7 @@ class _RequestMetrics:
     def __init__(self) -> None:
         self.requests = ray_metrics.Counter(
             "xma2_requests", description="Prediction requests by task and outcome",
-            tag_keys=("task", "status"))
+            tag_keys=("task", "status"))  # type: ignore[arg-type]  # Ray types it a 1-tuple
         self.latency = ray_metrics.Histogram(
             "xma2_request_latency_seconds",
             description="Prediction latency from arrival to answer",
@@ -57,7 +57,7 @@ class Gateway:
         refresh_s: how long the list of stored tasks is reused before it is read again.
     """
 
-    def __init__(self, chip: DeploymentHandle, settings: Settings, refresh_s: float) -> None:
+    def __init__(self, chip: DeploymentHandle[Any], settings: Settings, refresh_s: float) -> None:
         self.chip = chip
         self.settings = settings
         self.refresh_s = refresh_s

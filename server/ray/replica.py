@@ -266,7 +266,9 @@ class ChipReplica:
                 if model_id != task:
                     raise ApiError(500, f"routed for task {model_id!r} but asked for {task!r}")
                 await self.load_task(model_id)
-            served = self._fresh(task) or await self.runtime.run(self._current, task)
+            served = self._fresh(task)
+            if served is None:
+                served = await self.runtime.run(self._current, task)
             image = await asyncio.to_thread(
                 decode_image, data, max_pixels=self.settings.max_image_pixels)
             x = await asyncio.to_thread(preprocess_for, served, image)

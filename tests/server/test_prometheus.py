@@ -49,11 +49,12 @@ def test_prometheus_sees_reprogramming_energy_per_task(small_pool_server: LiveSe
         energy = c.get("/energy").json()["tasks"]
 
     def scraped() -> dict[str, float] | None:
-        series = _query(prometheus, "xma2_reprogramming_energy_joules_total")
+        # Loads first: a scrape landing between the two queries then gives energy at
+        # least as new as the loads (read the other way round, it gave one load's energy)
         loads = _query(prometheus, "xma2_task_loads_total")
         tasks = ("mnist", "fashion-mnist", "animal-mnist")
         if all(loads.get(t) == 2 for t in tasks):
-            return series
+            return _query(prometheus, "xma2_reprogramming_energy_joules_total")
         return None
 
     series = wait_for(scraped, timeout=60, every=1, what="Prometheus to scrape the switches")
