@@ -56,6 +56,11 @@ class Readaptation:
     """None: the task's shipped epochs."""
     warm_start_images: int | None = None
     """Training images whose (chip) features fit the initial head; None: the method's."""
+    seed: int | None = None
+    """Seed of the training run (initialisation, batches, ranking); None: the shipped
+    recipe's. The dataset split, and so the test images, stay the shipped task's."""
+    control: bool = True
+    """Also adapt without the loop (the on-chip study's control)."""
 
 
 def readapt(model: CrossbarModel, task: ShippedTask, entry: dict[str, Any],
@@ -70,7 +75,7 @@ def readapt(model: CrossbarModel, task: ShippedTask, entry: dict[str, Any],
     spec = DatasetSpec(entry["dataset"], image_size=build["image_size"], seed=build["seed"],
                        train_limit=min(budget.train_limit, build["train_limit"]), test_limit=1)
     config = default_config(entry["method"], epochs=budget.epochs or build["epochs"],
-                            seed=build["seed"])
+                            seed=build["seed"] if budget.seed is None else budget.seed)
     settings = dict(overrides)
     if budget.warm_start_images is not None:
         settings["train.warm_start_images"] = budget.warm_start_images
@@ -123,8 +128,11 @@ def adapt_on_chip(out: Path, points: Sequence[ChipPoint], *, test_limit: int,
             row = {**point.__dict__, "label": point.label, "task": task.name,
                    "ideal_shipped": ideal[task.name], "variants": {}}
             row["variants"][SHIPPED] = _serve(chip, task, task)
-            for variant, overrides in ((LOOPED, {"train.chip_periphery": True}),
-                                       (CONTROL, {})):
+            variants: list[tuple[str, dict[str, Any]]] = [
+                (LOOPED, {"train.chip_periphery": True})]
+            if budget.control:
+                variants.append((CONTROL, {}))
+            for variant, overrides in variants:
                 adapted = readapt(chip, task, index[task.name], budget, overrides)
                 served = _serve(chip, task, ShippedTask(task.name, adapted.task, task.images,
                                                         task.labels))

@@ -107,6 +107,11 @@ class ServerCommands:
                               help="epochs when adapting (default: the shipped ones)")
         frontier.add_argument("--adapt-warm-start", type=int, default=512,
                               help="with --adapt-on-chip: images that fit the initial head")
+        frontier.add_argument("--adapt-seed", type=int, default=None,
+                              help="with --adapt-on-chip: training seed (default: the shipped "
+                                   "recipe's; the test images stay the same)")
+        frontier.add_argument("--no-control", action="store_true",
+                              help="with --adapt-on-chip: skip the adaptation without the loop")
 
         calibrate = commands.add_parser(
             "calibrate-tasks",
@@ -255,7 +260,8 @@ def chip_frontier(args: argparse.Namespace) -> int:
         from server import chip_adaptation
 
         budget = chip_adaptation.Readaptation(args.adapt_train_limit or 2000, args.adapt_epochs,
-                                              args.adapt_warm_start)
+                                              args.adapt_warm_start, seed=args.adapt_seed,
+                                              control=not args.no_control)
         adapted = chip_adaptation.adapt_on_chip(
             args.out, points, test_limit=args.test_limit,
             calibration_images=args.calibration_images, seed=args.seed,

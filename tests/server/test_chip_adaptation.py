@@ -35,6 +35,17 @@ def test_each_variant_is_served_on_the_chip_and_a_rerun_resumes(tmp_path: Path) 
     assert again["rows"] == json.loads(written)["rows"]  # nothing adapted again
 
 
+def test_another_training_seed_without_the_control(tmp_path: Path) -> None:
+    out = tmp_path / "seed1.json"
+    budget = Readaptation(train_limit=32, epochs=1, warm_start_images=16, seed=1, control=False)
+    result = adapt_on_chip(out, [LOSSY], test_limit=4, calibration_images=4, seed=0,
+                           command="test", budget=budget, names=["mnist"])
+    (row,) = result["rows"]
+    assert set(row["variants"]) == {SHIPPED, LOOPED}
+    assert result["settings"]["budget"]["seed"] == 1
+    assert "| " + LOSSY.label in out.with_suffix(".md").read_text()
+
+
 def test_unknown_tasks_are_refused_before_any_work(tmp_path: Path) -> None:
     out = tmp_path / "adapted.json"
     with pytest.raises(ConfigError, match="unknown shipped task"):
