@@ -91,14 +91,35 @@ def profile_breakdown(profiler: Any, steps: int) -> dict[str, Any]:
             "total_ms_per_step": round(total, 1)}
 
 
+def _module(*names: str) -> Any:
+    """The first of ``names`` that this process's tree has (looked up in its own ``core``
+    folder: an installed newer tree would otherwise lend it modules)."""
+    import importlib
+    from pathlib import Path
+
+    import core
+
+    root = Path(core.__file__).parent.parent
+    for name in names:
+        path = root.joinpath(*name.split("."))
+        if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+            return importlib.import_module(name)
+    raise ModuleNotFoundError(f"none of {names} in {root}")
+
+
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """Run one adaptation in this process's tree and return what it measured."""
     import torch
 
     from core.backbones.shipped import load_backbone
-    from core.data.datasets import DatasetSpec, load_dataset
-    from core.learning import RunOptions, TrainingCancelled, adapt, default_config
-    from core.learning.common import StepInfo
+
+    # A tree from before core's packages (core.methods, core.datasets) runs as the baseline
+    learning = _module("core.learning", "core.methods")
+    datasets = _module("core.data.datasets", "core.datasets")
+    DatasetSpec, load_dataset = datasets.DatasetSpec, datasets.load_dataset
+    RunOptions, TrainingCancelled = learning.RunOptions, learning.TrainingCancelled
+    adapt, default_config = learning.adapt, learning.default_config
+    StepInfo = _module(learning.__name__ + ".common").StepInfo
 
     torch.set_num_threads(args.threads)
     data = load_dataset(DatasetSpec(args.dataset, image_size=args.size, seed=args.seed,
@@ -111,7 +132,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile_steps:
         from torch.profiler import ProfilerActivity, profile, record_function
 
-        from core.learning.task_model import TaskModel
+        TaskModel = _module(learning.__name__ + ".task_model").TaskModel
 
         load_weights = TaskModel.load_weights
 
