@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
+from core.chip.adc import adc_code_range, largest_read_sum
 from core.chip.config import PAPER_CHIP, CrossbarSettings, DacMode, WeightEncoding
 from core.data.datasets import DatasetSpec, load_dataset
 from core.engine import CrossbarEngine
 from core.nn.model import CrossbarModel
-from core.ops.crossbar import adc_code_range, largest_read_sum
 from core.task_state import TaskState
 from server.shipped_tasks import INDEX_FILE, SHIPPED_DIR
 from task_store.archive import read_archive

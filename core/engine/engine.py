@@ -40,8 +40,8 @@ from core.engine.programmer import ChipProgrammer
 from core.errors import ConfigError, TaskNotFound, TaskStateError
 from core.lru import LRUCache
 from core.nn.forward_context import ForwardContext, LayerCall, NormCall, forward_context
-from core.nn.layers import DigitalNorm
 from core.nn.model import CrossbarModel
+from core.nn.periphery import DigitalNorm
 from core.ops.fold import fold_effective_weight
 from core.task_state import TaskState, shift_values
 

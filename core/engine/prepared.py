@@ -10,7 +10,8 @@ from torch import Tensor
 from core.chip.energy import OpCounts
 from core.engine.programmer import ChipProgrammer
 from core.nn.forward_context import ForwardContext
-from core.nn.layers import DigitalNorm, SpareRead
+from core.nn.layers import SpareRead
+from core.nn.periphery import DigitalNorm
 from core.ops.crossbar import CrossbarProgram
 from core.task_state import TaskState
 

@@ -13,16 +13,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from core.chip.adc import adc_step
 from core.chip.config import AdcRange, CrossbarConfig, CrossbarSettings
 from core.chip.programming import part_seed, program_cells
 from core.errors import ConfigError
 from core.nn.layers import CrossbarConv2d
-from core.nn.model import DAC_MODES, CrossbarModel
+from core.nn.model import CrossbarModel
 from core.ops.crossbar import (
     CrossbarProgram,
-    adc_code_range,
     build_program,
-    full_scale_adc_step,
     layer_cell_levels,
     spare_cell_levels,
     task_cell_levels,
@@ -140,11 +139,7 @@ class ChipProgrammer:
         mapping = layer.mapping
         assert mapping is not None and layer.adc_range is not None
         chip = self.chip
-        qmax = adc_code_range(chip.adc_bits, chip.adc_signed)[1]
-        if self.crossbar.adc_range is AdcRange.FULL_SCALE:
-            step = full_scale_adc_step(mapping, dac_bits=chip.dac_bits, adc_bits=chip.adc_bits)
-        else:
-            step = layer.adc_range[DAC_MODES.index(chip.dac_mode)] / qmax
+        step = adc_step(mapping, chip, layer.adc_range, self.crossbar.adc_range)
         noise = self.crossbar.non_idealities
         offset = 0.0
         if noise.adc_offset_sigma:

@@ -40,8 +40,9 @@ from core.learning.common import (
     warm_start_head,
 )
 from core.nn.chip_instance import programmed_backbone
-from core.nn.layers import CrossbarConv2d, DigitalNorm
+from core.nn.layers import CrossbarConv2d
 from core.nn.model import CrossbarModel
+from core.nn.periphery import DigitalNorm
 from core.nn.quant import ActivationQuantizer, round_ste, signed_range
 from core.ops.fold import replaced_columns, to_row_groups
 from core.task_state import LayerTaskState, TaskHead, TaskState, ones_code, shift_values

@@ -1,33 +1,23 @@
 """Backbone layers as they sit on the accelerator.
 
 A :class:`CrossbarConv2d` owns the frozen weight codes and scales (what the
-cells and the digital periphery hold), its input quantizer (the DAC), the
-calibrated range of its column ADCs, and the active task's folded weights.
-The engine points ``effective_codes`` at a task's weights in code units (codes
-times mask values, spare PEs' codes where replaced); ideal fidelity then
-convolves the integer input codes with them and applies ``input step * weight
-scale`` once per output. Every partial sum is an integer (or a multiple of the
-smallest shift) below ``2**24``, so that is exact and equals what a lossless
-crossbar computes, bit for bit. When the engine sets ``program`` (crossbar
-fidelity) the layer runs the crossbar-exact operator instead. Training code
-may set ``effective_weight`` (dequantized, differentiable) directly.
-
-The digital periphery between two layers is a :class:`DigitalNorm`: in that
-code domain it takes the partial sums of the layer before it, applies that
-layer's output scale, the BatchNorm, the ReLU6 and the next layer's DAC
-quantization as one BatchNorm kernel call plus a clamp and a round, and hands
-the next layer its input codes. Both fidelities and the training code's
-inference pass run the same modules, so they stay equal bit for bit.
+cells and the digital periphery hold), its input quantizer (the DAC) and the
+calibrated range of its column ADCs. A task reaches it with the engine's call
+(:mod:`core.nn.forward_context`): its folded weights in code units (codes times
+mask values, spare PEs' codes where replaced), which ideal fidelity convolves
+with the integer input codes before applying ``input step * weight scale`` once
+per output. Every partial sum is an integer (or a multiple of the smallest
+shift) below ``2**24``, so that is exact and equals what a lossless crossbar
+computes, bit for bit. With a program in the call (crossbar fidelity) the layer
+runs the crossbar-exact operator instead. Training code may set
+``effective_weight`` (dequantized, differentiable) on its own copy directly.
+The digital periphery between two layers is :class:`core.nn.periphery.DigitalNorm`.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +58,6 @@ def pointwise_matrix(codes: Tensor) -> Tensor:
     return matrix
 
 
-log = logging.getLogger(__name__)
 
 
 def _pair(value: tuple[int, ...]) -> tuple[int, int]:
@@ -381,195 +370,6 @@ class CrossbarConv2d(nn.Module):
             f"stride={self.stride}, groups={self.groups}, weight_bits={self.weight_bits}, {where}"
         )
 
-
-class DigitalNorm(nn.BatchNorm2d):
-    """A BatchNorm of the digital periphery, optionally with the ReLU6 after it.
-
-    In the code domain of its neighbours it also applies the output scale of the
-    layer before it (``producer``: that layer then skips its own multiply) and the
-    DAC quantization of the layer after it (``consumer``, which alone reads this
-    output: it then skips its own), folded into the BatchNorm's per-channel terms
-    so the whole periphery costs one BatchNorm pass plus a clamp and a round, not
-    six passes. Elsewhere (training, calibration) it is BatchNorm then ReLU6.
-    A task's own terms come with the engine's call (:class:`core.nn.forward_context.NormCall`),
-    one ``[4, C]`` (mean, var, weight, bias) per block of rows of a batch sorted by task:
-    the same BatchNorm kernel then normalises each block in place of the output (every
-    element gets the same arithmetic as in a batch of its task alone), and the module's
-    own tensors never hold a task's.
-    """
-
-    clamp_top: float | None = None
-    """The absorbed ReLU6's top (None: no activation here)."""
-    train_quant: Callable[[Tensor], Tensor] | None = None
-    """Passes with autograd: the activation and the consumer's input quantization in one
-    (a task model sets it and has the consumer skip its own quantization)."""
-
-    @classmethod
-    def from_batchnorm(cls, norm: nn.BatchNorm2d) -> DigitalNorm:
-        digital = cls(norm.num_features, norm.eps, norm.momentum, norm.affine,
-                      norm.track_running_stats)
-        digital.load_state_dict(norm.state_dict())
-        return digital.train(norm.training)
-
-    def link(self, producer: CrossbarConv2d | None, consumer: CrossbarConv2d | None) -> None:
-        """Fold ``producer``'s output scale and ``consumer``'s input quantization in here."""
-        if producer is not None and producer.bias is not None:
-            producer = None  # a bias lands between the scale and the norm: keep them apart
-        # Plain attributes (not submodules): the layers stay where the model tree has them.
-        object.__setattr__(self, "_producer", producer)
-        object.__setattr__(self, "_consumer", consumer)
-        if producer is not None:
-            producer.scale_in_norm = True
-        if consumer is not None:
-            consumer.codes_from_norm = True
-
-    def _links(self) -> tuple[CrossbarConv2d | None, CrossbarConv2d | None]:
-        return self.__dict__.get("_producer"), self.__dict__.get("_consumer")
-
-    def _terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        assert self.running_mean is not None and self.running_var is not None
-        ones = torch.ones_like(self.running_mean)
-        return (self.running_mean, self.running_var,
-                ones if self.weight is None else self.weight,
-                torch.zeros_like(ones) if self.bias is None else self.bias)
-
-    def _fold(self, rows: Tensor | None, producer: CrossbarConv2d | None,
-              consumer: CrossbarConv2d | None) -> tuple[Tensor, tuple[float, float] | None]:
-        """``[4, C]`` BatchNorm terms (mean, var, weight, bias) with ``producer``'s output
-        scale and ``consumer``'s input step folded in, and the clamp bounds; of the
-        module's own terms, or of a task's ``rows`` in a mixed batch."""
-        mean, var, weight, bias = self._terms() if rows is None else rows.unbind(0)
-        if producer is not None:
-            scale = producer.output_scale()
-            mean, weight = mean / scale, weight * scale
-        bounds: tuple[float, float] | None = None
-        if consumer is not None:
-            step = consumer.input_quant.step.detach()
-            weight, bias = weight / step, bias / step
-            low, high = consumer.input_quant.qrange
-            top = float(high)
-            if self.clamp_top is not None:
-                low, top = max(low, 0), min(top, self.clamp_top / float(step))
-            bounds = (float(low), top)
-        elif self.clamp_top is not None:
-            bounds = (0.0, float(self.clamp_top))
-        return torch.stack([mean, var, weight, bias]).detach(), bounds
-
-    def _folded(self, producer: CrossbarConv2d | None, consumer: CrossbarConv2d | None,
-                sample_terms: list[Tensor] | None) -> tuple[Tensor, tuple[float, float] | None]:
-        """:meth:`_fold` for every block (``[blocks, 4, C]``), kept until a tensor it
-        comes from is replaced or changed in place: folding is about ten small tensor
-        operations per layer and task, which at 2x2 maps cost more than the layer's
-        arithmetic. The links' part of the check is made once per call, each task's
-        rows by identity and version."""
-        links = (None if producer is None else producer.input_quant.step,
-                 None if producer is None else producer.weight_scale,
-                 None if consumer is None else consumer.input_quant.step)
-        key = (tuple(-1 if t is None else t._version for t in links), self.clamp_top,
-               None if consumer is None else consumer.input_quant.qrange)
-        state = self.__dict__.get("_folded_cache")
-        if state is None or state[1] != key or any(
-                a is not b for a, b in zip(state[0], links, strict=True)):
-            state = self.__dict__["_folded_cache"] = (links, key, {})
-        cache: dict[int | None, tuple[tuple[Tensor | None, ...], tuple[int, ...],
-                                      tuple[Tensor, tuple[float, float] | None]]] = state[2]
-        if sample_terms is None:
-            sources: tuple[Tensor | None, ...] = (self.running_mean, self.running_var,
-                                                  self.weight, self.bias)
-            slots: list[tuple[int | None, tuple[Tensor | None, ...], Tensor | None]] = [
-                (None, sources, None)]
-        else:
-            slots = [(id(rows), (rows,), rows) for rows in sample_terms]
-        folded = []
-        for slot, sources, rows in slots:
-            versions = tuple(-1 if t is None else t._version for t in sources)
-            hit = cache.get(slot)
-            if (hit is None or hit[1] != versions
-                    or any(a is not b for a, b in zip(hit[0], sources, strict=True))):
-                if len(cache) >= FOLDED_CACHE_ENTRIES:  # tasks come and go
-                    cache.clear()
-                hit = cache[slot] = (sources, versions, self._fold(rows, producer, consumer))
-            folded.append(hit[2])
-        terms = folded[0][0].unsqueeze(0) if len(folded) == 1 else torch.stack(
-            [f for f, _ in folded])
-        return terms, folded[0][1]
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.train_quant is not None and torch.is_grad_enabled():
-            return self.train_quant(super().forward(x))
-        producer, consumer = self._links()
-        scaled = producer is not None and producer.emits_partial_sums()
-        quantize = consumer is not None and consumer.takes_codes()
-        context = current_forward_context()
-        call = None if context is None else context.norms.get(self)
-        if self.training or not (scaled or quantize or call is not None):
-            out = super().forward(x)
-            # In place only without autograd: with it, torch clones the input first (a
-            # copy of every activation per training step).
-            return out if self.clamp_top is None else F.hardtanh(
-                out, 0.0, self.clamp_top, inplace=not torch.is_grad_enabled())
-        terms, bounds = self._folded(producer if scaled else None,
-                                     consumer if quantize else None,
-                                     None if call is None else call.terms)
-        mean, var, weight, bias = terms.unbind(1)  # [blocks, C] each
-        blocks = (call.blocks if call is not None else None) or [(0, x.shape[0])]
-        extension = fused_periphery()
-        if extension is not None and (x.is_contiguous() or x.is_contiguous(
-                memory_format=torch.channels_last)):
-            out = torch.empty_like(x)
-            extension.periphery_norm(x, out, [b[0] for b in blocks], [b[1] for b in blocks],
-                                     mean, var, weight, bias, self.eps, bounds is not None,
-                                     *(bounds or (0.0, 0.0)), quantize)
-            return out
-        if len(blocks) > 1:
-            out = torch.empty_like(x)
-            empty = x.new_empty(0)
-            for index, (start, stop) in enumerate(blocks):
-                torch.ops.aten.native_batch_norm.out(
-                    x[start:stop], weight[index], bias[index], mean[index], var[index],
-                    False, 0.0, self.eps, out=out[start:stop], save_mean=empty,
-                    save_invstd=empty)
-        else:
-            out = F.batch_norm(x, mean[0], var[0], weight[0], bias[0], False, 0.0, self.eps)
-        if bounds is not None:
-            out.clamp_(*bounds)
-        return out.round_() if quantize else out
-
-
-@functools.cache
-def fused_periphery() -> ModuleType | None:
-    """The compiled one-pass periphery (BatchNorm, clamp, round), if it equals torch's
-    ``F.batch_norm`` bit for bit on this build of torch (None otherwise: the periphery
-    then runs torch's kernels). It reproduces the arithmetic of ATen's inference kernel
-    (fused multiply-adds); a build whose kernel rounds differently fails the check on
-    random data in both layouts, odd channel counts and single pixels."""
-    extension = crossbar_extension()
-    if extension is None:
-        return None
-    generator = torch.Generator().manual_seed(0)
-    for channels, size in ((5, 3), (16, 8), (37, 1), (96, 4), (1280, 2), (24, 16)):
-        x = torch.randn(3, channels, size, size, generator=generator) * 1e3
-        mean = torch.randn(channels, generator=generator) * 10
-        var = torch.rand(channels, generator=generator) * 5 + 1e-3
-        weight = torch.randn(channels, generator=generator)
-        bias = torch.randn(channels, generator=generator) * 3
-        terms = (mean, var, weight, bias)
-        expected = F.batch_norm(x, mean, var, weight, bias, False, 0.0, 1e-5)
-        for memory in (torch.contiguous_format, torch.channels_last):
-            source = x.contiguous(memory_format=memory)
-            out = torch.empty_like(source)
-            extension.periphery_norm(source, out, [0, 1], [1, 3],
-                                     *(t.expand(2, -1) for t in terms), 1e-5, False, 0.0,
-                                     0.0, False)
-            if not torch.equal(out, expected):
-                log.warning("the compiled periphery does not match this torch's BatchNorm "
-                            "bit for bit: using torch's kernels")
-                return None
-    return extension
-
-
-FOLDED_CACHE_ENTRIES = 64
-"""Folded BatchNorm terms kept per module (its own and those of recent tasks)."""
 
 SHARED_PASS_PIXELS = 16
 """A pointwise layer of a mixed batch with fewer output pixels per sample than this

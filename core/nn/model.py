@@ -31,23 +31,21 @@ from torch import Tensor, nn
 from core.atomic import atomic_write
 from core.backbones.mobilenet_v2 import InvertedResidual
 from core.backbones.registry import HEAD_MODULES, Backbone, build_backbone
-from core.chip.config import CrossbarConfig, DacMode
+from core.chip.adc import DAC_MODES, adc_code_range, best_adc_top, largest_read_sum
+from core.chip.config import CrossbarConfig
 from core.chip.mapping import ModelMapping, map_layer
 from core.errors import ConfigError, ResourceUnavailable
-from core.nn.layers import CrossbarConv2d, DigitalNorm, crossbar_layers
+from core.nn.layers import CrossbarConv2d, crossbar_layers
+from core.nn.periphery import DigitalNorm
 from core.nn.quant import ActivationQuantizer
 from core.ops.crossbar import (
-    adc_code_range,
     input_cycles,
-    largest_read_sum,
     layer_cell_levels,
     read_levels,
 )
 from core.task_state import TaskHead
 
 FORMAT_VERSION = "1"
-DAC_MODES = tuple(DacMode)
-"""Row order of every layer's ``adc_range`` buffer."""
 
 
 def _head_linear(head: nn.Module) -> nn.Linear:
@@ -267,7 +265,7 @@ class CrossbarModel(nn.Module):
                 for s in range(values.shape[0]):
                     layer.adc_range[mode_index, s] = (
                         float(qmax) if bound <= qmax  # provably lossless: unit step
-                        else _best_adc_top(values[s], weight[s], qmax,
+                        else best_adc_top(values[s], weight[s], qmax,
                                            signed=self.config.adc_signed))
 
     def with_chip(self, **changes: Any) -> CrossbarModel:
@@ -417,28 +415,6 @@ def _slice_partial_sums(
         values.append(flat)
         weights.append(torch.full_like(flat, cycle_weight**2))
     return torch.cat(values, dim=1), torch.cat(weights, dim=1)
-
-
-def _best_adc_top(values: Tensor, weights: Tensor, qmax: int, grid: int = 80,
-                  signed: bool = False) -> float:
-    """Top of the ADC range minimising the weighted squared error of integer ``values``
-    (MSE over a grid of 80 tops between one level per code and the largest sum seen).
-
-    The step never goes below one partial-sum level: finer codes would only resolve
-    values that cannot occur, and would clip sums the calibration images missed. A
-    signed range has ``qmax + 1`` codes below zero (two's complement)."""
-    qmin = -(qmax + 1) if signed else 0
-    top = float(values.abs().max()) if signed else float(values.max())
-    if top <= qmax:
-        return float(qmax)  # one code per partial-sum level covers everything: lossless
-    best, best_err = top, math.inf
-    for ratio in torch.linspace(qmax / top, 1.0, grid).tolist():
-        step = top * ratio / qmax
-        q = torch.round(values / step).clamp_(qmin, qmax) * step
-        err = float((weights * (q - values).square()).sum())
-        if err < best_err:
-            best, best_err = top * ratio, err
-    return best
 
 
 def imagenet_head(backbone: nn.Module, backbone_name: str, labels: list[str]) -> TaskHead:

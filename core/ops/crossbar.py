@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.chip.adc import adc_code_range, largest_read_sum
 from core.chip.config import OperatorImplementation
 from core.chip.mapping import LayerMapping
 from core.chip.programming import weight_codes_to_cell_levels
@@ -234,20 +235,6 @@ def _pack_factor(rows: int, layer: LayerMapping, dac_bits: int, digit_top: int,
     return pack, float(2**bits)
 
 
-def adc_code_range(adc_bits: int, signed: bool) -> tuple[int, int]:
-    """Lowest and highest ADC code: two's complement when column sums are signed."""
-    if signed:
-        return -(2 ** (adc_bits - 1)), 2 ** (adc_bits - 1) - 1
-    return 0, 2**adc_bits - 1
-
-
-def largest_read_sum(layer: LayerMapping, dac_bits: int) -> int:
-    """The largest magnitude one read's column sum can reach (a full read group, every
-    input at the DAC's top code, every cell at the top level)."""
-    rows = min(layer.rows_per_conversion, layer.weight_rows)
-    return rows * ((1 << dac_bits) - 1) * ((1 << layer.bits_per_cell) - 1)
-
-
 def read_levels(levels: Tensor, layer: LayerMapping) -> Tensor:
     """Cell levels ``[columns, Cout, R, rows_per_group]`` -> the signed levels each read
     sums, ``[slices, Cout, R * reads, rows_per_conversion]`` (a differential pair reads
@@ -330,16 +317,6 @@ def build_program(
         integer_levels=integer,
         lossless=lossless,
     )
-
-
-def full_scale_adc_step(layer: LayerMapping, *, dac_bits: int, adc_bits: int) -> Tensor:
-    """Step of a full-scale ADC: the top ``adc_bits`` bits (the top ``adc_bits - 1`` and a
-    sign for signed sums) of the largest sum a full read group can produce."""
-    largest = (min(layer.crossbar_rows, layer.rows_per_conversion)
-               * (2**dac_bits - 1) * (2**layer.bits_per_cell - 1))
-    bits = math.ceil(math.log2(largest + 1))
-    magnitude_bits = adc_bits - 1 if layer.arrays_per_pe == 2 else adc_bits
-    return torch.full((layer.slices,), float(2 ** max(0, bits - magnitude_bits)))
 
 
 def input_cycles(codes: Tensor, input_bits: int, signed: bool, dac_bits: int

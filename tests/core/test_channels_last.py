@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from core.engine import CrossbarEngine
-from core.nn import layers
+from core.nn import layers, periphery
 from core.nn.model import CrossbarModel
 from core.task_state import TaskState, random_head, random_task_state
 from tests.conftest import compiled_operator
@@ -47,7 +47,7 @@ def test_channels_last_and_fused_periphery_equal_the_nchw_torch_pass(
     for channels_last, fused in ((False, True), (True, False), (False, False)):
         engine.model.channels_last = channels_last
         if not fused:
-            monkeypatch.setattr(layers, "fused_periphery", lambda: None)
+            monkeypatch.setattr(periphery, "fused_periphery", lambda: None)
         outputs.append(run())
     nchw_single, nchw_mixed = outputs[-1]  # the NCHW pass through torch's own kernels
     # the fast path really is another formulation, not the same calls
@@ -114,7 +114,7 @@ def test_folded_norm_terms_follow_in_place_changes(quantized_mobilenet: Crossbar
                               random_head(3, 1280, seed=0)))
     before = engine.forward(images32, "plain")
     norm = engine.model.body.get_submodule("features.5.conv.1.1")
-    assert isinstance(norm, layers.DigitalNorm) and "_folded_cache" in norm.__dict__
+    assert isinstance(norm, periphery.DigitalNorm) and "_folded_cache" in norm.__dict__
     assert norm.running_var is not None
     with torch.no_grad():
         norm.running_var.mul_(4)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from core.backbones.shipped import default_backbone_path
+from core.chip.adc import adc_code_range, largest_read_sum
 from core.chip.config import PAPER_CHIP, CrossbarConfig, DacMode, WeightEncoding
 from core.chip.energy import EnergyConfig, count_layer_ops, sar_adc_energy_j
 from core.chip.mapping import LayerMapping, Placement, map_layer
@@ -20,10 +21,8 @@ from core.engine import CrossbarEngine
 from core.nn.model import CrossbarModel
 from core.ops.crossbar import (
     ConvGeometry,
-    adc_code_range,
     build_program,
     crossbar_conv2d,
-    largest_read_sum,
     layer_cell_levels,
 )
 from core.ops.fold import fold_effective_weight

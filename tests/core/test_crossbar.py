@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.backbones import build_backbone
+from core.chip.adc import full_scale_adc_step
 from core.chip.config import CrossbarConfig, CrossbarSettings, NonIdealities
 from core.chip.mapping import LayerMapping, map_layer
 from core.engine import CrossbarEngine
@@ -23,7 +24,6 @@ from core.ops.crossbar import (
     build_program,
     conversions,
     crossbar_conv2d,
-    full_scale_adc_step,
     input_cycles,
     layer_cell_levels,
 )

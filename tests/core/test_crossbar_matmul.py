@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.chip.adc import full_scale_adc_step
 from core.chip.config import PAPER_CHIP, CrossbarConfig, CrossbarSettings
 from core.chip.mapping import LayerMapping, map_layer
 from core.engine import CrossbarEngine
@@ -20,7 +21,6 @@ from core.ops.crossbar import (
     CrossbarProgram,
     build_program,
     crossbar_conv2d,
-    full_scale_adc_step,
     layer_cell_levels,
 )
 from core.task_state import random_head, random_task_state, shift_values

@@ -1,4 +1,4 @@
-"""The digital periphery folded into one BatchNorm pass (core.nn.layers.DigitalNorm)."""
+"""The digital periphery folded into one BatchNorm pass (core.nn.periphery.DigitalNorm)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.nn.layers import DigitalNorm
 from core.nn.model import CrossbarModel
+from core.nn.periphery import DigitalNorm
 
 
 def _unfolded(model: CrossbarModel) -> CrossbarModel:

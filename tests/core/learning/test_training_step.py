@@ -15,7 +15,7 @@ from core.learning import task_model as tm_module
 from core.learning.column_masks import ColumnMaskConfig, column_masks_for
 from core.learning.common import seeded_generator
 from core.learning.task_model import CrossbarAdapter, TaskModel
-from core.nn.layers import DigitalNorm
+from core.nn.periphery import DigitalNorm
 from core.ops.fold import fold_effective_weight
 
 
