@@ -6,7 +6,8 @@ backbone, lose accuracy there. For each point and shipped task this study serves
 three tasks on that chip, in crossbar fidelity, on the same test images:
 
 - the shipped task as it is;
-- the shipped recipe (method, seed, image size) adapted again with the chip in the
+- the shipped recipe (method, seed, image size) adapted again (from the backbone, or
+  with ``from_shipped`` from the shipped task itself) with the chip in the
   training loop (``train.chip_periphery``: every crossbar layer's forward value is the
   chip's, its gradient the float layer's);
 - the same recipe and budget adapted without the loop (the control: what the loop adds
@@ -61,6 +62,11 @@ class Readaptation:
     recipe's. The dataset split, and so the test images, stay the shipped task's."""
     control: bool = True
     """Also adapt without the loop (the on-chip study's control)."""
+    from_shipped: bool = False
+    """Start from the shipped task (its PEs, codes, masks, BatchNorm terms and head)
+    instead of the backbone: the shipped task trained further for the chip."""
+    settings: tuple[tuple[str, str], ...] = ()
+    """Config overrides of the recipe (``("mask.lr", "0.05")``, ...)."""
 
 
 def readapt(model: CrossbarModel, task: ShippedTask, entry: dict[str, Any],
@@ -76,14 +82,15 @@ def readapt(model: CrossbarModel, task: ShippedTask, entry: dict[str, Any],
                        train_limit=min(budget.train_limit, build["train_limit"]), test_limit=1)
     config = default_config(entry["method"], epochs=budget.epochs or build["epochs"],
                             seed=build["seed"] if budget.seed is None else budget.seed)
-    settings = dict(overrides)
+    settings = {**dict(budget.settings), **overrides}
     if budget.warm_start_images is not None:
         settings["train.warm_start_images"] = budget.warm_start_images
     config = override_config(config, {k: str(v).lower() if isinstance(v, bool) else str(v)
                                       for k, v in settings.items()})
     with torch.set_grad_enabled(True):
         return adapt(entry["method"], model, load_dataset(spec), task.name, config,
-                     RunOptions(progress=logger.isEnabledFor(logging.INFO)))
+                     RunOptions(progress=logger.isEnabledFor(logging.INFO)),
+                     initial=task.task if budget.from_shipped else None)
 
 
 def _top1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
@@ -102,9 +109,9 @@ def adapt_on_chip(out: Path, points: Sequence[ChipPoint], *, test_limit: int,
     index = shipped_index(names)
     backbone = load_backbone(backbone_file)
     tasks = shipped_tasks(test_limit=test_limit, names=names)
-    settings = {"test_limit": test_limit, "calibration_images": calibration_images,
-                "seed": seed, "backbone_weights": backbone.weights_fingerprint(),
-                "budget": asdict(budget)}
+    settings = json.loads(json.dumps({  # as the JSON holds them (tuples are lists)
+        "test_limit": test_limit, "calibration_images": calibration_images, "seed": seed,
+        "backbone_weights": backbone.weights_fingerprint(), "budget": asdict(budget)}))
     result: dict[str, Any] = {"command": command, "settings": settings,
                               "git_revision": git_revision(), "torch": torch.__version__,
                               "rows": []}
@@ -151,10 +158,11 @@ def _serve(chip: CrossbarModel, test: ShippedTask, task: ShippedTask) -> dict[st
     engine = CrossbarEngine(chip)
     engine.add_task(task.task)
     started = time.perf_counter()
-    crossbar = _top1(predicted_labels(engine, task, "crossbar"), test.labels)
+    on_chip = predicted_labels(engine, task, "crossbar")
     seconds = time.perf_counter() - started
-    return {"crossbar_top1": crossbar,
-            "ideal_top1": _top1(predicted_labels(engine, task, "ideal"), test.labels),
+    ideal = predicted_labels(engine, task, "ideal")
+    return {"crossbar_top1": _top1(on_chip, test.labels),
+            "ideal_top1": _top1(ideal, test.labels), "agreement": _top1(on_chip, ideal),
             "test_images": len(test.labels), "serve_seconds": round(seconds, 1)}
 
 

@@ -62,6 +62,12 @@ class ServerCommands:
                            help="passes over the training images (default: 5, 12 for mnist, "
                                 "whose 3,600 images would otherwise give it half the steps)")
         build.add_argument("--seed", type=int, default=None)
+        build.add_argument("--start-from", type=Path, default=None,
+                           help="folder of an earlier build (e.g. server/default_tasks) "
+                                "whose tasks are the first stage: only the chip stage runs")
+        build.add_argument("--chip-epochs", type=int, default=None,
+                           help="epochs of the second stage, with the chip in the loop "
+                                "(default: 3-6 per task on a lossy chip, 0 on a lossless one)")
         build.add_argument("--threads", type=int, default=None)
 
         frontier = commands.add_parser(
@@ -112,6 +118,13 @@ class ServerCommands:
                                    "recipe's; the test images stay the same)")
         frontier.add_argument("--no-control", action="store_true",
                               help="with --adapt-on-chip: skip the adaptation without the loop")
+        frontier.add_argument("--adapt-from-shipped", action="store_true",
+                              help="with --adapt-on-chip: start from the shipped task (its "
+                                   "PEs, codes, masks, BatchNorm terms and head) rather than "
+                                   "from the backbone")
+        frontier.add_argument("--adapt-set", action="append", default=[], metavar="KEY=VALUE",
+                              help="with --adapt-on-chip: override a setting of the recipe "
+                                   "(e.g. mask.lr=0.05; repeatable; as `xma2 adapt --set`)")
 
         calibrate = commands.add_parser(
             "calibrate-tasks",
@@ -207,14 +220,18 @@ def build(args: argparse.Namespace) -> int:
         train_limit=args.train_limit or defaults.train_limit,
         test_limit=args.test_limit or defaults.test_limit,
         epochs=args.epochs or defaults.epochs,
-        seed=defaults.seed if args.seed is None else args.seed)
+        seed=defaults.seed if args.seed is None else args.seed,
+        chip_epochs=args.chip_epochs)
     names = args.tasks.split(",") if args.tasks else list(SHIPPED)
     with torch.set_grad_enabled(True):
         index = build_default_tasks(args.out or SHIPPED_DIR, names, config,
                                     backbone_file=args.backbone_file,
-                                    command=core_cli.command_line(args.argv))
+                                    command=core_cli.command_line(args.argv),
+                                    start_from=args.start_from)
     for entry in index["tasks"]:
-        print(f"{entry['name']}: test accuracy {entry['metrics']['test_accuracy']:.1%}, "
+        metrics = entry["metrics"]
+        print(f"{entry['name']}: test accuracy {metrics['test_accuracy']:.1%} ideal, "
+              f"{metrics.get('crossbar_test_accuracy', float('nan')):.1%} on the chip, "
               f"{entry['bytes']:,} bytes")
     return 0
 
@@ -257,11 +274,14 @@ def chip_frontier(args: argparse.Namespace) -> int:
     points = frontier.grid(args.encodings.split(","), [int(r) for r in args.rows.split(",")],
                            [int(b) for b in args.adc_bits.split(",")], args.dac.split(","))
     if args.adapt_on_chip:
+        from core.learning.registry import parse_settings
         from server import chip_adaptation
 
-        budget = chip_adaptation.Readaptation(args.adapt_train_limit or 2000, args.adapt_epochs,
-                                              args.adapt_warm_start, seed=args.adapt_seed,
-                                              control=not args.no_control)
+        budget = chip_adaptation.Readaptation(
+            args.adapt_train_limit or 2000, args.adapt_epochs, args.adapt_warm_start,
+            seed=args.adapt_seed, control=not args.no_control,
+            from_shipped=args.adapt_from_shipped,
+            settings=tuple(sorted(parse_settings(args.adapt_set).items())))
         adapted = chip_adaptation.adapt_on_chip(
             args.out, points, test_limit=args.test_limit,
             calibration_images=args.calibration_images, seed=args.seed,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from core.chip.adc import adc_code_range, largest_read_sum
+from core.chip.adc import chip_is_lossless
 from core.chip.config import PAPER_CHIP, CrossbarSettings, DacMode, WeightEncoding
 from core.data.datasets import DatasetSpec, load_dataset
 from core.engine import CrossbarEngine
@@ -182,11 +182,10 @@ def provably_lossless(model: CrossbarModel, point: ChipPoint) -> bool:
     """Whether every read of every crossbar layer fits the ADC at unit step (then crossbar
     fidelity equals ideal fidelity bit for bit, whatever the data)."""
     chip = replace(model.config, **point.changes())
-    qmax = adc_code_range(point.adc_bits, chip.adc_signed)[1]
-    return all(largest_read_sum(replace(m, rows_per_read=point.rows_per_read,
-                                        weight_encoding=chip.weight_encoding),
-                                chip.dac_bits) <= qmax
-               for m in model.mapping.crossbar_layers) if model.mapping else False
+    return chip_is_lossless((replace(m, rows_per_read=point.rows_per_read,
+                                     weight_encoding=chip.weight_encoding)
+                             for m in model.mapping.crossbar_layers), chip
+                            ) if model.mapping else False
 
 
 def point_costs(model: CrossbarModel, point: ChipPoint, tasks: Sequence[ShippedTask]

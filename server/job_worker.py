@@ -163,6 +163,7 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     from core.errors import TrainingCancelled as Cancelled
     from core.learning import RunOptions, adapt, default_config
     from core.learning.common import StepInfo, accuracy
+    from core.learning.registry import override_config
     from task_store import JobStatus
 
     index = store.index
@@ -185,6 +186,10 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
                                    batch_size=params.get("batch_size"), seed=params["seed"])
     if isinstance(data.train, PhotoSplit):
         method_config = photo_method_config(method_config)
+    if params.get("chip_in_loop"):
+        method_config = override_config(method_config, {"train.chip_periphery": "true"})
+        index.add_job_event(job_id, "training with the chip in the loop (its ADCs in every "
+                                    "forward pass)")
     batch_size = method_config.train.batch_size
     last = [0.0]
     first: list[tuple[int, float]] = []  # (step, time) of the first step, for the rate

@@ -201,6 +201,10 @@ class AdaptationRequest(BaseModel):
                                    "(default: 224 for a published layout, else 64)")
     train_limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
+    chip_in_loop: bool | None = Field(
+        None, description="train with the chip's periphery in every forward pass "
+        "(train.chip_periphery), so that the task classifies on the lossy chip as in ideal "
+        "fidelity; about twice the time (default: when this server's chip is lossy)")
     activate: bool = Field(True, description="serve the new version when the job "
                            "succeeds; a task's first version is served whatever this says")
 

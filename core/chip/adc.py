@@ -9,6 +9,7 @@ collects the partial sums this module's rule is fitted on, and the cell programm
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -31,6 +32,14 @@ def largest_read_sum(layer: LayerMapping, dac_bits: int) -> int:
     input at the DAC's top code, every cell at the top level)."""
     rows = min(layer.rows_per_conversion, layer.weight_rows)
     return rows * ((1 << dac_bits) - 1) * ((1 << layer.bits_per_cell) - 1)
+
+
+def chip_is_lossless(layers: Iterable[LayerMapping], chip: CrossbarConfig) -> bool:
+    """Whether every read of every crossbar layer fits the ADC at unit step: then crossbar
+    fidelity equals ideal fidelity bit for bit, whatever the data (and no task needs the
+    chip in its training loop)."""
+    qmax = adc_code_range(chip.adc_bits, chip.adc_signed)[1]
+    return all(largest_read_sum(m, chip.dac_bits) <= qmax for m in layers)
 
 
 def full_scale_adc_step(layer: LayerMapping, *, dac_bits: int, adc_bits: int) -> Tensor:

@@ -227,6 +227,12 @@ PAPER_CHIP: dict[str, Any] = {"weight_encoding": "offset", "rows_per_read": 72,
 """The paper's periphery (72 rows at once, offset cells, 4-bit DAC, 5-bit ADC); its
 crossbar fidelity collapses to chance (docs/results.md)."""
 
+LOSSLESS_CHIP: dict[str, Any] = {"weight_encoding": "offset", "rows_per_read": 9,
+                                 "dac_mode": "bit_serial", "adc_bits": 5}
+"""Offset cells read 9 rows at a time with bit-serial inputs: every column sum fits the
+5-bit ADC, so crossbar fidelity equals ideal fidelity bit for bit, for any task. Today's
+default periphery, named, so that what relies on that exactness says so."""
+
 
 @dataclass(frozen=True)
 class NonIdealities:

@@ -21,6 +21,7 @@ from core.learning.gumbel import ColumnMask
 from core.learning.shift_mask import CategoricalColumnMask, anneal
 from core.learning.task_model import CrossbarAdapter, TaskModel, new_task_model, train_task_model
 from core.nn.model import CrossbarModel
+from core.task_state import TaskState
 
 __all__ = ["ColumnMaskConfig", "HeadOnlyConfig", "XmaConfig", "adapt_column_mask",
            "adapt_head_only", "column_masks_for", "mask_training", "new_column_mask"]
@@ -160,22 +161,23 @@ def mask_training(masks: dict[str, ColumnMaskModule], mask: ColumnMaskConfig
 
 
 def adapt_column_mask(model: CrossbarModel, data: TaskDataset, task_id: str,
-                      config: XmaConfig, options: RunOptions, method: str = "xma"
-                      ) -> AdaptationResult:
+                      config: XmaConfig, options: RunOptions, method: str = "xma", *,
+                      initial: TaskState | None = None) -> AdaptationResult:
     started = time.perf_counter()
-    task_model = new_task_model(model, data, config.train, task_id)
+    task_model = new_task_model(model, data, config.train, task_id, initial)
     masks = column_masks_for(task_model, config.mask)
     task_model.set_adapters({n: CrossbarAdapter(task_model.source_layer(n),
                                                 column_mask=masks.get(n))
                              for n in task_model.crossbar_layer_names()})
     groups, before_step = mask_training(masks, config.mask)
     return train_task_model(method, task_model, groups, data, task_id, config, config.train,
-                            options, started, before_step=before_step)
+                            options, started, before_step=before_step, initial=initial)
 
 
 def adapt_head_only(model: CrossbarModel, data: TaskDataset, task_id: str,
-                    config: HeadOnlyConfig, options: RunOptions) -> AdaptationResult:
+                    config: HeadOnlyConfig, options: RunOptions, *,
+                    initial: TaskState | None = None) -> AdaptationResult:
     started = time.perf_counter()
-    task_model = new_task_model(model, data, config.train, task_id)
+    task_model = new_task_model(model, data, config.train, task_id, initial)
     return train_task_model("head_bn", task_model, [], data, task_id, config, config.train,
-                            options, started)
+                            options, started, initial=initial)

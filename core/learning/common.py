@@ -86,6 +86,11 @@ class TrainConfig:
     layer's value is what the served chip's periphery (its ADCs, and the read noise and
     ADC offsets of ``chip_noise``) makes of it, its gradient the float layer's
     (straight-through). Costs the emulation of every lossy layer in each step."""
+    chip_agreement: float = 0.0
+    """With ``chip_periphery``: weight of a term that teaches the task's ideal (float) view
+    to answer as the chip does (the KL divergence from the chip's class probabilities to
+    the ideal view's, one more float pass per step), so that ideal fidelity stays a
+    faithful, cheaper stand-in for the chip. 0: the chip's loss alone."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -94,6 +99,8 @@ class TrainConfig:
         for name in ("lr_head", "lr_batchnorm"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.chip_agreement >= 0:
+            raise ConfigError(f"chip_agreement must be >= 0, got {self.chip_agreement}")
         if self.warm_start_images < 0 or self.checkpoint_every < 0:
             raise ConfigError("warm_start_images and checkpoint_every must be >= 0")
         try:

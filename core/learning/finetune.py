@@ -40,6 +40,7 @@ from core.learning.task_model import (
     train_task_model,
 )
 from core.nn.model import CrossbarModel
+from core.task_state import TaskState
 
 __all__ = ["Fp32FinetuneConfig", "QatFinetuneConfig", "adapt_finetune_fp32",
            "adapt_finetune_qat"]
@@ -69,9 +70,10 @@ class Fp32FinetuneConfig:
 
 
 def adapt_finetune_qat(model: CrossbarModel, data: TaskDataset, task_id: str,
-                       config: QatFinetuneConfig, options: RunOptions) -> AdaptationResult:
+                       config: QatFinetuneConfig, options: RunOptions, *,
+                       initial: TaskState | None = None) -> AdaptationResult:
     started = time.perf_counter()
-    task_model = new_task_model(model, data, config.train, task_id)
+    task_model = new_task_model(model, data, config.train, task_id, initial)
     adapters = {
         m.name: CrossbarAdapter(task_model.source_layer(m.name),
                                 pe_mask=torch.ones(m.row_groups, m.col_groups, dtype=torch.bool))
@@ -80,7 +82,7 @@ def adapt_finetune_qat(model: CrossbarModel, data: TaskDataset, task_id: str,
     task_model.set_adapters(dict[str, LayerAdapter](adapters))
     groups = [{"params": [a.spare_latent for a in adapters.values()], "lr": config.lr_codes}]
     return train_task_model("finetune_qat", task_model, groups, data, task_id, config,
-                            config.train, options, started)
+                            config.train, options, started, initial=initial)
 
 
 class Fp32Classifier(nn.Module):

@@ -18,6 +18,7 @@ from core.task_state import shift_values
 
 __all__ = [
     "gumbel_sigmoid",
+    "mask_values_of",
     "round_to_shift",
     "shift_mask_codes",
     "shift_mask_values",
@@ -94,6 +95,23 @@ def shift_value_codes(values: Tensor, chip_shift_levels: int) -> Tensor:
     return match.to(torch.uint8).argmax(dim=-1).to(torch.uint8)
 
 
+def mask_values_of(codes: Tensor, chip_shift_levels: int, shift_levels: int,
+                   shape: tuple[int, ...]) -> Tensor:
+    """The values of a task state's column ``codes``, checked to be levels of an
+    ``shift_levels``-level mask of ``shape``."""
+    if tuple(codes.shape) != shape:
+        raise ConfigError(f"column codes of shape {list(codes.shape)} for a mask of "
+                          f"{list(shape)}")
+    table = shift_values(chip_shift_levels)
+    if codes.numel() and int(codes.max()) >= len(table):
+        raise ConfigError(f"column codes above the chip's {chip_shift_levels}-level table")
+    values = table[codes.long()]
+    if not bool(torch.isin(values, shift_values(shift_levels)).all()):
+        raise ConfigError(f"the column mask uses levels outside the {shift_levels}-level "
+                          f"mask being learned")
+    return values
+
+
 def shift_mask_codes(logits: Tensor, shift_levels: int, chip_shift_levels: int) -> Tensor:
     """Deterministic codes of a learned mask, for the task state."""
     if shift_levels > chip_shift_levels:
@@ -131,6 +149,7 @@ class ColumnMask(torch.nn.Module):
         self.temperature = temperature
         self.noise = noise
         self.l1 = l1
+        self.init_logit = init_logit
         self.logits = torch.nn.Parameter(torch.full((row_groups, out_channels), init_logit))
 
     def set_schedule(self, temperature: float, noise: float) -> None:
@@ -151,6 +170,20 @@ class ColumnMask(torch.nn.Module):
 
     def codes(self, chip_shift_levels: int) -> Tensor:
         return shift_mask_codes(self.logits, self.shift_levels, chip_shift_levels)
+
+    @torch.no_grad()
+    def start_from(self, codes: Tensor, chip_shift_levels: int) -> None:
+        """Logits whose served mask is ``codes`` (a warm start from a task state): columns
+        at 1 take the starting logit (1 if that is not positive), a level ``v < 1`` the
+        logit of ``sigmoid(m) = v`` (which rounds back to ``v``), 0 the logit of 1/32
+        (nearer 0 than any level)."""
+        values = mask_values_of(codes, chip_shift_levels, self.shift_levels,
+                                tuple(self.logits.shape))
+        inner = values.clamp(1 / 32, 0.5)
+        at_one = self.init_logit if self.init_logit > 0 else 1.0
+        logits = torch.where(values == 1, torch.tensor(at_one),
+                             torch.log(inner) - torch.log1p(-inner))
+        self.logits.copy_(logits)
 
     def extra_repr(self) -> str:
         return (f"shift_levels={self.shift_levels}, temperature={self.temperature:g}, "

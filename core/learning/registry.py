@@ -7,7 +7,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from core.data.datasets import TaskDataset
 from core.errors import ConfigError
@@ -29,11 +29,20 @@ from core.learning.piggyback import PiggybackConfig, adapt_piggyback
 from core.learning.task_confidence import calibrate_task
 from core.learning.xma2 import Xma2Config, adapt_xma2
 from core.nn.model import CrossbarModel
+from core.task_state import TaskState
 
 __all__ = ["METHODS", "MethodSpec", "adapt", "default_config", "method_names",
            "override_config", "parse_settings", "setting_names"]
 
 Trainer = Callable[[CrossbarModel, TaskDataset, str, Any, RunOptions], AdaptationResult]
+
+
+class WarmTrainer(Protocol):
+    """A trainer that can also start from a served task (``initial``)."""
+
+    def __call__(self, model: CrossbarModel, data: TaskDataset, task_id: str, config: Any,
+                 options: RunOptions, *, initial: TaskState | None = None
+                 ) -> AdaptationResult: ...
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,8 @@ class MethodSpec:
     in_place: bool = False
     """Whether the task rewrites the backbone's own PEs (reprogrammed from the backbone's
     levels) rather than spare PEs (programmed from erased cells)."""
+    warm_trainer: WarmTrainer | None = None
+    """The trainer that starts from a served task of this method (None: always fresh)."""
 
     @property
     def takes_pe_fraction(self) -> bool:
@@ -61,8 +72,9 @@ def _xbm_config() -> XmaConfig:
 
 
 def _xbm(model: CrossbarModel, data: TaskDataset, task_id: str, config: XmaConfig,
-         options: RunOptions) -> AdaptationResult:
-    return adapt_column_mask(model, data, task_id, config, options, method="xbm")
+         options: RunOptions, *, initial: TaskState | None = None) -> AdaptationResult:
+    return adapt_column_mask(model, data, task_id, config, options, method="xbm",
+                             initial=initial)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -72,19 +84,22 @@ METHODS: dict[str, MethodSpec] = {
                    servable=False),
         MethodSpec("finetune_qat", QatFinetuneConfig, adapt_finetune_qat,
                    "4-bit codes of every crossbar PE (all PEs are spare PEs), BatchNorm "
-                   "affine, head", in_place=True),
+                   "affine, head", in_place=True, warm_trainer=adapt_finetune_qat),
         MethodSpec("piggyback", PiggybackConfig, adapt_piggyback,
                    "element-wise binary mask of every crossbar weight, BatchNorm affine, head",
                    in_place=True),
         MethodSpec("xbm", _xbm_config, _xbm,
-                   "binary column mask of every PE, BatchNorm affine, head"),
+                   "binary column mask of every PE, BatchNorm affine, head",
+                   warm_trainer=_xbm),
         MethodSpec("xma", XmaConfig, adapt_column_mask,
-                   "column shift mask (N=3) of every PE, BatchNorm affine, head"),
+                   "column shift mask (N=3) of every PE, BatchNorm affine, head",
+                   warm_trainer=adapt_column_mask),
         MethodSpec("xma2", Xma2Config, adapt_xma2,
                    "4-bit codes of the top-P% PEs (spare PEs), column shift mask of the "
-                   "others, BatchNorm affine, head"),
+                   "others, BatchNorm affine, head", warm_trainer=adapt_xma2),
         MethodSpec("head_bn", HeadOnlyConfig, adapt_head_only,
-                   "BatchNorm affine and head only (no crossbar state)"),
+                   "BatchNorm affine and head only (no crossbar state)",
+                   warm_trainer=adapt_head_only),
     )
 }
 
@@ -185,7 +200,8 @@ def override_config(config: Any, settings: dict[str, str]) -> Any:
 
 
 def adapt(method: str, model: CrossbarModel, data: TaskDataset, task_id: str,
-          config: Any = None, options: RunOptions | None = None) -> AdaptationResult:
+          config: Any = None, options: RunOptions | None = None, *,
+          initial: TaskState | None = None) -> AdaptationResult:
     """Adapt the frozen backbone to a new task with one method (the backbone is not modified).
 
     A servable task comes back calibrated: its temperature and OOD threshold are fitted
@@ -199,6 +215,8 @@ def adapt(method: str, model: CrossbarModel, data: TaskDataset, task_id: str,
         task_id: name of the resulting task state.
         config: the method's config dataclass (default: :func:`default_config`).
         options: cancel event, checkpoint folder, progress.
+        initial: a served task of the same method and dataset to train further (a warm
+            start: for a new chip, or more epochs) instead of starting from the backbone.
     """
     spec = _spec(method)
     if config is None:
@@ -206,7 +224,14 @@ def adapt(method: str, model: CrossbarModel, data: TaskDataset, task_id: str,
     expected = type(spec.config())
     if not isinstance(config, expected):
         raise ConfigError(f"{method} takes a {expected.__name__}, got {type(config).__name__}")
-    result = spec.trainer(model, data, task_id, config, options or RunOptions())
+    if initial is None:
+        result = spec.trainer(model, data, task_id, config, options or RunOptions())
+    elif spec.warm_trainer is None:
+        raise ConfigError(f"{method} cannot start from a task state; methods that can: "
+                          + ", ".join(n for n, s in METHODS.items() if s.warm_trainer))
+    else:
+        result = spec.warm_trainer(model, data, task_id, config, options or RunOptions(),
+                                   initial=initial)
     if result.task is None or len(data.val) == 0 or len(data.train) == 0:
         return result
     task = calibrate_task(model, result.task, data.train, data.val, seed=config.train.seed)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.errors import ConfigError
-from core.learning.gumbel import shift_value_codes
+from core.learning.gumbel import mask_values_of, shift_value_codes
 from core.task_state import shift_values
 
 __all__ = ["CategoricalColumnMask", "anneal"]
@@ -71,6 +71,7 @@ class CategoricalColumnMask(torch.nn.Module):
         self.noise = noise
         self.l1 = l1
         self.register_buffer("levels", shift_values(shift_levels), persistent=False)
+        self.prior = prior
         start = torch.zeros(row_groups, out_channels, shift_levels + 2)
         start[..., -1] = prior
         self.logits = torch.nn.Parameter(start)
@@ -112,6 +113,15 @@ class CategoricalColumnMask(torch.nn.Module):
                               f"{chip_shift_levels} levels")
         with torch.no_grad():
             return shift_value_codes(self.forward(stochastic=False), chip_shift_levels)
+
+    @torch.no_grad()
+    def start_from(self, codes: Tensor, chip_shift_levels: int) -> None:
+        """Logits whose served mask is ``codes`` (a warm start from a task state): the
+        column's level takes the prior's lead, as level 1 does at a fresh start."""
+        values = mask_values_of(codes, chip_shift_levels, self.shift_levels,
+                                tuple(self.logits.shape[:-1]))
+        level = (values.unsqueeze(-1) == self.levels).to(self.logits.dtype)
+        self.logits.copy_(level * self.prior)
 
     def extra_repr(self) -> str:
         return (f"shift_levels={self.shift_levels}, temperature={self.temperature:g}, "

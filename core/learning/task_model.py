@@ -55,6 +55,7 @@ __all__ = [
     "FrozenInputQuant",
     "LayerAdapter",
     "TaskModel",
+    "initial_pe_masks",
     "level_label",
     "level_shares",
     "pe_blocks",
@@ -217,6 +218,10 @@ class LayerAdapter(nn.Module):
         """What the chip holds for this layer now (None: the backbone's cells)."""
         return self.export(chip_shift_levels)
 
+    def start_from(self, state: LayerTaskState, chip_shift_levels: int) -> None:
+        """Start training from a served layer state (a warm start)."""
+        raise ConfigError(f"{type(self).__name__} cannot start from a task state")
+
 
 class CrossbarAdapter(LayerAdapter):
     """Spare PEs (4-bit QAT codes) and/or a learned column shift mask on the other PEs.
@@ -300,6 +305,23 @@ class CrossbarAdapter(LayerAdapter):
                                ones_code(chip_shift_levels), dtype=torch.uint8)
         return LayerTaskState(self.pe_mask.clone(), spare.contiguous(), codes)
 
+    @torch.no_grad()
+    def start_from(self, state: LayerTaskState, chip_shift_levels: int) -> None:
+        """Spare codes and column mask from ``state``, whose replaced PEs must be this
+        adapter's (exported again untouched, it gives ``state`` back)."""
+        where = f"layer {self.mapping.name}"
+        if not torch.equal(state.pe_mask, self.pe_mask):
+            raise ConfigError(f"{where}: the initial task replaces other PEs "
+                              f"({state.replaced_pes}) than this adaptation "
+                              f"({int(self.pe_mask.sum())})")
+        self.spare_latent.copy_(state.spare_codes.to(self.spare_latent.dtype))
+        frozen = ~replaced_columns(self.pe_mask, self.mapping)
+        if self.column_mask is not None:
+            self.column_mask.start_from(state.column_codes, chip_shift_levels)
+        elif bool((state.column_codes[frozen] != ones_code(chip_shift_levels)).any()):
+            raise ConfigError(f"{where}: the initial task masks columns and this "
+                              f"adaptation learns no column mask")
+
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
@@ -374,6 +396,9 @@ class TaskModel(nn.Module):
         self.generator: torch.Generator | None = None
         self.chip: ChipInTheLoop | None = None
         """The chip the task is adapted for, read in every pass (None: float training)."""
+        self.chip_agreement = 0.0
+        """Weight of the ideal view's agreement with the chip in training passes."""
+        self._agreement: Tensor | None = None
 
     backbone: CrossbarModel
 
@@ -475,10 +500,50 @@ class TaskModel(nn.Module):
                 chip.program(name, None if adapter is None
                              else adapter.chip_state(self.shift_levels))
 
+    @torch.no_grad()
+    def start_from(self, initial: TaskState, labels: tuple[str, ...]) -> None:
+        """Head, BatchNorm terms and every adapter's state from ``initial`` (a warm start:
+        the task as served, trained further). The adapters must already be set; a layer
+        the initial task changes needs one."""
+        if initial.shift_levels != self.shift_levels:
+            raise ConfigError(f"the initial task is for a chip with {initial.shift_levels} "
+                              f"shift levels, this backbone has {self.shift_levels}")
+        try:
+            initial.validate(self.mapping)
+        except ValueError as e:
+            raise ConfigError(f"the initial task does not fit this backbone: {e}") from None
+        if tuple(initial.head.labels) != tuple(labels):
+            raise ConfigError(f"the initial task's labels {list(initial.head.labels)[:5]} are "
+                              f"not the dataset's {list(labels)[:5]}")
+        if tuple(initial.head.weight.shape) != tuple(self.head.weight.shape):
+            raise ConfigError(f"the initial task's head is {list(initial.head.weight.shape)}, "
+                              f"this backbone's features need {list(self.head.weight.shape)}")
+        self.head.weight.copy_(initial.head.weight)
+        self.head.bias.copy_(initial.head.bias)
+        by_name = {full: key for key, full in self._bn_names.items()}
+        unknown = sorted(set(initial.digital) - set(by_name))
+        if unknown:
+            raise ConfigError(f"the initial task has digital terms this adaptation does not "
+                              f"learn: {unknown[:3]}")
+        for name, value in initial.digital.items():
+            self.batchnorm[by_name[name]].copy_(value)
+        adapters = self.current_adapters()
+        ones = ones_code(self.shift_levels)
+        missing = sorted(n for n, st in initial.layers.items() if n not in adapters
+                         and (st.replaced_pes or bool((st.column_codes != ones).any())))
+        if missing:
+            raise ConfigError(f"the initial task changes {len(missing)} crossbar layers that "
+                              f"this method does not learn (e.g. {missing[0]})")
+        for name, adapter in adapters.items():
+            adapter.start_from(initial.layer_state(self.mapping.layer(name)), self.shift_levels)
+
     def regularization(self) -> Tensor | None:
-        """The column masks' penalties (None when no mask has one)."""
+        """The column masks' penalties and the last training pass's agreement term (None
+        when there is neither)."""
         masks: list[Any] = [getattr(a, "column_mask", None) for a in self.adapters.values()]
         terms: list[Tensor | None] = [m.penalty() for m in masks if hasattr(m, "penalty")]
+        terms.append(self._agreement)
+        self._agreement = None
         present = [t for t in terms if t is not None]
         return torch.stack(present).sum() if present else None
 
@@ -508,7 +573,17 @@ class TaskModel(nn.Module):
         return features
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.features(x), self.head.weight, self.head.bias)
+        logits = F.linear(self.features(x), self.head.weight, self.head.bias)
+        if self.training and self.chip is not None and self.chip_agreement > 0:
+            chip, self.chip = self.chip, None  # the same weights, read without the chip
+            try:
+                ideal = F.linear(self.features(x), self.head.weight, self.head.bias)
+            finally:
+                self.chip = chip
+            target = F.softmax(logits.detach(), dim=1)
+            self._agreement = self.chip_agreement * F.kl_div(
+                F.log_softmax(ideal, dim=1), target, reduction="batchmean")
+        return logits
 
     def export(self, task_id: str, labels: tuple[str, ...]) -> TaskState:
         """The learned task as the engine serves it (bit-exact in ideal fidelity)."""
@@ -533,41 +608,55 @@ def level_shares(counts: Tensor, shift_levels: int) -> dict[str, float]:
 
 
 def new_task_model(model: CrossbarModel, data: TaskDataset, train: TrainConfig,
-                   task_id: str = "") -> TaskModel:
+                   task_id: str = "", initial: TaskState | None = None) -> TaskModel:
     """A task model whose head is warm-started on the frozen backbone's features (as the
     chip of ``train.chip_noise`` holds them, read through its periphery with
-    ``train.chip_periphery``). ``task_id``: the name the task will be served under."""
+    ``train.chip_periphery``). ``task_id``: the name the task will be served under.
+    With an ``initial`` task the head is left for :func:`train_task_model` to load."""
     noise = noise_level(train.chip_noise)
     source = programmed_backbone(model, noise) if noise.alters_cells else model
     task_model = TaskModel(source, len(data.classes), train_batchnorm=train.train_batchnorm,
                            channels_last=train.channels_last)
     if train.chip_periphery:
         task_model.attach_chip(ChipInTheLoop(model, noise, task_id, seed=train.seed))
+        task_model.chip_agreement = train.chip_agreement
     task_model.eval()
-    warm_start_head(task_model.features, task_model.head, data.train, train)
+    if initial is None:
+        warm_start_head(task_model.features, task_model.head, data.train, train)
     return task_model
+
+
+def initial_pe_masks(task_model: TaskModel, initial: TaskState) -> dict[str, Tensor]:
+    """The PEs an initial task replaces, per crossbar layer (all False where it has none)."""
+    return {n: initial.layer_state(task_model.mapping.layer(n)).pe_mask.clone()
+            for n in task_model.crossbar_layer_names()}
 
 
 def train_task_model(
     method: str, task_model: TaskModel, extra_groups: list[dict[str, Any]],
     data: TaskDataset, task_id: str, config: Any, train: TrainConfig, options: RunOptions,
     started: float, details: dict[str, Any] | None = None,
-    before_step: Callable[[float], None] | None = None,
+    before_step: Callable[[float], None] | None = None, initial: TaskState | None = None,
 ) -> AdaptationResult:
     """Train the adapters, head and BatchNorm terms; export and validate the task.
 
     ``config`` is the method's config dataclass (recorded, and checked on resume);
-    ``before_step`` gets the share of training done (mask annealing).
+    ``before_step`` gets the share of training done (mask annealing); ``initial``: a task
+    to start from (its head, BatchNorm terms, spare codes and masks), as served.
     """
+    meta = {"method": method, "config": config_dict(config),
+            "dataset": data.describe()["name"]}
+    if initial is not None:
+        task_model.start_from(initial, tuple(data.classes))
+        meta["initial_task"] = initial.task_id
     groups = [{"params": list(task_model.head.parameters()), "lr": train.lr_head},
               {"params": list(task_model.batchnorm.values()), "lr": train.lr_batchnorm},
               *extra_groups]
-    cfg = config_dict(config)
+    cfg = meta["config"]
     with deterministic():
         steps, history = fit(
             task_model, groups, data.train, train, options,
-            description=f"{method} on {data.spec.name}",
-            checkpoint_meta={"method": method, "config": cfg, "dataset": data.describe()["name"]},
+            description=f"{method} on {data.spec.name}", checkpoint_meta=meta,
             before_step=before_step,
         )
         task = task_model.export(task_id, tuple(data.classes))

@@ -4,6 +4,9 @@
 2. Rank every crossbar PE by ``|dL/dm_PE|`` on one mini-batch; the top ``P``
    become spare PEs whose codes start from the backbone's and are trained with
    straight-through rounding at the backbone's per-channel scale.
+A warm start from a served task (``initial``) skips 1 and 2: its head, PEs, codes and
+masks are where training starts.
+
 3. Train spare codes, the column shift mask of the frozen PEs (one logit per column,
    trained on the mask that is served), the head and the BatchNorm affine terms
    together.
@@ -24,10 +27,12 @@ from core.learning.ranking import pe_sensitivity, select_top_pes
 from core.learning.task_model import (
     CrossbarAdapter,
     LayerAdapter,
+    initial_pe_masks,
     new_task_model,
     train_task_model,
 )
 from core.nn.model import CrossbarModel
+from core.task_state import TaskState
 
 __all__ = ["Xma2Config", "adapt_xma2"]
 
@@ -54,13 +59,17 @@ class Xma2Config:
 
 
 def adapt_xma2(model: CrossbarModel, data: TaskDataset, task_id: str, config: Xma2Config,
-               options: RunOptions) -> AdaptationResult:
+               options: RunOptions, *, initial: TaskState | None = None) -> AdaptationResult:
+    """With ``initial``, its replaced PEs are kept (no ranking; ``pe_fraction`` unused)."""
     started = time.perf_counter()
-    task_model = new_task_model(model, data, config.train, task_id)
-    order = torch.randperm(len(data.train), generator=seeded_generator(config.train.seed, 3, 0))
-    x, y = data.train.batch(order[: config.ranking_batch_size])
-    scores = pe_sensitivity(task_model, x, y)
-    pe_masks = select_top_pes(scores, config.pe_fraction)
+    task_model = new_task_model(model, data, config.train, task_id, initial)
+    if initial is None:
+        order = torch.randperm(len(data.train),
+                               generator=seeded_generator(config.train.seed, 3, 0))
+        x, y = data.train.batch(order[: config.ranking_batch_size])
+        pe_masks = select_top_pes(pe_sensitivity(task_model, x, y), config.pe_fraction)
+    else:
+        pe_masks = initial_pe_masks(task_model, initial)
     masks = column_masks_for(task_model, config.mask)
     adapters = {n: CrossbarAdapter(task_model.source_layer(n), pe_mask=pe_masks[n],
                                    column_mask=masks.get(n))
@@ -75,4 +84,5 @@ def adapt_xma2(model: CrossbarModel, data: TaskDataset, task_id: str, config: Xm
                "warm_start_and_ranking_seconds": round(time.perf_counter() - started, 2),
                "replaced_per_layer": {n: int(m.sum()) for n, m in pe_masks.items() if m.any()}}
     return train_task_model("xma2", task_model, groups, data, task_id, config, config.train,
-                            options, started, details, before_step=before_step)
+                            options, started, details, before_step=before_step,
+                            initial=initial)

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
+from core.chip.adc import chip_is_lossless
 from core.data.datasets import dataset_names
 from core.data.published_datasets import (
     DEFAULT_BATCH_SIZE,
@@ -103,6 +104,9 @@ def validated_params(request: AdaptationRequest, runtime: Any, data_root: Path
                             f"{chip_levels}")
     params = request.model_dump()
     params["shift_levels"] = chip_levels
+    if params["chip_in_loop"] is None:
+        mapping = runtime.engine.mapping
+        params["chip_in_loop"] = not chip_is_lossless(mapping.crossbar_layers, mapping.config)
     layout = request.dataset if request.dataset in LAYOUTS else None
     if request.dataset is not None and layout is None and request.dataset not in dataset_names():
         raise ApiError(422, f"unknown dataset {request.dataset!r}; built-in datasets are "

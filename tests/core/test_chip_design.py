@@ -239,3 +239,16 @@ def test_differential_chip_runs_a_network_and_costs_twice_the_cells(quantized_mo
     ideal = engine.forward(images, "imagenet", "ideal")
     assert crossbar.shape == ideal.shape and bool(torch.isfinite(crossbar).all())
     assert float((crossbar.argmax(1) == ideal.argmax(1)).float().mean()) >= 0.5
+
+
+def test_only_the_lossless_chip_fits_every_read_into_its_adc(quantized_mobilenet):
+    from core.chip.adc import chip_is_lossless
+    from core.chip.config import LOSSLESS_CHIP
+
+    assert quantized_mobilenet.config == CrossbarConfig(**LOSSLESS_CHIP)
+    for chip, lossless in ((LOSSLESS_CHIP, True), (PAPER_CHIP, False),
+                           ({**PAPER_CHIP, "weight_encoding": "differential"}, False),
+                           ({**LOSSLESS_CHIP, "adc_bits": 4}, False)):
+        model = quantized_mobilenet.with_chip(**chip)
+        assert model.mapping is not None
+        assert chip_is_lossless(model.mapping.crossbar_layers, model.config) is lossless

@@ -35,14 +35,18 @@ def test_each_variant_is_served_on_the_chip_and_a_rerun_resumes(tmp_path: Path) 
     assert again["rows"] == json.loads(written)["rows"]  # nothing adapted again
 
 
-def test_another_training_seed_without_the_control(tmp_path: Path) -> None:
+def test_another_training_seed_from_the_shipped_task_without_the_control(tmp_path: Path
+                                                                         ) -> None:
     out = tmp_path / "seed1.json"
-    budget = Readaptation(train_limit=32, epochs=1, warm_start_images=16, seed=1, control=False)
+    budget = Readaptation(train_limit=32, epochs=1, warm_start_images=16, seed=1, control=False,
+                          from_shipped=True, settings=(("train.chip_agreement", "1"),))
     result = adapt_on_chip(out, [LOSSY], test_limit=4, calibration_images=4, seed=0,
                            command="test", budget=budget, names=["mnist"])
     (row,) = result["rows"]
     assert set(row["variants"]) == {SHIPPED, LOOPED}
     assert result["settings"]["budget"]["seed"] == 1
+    assert result["settings"]["budget"]["from_shipped"] is True
+    assert 0 <= row["variants"][LOOPED]["agreement"] <= 100
     assert "| " + LOSSY.label in out.with_suffix(".md").read_text()
 
 

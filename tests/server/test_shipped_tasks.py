@@ -66,3 +66,33 @@ def test_the_upload_limit_does_not_apply_to_the_shipped_tasks(tmp_path: Path,
         assert sorted(r.name for r in store.list()) == sorted(SHIPPED)
     finally:
         store.close()
+
+
+def test_a_build_trains_on_the_chip_from_an_earlier_builds_tasks(tmp_path: Path) -> None:
+    from core.errors import ConfigError
+    from server.shipped_tasks import BuildConfig, build_default_tasks
+
+    tiny = BuildConfig(train_limit=64, test_limit=32, epochs=1, chip_epochs=0)
+    first = build_default_tasks(tmp_path / "first", ["mnist"], tiny, backbone_file=None,
+                                command="xma2 build-default-tasks --chip-epochs 0")
+    entry = first["tasks"][0]
+    assert [s["config"]["train"]["chip_periphery"] for s in entry["stages"]] == [False]
+    assert 0 <= entry["metrics"]["crossbar_test_accuracy"] <= 1
+
+    looped = BuildConfig(train_limit=64, test_limit=32, epochs=1, chip_epochs=1)
+    second = build_default_tasks(tmp_path / "second", ["mnist"], looped, backbone_file=None,
+                                 command="xma2 build-default-tasks --start-from first",
+                                 start_from=tmp_path / "first")
+    stages = second["tasks"][0]["stages"]
+    assert [s["config"]["train"]["chip_periphery"] for s in stages] == [False, True]
+    assert stages[0]["archive_sha256"] == entry["sha256"]
+    assert stages[1]["config"]["train"]["chip_agreement"] == looped.chip_agreement
+    assert second["tasks"][0]["sha256"] != entry["sha256"]  # trained further on the chip
+
+    with pytest.raises(ConfigError, match="already trained on a chip"):
+        build_default_tasks(tmp_path / "third", ["mnist"], looped, backbone_file=None,
+                            command="", start_from=tmp_path / "second")
+    with pytest.raises(ConfigError, match="not this build's"):
+        build_default_tasks(tmp_path / "third", ["mnist"], BuildConfig(
+            train_limit=64, test_limit=32, epochs=1, seed=1), backbone_file=None, command="",
+            start_from=tmp_path / "first")

@@ -113,3 +113,28 @@ def test_an_adapted_task_serves_as_trained_on_a_lossy_chip(paper_chip, digits32,
     ideal = engine.forward(x, "looped", "ideal")
     assert (trained - served).norm() < 0.05 * (ideal - served).norm()
     assert (trained.argmax(1) == served.argmax(1)).float().mean() >= 0.9
+
+
+def test_the_agreement_term_teaches_the_ideal_view_the_chips_answers(paper_chip, digits32
+                                                                     ) -> None:
+    task_model = _task_model(paper_chip, ChipInTheLoop(paper_chip, NonIdealities(), "t"))
+    with torch.no_grad():
+        task_model.head.weight.mul_(0.01)  # soft answers, so the two views can differ
+    x, _ = digits32.train.batch(slice(0, 16))
+    task_model.train()
+    task_model(x)
+    assert task_model.regularization() is None  # weight 0: the chip's loss alone
+    task_model.chip_agreement = 2.0
+    chip_logits = task_model(x)
+    term = task_model.regularization()
+    assert term is not None
+    assert task_model.regularization() is None  # taken once, by the step that made it
+    chip, task_model.chip = task_model.chip, None
+    ideal_logits = task_model(x)  # the same weights read without the chip
+    task_model.chip = chip
+    assert not torch.allclose(ideal_logits, chip_logits)
+    expected = 2.0 * torch.nn.functional.kl_div(ideal_logits.log_softmax(1),
+                                                chip_logits.softmax(1), reduction="batchmean")
+    assert torch.allclose(term, expected, rtol=1e-4) and float(term) > 0
+    term.backward()  # through the ideal view only: the chip's answers are the target
+    assert float(task_model.head.weight.grad.abs().sum()) > 0
