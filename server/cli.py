@@ -1,5 +1,6 @@
-"""``xma2``: the core commands plus ``serve``, ``build-default-tasks`` and the server-side
-studies (``chip-frontier``, ``calibrate-tasks``, ``calibration-report``)."""
+"""``xma2``: the core commands plus ``serve``, ``build-default-tasks``,
+``build-imagenet-task`` and the server-side studies (``chip-frontier``,
+``calibrate-tasks``, ``calibration-report``)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
 
 
 class ServerCommands:
-    commands: tuple[str, ...] = ("serve", "build-default-tasks", "chip-frontier", "calibrate-tasks",
-                "calibration-report")
+    commands: tuple[str, ...] = ("serve", "build-default-tasks", "build-imagenet-task",
+                                 "chip-frontier", "calibrate-tasks", "calibration-report")
 
     def add(self, commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         serve = commands.add_parser(
@@ -70,6 +71,40 @@ class ServerCommands:
                                 "(default: 3-6 per task on a lossy chip, 0 on a lossless one)")
         build.add_argument("--threads", type=int, default=None)
 
+        imagenet = commands.add_parser(
+            "build-imagenet-task",
+            help="distill the built-in ImageNet task (BatchNorm terms and head) from the fp32 "
+                 "model on photo crops and write imagenet.tar and imagenet.json")
+        imagenet.add_argument("--out", type=Path, default=None,
+                              help="folder of imagenet.tar and imagenet.json (default: the "
+                                   "server's shipped folder)")
+        imagenet.add_argument("--backbone-file", type=Path, default=None)
+        imagenet.add_argument("--steps", type=int, default=None)
+        imagenet.add_argument("--batch-size", type=int, default=None)
+        imagenet.add_argument("--lr-batchnorm", type=float, default=None)
+        imagenet.add_argument("--lr-head", type=float, default=None)
+        imagenet.add_argument("--temperature", type=float, default=None)
+        imagenet.add_argument("--mixup", type=float, default=None,
+                              help="share of crops mixed with another (default 0.5)")
+        imagenet.add_argument("--pe-fraction", type=float, default=None,
+                              help="share of PEs replaced by trained spare PEs (default 0)")
+        imagenet.add_argument("--photos", default=None,
+                              help="comma-separated bundled photos to cut crops from "
+                                   "(default: the calibration photos and the natural ones)")
+        imagenet.add_argument("--chip-periphery", action="store_true",
+                              help="read the (lossy) chip in every training pass")
+        imagenet.add_argument("--seed", type=int, default=None)
+        imagenet.add_argument("--agreement-crops", type=int, default=200,
+                              help="held-out crops agreement is measured on (200: those of "
+                                   "`xma2 fidelity`)")
+        imagenet.add_argument("--crossbar-crops", type=int, default=200,
+                              help="of those, how many also run in crossbar fidelity when "
+                                   "the chip is lossy (0: none)")
+        imagenet.add_argument("--keep-worse", action="store_true",
+                              help="write the task even when it agrees with fp32 less often "
+                                   "than the bare head (default: keep the earlier archive)")
+        imagenet.add_argument("--threads", type=int, default=None)
+
         frontier = commands.add_parser(
             "chip-frontier",
             help="sweep the chip's periphery (encoding, rows per read, ADC bits, DAC) and "
@@ -93,7 +128,8 @@ class ServerCommands:
                               help="instead: each device effect alone (and all four) on the "
                                    "backbone's own chip, at the low and high levels")
         frontier.add_argument("--noise-levels", default="low,high",
-                              help="with --noise: levels of core.chip.config.NOISE_LEVELS")
+                              help="with --noise: levels of core.chip.config.NOISE_LEVELS, or none "
+                              "(the chip's periphery alone, with agreement)")
         frontier.add_argument("--tasks", default=None,
                               help="with --noise or --adapt-on-chip: comma-separated shipped "
                                    "tasks (default: all)")
@@ -167,6 +203,8 @@ class ServerCommands:
             return calibrate_tasks(args)
         if args.command == "calibration-report":
             return calibration_report(args)
+        if args.command == "build-imagenet-task":
+            return build_imagenet(args)
         return build(args)
 
 
@@ -236,6 +274,44 @@ def build(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_imagenet(args: argparse.Namespace) -> int:
+    import torch
+
+    from core.learning.imagenet_task import ImagenetTaskConfig
+    from server.imagenet_task import build_imagenet_task
+    from server.shipped_tasks import SHIPPED_DIR
+
+    _batch_command(args, timestamps=True)
+    options = {"steps": args.steps, "batch_size": args.batch_size,
+               "lr_batchnorm": args.lr_batchnorm, "lr_head": args.lr_head,
+               "temperature": args.temperature, "mixup": args.mixup,
+               "pe_fraction": args.pe_fraction, "seed": args.seed,
+               "photos": tuple(args.photos.split(",")) if args.photos else None,
+               "chip_periphery": args.chip_periphery or None}
+    config = ImagenetTaskConfig(**{k: v for k, v in options.items() if v is not None})
+    with torch.set_grad_enabled(True):
+        record = build_imagenet_task(args.out or SHIPPED_DIR, config,
+                                     backbone_file=args.backbone_file,
+                                     command=core_cli.command_line(args.argv),
+                                     agreement_crops=args.agreement_crops,
+                                     crossbar_crops=args.crossbar_crops,
+                                     keep_worse=args.keep_worse)
+    bare, distilled = record["agreement"]["bare"], record["agreement"]["distilled"]
+    crops = record["agreement"]["held_out"]["crops"]
+    print(f"top-1 agreement with fp32 on {crops} held-out crops (ideal fidelity): "
+          f"{bare['ideal']:.1%} bare -> {distilled['ideal']:.1%} distilled")
+    if "crossbar" in distilled:
+        print(f"crossbar fidelity, first {record['agreement']['held_out']['crossbar_crops']} "
+              f"crops: {bare['crossbar']:.1%} bare -> {distilled['crossbar']:.1%} distilled")
+    print(f"{record['steps']} steps in {record['train_seconds']:.0f} s "
+          f"({record['seconds_per_step']:.2f} s/step)")
+    if record["archive"] is None:
+        print(f"not written: {record['rejected']}")
+        return 1
+    print(f"wrote {record['bytes']:,} bytes")
+    return 0
+
+
 def chip_frontier(args: argparse.Namespace) -> int:
 
     from server import frontier
@@ -256,9 +332,9 @@ def chip_frontier(args: argparse.Namespace) -> int:
         from server import noise_study
 
         levels = tuple(args.noise_levels.split(","))
-        unknown = sorted(set(levels) - set(NOISE_LEVELS))
+        unknown = sorted(set(levels) - {"none", *NOISE_LEVELS})
         if unknown:
-            raise ConfigError(f"unknown noise level(s) {unknown}; choose from "
+            raise ConfigError(f"unknown noise level(s) {unknown}; choose from none, "
                               f"{', '.join(NOISE_LEVELS)}")
         from server.chip_adaptation import Readaptation
 

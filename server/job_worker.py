@@ -162,6 +162,7 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     from core.engine import CrossbarEngine
     from core.errors import TrainingCancelled as Cancelled
     from core.learning import RunOptions, adapt, default_config
+    from core.learning.chip_loop import SERVED_CHIP_AGREEMENT
     from core.learning.common import StepInfo, accuracy
     from core.learning.registry import override_config
     from task_store import JobStatus
@@ -187,9 +188,11 @@ def _adapt(job_id: str, task_name: str, params: dict[str, Any], model: Any, stor
     if isinstance(data.train, PhotoSplit):
         method_config = photo_method_config(method_config)
     if params.get("chip_in_loop"):
-        method_config = override_config(method_config, {"train.chip_periphery": "true"})
+        method_config = override_config(method_config, {
+            "train.chip_periphery": "true",
+            "train.chip_agreement": str(SERVED_CHIP_AGREEMENT)})
         index.add_job_event(job_id, "training with the chip in the loop (its ADCs in every "
-                                    "forward pass)")
+                                    "forward pass, the ideal view taught the chip's answers)")
     batch_size = method_config.train.batch_size
     last = [0.0]
     first: list[tuple[int, float]] = []  # (step, time) of the first step, for the rate

@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 
-from core.chip.config import NOISE_LEVELS, CrossbarSettings, NonIdealities
+from core.chip.config import NOISE_LEVELS, CrossbarSettings, NonIdealities, noise_level
 from core.engine import CrossbarEngine
 from server.chip_adaptation import Readaptation, readapt
 from server.frontier import (
     ShippedTask,
-    ideal_top1,
     predicted_labels,
     shipped_index,
     shipped_tasks,
@@ -64,7 +63,9 @@ def noise_study(out: Path, *, test_limit: int, command: str,
 
     All four effects at every level, then each alone (``effects``), then the tasks
     adapted for each level's chip (``adaptation``). ``minus_ideal`` is against the shipped task in
-    ideal fidelity, the accuracy a user of the clean chip gets.
+    ideal fidelity, the accuracy a user of the clean chip gets; ``agreement`` is the share of
+    test images whose crossbar answer is the task's ideal answer. Level ``none`` is the chip
+    without device effects (its periphery alone: one row, never adapted).
     """
     from core.atomic import atomic_write_bytes
     from core.backbones.shipped import git_revision, load_backbone
@@ -84,8 +85,18 @@ def noise_study(out: Path, *, test_limit: int, command: str,
         if all(previous.get(k) == v for k, v in settings.items()):
             result["rows"] = previous.get("rows", [])
     done = {(r["level"], r["effect"]) for r in result["rows"]}
-    ideal = ideal_top1(backbone, tasks)
+    clean = CrossbarEngine(backbone)
+    ideal_answers = {}
+    for task in tasks:
+        clean.add_task(task.task)
+        ideal_answers[task.name] = predicted_labels(clean, task, "ideal")
+    ideal = {t.name: _top1(ideal_answers[t.name], t.labels) for t in tasks}
     result["ideal"] = {k: round(v, 2) for k, v in ideal.items()}
+
+    def scored(top1_of: torch.Tensor, task: ShippedTask) -> dict[str, float]:
+        top1 = _top1(top1_of, task.labels)
+        return {"top1": round(top1, 2), "minus_ideal": round(top1 - ideal[task.name], 2),
+                "agreement": round(_top1(top1_of, ideal_answers[task.name]), 2)}
 
     def record(row: dict[str, Any]) -> None:
         row["worst_minus_ideal"] = min(t["minus_ideal"] for t in row["tasks"].values())
@@ -96,28 +107,26 @@ def noise_study(out: Path, *, test_limit: int, command: str,
 
     # All four effects at every level first (the headline rows), then each effect alone,
     # cheapest first, so a study cut short still says the most.
+    noisy = [level for level in levels if level != "none"]
     plan = [(level, ALL_FOUR) for level in levels]
-    plan += [(level, effect) for effect in NOISE_EFFECTS if effects for level in levels]
+    plan += [(level, effect) for effect in NOISE_EFFECTS if effects for level in noisy]
     for level, effect in plan:
         if (level, effect) in done:
             continue
         engine = CrossbarEngine(backbone, crossbar=CrossbarSettings(
-            non_idealities=only(NOISE_LEVELS[level], effect)))
+            non_idealities=only(noise_level(level), effect)))
         row: dict[str, Any] = {"level": level, "effect": effect, "tasks": {}}
         started = time.perf_counter()
         for task in tasks:
             engine.add_task(task.task)
-            top1 = _top1(predicted_labels(engine, task, "crossbar"), task.labels)
-            row["tasks"][task.name] = {"top1": round(top1, 2),
-                                       "minus_ideal": round(top1 - ideal[task.name], 2)}
+            row["tasks"][task.name] = scored(predicted_labels(engine, task, "crossbar"), task)
         row["seconds"] = round(time.perf_counter() - started, 1)
         record(row)
-    for level in levels:
-        noise = NOISE_LEVELS[level]
+    for level in noisy:
+        noise = noise_level(level)
         if adaptation is None or (level, ADAPTED) in done:
             continue
         engine = CrossbarEngine(backbone, crossbar=CrossbarSettings(non_idealities=noise))
-        clean = CrossbarEngine(backbone)
         row = {"level": level, "effect": ADAPTED, "tasks": {}, "adaptation": asdict(adaptation)}
         started = time.perf_counter()
         for task in tasks:
@@ -126,10 +135,9 @@ def noise_study(out: Path, *, test_limit: int, command: str,
             shipped_like = ShippedTask(task.name, adapted.task, task.images, task.labels)
             engine.add_task(adapted.task)
             clean.add_task(adapted.task)
-            top1 = _top1(predicted_labels(engine, shipped_like, "crossbar"), task.labels)
             own = _top1(predicted_labels(clean, shipped_like, "ideal"), task.labels)
             row["tasks"][task.name] = {
-                "top1": round(top1, 2), "minus_ideal": round(top1 - ideal[task.name], 2),
+                **scored(predicted_labels(engine, shipped_like, "crossbar"), task),
                 "ideal_on_clean_chip": round(own, 2),
                 "adapt_seconds": round(adapted.seconds, 1)}
         row["seconds"] = round(time.perf_counter() - started, 1)
@@ -141,12 +149,16 @@ def noise_study(out: Path, *, test_limit: int, command: str,
 def markdown(result: dict[str, Any]) -> str:
     """The study as a table: top-1 per task, and the worst loss against ideal."""
     names = list(result["ideal"])
-    lines = ["| level | effect | " + " | ".join(names) + " | worst vs ideal |",
-             "|---|---|" + "---|" * len(names) + "---|",
-             "| none | ideal fidelity | " + " | ".join(f"{result['ideal'][n]:.1f}"
-                                                    for n in names) + " | |"]
+    lines = ["| level | effect | " + " | ".join(names)
+             + " | worst vs ideal | lowest agreement with ideal |",
+             "|---|---|" + "---|" * len(names) + "---|---|",
+             "| | ideal fidelity | " + " | ".join(f"{result['ideal'][n]:.1f}"
+                                                for n in names) + " | | |"]
     for row in result["rows"]:
         cells = " | ".join(f"{row['tasks'][n]['top1']:.1f}" for n in names)
+        agreement = [row["tasks"][n].get("agreement") for n in names]
+        lowest = (f"{min(a for a in agreement if a is not None):.1f}%"
+                  if any(a is not None for a in agreement) else "")
         lines.append(f"| {row['level']} | {row['effect']} | {cells} | "
-                     f"{row['worst_minus_ideal']:+.1f} |")
+                     f"{row['worst_minus_ideal']:+.1f} | {lowest} |")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from core.backbones.preprocess import imagenet_resize_size, preprocess_fit, preprocess_image
-from core.backbones.shipped import imagenet_task, load_backbone
+from core.backbones.shipped import IMAGENET_TASK, load_backbone
 from core.chip.config import Fidelity
 from core.chip.energy import EnergyReport
 from core.chip.pool import EnergyAwareEviction, LRUEviction, PoolConfig, SparePEPool
@@ -33,6 +33,7 @@ from core.lru import CapacityError
 from core.nn.model import CrossbarModel
 from core.task_state import TaskState
 from server.errors import ChipFailure
+from server.imagenet_task import builtin_imagenet_task
 from server.images import load_image
 from server.settings import Settings
 from task_store import StoredTask, TaskStore, VersionRecord
@@ -45,8 +46,10 @@ PREPROCESS_IMAGENET = "imagenet"
 """Resize the short side to 256/224 of the input size, then centre-crop (ImageNet eval)."""
 PREPROCESS_FIT = "fit"
 """Resize the centre square to the input size (how task datasets are read)."""
-BUILTIN_TASK = "imagenet"
-"""The backbone's own ImageNet classifier, served on every chip without a store entry."""
+BUILTIN_TASK = IMAGENET_TASK
+"""The backbone's own ImageNet classifier, served on every chip without a store entry: the
+distilled task of ``server/default_tasks/imagenet.tar`` when it was made on the loaded
+backbone, else the fp32 head on the 4-bit features (:mod:`server.imagenet_task`)."""
 IMAGENET_INPUT_SIZE = 224
 
 
@@ -229,7 +232,7 @@ class TaskRuntime:
             self.served[name] = ServedTask(
                 name=name, version=None, method="builtin", image_size=size,
                 preprocess=PREPROCESS_IMAGENET, labels=task.head.labels, builtin=True,
-                confidence=task.confidence)
+                replaced_pes=task.replaced_pes, confidence=task.confidence)
 
     def load_all(self) -> None:
         """Register the built-in tasks and the active version of every stored task."""
@@ -481,7 +484,8 @@ def build_runtime(settings: Settings) -> TaskRuntime:
     """The chip ``settings`` describe, as ``xma2 serve`` and every Ray chip replica run it.
 
     Loads (and programs) the backbone, opens the store for it and serves the built-in
-    ImageNet task; registers nothing yet: the caller runs :meth:`TaskRuntime.load_all` or
+    ImageNet task (the distilled one when its shipped archive fits the backbone); registers
+    nothing yet: the caller runs :meth:`TaskRuntime.load_all` or
     :meth:`TaskRuntime.load_builtins` on the worker. Sets this process's torch threads.
     """
     torch.set_num_threads(settings.inference_threads)
@@ -495,8 +499,9 @@ def build_runtime(settings: Settings) -> TaskRuntime:
     store = TaskStore.for_model(settings.store_root, model,
                                 max_archive_bytes=settings.max_body_bytes)
     try:
+        builtin = {BUILTIN_TASK: (builtin_imagenet_task(model), IMAGENET_INPUT_SIZE)}
         return TaskRuntime(
-            model, store, builtin={BUILTIN_TASK: (imagenet_task(model), IMAGENET_INPUT_SIZE)},
+            model, store, builtin=builtin,
             fidelity=settings.fidelity,
             pool=PoolConfig(spare_pes=settings.spare_pes, mask_entries=settings.mask_entries),
             eviction=settings.eviction, max_prepared_tasks=settings.max_prepared_tasks)

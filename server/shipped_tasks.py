@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from core.atomic import atomic_write_bytes
+from core.learning.chip_loop import SERVED_CHIP_AGREEMENT
 from task_store import FingerprintMismatch, TaskStore
 from task_store.archive import DEFAULT_MAX_ARCHIVE_BYTES
 from task_store.format import sha256_hex
@@ -58,7 +59,7 @@ class BuildConfig:
     def epochs_for(self, name: str) -> int:
         return self.epochs if self.epochs is not None else SHIPPED_EPOCHS[name]
 
-    chip_agreement: float = 1.0
+    chip_agreement: float = SERVED_CHIP_AGREEMENT
     """``train.chip_agreement`` of the chip stage: keeps each task's ideal fidelity
     answering as the chip does."""
 

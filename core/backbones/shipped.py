@@ -16,10 +16,12 @@ from core.backbones.registry import build_backbone, imagenet_labels
 from core.nn.model import CrossbarModel, imagenet_head
 from core.task_state import TaskState
 
-__all__ = ["SHIPPED_BACKBONE", "default_backbone_path", "git_revision", "imagenet_task",
-           "load_backbone"]
+__all__ = ["IMAGENET_TASK", "SHIPPED_BACKBONE", "default_backbone_path", "git_revision",
+           "imagenet_task", "load_backbone"]
 
 SHIPPED_BACKBONE = "mobilenet_v2_w4a4.safetensors"
+IMAGENET_TASK = "imagenet"
+"""The name of the backbone's own ImageNet task (built into the server)."""
 
 
 def default_backbone_path() -> Path:
@@ -43,7 +45,9 @@ def git_revision() -> str:
 
 
 def imagenet_task(model: CrossbarModel, fp32: nn.Module | None = None) -> TaskState:
-    """The backbone's own ImageNet classifier (from the fp32 checkpoint) as a built-in task."""
+    """The backbone's own ImageNet classifier (from the fp32 checkpoint) as a built-in task:
+    the fp32 head on the 4-bit features, nothing else (the bare task; a distilled one is
+    made by :func:`core.learning.imagenet_task.distill_imagenet_task`)."""
     fp32 = fp32 if fp32 is not None else build_backbone(model.backbone_name)
-    return TaskState("imagenet", model.config.shift_levels,
+    return TaskState(IMAGENET_TASK, model.config.shift_levels,
                      imagenet_head(fp32, model.backbone_name, imagenet_labels()))

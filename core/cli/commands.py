@@ -27,7 +27,7 @@ from core.chip.config import (
 from core.engine import CrossbarEngine
 from core.errors import ResourceUnavailable
 from core.learning.distill import DistillConfig, distill_backbone
-from core.nn.calibration import AGREEMENT_PHOTOS, calibration_images, load_photo
+from core.nn.calibration import AGREEMENT_PHOTOS, agreement_crops, calibration_images, load_photo
 from core.nn.model import CrossbarModel
 from core.task_state import TaskHead, TaskState
 
@@ -177,7 +177,7 @@ def fidelity(backbone_file: Path | None, datasets: list[str], size: int, train_l
     naive_engine.add_task(task)
 
     photos = _photo_batch(AGREEMENT_PHOTOS, 224)
-    crops = calibration_images(200, 224, seed=seed + 1000, photos=AGREEMENT_PHOTOS)
+    crops = agreement_crops(seed=seed)
     with torch.no_grad():
         reference = fp32(photos).argmax(1)
         reference_crops = fp32(crops).argmax(1)

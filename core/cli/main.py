@@ -78,6 +78,10 @@ def build_parser(extensions: Sequence[CommandExtension] = ()) -> argparse.Argume
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument("--images", type=int, default=None,
                            help="calibration photo crops (default 512)")
+    calibrate.add_argument("--chip", choices=["default", "paper", "lossless"], default=None,
+                           help="move the backbone to a named periphery first (the fields "
+                           "below override it): the default chip, the paper's (offset cells, "
+                           "chance at 5 bits) or the lossless one (9 rows, bit-serial)")
     for name, choices in (("weight-encoding", ["offset", "differential"]),
                           ("dac-mode", ["multi_bit", "bit_serial"])):
         calibrate.add_argument(f"--{name}", choices=choices, default=None,
@@ -209,9 +213,12 @@ def _run(args: argparse.Namespace) -> int:
         if out is None:
             raise ConfigError("give --out (or --backbone-file to update a backbone in place); "
                               f"the shipped one is {default_backbone_path()}")
-        chip = {name: getattr(args, name) for name in
-                ("weight_encoding", "dac_mode", "rows_per_read", "adc_bits")
-                if getattr(args, name) is not None}
+        from core.chip.config import CHIP_PRESETS
+
+        chip = {**(CHIP_PRESETS[args.chip] if args.chip else {}),
+                **{name: getattr(args, name) for name in
+                   ("weight_encoding", "dac_mode", "rows_per_read", "adc_bits")
+                   if getattr(args, name) is not None}}
         calibrate_adc(args.backbone_file, out, args.size, args.seed, chip=chip,
                       images=args.images, command=command_line(args.argv))
     elif args.command == "crossbar-accuracy":

@@ -26,7 +26,13 @@ from core.nn.quant import ActivationQuantizer
 from core.ops.crossbar import CrossbarProgram, crossbar_conv2d
 from core.task_state import LayerTaskState
 
-__all__ = ["ChipInTheLoop"]
+__all__ = ["SERVED_CHIP_AGREEMENT", "ChipInTheLoop"]
+
+SERVED_CHIP_AGREEMENT = 1.0
+"""``train.chip_agreement`` of a task trained in the loop to be served (the shipped tasks'
+chip stage, adaptation jobs): the server answers in ideal fidelity by default, so a
+looped task's ideal view is taught the chip's answers (docs/results.md, "Starting from
+the shipped tasks")."""
 
 
 def _same_state(a: LayerTaskState | None, b: LayerTaskState | None) -> bool:

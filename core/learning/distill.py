@@ -52,7 +52,7 @@ class DistillConfig:
     seed: int = 0
 
 
-def _stages(model: nn.Module) -> list[nn.Module]:
+def feature_stages(model: nn.Module) -> list[nn.Module]:
     """The top-level blocks of the feature extractor, whose outputs are matched."""
     features = getattr(model, "features", None)
     if isinstance(features, nn.Sequential):
@@ -94,9 +94,9 @@ def distill_backbone(
     hooks = []
     if config.block_weight:
         hooks += [m.register_forward_hook(lambda _m, _i, out: student_maps.append(out))
-                  for m in _stages(student.body)]
+                  for m in feature_stages(student.body)]
         hooks += [m.register_forward_hook(lambda _m, _i, out: teacher_maps.append(out))
-                  for m in _stages(teacher)]
+                  for m in feature_stages(teacher)]
     try:
         for step in range(config.steps):
             idx = torch.randint(len(images), (config.batch_size,), generator=generator)

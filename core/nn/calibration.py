@@ -7,6 +7,10 @@ give as many distinct calibration inputs as needed, deterministically per seed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,16 +19,24 @@ from core.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from core.errors import ResourceUnavailable
 
 # Photos scikit-image bundles in its wheel (others need a download through pooch).
-# The agreement photos are held out of calibration so the fidelity report is fair.
+# The agreement photos are held out of calibration (and of every training on photo crops)
+# so the fidelity report is fair.
 AGREEMENT_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "horse", "clock")
 CALIBRATION_PHOTOS = (
     "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel", "logo",
     "motorcycle_left", "camera", "brick", "grass", "gravel", "coins", "moon", "page", "text",
 )
+NATURAL_PHOTOS = ("china", "flower", "grace_hopper")
+"""Natural photos that other installed packages bundle (scikit-learn's two sample images,
+matplotlib's portrait of Grace Hopper). The backbone is not calibrated on them (its
+calibration set stays as it was); the ImageNet task's distillation adds them to the
+calibration photos, whose microscopy, texture and text crops are far from the agreement
+photos' objects."""
 
 
 def load_photo(name: str) -> Tensor:
-    """One bundled photo as float RGB ``[3, H, W]`` in [0, 1]."""
+    """One bundled photo (:data:`CALIBRATION_PHOTOS`, :data:`AGREEMENT_PHOTOS`,
+    :data:`NATURAL_PHOTOS`) as float RGB ``[3, H, W]`` in [0, 1]."""
     try:
         import skimage.data
     except ImportError as e:
@@ -33,6 +45,17 @@ def load_photo(name: str) -> Tensor:
         ) from e
     if name == "motorcycle_left":
         array = skimage.data.stereo_motorcycle()[0]
+    elif name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        array = np.array(load_sample_image(f"{name}.jpg"))  # a writable copy
+    elif name == "grace_hopper":
+        import matplotlib
+        from PIL import Image
+
+        path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+        with Image.open(path) as photo:
+            array = np.array(photo.convert("RGB"))
     else:
         array = getattr(skimage.data, name)()
     image = torch.as_tensor(array)
@@ -53,12 +76,11 @@ def normalize(images: Tensor) -> Tensor:
     return (images - mean) / std
 
 
-def calibration_images(
-    count: int, size: int, seed: int = 0, photos: tuple[str, ...] = CALIBRATION_PHOTOS,
-) -> Tensor:
-    """``count`` augmented crops ``[count, 3, size, size]``, ImageNet-normalised."""
-    generator = torch.Generator().manual_seed(seed)
-    sources = [load_photo(p) for p in photos]
+def augmented_crops(sources: Sequence[Tensor], count: int, size: int,
+                    generator: torch.Generator) -> Tensor:
+    """``count`` random resized crops of ``sources`` (photos from :func:`load_photo`),
+    flipped, colour-jittered and sometimes greyed, ``[count, 3, size, size]``,
+    ImageNet-normalised; the draws come from ``generator`` alone."""
     out = torch.empty(count, 3, size, size)
     for i in range(count):
         image = sources[int(torch.randint(len(sources), (1,), generator=generator))]
@@ -79,3 +101,23 @@ def calibration_images(
             crop = crop.mean(0, keepdim=True).expand(3, -1, -1)
         out[i] = (crop * jitter).clamp(0, 1)
     return normalize(out)
+
+
+def calibration_images(
+    count: int, size: int, seed: int = 0, photos: tuple[str, ...] = CALIBRATION_PHOTOS,
+) -> Tensor:
+    """``count`` augmented crops ``[count, 3, size, size]``, ImageNet-normalised."""
+    generator = torch.Generator().manual_seed(seed)
+    return augmented_crops([load_photo(p) for p in photos], count, size, generator)
+
+
+AGREEMENT_CROPS = 200
+"""Held-out crops of :data:`AGREEMENT_PHOTOS` that ``xma2 fidelity`` scores agreement on."""
+AGREEMENT_SEED_OFFSET = 1000
+"""Their seed is the run's seed plus this (so no calibration draw of a run repeats them)."""
+
+
+def agreement_crops(count: int = AGREEMENT_CROPS, size: int = 224, seed: int = 0) -> Tensor:
+    """The held-out crops top-1 agreement with fp32 is measured on (never trained on)."""
+    return calibration_images(count, size, seed=seed + AGREEMENT_SEED_OFFSET,
+                              photos=AGREEMENT_PHOTOS)

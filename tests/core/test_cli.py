@@ -83,3 +83,18 @@ def test_calibrate_adc_command_rewrites_ranges_and_keeps_weights(tmp_path):
                for (_, a), (_, b) in zip(shipped.layers(), recalibrated.layers(), strict=True)
                if a.on_crossbar)
     assert main(["calibrate-adc"]) == 2  # no destination: a CLI error naming the fix
+
+
+def test_calibrate_adc_moves_a_backbone_to_a_named_chip(tmp_path):
+    from core.chip.config import CHIP_PRESETS, PAPER_CHIP, CrossbarConfig
+
+    assert CrossbarConfig.from_dict({**CrossbarConfig().to_dict(), **CHIP_PRESETS["default"]}) \
+        == CrossbarConfig()
+    out = tmp_path / "paper.safetensors"
+    assert main(["calibrate-adc", "--chip", "paper", "--adc-bits", "6", "--images", "8",
+                 "--out", str(out), "--size", "32"]) == 0
+    paper = load_backbone(out)
+    assert paper.config.weight_encoding.value == PAPER_CHIP["weight_encoding"]
+    assert paper.config.rows_per_read == PAPER_CHIP["rows_per_read"]
+    assert paper.config.adc_bits == 6  # a field given beside the preset overrides it
+    assert paper.adc_calibrated and paper.fingerprint() != load_backbone(None).fingerprint()

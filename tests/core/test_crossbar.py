@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from core.backbones import build_backbone
 from core.chip.adc import full_scale_adc_step
-from core.chip.config import CrossbarConfig, CrossbarSettings, NonIdealities
+from core.chip.config import LOSSLESS_CHIP, CrossbarConfig, CrossbarSettings, NonIdealities
 from core.chip.mapping import LayerMapping, map_layer
 from core.engine import CrossbarEngine
 from core.errors import ConfigError
@@ -46,7 +46,7 @@ def _layer(cin: int, cout: int, kernel: int, config: CrossbarConfig, *, weight_b
 # One 4-row PE column pair: weights [1, -2, 3, 0] are levels [9, 6, 11, 8] under the
 # offset encoding, i.e. high cells [2, 1, 2, 2] and low cells [1, 2, 3, 0]. The input
 # [3, 1, 2, 0] makes both partial sums 11, the input sum 6 and the exact result 7.
-HAND_CONFIG = CrossbarConfig(rows=4, cols=2)
+HAND_CONFIG = CrossbarConfig(rows=4, cols=2, **LOSSLESS_CHIP)  # offset cells, as written
 HAND_CODES = torch.tensor([1, -2, 3, 0], dtype=torch.int8).reshape(1, 4, 1, 1)
 HAND_INPUT = torch.tensor([3.0, 1.0, 2.0, 0.0]).reshape(1, 4, 1, 1)
 HAND_GEOMETRY = ConvGeometry((1, 1), (0, 0), (1, 1))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.chip.config import CrossbarConfig
+from core.chip.config import LOSSLESS_CHIP, CrossbarConfig
 from core.chip.mapping import ModelMapping, PEId, map_layer
 from core.chip.pool import (
     EnergyAwareEviction,
@@ -29,7 +29,7 @@ def hand_mapping() -> ModelMapping:
 
     Two PEs: (0, 0) holds outputs 0-1, (0, 1) outputs 2 only; both use 3 of 4 rows.
     """
-    config = CrossbarConfig(rows=4, cols=4)
+    config = CrossbarConfig(rows=4, cols=4, **LOSSLESS_CHIP)  # offset cells, as written
     layer = map_layer("conv", 0, nn.Conv2d(3, 3, 1, bias=False, device="meta"), config,
                       weight_bits=4, input_bits=4, input_signed=False)
     return ModelMapping(config, (layer,))

@@ -32,9 +32,9 @@ def test_job_makes_a_servable_task_and_a_new_version_changes_predictions(
         events = op.get(f"/adaptations/{job['id']}/events").json()["data"]
         messages = [e["message"] for e in events]
         assert messages[0].startswith("queued") and "registered photos version 1" in messages[-1]
-        # the shipped chip is lossless: no job needs it in the loop unless asked
-        assert done["params"]["chip_in_loop"] is False
-        assert not any("chip in the loop" in m for m in messages)
+        # the shipped chip is lossy: a job trains with it in the loop unless told not to
+        assert done["params"]["chip_in_loop"] is True
+        assert any("chip in the loop" in m for m in messages)
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
         page = op.get(f"/adaptations/{job['id']}/events", params={"after": 2, "limit": 1}).json()
         assert [e["seq"] for e in page["data"]] == [3] and page["has_more"]
@@ -49,11 +49,11 @@ def test_job_makes_a_servable_task_and_a_new_version_changes_predictions(
         assert detail["hyperparameters"]["job"] == job["id"]
 
         job2 = _submit(op, task="photos", dataset_path="renamed", epochs=2, batch_size=8,
-                       seed=1, chip_in_loop=True)
+                       seed=1, chip_in_loop=False)
         done2 = wait_job(op, str(job2["id"]))
-        assert done2["status"] == "succeeded" and done2["params"]["chip_in_loop"] is True
+        assert done2["status"] == "succeeded" and done2["params"]["chip_in_loop"] is False
         events2 = op.get(f"/adaptations/{job2['id']}/events").json()["data"]
-        assert any("chip in the loop" in e["message"] for e in events2)
+        assert not any("chip in the loop" in e["message"] for e in events2)
         second = wait_for(lambda: (r := c.post("/predict", params={"task": "photos"},
                                                content=cat)).json()["version"] == 2 and r.json(),
                           timeout=30, what="version 2 to be served")

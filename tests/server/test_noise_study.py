@@ -28,7 +28,21 @@ def test_unknown_levels_and_tasks_are_refused_before_any_work(
     out = tmp_path / "noise.json"
     assert main(["chip-frontier", "--noise", "--noise-levels", "low,medium",
                  "--out", str(out)]) != 0
-    assert "unknown noise level(s) ['medium']; choose from low, high" in capsys.readouterr().err
+    refused = capsys.readouterr().err
+    assert "unknown noise level(s) ['medium']; choose from none, low, high" in refused
     with pytest.raises(ConfigError, match="unknown shipped task"):
         noise_study(out, test_limit=1, command="test", names=["cifar"])
     assert not out.exists()
+
+
+def test_the_clean_chip_row_scores_each_task_and_its_agreement_with_ideal(
+        tmp_path: Path) -> None:
+    out = tmp_path / "clean.json"
+    result = noise_study(out, test_limit=8, command="test", levels=("none",),
+                         names=["mnist"])
+    assert [(r["level"], r["effect"]) for r in result["rows"]] == [("none", ALL_FOUR)]
+    scores = result["rows"][0]["tasks"]["mnist"]
+    assert 0 <= scores["agreement"] <= 100 and scores["agreement"] % 12.5 == 0
+    assert scores["minus_ideal"] == pytest.approx(scores["top1"] - result["ideal"]["mnist"],
+                                                  abs=0.02)
+    assert "lowest agreement with ideal" in out.with_suffix(".md").read_text()
