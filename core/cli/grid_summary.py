@@ -105,15 +105,19 @@ def render_summary(summary: dict[str, Any], out_prefix: Path,
         means = [c["test_accuracy"]["mean"] for c in trio if c]
         spread = max(c["test_accuracy"]["std"] for c in trio if c)
         gaps = [means[0] - means[1], means[1] - means[2]]
-        if all(g > spread for g in gaps):
+        single = min(len(c["test_accuracy"]["values"]) for c in trio if c) < 2
+        if single:  # no spread to judge against: one seed says only what the means say
+            verdict = ("holds in the means of one seed" if all(g > 0 for g in gaps)
+                       else "does not hold in one seed")
+        elif all(g > spread for g in gaps):
             verdict = "holds beyond the spread"
         elif all(g > 0 for g in gaps):
             verdict = "holds in the means, within the spread"
         else:
             verdict = "does not hold"
+        spread_text = "no spread yet" if single else f"largest std {100 * spread:.2f}"
         verdicts.append(f"{dataset_titles.get(d, d)}: {verdict} (gaps "
-                        f"{100 * gaps[0]:+.2f} / {100 * gaps[1]:+.2f} points, largest std "
-                        f"{100 * spread:.2f})")
+                        f"{100 * gaps[0]:+.2f} / {100 * gaps[1]:+.2f} points, {spread_text})")
     if verdicts:
         lines += ["Paper's ordering XMA2 (P = 10%) > XMA > piggyback: " + "; ".join(verdicts)
                   + ".", ""]

@@ -46,6 +46,14 @@ def test_ordering_within_the_spread_is_not_called_a_finding(tmp_path):
     assert "beyond the spread" not in page
 
 
+def test_a_single_seed_is_not_judged_against_a_spread_it_does_not_have(tmp_path):
+    runs = [_run(0, {"d/xma2@0.1": 0.90, "d/xma": 0.80, "d/piggyback": 0.70}),
+            _run(1, {"d/xma": 0.80})]
+    page = render_summary(summarize(runs), tmp_path / "s", {}, {})
+    assert "holds in the means of one seed" in page and "no spread yet" in page
+    assert "beyond the spread" not in page and "largest std" not in page
+
+
 def test_runs_that_differ_in_more_than_the_seed_are_refused():
     with pytest.raises(ConfigError, match="epochs"):
         summarize([_run(0, {"d/xma": 0.8}), _run(1, {"d/xma": 0.8}, epochs=5)])
