@@ -9,9 +9,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.cli import main as core_cli
+
+if TYPE_CHECKING:
+    from server.chip_adaptation import Readaptation
 
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 """glibc returns large freed blocks to the OS, so every forward pass would pay fresh page
@@ -150,17 +153,20 @@ class ServerCommands:
         frontier.add_argument("--adapt-warm-start", type=int, default=512,
                               help="with --adapt-on-chip: images that fit the initial head")
         frontier.add_argument("--adapt-seed", type=int, default=None,
-                              help="with --adapt-on-chip: training seed (default: the shipped "
-                                   "recipe's; the test images stay the same)")
+                              help="with --adapt-on-chip or --adapt-for-noise: training seed "
+                                   "(default: the shipped recipe's; the test images stay the "
+                                   "same)")
         frontier.add_argument("--no-control", action="store_true",
                               help="with --adapt-on-chip: skip the adaptation without the loop")
         frontier.add_argument("--adapt-from-shipped", action="store_true",
-                              help="with --adapt-on-chip: start from the shipped task (its "
-                                   "PEs, codes, masks, BatchNorm terms and head) rather than "
-                                   "from the backbone")
+                              help="with --adapt-on-chip or --adapt-for-noise: start from "
+                                   "the shipped task (its PEs, codes, masks, BatchNorm terms "
+                                   "and head) rather than from the backbone")
         frontier.add_argument("--adapt-set", action="append", default=[], metavar="KEY=VALUE",
-                              help="with --adapt-on-chip: override a setting of the recipe "
-                                   "(e.g. mask.lr=0.05; repeatable; as `xma2 adapt --set`)")
+                              help="with --adapt-on-chip or --adapt-for-noise: override a "
+                                   "setting of the recipe (e.g. train.chip_periphery=true for "
+                                   "a noise-aware chip stage; repeatable; as `xma2 adapt "
+                                   "--set`)")
 
         calibrate = commands.add_parser(
             "calibrate-tasks",
@@ -312,6 +318,19 @@ def build_imagenet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readaptation(args: argparse.Namespace, *, train_limit: int, warm_start: int | None,
+                  control: bool) -> Readaptation:
+    """The re-adaptation budget of ``chip-frontier --adapt-on-chip`` or ``--adapt-for-noise``
+    from the ``--adapt-*`` flags (``train_limit``: the mode's default image count)."""
+    from core.learning.registry import parse_settings
+    from server.chip_adaptation import Readaptation
+
+    return Readaptation(args.adapt_train_limit or train_limit, args.adapt_epochs, warm_start,
+                        seed=args.adapt_seed, control=control,
+                        from_shipped=args.adapt_from_shipped,
+                        settings=tuple(sorted(parse_settings(args.adapt_set).items())))
+
+
 def chip_frontier(args: argparse.Namespace) -> int:
 
     from server import frontier
@@ -336,10 +355,8 @@ def chip_frontier(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"unknown noise level(s) {unknown}; choose from none, "
                               f"{', '.join(NOISE_LEVELS)}")
-        from server.chip_adaptation import Readaptation
-
-        adaptation = (Readaptation(args.adapt_train_limit or 10000, args.adapt_epochs)
-                      if args.adapt_for_noise else None)
+        adaptation = _readaptation(args, train_limit=10000, warm_start=None,
+                                   control=False) if args.adapt_for_noise else None
         noise = noise_study.noise_study(args.out, test_limit=args.test_limit,
                                         command=core_cli.command_line(args.argv),
                                         backbone_file=args.backbone_file, levels=levels,
@@ -350,14 +367,10 @@ def chip_frontier(args: argparse.Namespace) -> int:
     points = frontier.grid(args.encodings.split(","), [int(r) for r in args.rows.split(",")],
                            [int(b) for b in args.adc_bits.split(",")], args.dac.split(","))
     if args.adapt_on_chip:
-        from core.learning.registry import parse_settings
         from server import chip_adaptation
 
-        budget = chip_adaptation.Readaptation(
-            args.adapt_train_limit or 2000, args.adapt_epochs, args.adapt_warm_start,
-            seed=args.adapt_seed, control=not args.no_control,
-            from_shipped=args.adapt_from_shipped,
-            settings=tuple(sorted(parse_settings(args.adapt_set).items())))
+        budget = _readaptation(args, train_limit=2000, warm_start=args.adapt_warm_start,
+                               control=not args.no_control)
         adapted = chip_adaptation.adapt_on_chip(
             args.out, points, test_limit=args.test_limit,
             calibration_images=args.calibration_images, seed=args.seed,

@@ -46,3 +46,21 @@ def test_the_clean_chip_row_scores_each_task_and_its_agreement_with_ideal(
     assert scores["minus_ideal"] == pytest.approx(scores["top1"] - result["ideal"]["mnist"],
                                                   abs=0.02)
     assert "lowest agreement with ideal" in out.with_suffix(".md").read_text()
+
+
+def test_a_noise_aware_chip_stage_starts_from_the_shipped_task(tmp_path: Path) -> None:
+    """--adapt-for-noise takes the --adapt-* budget: a warm start with the chip in the loop."""
+    import json
+
+    out = tmp_path / "aware.json"
+    assert main(["chip-frontier", "--noise", "--noise-levels", "low", "--no-effects",
+                 "--tasks", "mnist", "--test-limit", "8", "--adapt-for-noise",
+                 "--adapt-from-shipped", "--adapt-train-limit", "64", "--adapt-epochs", "1",
+                 "--adapt-set", "train.chip_periphery=true", "--threads", "1",
+                 "--out", str(out)]) == 0
+    rows = {r["effect"]: r for r in json.loads(out.read_text())["rows"]}
+    adapted = rows["all four, tasks adapted for this chip"]
+    assert adapted["adaptation"]["from_shipped"] is True
+    assert ["train.chip_periphery", "true"] in adapted["adaptation"]["settings"]
+    assert adapted["adaptation"]["train_limit"] == 64
+    assert 0 <= adapted["tasks"]["mnist"]["agreement"] <= 100
