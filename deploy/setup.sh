@@ -42,5 +42,5 @@ fi
 
 # The crossbar operator (C++) is compiled here, once, into torch's extension cache, so
 # that no request waits for it; a lossy periphery is the only user at run time.
-"$VENV/bin/python" -c "from core.ops.extension import crossbar_extension as b; b()" \
+"$VENV/bin/python" -m core.ops.extension \
     || echo "setup: the crossbar operator did not build; the pure-torch one will run" >&2

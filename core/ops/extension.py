@@ -82,3 +82,12 @@ def crossbar_extension() -> ModuleType | None:
         log.warning("building the crossbar operator failed (%s): using the pure-torch "
                     "reference", e)
         return None
+
+
+if __name__ == "__main__":  # `python -m core.ops.extension`: build it now (set-up, images)
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    built = crossbar_extension()
+    log.info("crossbar operator %s", "built" if built is not None else "not built")
+    sys.exit(0 if built is not None else 1)
