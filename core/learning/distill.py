@@ -52,6 +52,11 @@ class DistillConfig:
     seed: int = 0
 
 
+def normalised_mse(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean squared error relative to the teacher's energy, so every stage weighs alike."""
+    return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-8)
+
+
 def feature_stages(model: nn.Module) -> list[nn.Module]:
     """The top-level blocks of the feature extractor, whose outputs are matched."""
     features = getattr(model, "features", None)
@@ -107,10 +112,10 @@ def distill_backbone(
                 target = teacher.forward_features(x)
                 target_logits = teacher_head(target)
             feats = student(x)
-            loss = F.mse_loss(feats, target) / target.pow(2).mean().clamp_min(1e-8)
+            loss = normalised_mse(feats, target)
             if config.block_weight:
                 block = sum(
-                    F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-8)
+                    normalised_mse(s, t)
                     for s, t in zip(student_maps, teacher_maps, strict=True)
                 )
                 loss = loss + config.block_weight * block / max(1, len(student_maps))

@@ -34,7 +34,7 @@ from core.chip.config import noise_level
 from core.errors import ConfigError
 from core.learning.chip_loop import ChipInTheLoop
 from core.learning.common import deterministic, seeded_generator
-from core.learning.distill import feature_stages
+from core.learning.distill import feature_stages, normalised_mse
 from core.learning.ranking import pe_sensitivity, select_top_pes
 from core.learning.task_model import CrossbarAdapter, LayerAdapter, TaskModel
 from core.nn.calibration import (
@@ -167,10 +167,6 @@ def _lr_factor(step: int, config: ImagenetTaskConfig) -> float:
     return rise * 0.5 * (1 + math.cos(math.pi * step / max(1, config.steps)))
 
 
-def _normalised_mse(student: Tensor, teacher: Tensor) -> Tensor:
-    return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-8)
-
-
 def _add_spare_pes(task_model: TaskModel, x: Tensor, target: Tensor,
                    config: ImagenetTaskConfig) -> list[nn.Parameter]:
     """Rank the PEs on one batch (labels: the teacher's top-1) and give the top
@@ -247,9 +243,9 @@ def distill_imagenet_task(
                     F.log_softmax(target_logits / temperature, 1),
                     log_target=True, reduction="batchmean")
                 if config.feature_weight:
-                    loss = loss + config.feature_weight * _normalised_mse(features, target)
+                    loss = loss + config.feature_weight * normalised_mse(features, target)
                 if config.block_weight:
-                    block = torch.stack([_normalised_mse(s, t) for s, t in
+                    block = torch.stack([normalised_mse(s, t) for s, t in
                                          zip(student_maps, teacher_maps, strict=True)])
                     loss = loss + config.block_weight * block.mean()
                 if optimizer is not None and schedule is not None:
