@@ -1,7 +1,8 @@
 """Where crossbar fidelity's time goes on a lossy periphery, by phase of the operator.
 
 Runs MobileNetV2 in crossbar fidelity on the paper's periphery (:data:`core.chip.config.PAPER_CHIP`,
-ADC calibrated as ``bench/engine.py --crossbar`` does), captures every crossbar layer's
+ADC calibrated as ``bench/engine.py --crossbar`` does; ``--chip shipped``: the shipped
+backbone's own chip and ADC ranges), captures every crossbar layer's
 input codes and program, then times each phase of the operator on them alone (best of
 ``--repeats``, one thread by default), besides the whole forward pass:
 
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calibration-images", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chip", choices=("paper", "shipped"), default="paper")
     args = parser.parse_args()
 
     from core.backbones.shipped import load_backbone
@@ -83,8 +85,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    model = load_backbone(None).with_chip(**PAPER_CHIP)
-    model.calibrate_adc(calibration_images(args.calibration_images, 64, seed=0))
+    model = load_backbone(None)
+    if args.chip == "paper":
+        model = model.with_chip(**PAPER_CHIP)
+        model.calibrate_adc(calibration_images(args.calibration_images, 64, seed=0))
     engine = CrossbarEngine(model, crossbar=CrossbarSettings(dac_mode=args.dac_mode,
                                                              implementation="compiled"))
     engine.add_task(random_task_state("task-a", engine.mapping, random_head(1000, 1280),

@@ -161,6 +161,27 @@ class CrossbarProgram:
             1, 2).contiguous()
 
     @functools.cached_property
+    def matmul_layout(self) -> tuple[Tensor, int, float, int]:
+        """The matrix-product path's weight, ``pack``, ``pack_base`` and segment limit.
+
+        Where the worst-case read does not let two cell slices share a float column
+        (differential pairs read 72 rows at once: digits up to ``6 * 72 * 15``), this
+        path still packs them, at base ``2**12``: a read whose DAC inputs sum to at most
+        the limit fits, and the operator sums a larger one in segments that each fit.
+        The two slices' digits are then exact whatever the read, as in :attr:`weight`'s
+        own layout, so the results are the same bits; the work per read halves."""
+        if not (self.exact_sums and self.pack == 1 and self.slices == 2):
+            return self.read_major_weight, self.pack, self.pack_base, 0
+        digits = self.read_major_weight[..., :-1]
+        base = 2 ** (_EXACT_FLOAT_BITS // 2)
+        limit = (base - 1) // max(1, int(digits.max()))
+        if limit < 2**self.dac_bits - 1:
+            return self.read_major_weight, self.pack, self.pack_base, 0
+        low, high = digits.reshape(*digits.shape[:2], self.out_channels, 2).unbind(-1)
+        packed = torch.cat([low + base * high, self.read_major_weight[..., -1:]], dim=-1)
+        return packed.contiguous(), 2, float(base), limit
+
+    @functools.cached_property
     def zero_reads_zero(self) -> bool:
         """Whether a cycle whose inputs are all zero adds nothing (then it can be skipped)."""
         return self.read_sigma == 0 and bool(
@@ -541,13 +562,15 @@ def _compiled_matmul(part: Tensor, program: CrossbarProgram, geometry: ConvGeome
                      column_values: Tensor, skip_zero: bool, out: Tensor) -> None:
     extension = crossbar_extension()
     assert extension is not None
+    weight, pack, pack_base, segment_limit = program.matmul_layout
     extension.crossbar_matmul(
-        part, program.read_major_weight, list(program.kernel_size), list(geometry.stride),
+        part, weight, list(program.kernel_size), list(geometry.stride),
         list(geometry.padding), list(geometry.dilation), program.out_channels,
-        program.slices, program.pack, program.pack_base, program.slice_weight,
+        program.slices, pack, pack_base, program.slice_weight,
         program.adc_step, program.adc_inv_step, program.adc_qmin, program.adc_qmax,
         program.adc_offset_lsb, program.weight_offset, program.digit_bias, column_values,
-        program.input_bits, program.input_signed, program.dac_bits, skip_zero, out,
+        program.input_bits, program.input_signed, program.dac_bits, skip_zero,
+        segment_limit, out,
     )
 
 

@@ -241,10 +241,20 @@ void crossbar_matmul(
     bool input_signed,
     int64_t dac_bits,
     bool skip_zero,                      // a zero input reads as zero: skip all-zero reads
+    int64_t segment_limit,               // > 0: see below
     torch::Tensor out)                   // float [B, Cout, Ho, Wo], accumulated into
 {
   TORCH_CHECK(codes_in.scalar_type() == at::kFloat && codes_in.dim() == 4,
               "input codes must be float [B, C, H, W]");
+  // segment_limit > 0: two cell slices share each packed column although a read's whole sum
+  // may not fit the packed digit (differential pairs at 72 rows and 4-bit inputs). A read
+  // whose DAC inputs sum to at most segment_limit fits (limit * largest digit < base); a
+  // larger one is summed in segments that each fit, their digits unpacked and added, so
+  // every digit is still the exact integer an unpacked layout gives.
+  TORCH_CHECK(segment_limit <= 0 || (slices == 2 && pack == 2 &&
+                                      segment_limit >= (int64_t{1} << dac_bits) - 1),
+              "segmented reads need two cell slices packed in one column and a limit of "
+              "at least one DAC input");
   TORCH_CHECK(weight_t.scalar_type() == at::kFloat && weight_t.dim() == 3 &&
               weight_t.is_contiguous(), "crossbar weight must be float [R, rows, columns]");
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
@@ -321,6 +331,7 @@ void crossbar_matmul(
 
   at::parallel_for(0, images * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(kBlock * cout), sums(columns), rest(cout), value(cout);
+    std::vector<float> high_sum(cout), low_sum(cout);  // a segmented read's digits
     std::vector<int32_t> codes_patch(patch), nonzero(k_len);
     std::vector<float> chunk(k_len);
     for (int64_t item = begin; item < end; ++item) {
@@ -361,38 +372,72 @@ void crossbar_matmul(
           for (int64_t r = 0; r < row_groups; ++r) {
             // the read's inputs (this cycle's DAC chunk) and which of them are non-zero
             const int32_t* in = codes_patch.data() + r * k_len;
-            int64_t n_nonzero = 0;
-            for (int64_t k = 0; k < k_real[r]; ++k) {  // rows past the inputs hold zeros
+            const int64_t rows_read = k_real[r];  // rows past the inputs hold zeros
+            int32_t input_total = 0;
+            for (int64_t k = 0; k < rows_read; ++k) {  // vectorised
               const int32_t v = (std::max(sign * in[k], 0) >> shift) & mask;
               chunk[k] = static_cast<float>(v);
+              input_total += v;
+            }
+            int64_t n_nonzero = 0;
+            for (int64_t k = 0; k < rows_read; ++k) {
               nonzero[n_nonzero] = static_cast<int32_t>(k);
-              n_nonzero += v != 0;
+              n_nonzero += chunk[k] != 0.0f;
             }
             if (n_nonzero == 0 && skip_zero) continue;  // adds exactly nothing
-            // column sums: integers below 2^24, exact in any order
             float* __restrict s_row = sums.data();
-            std::fill(sums.begin(), sums.end(), 0.0f);
             const float* w_r = levels + r * k_len * columns;
-            int64_t z = 0;
-            for (; z + 4 <= n_nonzero; z += 4) {
-              const int32_t k0 = nonzero[z], k1 = nonzero[z + 1], k2 = nonzero[z + 2],
-                            k3 = nonzero[z + 3];
-              const float a0 = chunk[k0], a1 = chunk[k1], a2 = chunk[k2], a3 = chunk[k3];
-              const float* __restrict w0 = w_r + k0 * columns;
-              const float* __restrict w1 = w_r + k1 * columns;
-              const float* __restrict w2 = w_r + k2 * columns;
-              const float* __restrict w3 = w_r + k3 * columns;
-              for (int64_t n = 0; n < columns; ++n) {  // fused multiply-adds: exact here
-                s_row[n] = std::fma(a3, w3[n], std::fma(a2, w2[n], std::fma(
-                    a1, w1[n], std::fma(a0, w0[n], s_row[n]))));
+            if (segment_limit > 0 && input_total > segment_limit) {
+              // segments of the non-zero inputs whose sums fit the packed digit
+              const float d = digit_scale[1], inv_d = 1.0f / d;
+              std::fill(high_sum.begin(), high_sum.end(), 0.0f);
+              std::fill(low_sum.begin(), low_sum.end(), 0.0f);
+              float segmented_input = 0.0f;
+              int64_t z = 0;
+              while (z < n_nonzero) {
+                std::fill(sums.begin(), sums.end(), 0.0f);
+                int64_t segment = 0;
+                for (; z < n_nonzero; ++z) {
+                  const int32_t k0 = nonzero[z];
+                  const float a0 = chunk[k0];
+                  segment += static_cast<int64_t>(a0);
+                  if (segment > segment_limit) break;
+                  const float* __restrict w0 = w_r + k0 * columns;
+                  for (int64_t n = 0; n < columns; ++n) s_row[n] = std::fma(a0, w0[n], s_row[n]);
+                }
+                for (int64_t o = 0; o < cout; ++o) {
+                  const float high = std::floor(s_row[o] * inv_d);
+                  high_sum[o] += high;
+                  low_sum[o] += s_row[o] - high * d;
+                }
+                segmented_input += s_row[columns - 1];
+              }
+              s_row[columns - 1] = segmented_input;
+            } else {
+              // column sums: integers below 2^24, exact in any order
+              std::fill(sums.begin(), sums.end(), 0.0f);
+              int64_t z = 0;
+              for (; z + 4 <= n_nonzero; z += 4) {
+                const int32_t k0 = nonzero[z], k1 = nonzero[z + 1], k2 = nonzero[z + 2],
+                              k3 = nonzero[z + 3];
+                const float a0 = chunk[k0], a1 = chunk[k1], a2 = chunk[k2], a3 = chunk[k3];
+                const float* __restrict w0 = w_r + k0 * columns;
+                const float* __restrict w1 = w_r + k1 * columns;
+                const float* __restrict w2 = w_r + k2 * columns;
+                const float* __restrict w3 = w_r + k3 * columns;
+                for (int64_t n = 0; n < columns; ++n) {  // fused multiply-adds: exact here
+                  s_row[n] = std::fma(a3, w3[n], std::fma(a2, w2[n], std::fma(
+                      a1, w1[n], std::fma(a0, w0[n], s_row[n]))));
+                }
+              }
+              for (; z < n_nonzero; ++z) {
+                const int32_t k0 = nonzero[z];
+                const float a0 = chunk[k0];
+                const float* __restrict w0 = w_r + k0 * columns;
+                for (int64_t n = 0; n < columns; ++n) s_row[n] = std::fma(a0, w0[n], s_row[n]);
               }
             }
-            for (; z < n_nonzero; ++z) {
-              const int32_t k0 = nonzero[z];
-              const float a0 = chunk[k0];
-              const float* __restrict w0 = w_r + k0 * columns;
-              for (int64_t n = 0; n < columns; ++n) s_row[n] = std::fma(a0, w0[n], s_row[n]);
-            }
+            const bool segmented = segment_limit > 0 && input_total > segment_limit;
             // ADC, shift-add, column mask and offset correction of every output channel
             const float input_sum = s_row[columns - 1];
             const float* mask_r = col + b * col_image_stride + r * cout;
@@ -402,10 +447,16 @@ void crossbar_matmul(
               const float d = digit_scale[1], inv_d = 1.0f / d;
               const float step0 = step[0], step1 = step[1], inv0 = inv_step[0],
                           inv1 = inv_step[1], w0 = slice_w[0], w1 = slice_w[1];
+              if (!segmented) {
+                for (int64_t o = 0; o < cout; ++o) {
+                  const float high = std::floor(s_row[o] * inv_d);
+                  high_sum[o] = high;
+                  low_sum[o] = s_row[o] - high * d;
+                }
+              }
               for (int64_t o = 0; o < cout; ++o) {
-                const float packed_sum = s_row[o];
-                const float high = std::floor(packed_sum * inv_d);
-                const float low = packed_sum - high * d;
+                const float high = high_sum[o];
+                const float low = low_sum[o];
                 const float analog1 = bias != 0.0f ? high - shift_in : high;
                 float level1 = std::nearbyint(analog1 * inv1 + offset_lsb);
                 level1 = std::min(std::max(level1, qmin), qmax);

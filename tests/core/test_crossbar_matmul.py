@@ -118,6 +118,37 @@ def test_matmul_path_equals_the_grouped_convolution(case):
     assert torch.equal(fast, slow)
 
 
+@pytest.mark.parametrize(("kernel", "adc_bits", "step_scale"),
+                         [(1, 5, 0.3), (3, 5, 0.3), (1, 14, 0.0), (3, 14, 0.0)])
+def test_differential_reads_pack_two_slices_and_segment_large_sums(kernel, adc_bits,
+                                                                    step_scale):
+    """On the default chip a whole read may not fit a packed float column, so the matrix
+    path packs at a lower base and sums a read with large inputs in segments: the same
+    bits as the grouped convolution, also where every input is at its largest."""
+    g = torch.Generator().manual_seed(kernel)
+    config = CrossbarConfig()
+    cin = 72 // kernel**2 * 2  # two PE row groups of 72 rows
+    layer = _layer(cin, 24, kernel, config, input_bits=8, signed=True)
+    codes = torch.randint(-8, 8, (24, cin, kernel, kernel), generator=g, dtype=torch.int8)
+    codes[:12] = 7  # cell digits (differential levels + 3) of 4 and 6: sums past 2**12
+    # a 5-bit ADC, and one wide enough at unit step to pass every digit's error through
+    step = (full_scale_adc_step(layer, dac_bits=4, adc_bits=adc_bits) * step_scale
+            if step_scale else torch.ones(layer.slices))
+    values = shift_values(3)[torch.randint(0, 5, (layer.row_groups, 24), generator=g)]
+    program = build_program(layer_cell_levels(codes, layer), values, layer, dac_bits=4,
+                            adc_step=step, adc_bits=adc_bits, adc_offset_lsb=0.3)
+    _, pack, _, limit = program.matmul_layout
+    assert program.pack == 1 and pack == 2 and 15 <= limit < 72 * 15, limit
+    x = torch.randint(-128, 128, (3, cin, 5, 5), generator=g).float()
+    x[0] = -128  # every read's cycles at their largest: segmented
+    x[1] = 127
+    x[2] *= torch.rand(x[2].shape, generator=g) < 0.3  # sparse: one segment
+    geometry = ConvGeometry((1, 1), (kernel // 2,) * 2, (1, 1))
+    fast, slow = _both_paths(lambda: crossbar_conv2d(x, program, geometry,
+                                                     implementation="compiled"))
+    assert torch.equal(fast, slow)
+
+
 def _program(levels: torch.Tensor, layer: LayerMapping, **kw: float) -> CrossbarProgram:
     step = full_scale_adc_step(layer, dac_bits=4, adc_bits=5)
     return build_program(levels, torch.ones(layer.row_groups, layer.out_channels), layer,
