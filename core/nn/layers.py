@@ -329,13 +329,15 @@ class CrossbarConv2d(nn.Module):
 
     def _add_spare_reads(self, codes: Tensor, acc: Tensor, reads: list[SpareRead]) -> None:
         """Add every task's spare-PE reads of a mixed batch: one compiled call for all
-        tasks (same float operations, in the same order, as reading each on its own)."""
+        tasks (same float operations, in the same order, as reading each on its own),
+        or, where every read's sums are exact, each task's reads on the operator's
+        matrix-product path (the same bits, without a convolution per task)."""
         context, program = current_forward_context(), self._layer_call().program
         assert context is not None and program is not None
         first = reads[0].program
         extension = (crossbar_extension() if context.implementation
                      is not OperatorImplementation.REFERENCE and _shared_periphery(reads)
-                     else None)
+                     and not all(r.program.exact_sums for r in reads) else None)
         if extension is not None:
             extension.crossbar_spare_reads(
                 codes, acc, [r.samples for r in reads], [r.channels for r in reads],
