@@ -156,9 +156,11 @@ class CrossbarProgram:
         """:attr:`weight` as ``[row_groups, channels_per_group * kh * kw, columns]``: per
         read group, each input row's levels of every column, contiguous (the compiled
         operator's row-vector products read it so)."""
+        return self._read_major().contiguous()
+
+    def _read_major(self) -> Tensor:
         rows = self.channels_per_group * self.kernel_size[0] * self.kernel_size[1]
-        return self.weight.reshape(self.row_groups, self.columns, rows).transpose(
-            1, 2).contiguous()
+        return self.weight.reshape(self.row_groups, self.columns, rows).transpose(1, 2)
 
     @functools.cached_property
     def matmul_layout(self) -> tuple[Tensor, int, float, int]:
@@ -172,13 +174,14 @@ class CrossbarProgram:
         own layout, so the results are the same bits; the work per read halves."""
         if not (self.exact_sums and self.pack == 1 and self.slices == 2):
             return self.read_major_weight, self.pack, self.pack_base, 0
-        digits = self.read_major_weight[..., :-1]
+        read_major = self._read_major()  # not kept: this layout replaces it here
+        digits = read_major[..., :-1]
         base = 2 ** (_EXACT_FLOAT_BITS // 2)
         limit = (base - 1) // max(1, int(digits.max()))
         if limit < 2**self.dac_bits - 1:
             return self.read_major_weight, self.pack, self.pack_base, 0
         low, high = digits.reshape(*digits.shape[:2], self.out_channels, 2).unbind(-1)
-        packed = torch.cat([low + base * high, self.read_major_weight[..., -1:]], dim=-1)
+        packed = torch.cat([low + base * high, read_major[..., -1:]], dim=-1)
         return packed.contiguous(), 2, float(base), limit
 
     @functools.cached_property
