@@ -387,7 +387,8 @@ void crossbar_matmul(
             if (n_nonzero == 0 && skip_zero) continue;  // adds exactly nothing
             float* __restrict s_row = sums.data();
             const float* w_r = levels + r * k_len * columns;
-            if (segment_limit > 0 && input_total > segment_limit) {
+            const bool segmented = segment_limit > 0 && input_total > segment_limit;
+            if (segmented) {
               // segments of the non-zero inputs whose sums fit the packed digit
               const float d = digit_scale[1], inv_d = 1.0f / d;
               std::fill(high_sum.begin(), high_sum.end(), 0.0f);
@@ -437,7 +438,6 @@ void crossbar_matmul(
                 for (int64_t n = 0; n < columns; ++n) s_row[n] = std::fma(a0, w0[n], s_row[n]);
               }
             }
-            const bool segmented = segment_limit > 0 && input_total > segment_limit;
             // ADC, shift-add, column mask and offset correction of every output channel
             const float input_sum = s_row[columns - 1];
             const float* mask_r = col + b * col_image_stride + r * cout;
