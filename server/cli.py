@@ -68,10 +68,14 @@ class ServerCommands:
         build.add_argument("--seed", type=int, default=None)
         build.add_argument("--start-from", type=Path, default=None,
                            help="folder of an earlier build (e.g. server/default_tasks) "
-                                "whose tasks are the first stage: only the chip stage runs")
+                                "whose tasks this build continues: only a chip stage runs")
         build.add_argument("--chip-epochs", type=int, default=None,
                            help="epochs of the second stage, with the chip in the loop "
                                 "(default: 3-6 per task on a lossy chip, 0 on a lossless one)")
+        build.add_argument("--chip-agreement", type=float, default=None,
+                           help="weight of the term that teaches the ideal view the chip's "
+                                "answers in the chip stage (default: the weight adaptation "
+                                "jobs use)")
         build.add_argument("--threads", type=int, default=None)
 
         imagenet = commands.add_parser(
@@ -265,7 +269,9 @@ def build(args: argparse.Namespace) -> int:
         test_limit=args.test_limit or defaults.test_limit,
         epochs=args.epochs or defaults.epochs,
         seed=defaults.seed if args.seed is None else args.seed,
-        chip_epochs=args.chip_epochs)
+        chip_epochs=args.chip_epochs,
+        chip_agreement=(defaults.chip_agreement if args.chip_agreement is None
+                        else args.chip_agreement))
     names = args.tasks.split(",") if args.tasks else list(SHIPPED)
     with torch.set_grad_enabled(True):
         index = build_default_tasks(args.out or SHIPPED_DIR, names, config,
@@ -275,7 +281,8 @@ def build(args: argparse.Namespace) -> int:
     for entry in index["tasks"]:
         metrics = entry["metrics"]
         print(f"{entry['name']}: test accuracy {metrics['test_accuracy']:.1%} ideal, "
-              f"{metrics.get('crossbar_test_accuracy', float('nan')):.1%} on the chip, "
+              f"{metrics.get('crossbar_test_accuracy', float('nan')):.1%} on the chip "
+              f"(agreement {metrics.get('crossbar_agreement', float('nan')):.1%}), "
               f"{entry['bytes']:,} bytes")
     return 0
 

@@ -10,7 +10,6 @@ into its store once.
 from __future__ import annotations
 
 import fcntl
-import functools
 import json
 import logging
 import os
@@ -132,10 +131,12 @@ def _stage(result: Any) -> dict[str, Any]:
             "seconds": round(result.seconds, 1), "val_accuracy": result.val_accuracy}
 
 
-def _first_stage(folder: Path, name: str, dataset: str, config: BuildConfig
-                 ) -> tuple[Any, dict[str, Any]]:
-    """The task ``name`` of an earlier build in ``folder`` (the same recipe, trained in
-    ideal fidelity, which no periphery changes), and what ``tasks.json`` records of it."""
+def _earlier_stages(folder: Path, name: str, dataset: str, config: BuildConfig
+                    ) -> tuple[Any, list[dict[str, Any]]]:
+    """The task ``name`` of an earlier build in ``folder`` (the same first-stage recipe) and
+    what ``tasks.json`` records of its stages: the recipe in ideal fidelity, which no
+    periphery changes, and any chip stages it has had; this build's chip stage continues
+    from it."""
     from core.errors import ConfigError
     from task_store.archive import read_archive
     from task_store.format import decode_task
@@ -144,9 +145,6 @@ def _first_stage(folder: Path, name: str, dataset: str, config: BuildConfig
     if name not in previous:
         raise ConfigError(f"{folder} holds no shipped task {name!r} to start from")
     entry = previous[name]
-    if len(entry.get("stages", ())) > 1:
-        raise ConfigError(f"{name} in {folder} was already trained on a chip; start from a "
-                          "build made with --chip-epochs 0")
     build = entry["build"]
     recipe = {"method": config.method, "image_size": config.image_size,
               "train_limit": config.train_limit, "seed": config.seed,
@@ -156,12 +154,37 @@ def _first_stage(folder: Path, name: str, dataset: str, config: BuildConfig
         raise ConfigError(f"{name} in {folder} was made with {theirs}, not this build's "
                           f"{recipe}; build it afresh (without --start-from)")
     manifest, data = read_archive(folder / entry["archive"])
-    stages = entry.get("stages") or [{"config": manifest.hyperparameters.get("config"),
-                                      "seconds": entry.get("adapt_seconds"),
-                                      "val_accuracy": entry["metrics"]["val_accuracy"]}]
-    stage = {**stages[0], "archive_sha256": entry["sha256"], "command": build["command"],
-             "git_revision": build["git_revision"]}
-    return decode_task(data, manifest), stage
+    stages = [dict(st) for st in entry.get("stages") or [
+        {"config": manifest.hyperparameters.get("config"),
+         "seconds": entry.get("adapt_seconds"),
+         "val_accuracy": entry["metrics"]["val_accuracy"]}]]
+    # The stages that build ran itself are named by its archive and command.
+    for stage in stages:
+        if "archive_sha256" not in stage:
+            stage.update(archive_sha256=entry["sha256"], command=build["command"],
+                         git_revision=build["git_revision"])
+    return decode_task(data, manifest), stages
+
+
+def _test_metrics(engine: Any, name: str, split: Any) -> dict[str, float]:
+    """Top-1 in ideal and crossbar fidelity, and the share of images on which they agree."""
+    import torch
+
+    from core.chip.config import Fidelity
+    from core.learning.common import eval_batch_size
+
+    ideal, chip, labels = [], [], []
+    step = eval_batch_size(256, split)
+    with torch.no_grad():
+        for start in range(0, len(split), step):
+            x, y = split.batch(slice(start, start + step))
+            ideal.append(engine.forward(x, task_id=name).argmax(1))
+            chip.append(engine.forward(x, task_id=name, fidelity=Fidelity.CROSSBAR).argmax(1))
+            labels.append(y)
+    on_ideal, on_chip, truth = torch.cat(ideal), torch.cat(chip), torch.cat(labels)
+    return {"test_accuracy": float((on_ideal == truth).float().mean()),
+            "crossbar_test_accuracy": float((on_chip == truth).float().mean()),
+            "crossbar_agreement": float((on_chip == on_ideal).float().mean())}
 
 
 def build_default_tasks(out: Path, names: list[str], config: BuildConfig, *,
@@ -169,16 +192,15 @@ def build_default_tasks(out: Path, names: list[str], config: BuildConfig, *,
                         start_from: Path | None = None) -> dict[str, Any]:
     """Adapt, test and export each named task to ``out``; returns the index written.
 
-    ``start_from``: a folder of an earlier build whose tasks are the first stage (the
-    recipe in ideal fidelity), so that only the chip-in-the-loop stage runs."""
+    ``start_from``: a folder of an earlier build whose tasks this build continues (the
+    recipe in ideal fidelity, and any chip stages they had), so that only a
+    chip-in-the-loop stage runs."""
     from core.backbones.shipped import git_revision, load_backbone
     from core.chip.adc import chip_is_lossless
-    from core.chip.config import Fidelity
     from core.data.datasets import DatasetSpec, load_dataset
     from core.engine import CrossbarEngine
     from core.errors import ConfigError
     from core.learning import RunOptions, adapt, default_config
-    from core.learning.common import accuracy
     from core.learning.registry import override_config
     from server.confidence_tasks import confidence_record
 
@@ -206,8 +228,8 @@ def build_default_tasks(out: Path, names: list[str], config: BuildConfig, *,
             task, stages = result.task, [_stage(result)]
             val_accuracy = result.val_accuracy
         else:
-            task, first = _first_stage(start_from, name, spec.name, config)
-            stages, val_accuracy = [first], first["val_accuracy"]
+            task, stages = _earlier_stages(start_from, name, spec.name, config)
+            val_accuracy = stages[-1]["val_accuracy"]
         lossless = chip_is_lossless(model.mapping.crossbar_layers, model.config)
         chip_epochs = config.chip_epochs_for(name, lossless)
         if chip_epochs:
@@ -222,11 +244,8 @@ def build_default_tasks(out: Path, names: list[str], config: BuildConfig, *,
         assert task is not None
         engine = CrossbarEngine(model)
         engine.add_task(task)
-        test = accuracy(functools.partial(engine.forward, task_id=name), data.test)
-        crossbar = accuracy(functools.partial(engine.forward, task_id=name,
-                                              fidelity=Fidelity.CROSSBAR), data.test)
-        metrics = {"val_accuracy": val_accuracy, "test_accuracy": test,
-                   "crossbar_test_accuracy": crossbar}
+        metrics = {"val_accuracy": val_accuracy, **_test_metrics(engine, name, data.test)}
+        test, crossbar = metrics["test_accuracy"], metrics["crossbar_test_accuracy"]
         hyper = {"dataset": spec.name, "image_size": spec.image_size, "preprocess": "fit",
                  "seed": spec.seed, "train_limit": spec.train_limit,
                  "test_limit": spec.test_limit, "config": stages[0]["config"],

@@ -89,10 +89,23 @@ def test_a_build_trains_on_the_chip_from_an_earlier_builds_tasks(tmp_path: Path)
     assert stages[1]["config"]["train"]["chip_agreement"] == looped.chip_agreement
     assert second["tasks"][0]["sha256"] != entry["sha256"]  # trained further on the chip
 
-    with pytest.raises(ConfigError, match="already trained on a chip"):
-        build_default_tasks(tmp_path / "third", ["mnist"], looped, backbone_file=None,
-                            command="", start_from=tmp_path / "second")
+    metrics = second["tasks"][0]["metrics"]
+    assert 0 <= metrics["crossbar_agreement"] <= 1
+
+    # A chip-trained build continues with one more chip stage; earlier stages keep the
+    # archive and command that made them.
+    harder = BuildConfig(train_limit=64, test_limit=32, epochs=1, chip_epochs=1,
+                         chip_agreement=3.0)
+    third = build_default_tasks(tmp_path / "third", ["mnist"], harder, backbone_file=None,
+                                command="xma2 build-default-tasks --start-from second",
+                                start_from=tmp_path / "second")
+    stages = third["tasks"][0]["stages"]
+    assert [s["config"]["train"]["chip_agreement"] for s in stages[1:]] == [
+        looped.chip_agreement, 3.0]
+    assert [s["archive_sha256"] for s in stages[:2]] == [entry["sha256"],
+                                                          second["tasks"][0]["sha256"]]
+    assert "archive_sha256" not in stages[2]
     with pytest.raises(ConfigError, match="not this build's"):
-        build_default_tasks(tmp_path / "third", ["mnist"], BuildConfig(
+        build_default_tasks(tmp_path / "fourth", ["mnist"], BuildConfig(
             train_limit=64, test_limit=32, epochs=1, seed=1), backbone_file=None, command="",
             start_from=tmp_path / "first")
