@@ -1,10 +1,10 @@
 """Where the chip's forward pass spends its time: torch.profiler on one thread.
 
 Batch of 64x64 images of one shipped task, and the same batch mixing tasks (the
-Zipf draw of ``bench/engine.py --mixed``), in ideal fidelity; prints the share of
-self CPU time per operator, per batch:
+Zipf draw of ``bench/engine.py --mixed``), in ideal (or crossbar) fidelity; prints the
+share of self CPU time per operator, per batch:
 
-    python bench/profile_chip.py [--batch 16] [--repeats 5] [--seed 0]
+    python bench/profile_chip.py [--batch 16] [--repeats 5] [--seed 0] [--fidelity crossbar]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--fidelity", choices=("ideal", "crossbar"), default="ideal")
     args = parser.parse_args()
     if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
@@ -42,15 +43,15 @@ def main() -> None:
     add_shipped_tasks(engine, names)
     _label_compiled_calls()
     for ids in (mixed, single, mixed, single):
-        engine.forward_mixed(x, ids)
+        engine.forward_mixed(x, ids, args.fidelity)
     for label, ids in (("single", single), ("mixed", mixed)):
         started = time.perf_counter()
         for _ in range(args.repeats):
-            engine.forward_mixed(x, ids)
+            engine.forward_mixed(x, ids, args.fidelity)
         wall = (time.perf_counter() - started) * 1e3 / args.repeats
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(args.repeats):
-                engine.forward_mixed(x, ids)
+                engine.forward_mixed(x, ids, args.fidelity)
         totals: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
         for event in prof.key_averages(group_by_input_shape=True):
@@ -64,10 +65,6 @@ def main() -> None:
             print(f"  {key:40s} {ms:7.2f} ms  {100 * ms / whole:5.1f}%  x{counts[key]}")
 
 
-COMPILED = ("periphery_norm", "blocks_pointwise", "block_channels_rows", "mixed_channels_1x1",
-            "crossbar_spare_reads")
-
-
 def _label_compiled_calls() -> None:
     """The compiled operator's calls are no torch operators: wrap each in a profiler
     range so that their own time is listed (as ``xma2::name``) and not lost."""
@@ -76,9 +73,9 @@ def _label_compiled_calls() -> None:
     from core.ops.extension import crossbar_extension
 
     extension = crossbar_extension()
-    for name in COMPILED:
-        function = getattr(extension, name, None)
-        if function is None:
+    for name in dir(extension):
+        function = getattr(extension, name)
+        if name.startswith("_") or not callable(function):
             continue
 
         def labelled(*args: object, _function: Any = function, _name: str = name) -> object:

@@ -275,10 +275,8 @@ class CrossbarEngine:
         backbone's codes once, then recomputes, for each task's samples, only the output
         channels the task changed (spare PEs, shifted columns); its results equal
         :meth:`forward` on each task's samples alone bit for bit. Crossbar fidelity reads
-        the backbone's programmed cells once for the whole batch, each sample's ADC
-        outputs scaled by its own task's shift mask (0 on its replaced PEs), then adds
-        each task's spare PEs, read for its samples on just their row groups; results
-        equal each task alone up to float summation order (and read noise, if any).
+        each task's samples with its own programmed cells, the call the task alone
+        makes on them (equal bit for bit without read noise; with it, the draws differ).
         Per-task BatchNorm terms are applied to each task's samples.
         With a pool, every task of the batch is made resident and pinned for the batch
         (:meth:`run_batch` also says what that cost).
@@ -366,7 +364,7 @@ class CrossbarEngine:
             start += len(rows)
         order_index = torch.tensor(order)
         sorted_x = x if order == sorted(order) else x.index_select(0, order_index)
-        layers = self.mixed.layer_calls(x.shape[0], blocks, prepared, crossbar=crossbar)
+        layers = self.mixed.layer_calls(blocks, prepared, crossbar=crossbar)
         block_rows = list(blocks.values())
         norms: dict[nn.Module, NormCall] = {
             module: NormCall([norm_terms(p, module_name, module) for p in prepared.values()],

@@ -2,15 +2,16 @@
 
 Ideal fidelity convolves all samples with the backbone's codes once, then recomputes,
 for each task's samples, only the output channels the task changed (spare PEs, shifted
-columns). Crossbar fidelity reads the backbone's programmed cells once for the whole
-batch, each sample's ADC outputs scaled by its own task's shift mask (0 on its replaced
-PEs), then adds each task's spare PEs, read for its samples on just their row groups.
+columns). Crossbar fidelity reads each task's block of samples with that task's own
+programmed cells, as the chip does: a sample's pass reads the PEs its task uses (the
+backbone's, its spare PEs in place of the replaced ones), each PE once. Reading the
+shared cells once for the whole batch and the spare PEs on top (the dataflow's other
+order) costs more here, since XMA2 replaces PEs mostly in the early layers with the
+largest maps, where the replaced PEs' reads come to 40-56% of the layer's work.
 The samples are sorted by task, so each task's samples are one block of rows.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -18,10 +19,8 @@ from torch import Tensor, nn
 from core.engine.prepared import PreparedTask
 from core.engine.programmer import ChipProgrammer
 from core.nn.forward_context import LayerCall
-from core.nn.layers import CrossbarConv2d, SampleChannels, SpareRead
-from core.ops.crossbar import restrict_program
-from core.ops.fold import replaced_columns
-from core.task_state import shift_values
+from core.nn.layers import CrossbarConv2d, SampleChannels
+from core.ops.crossbar import CrossbarProgram
 
 
 class MixedBatchPlanner:
@@ -32,12 +31,12 @@ class MixedBatchPlanner:
         self.programmer = programmer
         self._backbone_float: dict[str, tuple[tuple[int, int], Tensor]] = {}
 
-    def layer_calls(self, batch: int, blocks: dict[str, tuple[int, int]],
+    def layer_calls(self, blocks: dict[str, tuple[int, int]],
                     prepared: dict[str, PreparedTask], *, crossbar: bool
                     ) -> dict[nn.Module, LayerCall]:
         """Per layer, what the batch's tasks change (``blocks``: each task's rows)."""
         if crossbar:
-            return self._mixed_crossbar_layers(batch, blocks, prepared)
+            return self._mixed_crossbar_layers(blocks, prepared)
         return self._mixed_ideal_layers(blocks, prepared)
 
     def _mixed_ideal_layers(self, blocks: dict[str, tuple[int, int]],
@@ -50,68 +49,32 @@ class MixedBatchPlanner:
                 layers[layer] = LayerCall(sample_channels=plan)
         return layers
 
-    def _mixed_crossbar_layers(self, batch: int, blocks: dict[str, tuple[int, int]],
+    def _mixed_crossbar_layers(self, blocks: dict[str, tuple[int, int]],
                                prepared: dict[str, PreparedTask]
                                ) -> dict[nn.Module, LayerCall]:
-        """The backbone's programmed cells for the whole batch with each sample's shift
-        mask (0 on its task's replaced PEs), plus each task's spare PEs read on their own
-        row groups for its samples."""
+        """Each task's block of samples read with its own programmed cells (the
+        backbone's where it keeps the layer); adjacent blocks that read the same cells
+        share a call."""
         self.programmer.check_adc()
-        samples = {t: torch.arange(start, stop) for t, (start, stop) in blocks.items()}
         layers: dict[nn.Module, LayerCall] = {}
         for name, layer in self._layers.items():
             if not layer.on_crossbar:
                 continue
-            mapping = layer.mapping
-            assert mapping is not None
-            if self.programmer.backbone_program(name).lossless:  # exact: the ideal code path
+            backbone = self.programmer.backbone_program(name)
+            if backbone.lossless:  # exact: the ideal code path
                 plan = self._sample_channels(name, layer, blocks, prepared)
                 if plan is not None:
                     layers[layer] = LayerCall(sample_channels=plan)
                 continue
-            column_values = torch.ones(batch, mapping.row_groups, mapping.out_channels)
-            reads = []
-            for task_id, rows in samples.items():
-                mixed = self._mixed_reads(prepared[task_id], name, layer)
-                if mixed is None:
-                    continue
-                values, read = mixed
-                if read is not None:
-                    reads.append(replace(read, samples=rows))
-                column_values[rows] = values
-            layers[layer] = LayerCall(program=self.programmer.backbone_program(name),
-                                      sample_column_values=column_values, spare_reads=reads)
+            reads: list[tuple[int, int, CrossbarProgram]] = []
+            for task_id, (start, stop) in blocks.items():
+                program = prepared[task_id].chip_programs(self.programmer).get(name, backbone)
+                if reads and reads[-1][2] is program:
+                    reads[-1] = (reads[-1][0], stop, program)
+                else:
+                    reads.append((start, stop, program))
+            layers[layer] = LayerCall(block_programs=reads)
         return layers
-
-    def _mixed_reads(self, prepared: PreparedTask, name: str, layer: CrossbarConv2d
-                     ) -> tuple[Tensor, SpareRead | None] | None:
-        """A task's part of a mixed crossbar batch on one layer (None: it keeps the layer):
-        its shift-mask values with 0 on replaced PEs, and its spare PEs' read (samples
-        left empty), built once per task."""
-        if name not in prepared.mixed_reads:
-            task = prepared.task
-            state = task.layers.get(name)
-            entry: tuple[Tensor, SpareRead | None] | None = None
-            if state is not None:
-                mapping = layer.mapping
-                assert mapping is not None
-                values = shift_values(task.shift_levels)[state.column_codes.long()]
-                read = None
-                if state.replaced_pes:
-                    replaced = replaced_columns(state.pe_mask, mapping)
-                    values = torch.where(replaced, 0.0, values)
-                    groups = replaced.any(1).nonzero().flatten()
-                    outputs = replaced.any(0).nonzero().flatten()
-                    program = prepared.chip_programs(self.programmer)[name]
-                    values_read = replaced.index_select(0, groups).index_select(1, outputs)
-                    width = program.channels_per_group * program.reads
-                    channels = (groups.reshape(-1, 1) * width + torch.arange(width)).flatten()
-                    read = SpareRead(torch.zeros(0, dtype=torch.long), groups, outputs,
-                                     restrict_program(program, groups, outputs, values_read),
-                                     channels)
-                entry = (values, read)
-            prepared.mixed_reads[name] = entry
-        return prepared.mixed_reads[name]
 
     def _backbone_codes(self, name: str, layer: CrossbarConv2d) -> Tensor:
         """The backbone's codes of a layer as the float weight it convolves (kept until the

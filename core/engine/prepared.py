@@ -10,7 +10,6 @@ from torch import Tensor
 from core.chip.energy import OpCounts
 from core.engine.programmer import ChipProgrammer
 from core.nn.forward_context import ForwardContext
-from core.nn.layers import SpareRead
 from core.nn.periphery import DigitalNorm
 from core.ops.crossbar import CrossbarProgram
 from core.task_state import TaskState
@@ -31,9 +30,6 @@ class PreparedTask:
     contexts: dict[bool, ForwardContext] = field(default_factory=dict)
     """The task's call of the shared model alone, in ideal (False) and crossbar (True)
     fidelity, built on first use."""
-    mixed_reads: dict[str, tuple[Tensor, SpareRead | None] | None] = field(
-        default_factory=dict)
-    """Per crossbar layer, the task's part of a mixed crossbar batch (built on first use)."""
     norm_terms: dict[str, Tensor] = field(default_factory=dict)
     """Per module, the four terms a mixed batch gathers (``[4, C]``), built on first use."""
     changed: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None

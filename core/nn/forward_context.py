@@ -22,7 +22,7 @@ from torch import Generator, Tensor, nn
 from core.chip.config import OperatorImplementation
 
 if TYPE_CHECKING:
-    from core.nn.layers import SampleChannels, SpareRead
+    from core.nn.layers import SampleChannels
     from core.ops.crossbar import CrossbarProgram
 
 
@@ -34,12 +34,10 @@ class LayerCall:
     """The code-unit weight this call convolves (a task's folded weight)."""
     program: CrossbarProgram | None = None
     """Crossbar fidelity: the cells as programmed for this call's task."""
-    sample_column_values: Tensor | None = None
-    """Crossbar fidelity, batch mixing tasks: each sample's own shift-mask values
-    ``[B, R, Cout]`` for the backbone's cells (0 where its task replaced the PE)."""
-    spare_reads: list[SpareRead] | None = None
-    """Crossbar fidelity, batch mixing tasks: each task's spare PEs, read for its
-    samples on their own row groups and added in."""
+    block_programs: list[tuple[int, int, CrossbarProgram]] | None = None
+    """Crossbar fidelity, batch mixing tasks: ``(start, stop, program)`` per block of
+    rows, each read with its own task's programmed cells (the backbone's where the task
+    keeps the layer), the whole batch in order."""
     sample_channels: SampleChannels | None = None
     """Batch mixing tasks: every sample's task's codes of the output channels it
     changed, stacked for one grouped convolution (the backbone's codes run once)."""

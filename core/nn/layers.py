@@ -33,12 +33,7 @@ from core.nn.quant import (
     mse_weight_scale,
     quantize_weight_codes,
 )
-from core.ops.crossbar import (
-    ConvGeometry,
-    CrossbarProgram,
-    crossbar_conv2d,
-    row_group_inputs,
-)
+from core.ops.crossbar import ConvGeometry, CrossbarProgram, crossbar_conv2d
 from core.ops.extension import crossbar_extension
 
 _MATRICES: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = {}
@@ -232,6 +227,9 @@ class CrossbarConv2d(nn.Module):
         context = current_forward_context()
         call = NO_LAYER_CALL if context is None else context.layers.get(self, NO_LAYER_CALL)
         program, task_codes = call.program, self._codes(call)
+        if call.block_programs is not None:
+            return self._finish(self._block_reads(self.input_codes(x).contiguous(),
+                                                  call.block_programs))
         if program is not None and not (program.lossless and self._lossless_path(task_codes)):
             assert context is not None
             codes = self.input_codes(x).contiguous()  # the operator reads NCHW codes
@@ -239,10 +237,7 @@ class CrossbarConv2d(nn.Module):
                 codes, program, self.geometry, implementation=context.implementation,
                 generator=context.read_generator,
                 max_chunk_elements=context.max_chunk_elements,
-                column_values=call.sample_column_values,
             )
-            if call.spare_reads:
-                self._add_spare_reads(codes, acc, call.spare_reads)
             return self._finish(acc)
         if self.latent_weight is not None:
             weight = fake_quant_weight(self.latent_weight, self.weight_scale, self.weight_bits)
@@ -327,38 +322,23 @@ class CrossbarConv2d(nn.Module):
         return torch.cat(parts).contiguous(
             memory_format=torch.channels_last if last else torch.contiguous_format)
 
-    def _add_spare_reads(self, codes: Tensor, acc: Tensor, reads: list[SpareRead]) -> None:
-        """Add every task's spare-PE reads of a mixed batch: one compiled call for all
-        tasks (same float operations, in the same order, as reading each on its own),
-        or, where every read's sums are exact, each task's reads on the operator's
-        matrix-product path (the same bits, without a convolution per task)."""
-        context, program = current_forward_context(), self._layer_call().program
-        assert context is not None and program is not None
-        first = reads[0].program
-        extension = (crossbar_extension() if context.implementation
-                     is not OperatorImplementation.REFERENCE and _shared_periphery(reads)
-                     and not all(r.program.exact_sums for r in reads) else None)
-        if extension is not None:
-            extension.crossbar_spare_reads(
-                codes, acc, [r.samples for r in reads], [r.channels for r in reads],
-                [r.program.weight for r in reads], [r.program.column_values for r in reads],
-                [r.outputs for r in reads], program.row_groups * program.channels_per_group,
-                program.channels_per_group, list(first.kernel_size), list(self.geometry.stride),
-                list(self.geometry.padding), list(self.geometry.dilation), first.slices,
-                first.pack, first.pack_base, first.slice_weight, first.adc_step,
-                first.adc_inv_step, first.adc_qmin, first.adc_qmax, first.adc_offset_lsb,
-                first.weight_offset, first.digit_bias, first.input_bits, first.input_signed,
-                first.dac_bits, first.zero_reads_zero, context.max_chunk_elements)
-            return
-        for read in reads:
-            inputs = row_group_inputs(codes.index_select(0, read.samples), program,
-                                      read.row_groups)
-            part = crossbar_conv2d(
-                inputs, read.program, self.geometry, implementation=context.implementation,
-                generator=context.read_generator,
-                max_chunk_elements=context.max_chunk_elements)
-            rows, outputs = read.samples.unsqueeze(1), read.outputs.unsqueeze(0)
-            acc[rows, outputs] += part
+    def _block_reads(self, codes: Tensor, blocks: list[tuple[int, int, CrossbarProgram]]
+                     ) -> Tensor:
+        """Each block of a mixed batch read with its own task's cells: the same call, on
+        the same rows, as the task alone."""
+        context = current_forward_context()
+        assert context is not None
+        program = blocks[0][2]
+        out = codes.new_zeros(len(codes), program.out_channels,
+                              *self.geometry.output_size(codes.shape[2], codes.shape[3],
+                                                         program.kernel_size))
+        for start, stop, program in blocks:
+            crossbar_conv2d(codes[start:stop], program, self.geometry,
+                            implementation=context.implementation,
+                            generator=context.read_generator,
+                            max_chunk_elements=context.max_chunk_elements,
+                            out=out[start:stop])
+        return out
 
     def _lossless_path(self, task_codes: Tensor | None) -> bool:
         """Whether a lossless program may run as the code-domain convolution (equal bit
@@ -423,36 +403,6 @@ def _block_channels_1x1(codes: Tensor, out: Tensor, plan: SampleChannels,
                                                strict=True):
         lo, hi = start * per_sample, stop * per_sample
         out_rows[lo:hi].index_copy_(1, channels, torch.mm(rows[lo:hi], matrix))
-
-
-@dataclass(frozen=True)
-class SpareRead:
-    """One task's replaced PEs in a mixed batch: its samples, the row groups and output
-    channels holding replaced PEs, and a program of just those (1 on replaced columns,
-    else 0)."""
-
-    samples: Tensor
-    row_groups: Tensor
-    outputs: Tensor
-    program: CrossbarProgram
-    channels: Tensor
-    """Long: the layer's input channels (zero-padded to whole row groups) that
-    ``row_groups`` read, in the order the program takes them."""
-
-
-def _shared_periphery(reads: list[SpareRead]) -> bool:
-    """Whether every read has the same ADC, DAC and packing (one compiled call takes one),
-    and none has read noise (drawn per read, in the order of the per-task path)."""
-    first = reads[0].program
-
-    def key(p: CrossbarProgram) -> tuple[object, ...]:
-        return (p.slices, p.pack, p.pack_base, p.adc_qmin, p.adc_qmax, p.adc_offset_lsb,
-                p.weight_offset, p.digit_bias, p.input_bits, p.input_signed, p.dac_bits,
-                p.read_sigma, p.reads)
-
-    return first.read_sigma == 0 and all(
-        key(r.program) == key(first) and torch.equal(r.program.adc_step, first.adc_step)
-        and torch.equal(r.program.slice_weight, first.slice_weight) for r in reads)
 
 
 def crossbar_layers(model: nn.Module) -> list[tuple[str, CrossbarConv2d]]:

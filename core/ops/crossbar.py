@@ -430,7 +430,7 @@ def crossbar_conv2d(
     codes: Tensor, program: CrossbarProgram, geometry: ConvGeometry, *,
     implementation: OperatorImplementation = OperatorImplementation.AUTO,
     generator: torch.Generator | None = None, max_chunk_elements: int = 1 << 23,
-    column_values: Tensor | None = None,
+    column_values: Tensor | None = None, out: Tensor | None = None,
 ) -> Tensor:
     """``sum(input_code * weight_code * mask)`` per output, as the crossbars compute it.
 
@@ -443,13 +443,19 @@ def crossbar_conv2d(
         max_chunk_elements: bound on the partial sums computed at once.
         column_values: ``[B, R, Cout]`` shift-mask values per image, replacing the
             program's (a batch whose images belong to different tasks).
+        out: zeros ``[B, Cout, Ho, Wo]`` to write the result into (e.g. one block of a
+            larger batch); a new tensor if None.
     """
     batch, channels, height, width = codes.shape
     if channels != program.in_channels:
         raise ConfigError(f"crossbar layer expects {program.in_channels} input channels, "
                           f"got {channels}")
     out_h, out_w = geometry.output_size(height, width, program.kernel_size)
-    out = codes.new_zeros(batch, program.out_channels, out_h, out_w)
+    if out is None:
+        out = codes.new_zeros(batch, program.out_channels, out_h, out_w)
+    elif tuple(out.shape) != (batch, program.out_channels, out_h, out_w):
+        raise ConfigError(f"out is {list(out.shape)}, the layer gives "
+                          f"{[batch, program.out_channels, out_h, out_w]}")
     kernel = _select(implementation)
     if column_values is not None and program.reads > 1:
         column_values = column_values.repeat_interleave(program.reads, dim=1)
@@ -476,39 +482,6 @@ def crossbar_conv2d(
         kernel(stacked, chunk_program, geometry, cycle_weight, noise,
                out[start : start + len(part)])
     return out
-
-
-def restrict_program(program: CrossbarProgram, groups: Tensor, outputs: Tensor,
-                     column_values: Tensor) -> CrossbarProgram:
-    """The same cells, only PE row groups ``groups`` and output channels ``outputs``
-    (long), with these column values ``[len(groups), len(outputs)]``: a task's spare PEs
-    read on their own."""
-    reads = program.reads
-    column_values = column_values.float().repeat_interleave(reads, dim=0)
-    groups = (groups.reshape(-1, 1) * reads + torch.arange(reads)).reshape(-1)
-    packed = program.packed_columns
-    per_group = program.weight.reshape(program.row_groups, program.columns,
-                                       program.channels_per_group, *program.kernel_size)
-    columns = (outputs.reshape(-1, 1) * packed + torch.arange(packed)).reshape(-1)
-    columns = torch.cat([columns, torch.tensor([program.columns - 1])])  # the input sum
-    weight = per_group.index_select(0, groups).index_select(1, columns)
-    return replace(
-        program,
-        weight=weight.reshape(-1, program.channels_per_group, *program.kernel_size).contiguous(),
-        column_values=column_values.float().contiguous(), row_groups=len(groups),
-        in_channels=len(groups) * program.channels_per_group, out_channels=len(outputs))
-
-
-def row_group_inputs(codes: Tensor, program: CrossbarProgram, groups: Tensor) -> Tensor:
-    """The input channels of PE row groups ``groups`` of ``program``'s layer, zero-padded
-    to whole groups: the input of :func:`restrict_program`'s program."""
-    n, channels, height, width = codes.shape
-    padded = program.row_groups * program.channels_per_group
-    if padded != channels:
-        codes = F.pad(codes, (0, 0, 0, 0, 0, padded - channels))
-    per_group = codes.reshape(n, program.row_groups // program.reads,
-                              program.channels_per_group * program.reads, height, width)
-    return per_group.index_select(1, groups).reshape(n, -1, height, width)
 
 
 def _stack_cycles(part: Tensor, program: CrossbarProgram, compiled: bool, skip_zero: bool

@@ -712,121 +712,6 @@ void periphery_norm(
   }
 }
 
-
-// A batch mixing tasks, one crossbar layer: every task's spare PEs read for its own
-// samples and added into the shared pass's partial sums, in one call. Per task: its
-// samples' inputs on the row groups that hold its replaced PEs, split into DAC cycles
-// (all-zero cycles dropped when a zero input reads as zero), read through the same
-// ADC and shift-add loop as crossbar_conv2d (its program holds only those PEs), and
-// added into acc at the task's output channels. The order of every float operation is
-// that of core/ops/crossbar.py:crossbar_conv2d on the task's reads alone.
-void crossbar_spare_reads(
-    const torch::Tensor& codes_in,                    // float [B, C, H, W], integer codes
-    torch::Tensor acc,                                // float [B, Cout, Ho, Wo], added into
-    const std::vector<torch::Tensor>& samples,        // per task: long [n]
-    const std::vector<torch::Tensor>& channels,       // per task: long input channels read
-    const std::vector<torch::Tensor>& weights,        // per task: its program's weight
-    const std::vector<torch::Tensor>& column_values,  // per task: [R_t, c_t]
-    const std::vector<torch::Tensor>& outputs,        // per task: long [c_t] output channels
-    int64_t padded_channels,                          // the layer's row groups x channels
-    int64_t channels_per_group,
-    const std::vector<int64_t>& kernel_size,
-    const std::vector<int64_t>& stride,
-    const std::vector<int64_t>& padding,
-    const std::vector<int64_t>& dilation,
-    int64_t slices, int64_t pack, double pack_base,
-    const torch::Tensor& slice_weight, const torch::Tensor& adc_step,
-    const torch::Tensor& adc_inv_step, double adc_qmin, double adc_qmax,
-    double adc_offset_lsb, double weight_offset, double digit_bias,
-    int64_t input_bits, bool input_signed, int64_t dac_bits, bool skip_zero_cycles,
-    int64_t max_chunk_elements)
-{
-  TORCH_CHECK(codes_in.scalar_type() == at::kFloat && acc.scalar_type() == at::kFloat,
-              "codes and partial sums must be float32");
-  TORCH_CHECK(acc.is_contiguous(), "partial sums must be contiguous");
-  const size_t tasks = samples.size();
-  TORCH_CHECK(channels.size() == tasks && weights.size() == tasks &&
-              column_values.size() == tasks && outputs.size() == tasks,
-              "one entry per task in every list");
-  auto codes = codes_in.contiguous();
-  if (padded_channels != codes.size(1)) {
-    TORCH_CHECK(padded_channels > codes.size(1), "padded channels below input channels");
-    codes = at::constant_pad_nd(codes, {0, 0, 0, 0, 0, padded_channels - codes.size(1)});
-  }
-  const int64_t height = codes.size(2), width = codes.size(3);
-  int64_t out_size[2];
-  const int64_t in_size[2] = {height, width};
-  for (int d = 0; d < 2; ++d) {
-    out_size[d] = (in_size[d] + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) /
-                  stride[d] + 1;
-  }
-  const int64_t out_hw = out_size[0] * out_size[1];
-  const int64_t cout = acc.size(1);
-  TORCH_CHECK(acc.size(0) == codes.size(0) && acc.size(2) * acc.size(3) == out_hw,
-              "partial sums do not match the input");
-  const int64_t chunks = (input_bits + dac_bits - 1) / dac_bits;
-  const int64_t phases = input_signed ? 2 : 1;
-  std::vector<float> all_weights;
-  for (int64_t phase = 0; phase < phases; ++phase) {
-    for (int64_t k = 0; k < chunks; ++k) {
-      all_weights.push_back(static_cast<float>((phase == 0 ? 1.0 : -1.0) *
-                                               std::pow(2.0, static_cast<double>(dac_bits * k))));
-    }
-  }
-  const int64_t cycles = static_cast<int64_t>(all_weights.size());
-  const int64_t packed = (slices + pack - 1) / pack;
-  float* dst = acc.data_ptr<float>();
-  for (size_t t = 0; t < tasks; ++t) {
-    const auto rows = samples[t].contiguous();
-    const auto outs = outputs[t].contiguous();
-    const int64_t n = rows.numel(), c_t = outs.numel();
-    const int64_t read_channels = channels[t].numel();
-    if (n == 0 || c_t == 0) continue;
-    TORCH_CHECK(read_channels % channels_per_group == 0, "channels must be whole groups");
-    const int64_t groups = read_channels / channels_per_group;
-    const auto inputs = codes.index_select(0, rows).index_select(1, channels[t]).contiguous();
-    auto part = torch::zeros({n, c_t, out_size[0], out_size[1]}, codes.options());
-    const int64_t per_cycle_image = groups * out_hw * (c_t * packed + 1);
-    const int64_t chunk = std::max<int64_t>(
-        1, max_chunk_elements / std::max<int64_t>(1, per_cycle_image * cycles));
-    for (int64_t start = 0; start < n; start += chunk) {
-      const int64_t len = std::min(chunk, n - start);
-      auto [stacked, nonzero] = stack_input_cycles(inputs.narrow(0, start, len), input_bits,
-                                                   input_signed, dac_bits, read_channels);
-      std::vector<int64_t> keep;
-      std::vector<float> kept_weights;
-      const auto any = nonzero.accessor<bool, 1>();
-      for (int64_t k = 0; k < cycles; ++k) {
-        if (!skip_zero_cycles || any[k]) {
-          keep.push_back(k);
-          kept_weights.push_back(all_weights[k]);
-        }
-      }
-      if (keep.empty()) continue;
-      if (static_cast<int64_t>(keep.size()) != cycles) {
-        stacked = stacked.reshape({cycles, len, read_channels, height, width})
-                      .index_select(0, torch::tensor(keep))
-                      .reshape({-1, read_channels, height, width});
-      }
-      const auto cycle_weight = torch::tensor(kept_weights);
-      crossbar_conv2d(stacked, weights[t], stride, padding, dilation, groups, c_t, slices,
-                      pack, pack_base, slice_weight, adc_step, adc_inv_step, adc_qmin,
-                      adc_qmax, adc_offset_lsb, weight_offset, digit_bias, column_values[t],
-                      cycle_weight, std::nullopt, part.narrow(0, start, len));
-    }
-    const int64_t* row = rows.data_ptr<int64_t>();
-    const int64_t* out_channel = outs.data_ptr<int64_t>();
-    const float* from = part.data_ptr<float>();
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t o = 0; o < c_t; ++o) {
-        float* to = dst + (row[j] * cout + out_channel[o]) * out_hw;
-        const float* add = from + (j * c_t + o) * out_hw;
-        for (int64_t i = 0; i < out_hw; ++i) to[i] += add[i];
-      }
-    }
-  }
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -834,8 +719,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Row-group partial sums, ADC, shift-add, column masks and adder tree of one layer");
   m.def("crossbar_matmul", &crossbar_matmul,
         "crossbar_conv2d as matrix products over im2col rows, for exact partial sums");
-  m.def("crossbar_spare_reads", &crossbar_spare_reads,
-        "Every task's spare PEs of one layer read for its own samples, added in");
   m.def("periphery_norm", &periphery_norm,
         "BatchNorm, clamp and round in one pass, per block of samples with its own terms");
   m.def("blocks_pointwise", &blocks_pointwise,
