@@ -33,7 +33,12 @@ from core.nn.quant import (
     mse_weight_scale,
     quantize_weight_codes,
 )
-from core.ops.crossbar import ConvGeometry, CrossbarProgram, crossbar_conv2d
+from core.ops.crossbar import (
+    ConvGeometry,
+    CrossbarProgram,
+    crossbar_conv2d,
+    crossbar_conv2d_blocks,
+)
 from core.ops.extension import crossbar_extension
 
 _MATRICES: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = {}
@@ -324,21 +329,14 @@ class CrossbarConv2d(nn.Module):
 
     def _block_reads(self, codes: Tensor, blocks: list[tuple[int, int, CrossbarProgram]]
                      ) -> Tensor:
-        """Each block of a mixed batch read with its own task's cells: the same call, on
-        the same rows, as the task alone."""
+        """Each block of a mixed batch read with its own task's cells: the bits the task
+        alone gets on those rows."""
         context = current_forward_context()
         assert context is not None
-        program = blocks[0][2]
-        out = codes.new_zeros(len(codes), program.out_channels,
-                              *self.geometry.output_size(codes.shape[2], codes.shape[3],
-                                                         program.kernel_size))
-        for start, stop, program in blocks:
-            crossbar_conv2d(codes[start:stop], program, self.geometry,
-                            implementation=context.implementation,
-                            generator=context.read_generator,
-                            max_chunk_elements=context.max_chunk_elements,
-                            out=out[start:stop])
-        return out
+        return crossbar_conv2d_blocks(codes, blocks, self.geometry,
+                                      implementation=context.implementation,
+                                      generator=context.read_generator,
+                                      max_chunk_elements=context.max_chunk_elements)
 
     def _lossless_path(self, task_codes: Tensor | None) -> bool:
         """Whether a lossless program may run as the code-domain convolution (equal bit

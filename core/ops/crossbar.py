@@ -536,18 +536,79 @@ def _matmul_applies(program: CrossbarProgram) -> bool:
 
 def _compiled_matmul(part: Tensor, program: CrossbarProgram, geometry: ConvGeometry,
                      column_values: Tensor, skip_zero: bool, out: Tensor) -> None:
+    _compiled_matmul_blocks(part, [(len(part), program, column_values)], geometry, skip_zero,
+                            out)
+
+
+def _compiled_matmul_blocks(codes: Tensor, blocks: list[tuple[int, CrossbarProgram, Tensor]],
+                            geometry: ConvGeometry, skip_zero: bool, out: Tensor) -> None:
+    """One compiled call; ``blocks``: per block of images, its stop, program and column
+    values (the programs share every setting but their cells and columns' values)."""
     extension = crossbar_extension()
     assert extension is not None
-    weight, pack, pack_base, segment_limit = program.matmul_layout
+    program = blocks[0][1]
+    _, pack, pack_base, _ = program.matmul_layout
     extension.crossbar_matmul(
-        part, weight, list(program.kernel_size), list(geometry.stride),
+        codes, [p.matmul_layout[0] for _, p, _ in blocks], [stop for stop, _, _ in blocks],
+        list(program.kernel_size), list(geometry.stride),
         list(geometry.padding), list(geometry.dilation), program.out_channels,
         program.slices, pack, pack_base, program.slice_weight,
         program.adc_step, program.adc_inv_step, program.adc_qmin, program.adc_qmax,
-        program.adc_offset_lsb, program.weight_offset, program.digit_bias, column_values,
+        program.adc_offset_lsb, program.weight_offset, program.digit_bias,
+        [values for _, _, values in blocks],
         program.input_bits, program.input_signed, program.dac_bits, skip_zero,
-        segment_limit, out,
+        [p.matmul_layout[3] for _, p, _ in blocks], out,
     )
+
+
+def crossbar_conv2d_blocks(
+    codes: Tensor, blocks: list[tuple[int, int, CrossbarProgram]], geometry: ConvGeometry, *,
+    implementation: OperatorImplementation = OperatorImplementation.AUTO,
+    generator: torch.Generator | None = None, max_chunk_elements: int = 1 << 23,
+) -> Tensor:
+    """:func:`crossbar_conv2d` of each block of images ``(start, stop, program)`` with its
+    own program (a batch mixing tasks, sorted by task; the blocks cover it in order).
+
+    Where every program takes the compiled matrix-product path with one periphery and
+    one layout, the blocks run in one call (its fixed costs paid once per layer, not per
+    task); otherwise one call per block. Either way each image's result is the bits its
+    program gives it alone."""
+    program = blocks[0][2]
+    out_h, out_w = geometry.output_size(codes.shape[2], codes.shape[3], program.kernel_size)
+    out = codes.new_zeros(len(codes), program.out_channels, out_h, out_w)
+    programs = [p for _, _, p in blocks]
+    if (len(blocks) > 1 and _select(implementation) is _compiled_chunk
+            and codes.shape[1] == program.in_channels and _one_matmul_call(programs)):
+        _compiled_matmul_blocks(codes, [(stop, p, p.column_values) for _, stop, p in blocks],
+                                geometry, program.zero_reads_zero, out)
+        return out
+    for start, stop, block_program in blocks:
+        crossbar_conv2d(codes[start:stop], block_program, geometry,
+                        implementation=implementation, generator=generator,
+                        max_chunk_elements=max_chunk_elements, out=out[start:stop])
+    return out
+
+
+def _one_matmul_call(programs: list[CrossbarProgram]) -> bool:
+    """Whether these programs can share one compiled matrix-product call: each takes that
+    path, and they differ only in their cells, columns' values and segment limits."""
+    first = programs[0]
+
+    def key(p: CrossbarProgram) -> tuple[object, ...]:
+        _, pack, pack_base, _ = p.matmul_layout
+        return (pack, pack_base, tuple(p.matmul_layout[0].shape), p.slices, p.out_channels,
+                p.in_channels, p.kernel_size, p.adc_qmin, p.adc_qmax, p.adc_offset_lsb,
+                p.weight_offset, p.digit_bias, p.input_bits, p.input_signed, p.dac_bits,
+                p.zero_reads_zero)
+
+    return all(_matmul_applies(p) for p in programs) and all(
+        key(p) == key(first)
+        and (p.slice_weight is first.slice_weight or torch.equal(p.slice_weight,
+                                                                  first.slice_weight))
+        and (p.adc_step is first.adc_step or torch.equal(p.adc_step, first.adc_step))
+        and (p.adc_inv_step is first.adc_inv_step
+             or torch.equal(p.adc_inv_step, first.adc_inv_step))
+        for p in programs[1:])
 
 
 ChunkKernel = Callable[

@@ -217,9 +217,15 @@ std::tuple<torch::Tensor, torch::Tensor> stack_input_cycles(
 //    (contiguous, vectorised) while its column sums are in L1, in the same order of
 //    cycles and read groups per output as crossbar_conv2d, with the same float operations.
 // No partial-sum tensor, stacked input or convolution is allocated.
+//
+// A batch mixing tasks (samples sorted by task) passes one weight, column values and
+// segment limit per block of images: each block is read with its own task's cells in the
+// same call, as if it were read alone.
 void crossbar_matmul(
     const torch::Tensor& codes_in,       // float [B, C, H, W], integer codes
-    const torch::Tensor& weight_t,       // float [R, c * kh * kw, columns]: read-major levels
+    const std::vector<torch::Tensor>& block_weights,  // per block: float [R, c * kh * kw,
+                                         // columns], read-major levels, one layout
+    const std::vector<int64_t>& block_stops,  // per block: one past its last image
     const std::vector<int64_t>& kernel_size,
     const std::vector<int64_t>& stride,
     const std::vector<int64_t>& padding,
@@ -236,12 +242,13 @@ void crossbar_matmul(
     double adc_offset_lsb,
     double weight_offset,
     double digit_bias,
-    const torch::Tensor& column_values,  // float [R, Cout], or [B, R, Cout] per image
+    const std::vector<torch::Tensor>& block_column_values,  // per block: float [R, Cout],
+                                         // or [images of the block, R, Cout] per image
     int64_t input_bits,
     bool input_signed,
     int64_t dac_bits,
     bool skip_zero,                      // a zero input reads as zero: skip all-zero reads
-    int64_t segment_limit,               // > 0: see below
+    const std::vector<int64_t>& block_segment_limits,  // per block, > 0: see below
     torch::Tensor out)                   // float [B, Cout, Ho, Wo], accumulated into
 {
   TORCH_CHECK(codes_in.scalar_type() == at::kFloat && codes_in.dim() == 4,
@@ -251,12 +258,23 @@ void crossbar_matmul(
   // whose DAC inputs sum to at most segment_limit fits (limit * largest digit < base); a
   // larger one is summed in segments that each fit, their digits unpacked and added, so
   // every digit is still the exact integer an unpacked layout gives.
-  TORCH_CHECK(segment_limit <= 0 || (slices == 2 && pack == 2 &&
-                                      segment_limit >= (int64_t{1} << dac_bits) - 1),
-              "segmented reads need two cell slices packed in one column and a limit of "
-              "at least one DAC input");
-  TORCH_CHECK(weight_t.scalar_type() == at::kFloat && weight_t.dim() == 3 &&
-              weight_t.is_contiguous(), "crossbar weight must be float [R, rows, columns]");
+  const size_t n_blocks = block_weights.size();
+  TORCH_CHECK(n_blocks > 0 && block_stops.size() == n_blocks &&
+              block_column_values.size() == n_blocks &&
+              block_segment_limits.size() == n_blocks,
+              "one weight, stop, column values and segment limit per block");
+  for (const int64_t segment_limit : block_segment_limits) {
+    TORCH_CHECK(segment_limit <= 0 || (slices == 2 && pack == 2 &&
+                                        segment_limit >= (int64_t{1} << dac_bits) - 1),
+                "segmented reads need two cell slices packed in one column and a limit of "
+                "at least one DAC input");
+  }
+  const torch::Tensor& weight_t = block_weights[0];
+  for (const auto& w : block_weights) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 3 && w.is_contiguous() &&
+                w.sizes() == weight_t.sizes(),
+                "crossbar weights must be float [R, rows, columns], one layout for all blocks");
+  }
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
               dilation.size() == 2, "kernel, stride, padding and dilation need two entries");
   const auto codes = codes_in.permute({0, 2, 3, 1}).contiguous();  // [B, H, W, C]
@@ -276,11 +294,31 @@ void crossbar_matmul(
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 4 &&
               out.size(0) == images && out.size(1) == out_channels && out.size(2) == out_h &&
               out.size(3) == out_w, "output does not match the input");
-  TORCH_CHECK(column_values.dim() == 2 || (column_values.dim() == 3 &&
-              column_values.size(0) == images), "column values must be [R, Cout] or "
-              "[B, R, Cout]");
-  TORCH_CHECK(column_values.size(-2) == row_groups && column_values.size(-1) == out_channels,
-              "column values do not match the layout");
+  // per image: its block's cells and column values
+  std::vector<const float*> image_levels(images), image_columns(images);
+  std::vector<int64_t> image_segment_limit(images);
+  std::vector<torch::Tensor> column_values(n_blocks);
+  int64_t first = 0;
+  for (size_t k = 0; k < n_blocks; ++k) {
+    const int64_t stop = block_stops[k];
+    TORCH_CHECK(first <= stop && stop <= images && (k + 1 < n_blocks || stop == images),
+                "block stops must rise to the batch size");
+    const auto& cv = block_column_values[k];
+    TORCH_CHECK(cv.scalar_type() == at::kFloat &&
+                (cv.dim() == 2 || (cv.dim() == 3 && cv.size(0) == stop - first)),
+                "column values must be [R, Cout] or [images of the block, R, Cout]");
+    TORCH_CHECK(cv.size(-2) == row_groups && cv.size(-1) == out_channels,
+                "column values do not match the layout");
+    column_values[k] = cv.contiguous();
+    const float* col_k = column_values[k].data_ptr<float>();
+    const int64_t per_image = cv.dim() == 3 ? row_groups * out_channels : 0;
+    for (int64_t b = first; b < stop; ++b) {
+      image_levels[b] = block_weights[k].data_ptr<float>();
+      image_columns[b] = col_k + (b - first) * per_image;
+      image_segment_limit[b] = block_segment_limits[k];
+    }
+    first = stop;
+  }
   const int64_t chunks = (input_bits + dac_bits - 1) / dac_bits;
   const int64_t phases = input_signed ? 2 : 1;
   const int64_t cycles = chunks * phases;
@@ -299,14 +337,10 @@ void crossbar_matmul(
   const auto sw = slice_weight.contiguous();
   const auto st = adc_step.contiguous();
   const auto ist = adc_inv_step.contiguous();
-  const auto cv = column_values.contiguous();
   const float* slice_w = sw.data_ptr<float>();
   const float* step = st.data_ptr<float>();
   const float* inv_step = ist.data_ptr<float>();
-  const float* col = cv.data_ptr<float>();
-  const int64_t col_image_stride = column_values.dim() == 3 ? row_groups * out_channels : 0;
   const float* src = codes.data_ptr<float>();
-  const float* levels = weight_t.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const float qmin = static_cast<float>(adc_qmin);
   const float qmax = static_cast<float>(adc_qmax);
@@ -338,6 +372,9 @@ void crossbar_matmul(
       const int64_t b = item / blocks;
       const int64_t p0 = (item % blocks) * kBlock;
       const int64_t np = std::min(kBlock, positions - p0);
+      const float* levels = image_levels[b];
+      const float* col = image_columns[b];
+      const int64_t segment_limit = image_segment_limit[b];
       float* image_out = dst + b * cout * positions;
       for (int64_t o = 0; o < cout; ++o) {
         for (int64_t i = 0; i < np; ++i) acc[i * cout + o] = image_out[o * positions + p0 + i];
@@ -440,7 +477,7 @@ void crossbar_matmul(
             }
             // ADC, shift-add, column mask and offset correction of every output channel
             const float input_sum = s_row[columns - 1];
-            const float* mask_r = col + b * col_image_stride + r * cout;
+            const float* mask_r = col + r * cout;
             const float correction = w_offset * input_sum;
             const float shift_in = bias * input_sum;
             if (two_slices_packed) {  // the usual layout, in one pass: same operations
@@ -718,7 +755,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("crossbar_conv2d", &crossbar_conv2d,
         "Row-group partial sums, ADC, shift-add, column masks and adder tree of one layer");
   m.def("crossbar_matmul", &crossbar_matmul,
-        "crossbar_conv2d as matrix products over im2col rows, for exact partial sums");
+        "crossbar_conv2d as matrix products over im2col rows, for exact partial sums, "
+        "each block of images with its own cells");
   m.def("periphery_norm", &periphery_norm,
         "BatchNorm, clamp and round in one pass, per block of samples with its own terms");
   m.def("blocks_pointwise", &blocks_pointwise,

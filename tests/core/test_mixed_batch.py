@@ -130,34 +130,50 @@ def test_mixed_batch_crossbar_fidelity(quantized_mobilenet: CrossbarModel,
 
 
 @pytest.mark.parametrize("implementation", ["reference", "compiled"])
+@pytest.mark.parametrize("chip", ["paper", "default"])
 def test_a_lossy_chip_reads_each_tasks_block_with_its_own_cells(
-        quantized_mobilenet: CrossbarModel, implementation: str,
+        quantized_mobilenet: CrossbarModel, implementation: str, chip: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a lossy chip (the paper's periphery) each task's block of samples is read with
-    its own programmed cells, one operator call per block (adjacent tasks that keep a
-    layer share the backbone's call): the call the task alone makes on those samples, so
-    the outputs agree bit for bit."""
-    model = quantized_mobilenet.with_chip(**PAPER_CHIP)
+    """On a lossy chip (the paper's periphery, or the default one, whose reads are
+    summed in segments) each task's block of samples is read with its own programmed
+    cells: compiled, one call per layer for every block; either way the bits the task
+    alone gets on those samples."""
+    from core.ops import crossbar as crossbar_ops
+
+    changes = PAPER_CHIP if chip == "paper" else {}
+    model = quantized_mobilenet.with_chip(**changes)
     engine = CrossbarEngine(model, crossbar=CrossbarSettings(
-        adc_range="full_scale", adc_bits=PAPER_CHIP["adc_bits"],
-        dac_mode=PAPER_CHIP["dac_mode"], implementation=implementation))
+        adc_range="full_scale", adc_bits=5, dac_mode="multi_bit",
+        implementation=implementation))
     ids = _tasks(engine, 3, pe_fraction=0.05)
     order = [ids[1], ids[0], ids[2], ids[3], ids[0], ids[1], ids[1]]
     x = torch.randn(len(order), 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    calls: list[int] = []
-    original = layers.crossbar_conv2d
+    layer_blocks: list[list[int]] = []
+    compiled_calls: list[int] = []
+    blocks_of, one_call = layers.crossbar_conv2d_blocks, crossbar_ops._compiled_matmul_blocks
 
-    def counting(codes: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(codes.shape[0])
-        return original(codes, *args, **kwargs)  # type: ignore[arg-type]
+    def each_layer(codes: torch.Tensor, blocks: list[tuple[int, int, object]],
+                   *args: object, **kwargs: object) -> torch.Tensor:
+        layer_blocks.append([stop - start for start, stop, _ in blocks])
+        return blocks_of(codes, blocks, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(layers, "crossbar_conv2d", counting)
+    def each_call(codes: torch.Tensor, blocks: list[object], *args: object) -> None:
+        compiled_calls.append(len(blocks))
+        one_call(codes, blocks, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(layers, "crossbar_conv2d_blocks", each_layer)
+    monkeypatch.setattr(crossbar_ops, "_compiled_matmul_blocks", each_call)
     mixed = engine.forward_mixed(x, order, Fidelity.CROSSBAR)
     assert not any(p.lossless for p in engine.programmer.backbone_programs.values())
-    crossbar_layers = sum(1 for _, layer in layers.crossbar_layers(model) if layer.on_crossbar)
-    assert len(calls) == 4 * crossbar_layers  # four tasks, one block each
-    assert sum(calls) == crossbar_layers * len(order)  # each sample read once per layer
-    monkeypatch.setattr(layers, "crossbar_conv2d", original)
+    on_crossbar = sum(1 for _, layer in layers.crossbar_layers(model) if layer.on_crossbar)
+    assert len(layer_blocks) == on_crossbar
+    assert all(sum(sizes) == len(order) for sizes in layer_blocks)
+    assert max(len(sizes) for sizes in layer_blocks) == 4  # four tasks, one block each
+    if implementation == "compiled":
+        assert compiled_calls.count(4) >= on_crossbar // 2  # the blocks of a layer at once
+    else:
+        assert not compiled_calls
+    monkeypatch.undo()
     alone = _alone(engine, x, order, Fidelity.CROSSBAR)
     for i, (m, a) in enumerate(zip(mixed, alone, strict=True)):
         assert torch.equal(m, a), (i, order[i], float((m - a).abs().max()))
