@@ -88,7 +88,7 @@ class ChipInTheLoop:
             return None
         step = quant.step.detach()
         qmin, qmax = quant.qrange
-        codes = (x.detach() / step).round_().clamp_(qmin, qmax).contiguous()
+        codes = (x.detach() / step).round_().clamp_(qmin, qmax)
         with torch.no_grad():
             acc = crossbar_conv2d(codes, program, layer.geometry,
                                   implementation=self.engine.crossbar.implementation,

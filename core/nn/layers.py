@@ -233,11 +233,10 @@ class CrossbarConv2d(nn.Module):
         call = NO_LAYER_CALL if context is None else context.layers.get(self, NO_LAYER_CALL)
         program, task_codes = call.program, self._codes(call)
         if call.block_programs is not None:
-            return self._finish(self._block_reads(self.input_codes(x).contiguous(),
-                                                  call.block_programs))
+            return self._finish(self._block_reads(self.input_codes(x), call.block_programs))
         if program is not None and not (program.lossless and self._lossless_path(task_codes)):
             assert context is not None
-            codes = self.input_codes(x).contiguous()  # the operator reads NCHW codes
+            codes = self.input_codes(x)  # either layout: the operator takes it
             acc = crossbar_conv2d(
                 codes, program, self.geometry, implementation=context.implementation,
                 generator=context.read_generator,

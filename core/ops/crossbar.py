@@ -430,7 +430,7 @@ def crossbar_conv2d(
     codes: Tensor, program: CrossbarProgram, geometry: ConvGeometry, *,
     implementation: OperatorImplementation = OperatorImplementation.AUTO,
     generator: torch.Generator | None = None, max_chunk_elements: int = 1 << 23,
-    column_values: Tensor | None = None, out: Tensor | None = None,
+    column_values: Tensor | None = None,
 ) -> Tensor:
     """``sum(input_code * weight_code * mask)`` per output, as the crossbars compute it.
 
@@ -443,27 +443,27 @@ def crossbar_conv2d(
         max_chunk_elements: bound on the partial sums computed at once.
         column_values: ``[B, R, Cout]`` shift-mask values per image, replacing the
             program's (a batch whose images belong to different tasks).
-        out: zeros ``[B, Cout, Ho, Wo]`` to write the result into (e.g. one block of a
-            larger batch); a new tensor if None.
+
+    Returns:
+        ``[B, Cout, Ho, Wo]``: channels-last where the compiled matrix-product path ran
+        (it reads and writes each position's channels contiguously), else contiguous.
     """
     batch, channels, height, width = codes.shape
     if channels != program.in_channels:
         raise ConfigError(f"crossbar layer expects {program.in_channels} input channels, "
                           f"got {channels}")
     out_h, out_w = geometry.output_size(height, width, program.kernel_size)
-    if out is None:
-        out = codes.new_zeros(batch, program.out_channels, out_h, out_w)
-    elif tuple(out.shape) != (batch, program.out_channels, out_h, out_w):
-        raise ConfigError(f"out is {list(out.shape)}, the layer gives "
-                          f"{[batch, program.out_channels, out_h, out_w]}")
     kernel = _select(implementation)
+    matmul = kernel is _compiled_chunk and _matmul_applies(program)
+    out = _zeros_out(codes, batch, program.out_channels, out_h, out_w, matmul)
+    if not matmul:
+        codes = codes.contiguous()
     if column_values is not None and program.reads > 1:
         column_values = column_values.repeat_interleave(program.reads, dim=1)
     per_cycle_image = program.row_groups * out_h * out_w * (
         program.columns + (program.out_channels * program.slices if program.read_sigma else 0))
     chunk = max(1, max_chunk_elements // max(1, per_cycle_image * program.cycles))
     skip_zero_cycles = program.zero_reads_zero
-    matmul = kernel is _compiled_chunk and _matmul_applies(program)
     for start in range(0, batch, chunk):
         part = codes[start : start + chunk]
         if matmul:
@@ -482,6 +482,15 @@ def crossbar_conv2d(
         kernel(stacked, chunk_program, geometry, cycle_weight, noise,
                out[start : start + len(part)])
     return out
+
+
+def _zeros_out(codes: Tensor, batch: int, channels: int, height: int, width: int,
+               channels_last: bool) -> Tensor:
+    shape = (batch, channels, height, width)
+    if channels_last:
+        return torch.empty(shape, dtype=codes.dtype,
+                           memory_format=torch.channels_last).zero_()
+    return codes.new_zeros(shape)
 
 
 def _stack_cycles(part: Tensor, program: CrossbarProgram, compiled: bool, skip_zero: bool
@@ -574,19 +583,20 @@ def crossbar_conv2d_blocks(
     task); otherwise one call per block. Either way each image's result is the bits its
     program gives it alone."""
     program = blocks[0][2]
-    out_h, out_w = geometry.output_size(codes.shape[2], codes.shape[3], program.kernel_size)
-    out = codes.new_zeros(len(codes), program.out_channels, out_h, out_w)
     programs = [p for _, _, p in blocks]
     if (len(blocks) > 1 and _select(implementation) is _compiled_chunk
             and codes.shape[1] == program.in_channels and _one_matmul_call(programs)):
+        out_h, out_w = geometry.output_size(codes.shape[2], codes.shape[3],
+                                            program.kernel_size)
+        out = _zeros_out(codes, len(codes), program.out_channels, out_h, out_w, True)
         _compiled_matmul_blocks(codes, [(stop, p, p.column_values) for _, stop, p in blocks],
                                 geometry, program.zero_reads_zero, out)
         return out
-    for start, stop, block_program in blocks:
-        crossbar_conv2d(codes[start:stop], block_program, geometry,
-                        implementation=implementation, generator=generator,
-                        max_chunk_elements=max_chunk_elements, out=out[start:stop])
-    return out
+    parts = [crossbar_conv2d(codes[start:stop], block_program, geometry,
+                             implementation=implementation, generator=generator,
+                             max_chunk_elements=max_chunk_elements)
+             for start, stop, block_program in blocks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _one_matmul_call(programs: list[CrossbarProgram]) -> bool:

@@ -249,7 +249,7 @@ void crossbar_matmul(
     int64_t dac_bits,
     bool skip_zero,                      // a zero input reads as zero: skip all-zero reads
     const std::vector<int64_t>& block_segment_limits,  // per block, > 0: see below
-    torch::Tensor out)                   // float [B, Cout, Ho, Wo], accumulated into
+    torch::Tensor out)                   // float [B, Cout, Ho, Wo] channels-last, added into
 {
   TORCH_CHECK(codes_in.scalar_type() == at::kFloat && codes_in.dim() == 4,
               "input codes must be float [B, C, H, W]");
@@ -277,9 +277,10 @@ void crossbar_matmul(
   }
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
               dilation.size() == 2, "kernel, stride, padding and dilation need two entries");
-  const auto codes = codes_in.permute({0, 2, 3, 1}).contiguous();  // [B, H, W, C]
-  const int64_t images = codes.size(0), height = codes.size(1), width = codes.size(2);
-  const int64_t channels = codes.size(3);
+  // channels-last: each position's channels contiguous (no copy when the model runs so)
+  const auto codes = codes_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t images = codes.size(0), height = codes.size(2), width = codes.size(3);
+  const int64_t channels = codes.size(1);
   const int64_t row_groups = weight_t.size(0), k_len = weight_t.size(1);
   const int64_t kh = kernel_size[0], kw = kernel_size[1];
   TORCH_CHECK(k_len % (kh * kw) == 0, "weight rows must be whole kernels");
@@ -291,7 +292,8 @@ void crossbar_matmul(
   const int64_t out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
   const int64_t out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
   const int64_t positions = out_h * out_w;
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 4 &&
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 4 &&
+              out.is_contiguous(at::MemoryFormat::ChannelsLast) &&
               out.size(0) == images && out.size(1) == out_channels && out.size(2) == out_h &&
               out.size(3) == out_w, "output does not match the input");
   // per image: its block's cells and column values
@@ -364,7 +366,7 @@ void crossbar_matmul(
   const int64_t blocks = (positions + kBlock - 1) / kBlock;
 
   at::parallel_for(0, images * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(kBlock * cout), sums(columns), rest(cout), value(cout);
+    std::vector<float> sums(columns), rest(cout), value(cout);
     std::vector<float> high_sum(cout), low_sum(cout);  // a segmented read's digits
     std::vector<int32_t> codes_patch(patch), nonzero(k_len);
     std::vector<float> chunk(k_len);
@@ -375,10 +377,6 @@ void crossbar_matmul(
       const float* levels = image_levels[b];
       const float* col = image_columns[b];
       const int64_t segment_limit = image_segment_limit[b];
-      float* image_out = dst + b * cout * positions;
-      for (int64_t o = 0; o < cout; ++o) {
-        for (int64_t i = 0; i < np; ++i) acc[i * cout + o] = image_out[o * positions + p0 + i];
-      }
       for (int64_t i = 0; i < np; ++i) {
         const int64_t p = p0 + i;
         // the position's input patch as integer codes, [R, c, kh, kw] (the weight's order)
@@ -402,7 +400,7 @@ void crossbar_matmul(
             }
           }
         }
-        float* a_out = acc.data() + i * cout;
+        float* a_out = dst + (b * positions + p) * cout;  // the position's outputs
         for (int64_t c = 0; c < cycles; ++c) {
           const int32_t sign = cycle_sign[c], shift = cycle_shift[c], mask = cycle_mask[c];
           const float cyc = cycle_weight[c];
@@ -546,9 +544,6 @@ void crossbar_matmul(
             }
           }
         }
-      }
-      for (int64_t o = 0; o < cout; ++o) {
-        for (int64_t i = 0; i < np; ++i) image_out[o * positions + p0 + i] = acc[i * cout + o];
       }
     }
   });
