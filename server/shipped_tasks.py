@@ -168,23 +168,14 @@ def _earlier_stages(folder: Path, name: str, dataset: str, config: BuildConfig
 
 def _test_metrics(engine: Any, name: str, split: Any) -> dict[str, float]:
     """Top-1 in ideal and crossbar fidelity, and the share of images on which they agree."""
-    import torch
+    from server.frontier import ShippedTask, predicted_labels
 
-    from core.chip.config import Fidelity
-    from core.learning.common import eval_batch_size
-
-    ideal, chip, labels = [], [], []
-    step = eval_batch_size(256, split)
-    with torch.no_grad():
-        for start in range(0, len(split), step):
-            x, y = split.batch(slice(start, start + step))
-            ideal.append(engine.forward(x, task_id=name).argmax(1))
-            chip.append(engine.forward(x, task_id=name, fidelity=Fidelity.CROSSBAR).argmax(1))
-            labels.append(y)
-    on_ideal, on_chip, truth = torch.cat(ideal), torch.cat(chip), torch.cat(labels)
-    return {"test_accuracy": float((on_ideal == truth).float().mean()),
-            "crossbar_test_accuracy": float((on_chip == truth).float().mean()),
-            "crossbar_agreement": float((on_chip == on_ideal).float().mean())}
+    images, labels = split.batch(slice(0, len(split)))
+    test = ShippedTask(name, engine.tasks[name], images, labels)
+    ideal, chip = (predicted_labels(engine, test, f) for f in ("ideal", "crossbar"))
+    return {"test_accuracy": float((ideal == labels).float().mean()),
+            "crossbar_test_accuracy": float((chip == labels).float().mean()),
+            "crossbar_agreement": float((chip == ideal).float().mean())}
 
 
 def build_default_tasks(out: Path, names: list[str], config: BuildConfig, *,
