@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -167,7 +167,7 @@ class CrossbarProgram:
         """The matrix-product path's weight, ``pack``, ``pack_base`` and segment limit.
 
         Where the worst-case read does not let two cell slices share a float column
-        (differential pairs read 72 rows at once: digits up to ``6 * 72 * 15``), this
+        (differential pairs reading 72 rows at once: digits up to ``6 * 72 * 15``), this
         path still packs them, at base ``2**12``: a read whose DAC inputs sum to at most
         the limit fits, and the operator sums a larger one in segments that each fit.
         The two slices' digits are then exact whatever the read, as in :attr:`weight`'s
@@ -395,11 +395,7 @@ def _adc_shift_add_reference(
         analog = analog + read_noise
     value = (program.adc(analog) * program.slice_weight.reshape(-1, 1)).sum(3)
     value = value - program.weight_offset * input_sum[:, :, None]
-    if program.column_values.dim() == 3:  # per image [B, R, Cout] (a batch mixing tasks)
-        value = value.reshape(-1, images, groups, cout, height * width)
-        value = (value * program.column_values[None, :, :, :, None]).sum(2)
-    else:
-        value = (value * program.column_values[None, :, :, None]).sum(1)
+    value = (value * program.column_values[None, :, :, None]).sum(1)
     value = value.reshape(-1, images, cout, height * width)
     out += (value * cycle_weight.reshape(-1, 1, 1, 1)).sum(0).reshape(out.shape)
 
@@ -430,7 +426,6 @@ def crossbar_conv2d(
     codes: Tensor, program: CrossbarProgram, geometry: ConvGeometry, *,
     implementation: OperatorImplementation = OperatorImplementation.AUTO,
     generator: torch.Generator | None = None, max_chunk_elements: int = 1 << 23,
-    column_values: Tensor | None = None,
 ) -> Tensor:
     """``sum(input_code * weight_code * mask)`` per output, as the crossbars compute it.
 
@@ -441,8 +436,6 @@ def crossbar_conv2d(
         implementation: compiled C++ operator, pure-torch reference, or auto.
         generator: source of read noise (when the program has any).
         max_chunk_elements: bound on the partial sums computed at once.
-        column_values: ``[B, R, Cout]`` shift-mask values per image, replacing the
-            program's (a batch whose images belong to different tasks).
 
     Returns:
         ``[B, Cout, Ho, Wo]``: channels-last where the compiled matrix-product path ran
@@ -458,8 +451,6 @@ def crossbar_conv2d(
     out = _zeros_out(codes, batch, program.out_channels, out_h, out_w, matmul)
     if not matmul:
         codes = codes.contiguous()
-    if column_values is not None and program.reads > 1:
-        column_values = column_values.repeat_interleave(program.reads, dim=1)
     per_cycle_image = program.row_groups * out_h * out_w * (
         program.columns + (program.out_channels * program.slices if program.read_sigma else 0))
     chunk = max(1, max_chunk_elements // max(1, per_cycle_image * program.cycles))
@@ -467,20 +458,15 @@ def crossbar_conv2d(
     for start in range(0, batch, chunk):
         part = codes[start : start + chunk]
         if matmul:
-            values = (program.column_values if column_values is None
-                      else column_values[start : start + len(part)].contiguous())
-            _compiled_matmul(part, program, geometry, values, skip_zero_cycles,
-                             out[start : start + len(part)])
+            _compiled_matmul(part, program, geometry, program.column_values,
+                             skip_zero_cycles, out[start : start + len(part)])
             continue
         stacked, cycle_weight = _stack_cycles(part, program, kernel is _compiled_chunk,
                                               skip_zero_cycles)
         if cycle_weight.numel() == 0:
             continue
-        chunk_program = program if column_values is None else replace(
-            program, column_values=column_values[start : start + len(part)].contiguous())
         noise = _read_noise(stacked, program, geometry, generator) if program.read_sigma else None
-        kernel(stacked, chunk_program, geometry, cycle_weight, noise,
-               out[start : start + len(part)])
+        kernel(stacked, program, geometry, cycle_weight, noise, out[start : start + len(part)])
     return out
 
 

@@ -42,7 +42,7 @@ torch::Tensor crossbar_conv2d(
     double adc_offset_lsb,
     double weight_offset,
     double digit_bias,                   // level added to signed cells so digits pack
-    const torch::Tensor& column_values,  // float [R, Cout], or [B, R, Cout] per image
+    const torch::Tensor& column_values,  // float [R, Cout]
     const torch::Tensor& cycle_weight,   // float [cycles]
     const c10::optional<torch::Tensor>& read_noise,  // float [N, R, Cout, S, HW]
     torch::Tensor out)                   // float [B, Cout, Ho, Wo], accumulated into
@@ -62,10 +62,9 @@ torch::Tensor crossbar_conv2d(
   TORCH_CHECK(out.is_contiguous() && out.size(0) == images && out.size(1) == out_channels &&
               out.size(2) * out.size(3) == hw, "output does not match the input");
 
-  TORCH_CHECK(column_values.dim() == 2 || (column_values.dim() == 3 &&
-              column_values.size(0) == images), "column values must be [R, Cout] or "
-              "[B, R, Cout]");
-  const int64_t col_image_stride = column_values.dim() == 3 ? row_groups * out_channels : 0;
+  TORCH_CHECK(column_values.dim() == 2 && column_values.size(0) == row_groups &&
+              column_values.size(1) == out_channels,
+              "column values do not match the layout: need [R, Cout]");
   const float* ps = psum.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const auto sw = slice_weight.contiguous();
@@ -101,7 +100,7 @@ torch::Tensor crossbar_conv2d(
       for (int64_t c = 0; c < n_cycles; ++c) {
         const int64_t n = c * images + b;
         for (int64_t r = 0; r < row_groups; ++r) {
-          const float mask = col[b * col_image_stride + r * out_channels + o];
+          const float mask = col[r * out_channels + o];
           if (mask == 0.0f) continue;  // switched-off column: no conversion
           const float factor = cyc[c] * mask;
           const float* group = ps + (n * row_groups + r) * columns * hw;
@@ -307,16 +306,13 @@ void crossbar_matmul(
                 "block stops must rise to the batch size");
     const auto& cv = block_column_values[k];
     TORCH_CHECK(cv.scalar_type() == at::kFloat &&
-                (cv.dim() == 2 || (cv.dim() == 3 && cv.size(0) == stop - first)),
-                "column values must be [R, Cout] or [images of the block, R, Cout]");
-    TORCH_CHECK(cv.size(-2) == row_groups && cv.size(-1) == out_channels,
-                "column values do not match the layout");
+                cv.dim() == 2 && cv.size(0) == row_groups && cv.size(1) == out_channels,
+                "column values do not match the layout: need [R, Cout] per block");
     column_values[k] = cv.contiguous();
     const float* col_k = column_values[k].data_ptr<float>();
-    const int64_t per_image = cv.dim() == 3 ? row_groups * out_channels : 0;
     for (int64_t b = first; b < stop; ++b) {
       image_levels[b] = block_weights[k].data_ptr<float>();
-      image_columns[b] = col_k + (b - first) * per_image;
+      image_columns[b] = col_k;
       image_segment_limit[b] = block_segment_limits[k];
     }
     first = stop;

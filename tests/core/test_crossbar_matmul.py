@@ -74,7 +74,6 @@ def exact_cases(draw: st.DrawFn) -> dict:
         "adc_bits": draw(st.integers(2, 12)),
         "offset": draw(st.sampled_from([0.0, 0.4, -1.3, 0.7])),
         "zeros": draw(st.sampled_from([0.0, 0.5, 0.95])),
-        "per_image_masks": draw(st.booleans()),
         "chunk": draw(st.sampled_from([1, 1 << 23])),
         "seed": draw(st.integers(0, 2**16)),
     }
@@ -105,14 +104,10 @@ def test_matmul_path_equals_the_grouped_convolution(case):
     h, w = case["size"]
     if geometry.output_size(h, w, (k, k))[0] < 1 or geometry.output_size(h, w, (k, k))[1] < 1:
         return
-    per_image = None
-    if case["per_image_masks"]:  # a batch mixing tasks: each image its own column values
-        per_image = shift_values(3)[torch.randint(
-            0, 5, (case["batch"], layer.row_groups, cout), generator=g)]
 
     def run() -> torch.Tensor:
         return crossbar_conv2d(x, program, geometry, implementation="compiled",
-                               max_chunk_elements=case["chunk"], column_values=per_image)
+                               max_chunk_elements=case["chunk"])
 
     fast, slow = _both_paths(run)
     assert torch.equal(fast, slow)
@@ -122,11 +117,12 @@ def test_matmul_path_equals_the_grouped_convolution(case):
                          [(1, 5, 0.3), (3, 5, 0.3), (1, 14, 0.0), (3, 14, 0.0)])
 def test_differential_reads_pack_two_slices_and_segment_large_sums(kernel, adc_bits,
                                                                     step_scale):
-    """On the default chip a whole read may not fit a packed float column, so the matrix
-    path packs at a lower base and sums a read with large inputs in segments: the same
-    bits as the grouped convolution, also where every input is at its largest."""
+    """Differential pairs read 72 rows at once: a whole read may not fit a packed float
+    column, so the matrix path packs at a lower base and sums a read with large inputs in
+    segments: the same bits as the grouped convolution, also where every input is at its
+    largest."""
     g = torch.Generator().manual_seed(kernel)
-    config = CrossbarConfig()
+    config = CrossbarConfig(rows_per_read=72)
     cin = 72 // kernel**2 * 2  # two PE row groups of 72 rows
     layer = _layer(cin, 24, kernel, config, input_bits=8, signed=True)
     codes = torch.randint(-8, 8, (24, cin, kernel, kernel), generator=g, dtype=torch.int8)
@@ -191,9 +187,10 @@ def test_operator_refuses_a_layout_it_was_not_built_for():
     program = _program(levels, layer)
     x = torch.randint(0, 16, (2, 20, 3, 3)).float()
     geometry = ConvGeometry((1, 1), (0, 0), (1, 1))
-    wrong = torch.ones(2, program.row_groups + 1, program.out_channels)  # one group too many
+    wrong = torch.ones(program.row_groups + 1, program.out_channels)  # one group too many
+    out = torch.zeros(2, program.out_channels, 3, 3).contiguous(memory_format=torch.channels_last)
     with pytest.raises(RuntimeError, match="column values do not match"):
-        crossbar_conv2d(x, program, geometry, implementation="compiled", column_values=wrong)
+        crossbar_ops._compiled_matmul(x, program, geometry, wrong, True, out)
     with pytest.raises(RuntimeError, match="output does not match"):
         crossbar_ops._compiled_matmul(x, program, geometry, program.column_values, True,
                                       torch.zeros(2, program.out_channels, 2, 2))
