@@ -231,7 +231,7 @@ def build_default_tasks(out: Path, names: list[str], config: BuildConfig, *,
             result = adapt(config.method, model, data, name, loop_config,
                            RunOptions(progress=True), initial=task)
             task, val_accuracy = result.task, result.val_accuracy
-            stages.append(_stage(result))
+            stages.append({**_stage(result), "chip": model.config.describe()})
         assert task is not None
         engine = CrossbarEngine(model)
         engine.add_task(task)

@@ -2,13 +2,14 @@
 
 Array and precision defaults follow the XMA2 paper (sections 3.3.2, 4 and 5): 72x72
 crossbars, 4-bit weights and activations, 2-bit cells, one 5-bit SAR ADC per column
-and a three-level shift mask. The periphery default keeps the paper's 72 rows per read,
-4-bit DAC and 5-bit ADC but stores each weight as a differential pair (the columns'
-currents subtracted before the ADC, so its sums are signed and centred near zero): the
+and a three-level shift mask. The periphery default keeps the paper's 4-bit DAC and
+5-bit ADC but stores each weight as a differential pair (the columns' currents
+subtracted before the ADC, so its sums are signed and centred near zero) and reads 36
+rows at once instead of 72 (the ADC of half a column's rows draws less current): the
 paper's offset cells (:data:`PAPER_CHIP`) classify at chance with a 5-bit ADC, the
 differential pairs within a point of ideal with tasks trained with the chip in the loop
 (docs/results.md, "The default chip"). :data:`LOSSLESS_CHIP` (bit-serial inputs, 9 rows
-per read) fits every column sum into the ADC exactly, at 2.8x the energy per image.
+per read) fits every column sum into the ADC exactly, at 2.9x the energy per image.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class CrossbarConfig:
     dac_mode: DacMode = DacMode.MULTI_BIT
     """One 4-bit input per read cycle, as in the paper (bit-serial inputs fit every column
     sum of 9 rows into the 5-bit ADC, at four times the reads: :data:`LOSSLESS_CHIP`)."""
-    rows_per_read: int = 72
+    rows_per_read: int = 36
     """Word lines driven together for one ADC conversion. A PE's rows are read in groups
     of whole input channels that tile its row group evenly (the largest such group of at
     most this many rows, and at least one channel: 9 rows of a 3x3 kernel); each group's
@@ -239,7 +240,7 @@ default's energy per image)."""
 
 
 CHIP_PRESETS: dict[str, dict[str, Any]] = {
-    "default": {"weight_encoding": "differential", "rows_per_read": 72,
+    "default": {"weight_encoding": "differential", "rows_per_read": 36,
                 "dac_mode": "multi_bit", "adc_bits": 5},
     "paper": PAPER_CHIP,
     "lossless": LOSSLESS_CHIP,
