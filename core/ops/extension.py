@@ -23,7 +23,11 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 KERNEL_SOURCE = Path(__file__).with_name("crossbar_kernel.cpp")
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off")
+_PARALLEL_FLAGS = ("-fopenmp",)
+"""torch's ``at::parallel_for`` is an inline OpenMP loop (ATen/ParallelOpenMP.h): compiled
+without OpenMP, the operator's loops run on one thread whatever ``torch.set_num_threads``
+says. A compiler without OpenMP still gets the single-threaded build."""
 
 
 def _put_venv_ninja_on_path() -> None:
@@ -55,11 +59,11 @@ def _clear_stale_lock(lock: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-def extension_name() -> str:
+def extension_name(parallel: bool = True) -> str:
     """The build's name in the shared cache, from a hash of the source and flags: two
     checkouts (or versions) of the operator never load each other's library."""
     digest = hashlib.sha256(KERNEL_SOURCE.read_bytes())
-    digest.update(" ".join(_FLAGS).encode())
+    digest.update(" ".join(_FLAGS + (_PARALLEL_FLAGS if parallel else ())).encode())
     return f"xma2_crossbar_{digest.hexdigest()[:12]}"
 
 
@@ -72,16 +76,26 @@ def crossbar_extension() -> ModuleType | None:
         return None
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    name = extension_name()
-    _clear_stale_lock(Path(_get_build_directory(name, verbose=False)) / "lock")
-    try:
-        module: ModuleType = load(name=name, sources=[str(KERNEL_SOURCE)],
-                                  extra_cflags=_FLAGS, verbose=False)
+    failure: Exception | None = None
+    for parallel in (True, False):
+        name = extension_name(parallel)
+        extra = _PARALLEL_FLAGS if parallel else ()
+        _clear_stale_lock(Path(_get_build_directory(name, verbose=False)) / "lock")
+        try:
+            # fresh lists: torch appends its own libraries to the ones it is given
+            module: ModuleType = load(name=name, sources=[str(KERNEL_SOURCE)],
+                                      extra_cflags=[*_FLAGS, *extra], extra_ldflags=[*extra],
+                                      verbose=False)
+        except Exception as e:  # try without OpenMP, then leave the reference in place
+            failure = e
+            if parallel:
+                log.warning("building the crossbar operator with OpenMP failed (%s): "
+                            "building it single-threaded", e)
+            continue
         return module
-    except Exception as e:  # any build failure leaves the reference in place
-        log.warning("building the crossbar operator failed (%s): using the pure-torch "
-                    "reference", e)
-        return None
+    log.warning("building the crossbar operator failed (%s): using the pure-torch "
+                "reference", failure)
+    return None
 
 
 if __name__ == "__main__":  # `python -m core.ops.extension`: build it now (set-up, images)

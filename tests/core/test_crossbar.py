@@ -392,6 +392,17 @@ def test_each_operator_source_builds_under_its_own_name(tmp_path, monkeypatch):
     assert extension.extension_name() != name
 
 
+def test_the_compiled_operator_is_built_with_openmp_so_its_loops_use_torchs_threads():
+    # at::parallel_for is inline OpenMP: a build without it runs every loop on one thread
+    # (the crossbar pass then gained nothing from a second core).
+    from core.ops import extension
+
+    module = extension.crossbar_extension()
+    assert module is not None
+    assert module.__name__ == extension.extension_name(parallel=True)
+    assert extension.extension_name(parallel=False) != module.__name__
+
+
 def test_the_operator_tests_fail_without_a_compiler_unless_told_to_skip(monkeypatch):
     from core.ops import extension
     from tests.conftest import ALLOW_NO_COMPILER, compiled_operator
