@@ -396,9 +396,9 @@ def test_the_compiled_operator_is_built_with_openmp_so_its_loops_use_torchs_thre
     # at::parallel_for is inline OpenMP: a build without it runs every loop on one thread
     # (the crossbar pass then gained nothing from a second core).
     from core.ops import extension
+    from tests.conftest import compiled_operator
 
-    module = extension.crossbar_extension()
-    assert module is not None
+    module = compiled_operator()
     assert module.__name__ == extension.extension_name(parallel=True)
     assert extension.extension_name(parallel=False) != module.__name__
 
