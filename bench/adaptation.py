@@ -8,6 +8,9 @@ hits both alike, and the report gives each one's times and the ratio old / new:
     git worktree add /tmp/xma2-base REV
     python bench/adaptation.py --baseline-tree /tmp/xma2-base [--steps 40] [--repeats 2]
 
+``--compare-compile`` runs this tree against itself instead: ``old`` with the training
+pass eager (``train.compile=never``), ``new`` compiled (``always``).
+
 ``--steps N`` times the first ``N`` training steps (warm start and PE ranking done, then
 the run is cancelled) and reports the median step; ``--steps 0`` runs the whole
 adaptation (warm start, ranking, every epoch, validation) and reports its wall time and
@@ -54,10 +57,17 @@ BACKWARD_KINDS = (("Convolution", "convolution"), ("BatchNorm", "batchnorm"),
 are the fold's and the masks' (and the head's)."""
 
 
+COMPILED_GRAPH = "## Call CompiledFxGraph"
+"""The profiler's name of a call of a graph ``torch.compile`` generated: its self time is
+the generated loops' (the convolutions it calls are counted as their own operators)."""
+
+
 def _kind(event: Any) -> str:
     """The kind of work an operator of the profile does, from it and its callers."""
     parent = event.cpu_parent
     while parent is not None:
+        if parent.name.startswith(COMPILED_GRAPH):  # an operator a compiled graph calls
+            break
         if parent.name == "fold":
             return "fold and masks (forward)"
         if parent.name.startswith("Optimizer."):
@@ -81,10 +91,14 @@ def profile_breakdown(profiler: Any, steps: int) -> dict[str, Any]:
     """Self CPU milliseconds per step by kind of work, and each kind's share."""
     totals: dict[str, float] = {}
     for event in profiler.events():
-        if event.name.startswith(("aten::", "autograd::", "Optimizer.")) or event.name in (
+        if event.name.startswith(COMPILED_GRAPH):
+            kind = "compiled loops (quantization, BatchNorm, ReLU6)"
+        elif event.name.startswith(("aten::", "autograd::", "Optimizer.")) or event.name in (
                 "fold",):
             kind = _kind(event)
-            totals[kind] = totals.get(kind, 0.0) + event.self_cpu_time_total / 1e3 / steps
+        else:
+            continue
+        totals[kind] = totals.get(kind, 0.0) + event.self_cpu_time_total / 1e3 / steps
     total = sum(totals.values())
     return {"ms_per_step": {k: round(v, 1) for k, v in sorted(totals.items())},
             "share": {k: round(v / total, 3) for k, v in sorted(totals.items())},
@@ -111,8 +125,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """Run one adaptation in this process's tree and return what it measured."""
     import torch
 
-    from core.backbones.shipped import load_backbone
-
     # A tree from before core's packages (core.methods, core.datasets) runs as the baseline
     learning = _module("core.learning", "core.methods")
     datasets = _module("core.data.datasets", "core.datasets")
@@ -120,12 +132,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     RunOptions, TrainingCancelled = learning.RunOptions, learning.TrainingCancelled
     adapt, default_config = learning.adapt, learning.default_config
     StepInfo = _module(learning.__name__ + ".common").StepInfo
+    load_backbone = _module("core.backbones.shipped", "core.commands").load_backbone
 
     torch.set_num_threads(args.threads)
     data = load_dataset(DatasetSpec(args.dataset, image_size=args.size, seed=args.seed,
                                     train_limit=args.train_limit, test_limit=args.test_limit))
     model = load_backbone(None)
-    config = default_config("xma2", epochs=args.epochs, seed=args.seed)
+    overrides = {} if args.compile is None else {"compile": args.compile}
+    config = default_config("xma2", epochs=args.epochs, seed=args.seed, **overrides)
     cancel = threading.Event()
     stamps: list[tuple[float, float]] = []
     profiler = None
@@ -185,17 +199,22 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def run_variant(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """One child process in ``tree`` (its source first on the path)."""
+def run_variant(tree: Path, args: argparse.Namespace, compile_mode: str | None = None
+                ) -> dict[str, Any]:
+    """One child process in ``tree`` (its source first on the path); ``compile_mode``: the
+    run's ``train.compile`` (None: the tree's default, the only choice of an older tree)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child",
                "--dataset", args.dataset, "--size", str(args.size),
                "--train-limit", str(args.train_limit), "--test-limit", str(args.test_limit),
                "--epochs", str(args.epochs), "--seed", str(args.seed),
                "--threads", str(args.threads), "--steps", str(args.steps),
-               "--profile-steps", str(args.profile_steps)]
+               "--profile-steps", str(args.profile_steps),
+               *([] if compile_mode is None else ["--compile", compile_mode])]
     from server.cli import MALLOC_ENV
 
     env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(tree), "XMA2_BENCH_TREE": str(tree)}
+    if tree != HERE:  # its own operator cache: the trees' operators would rebuild each other
+        env["TORCH_EXTENSIONS_DIR"] = str(tree / ".torch_ext")
     done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"the run in {tree} failed:\n{done.stderr[-3000:]}")
@@ -221,6 +240,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternations of the pair")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile this many steps of each tree instead of timing")
+    parser.add_argument("--compare-compile", action="store_true",
+                        help="compare this tree with itself: old = train.compile never, "
+                             "new = always (no baseline tree)")
+    parser.add_argument("--compile", choices=("auto", "always", "never"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", type=Path, help="also write the JSON result here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -230,14 +254,19 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     sys.path.insert(0, str(HERE))
-    if args.baseline_tree is None or not (args.baseline_tree / "core").is_dir():
+    modes: dict[str, str | None] = {"old": None, "new": None}
+    if args.compare_compile:
+        trees = {"old": HERE, "new": HERE}
+        modes = {"old": "never", "new": "always"}
+    elif args.baseline_tree is None or not (args.baseline_tree / "core").is_dir():
         parser.error("--baseline-tree must name a source tree of xma2 (with core/)")
-    trees = {"old": args.baseline_tree.resolve(), "new": HERE}
+    else:
+        trees = {"old": args.baseline_tree.resolve(), "new": HERE}
     runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
     for repeat in range(args.repeats):
         order = ("old", "new") if repeat % 2 == 0 else ("new", "old")
         for name in order:
-            runs[name].append(run_variant(trees[name], args))
+            runs[name].append(run_variant(trees[name], args, modes[name]))
             print(f"{name} run {len(runs[name])}: {json.dumps(runs[name][-1])}",
                   file=sys.stderr)
     if args.profile_steps:
@@ -258,6 +287,7 @@ def main() -> None:
                    "epochs": args.epochs, "seed": args.seed, "threads": args.threads,
                    "steps": args.steps or "all"},
         "trees": {k: str(v) for k, v in trees.items()},
+        "compile": modes,
         "measure": key,
         "old": [r[key] for r in runs["old"]], "new": [r[key] for r in runs["new"]],
         "old_cpu": [r[cpu_key] for r in runs["old"]],

@@ -13,6 +13,7 @@ backbone is never touched (its codes, scales and BatchNorm terms are copied).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from abc import abstractmethod
@@ -33,10 +34,12 @@ from core.learning.common import (
     RunOptions,
     TrainConfig,
     accuracy,
+    compiles,
     config_dict,
     deterministic,
     fit,
     to_channels_last,
+    training_steps,
     warm_start_head,
 )
 from core.nn.chip_instance import programmed_backbone
@@ -49,6 +52,8 @@ from core.task_state import LayerTaskState, TaskHead, TaskState, ones_code, shif
 
 if TYPE_CHECKING:
     from core.learning.column_masks import ColumnMaskModule
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CrossbarAdapter",
@@ -399,8 +404,26 @@ class TaskModel(nn.Module):
         self.chip_agreement = 0.0
         """Weight of the ideal view's agreement with the chip in training passes."""
         self._agreement: Tensor | None = None
+        self._compiled: Callable[[Tensor], Tensor] | None = None
+        """The backbone's forward compiled for training passes (None: eager)."""
+        self._compile_checked = False
 
     backbone: CrossbarModel
+
+    def compile_training_pass(self) -> None:
+        """Run training passes (autograd on, ``train()`` mode) through ``torch.compile``.
+
+        Only the backbone's forward is compiled: folding the adapters stays eager, so the
+        weights it hands the layers are inputs of one graph that every step reuses. Passes
+        without autograd (evaluation, export checks) stay eager and exact. If compiling
+        fails (no C++ compiler, say), training goes on eagerly with a warning."""
+        self._compiled = torch.compile(self.backbone.forward, dynamic=False)
+        self._compile_checked = False
+
+    @property
+    def compiled(self) -> bool:
+        """Whether training passes run compiled (False after a failed compile)."""
+        return self._compiled is not None
 
     def source_layer(self, name: str) -> CrossbarConv2d:
         """A layer of the caller's backbone (read-only use: codes and scales)."""
@@ -569,7 +592,27 @@ class TaskModel(nn.Module):
         self.load_weights()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self._compiled is not None and self.training and torch.is_grad_enabled():
+            return self._compiled_features(x)
         features: Tensor = self.backbone(x)
+        return features
+
+    def _compiled_features(self, x: Tensor) -> Tensor:
+        assert self._compiled is not None
+        if self._compile_checked:
+            return self._compiled(x)
+        started = time.perf_counter()
+        try:
+            features = self._compiled(x)
+        except Exception as e:  # the compiler's own errors have no common base class
+            logger.warning("compiling the training pass failed (%s: %s); training eagerly",
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self._compiled = None
+            features = self.backbone(x)
+        else:
+            logger.info("compiled the training pass in %.0f s",
+                        time.perf_counter() - started)
+        self._compile_checked = True
         return features
 
     def forward(self, x: Tensor) -> Tensor:
@@ -653,6 +696,9 @@ def train_task_model(
               {"params": list(task_model.batchnorm.values()), "lr": train.lr_batchnorm},
               *extra_groups]
     cfg = meta["config"]
+    details = dict(details or {})
+    if compiles(train, training_steps(len(data.train), train), task_model.chip is not None):
+        task_model.compile_training_pass()
     with deterministic():
         steps, history = fit(
             task_model, groups, data.train, train, options,
@@ -661,7 +707,7 @@ def train_task_model(
         )
         task = task_model.export(task_id, tuple(data.classes))
         val = accuracy(task_model, data.val, channels_last=False)
-    details = dict(details or {})
+    details["compiled_training_pass"] = task_model.compiled
     frozen_codes = [
         s.column_codes[~replaced_columns(s.pe_mask, task_model.mapping.layer(n))]
         for n, s in task.layers.items()

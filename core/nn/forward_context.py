@@ -17,6 +17,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Generator, Tensor, nn
 
 from core.chip.config import OperatorImplementation
@@ -80,4 +81,8 @@ def forward_context(context: ForwardContext) -> Iterator[ForwardContext]:
 
 
 def current_forward_context() -> ForwardContext | None:
+    """The engine's call, or None; always None in a pass that ``torch.compile`` traces (a
+    training pass, which the engine never wraps, and which a context lookup would split)."""
+    if torch.compiler.is_compiling():
+        return None
     return _current.get()
