@@ -103,7 +103,7 @@ class TrainConfig:
     takes about half the time, after about a minute of compiling. Fused loops may round
     a float differently from torch's kernels in the last bit, so a compiled run is not
     bit-equal to an eager one (validation accuracy agrees within the spread over seeds);
-    a compiled run is deterministic."""
+    a compiled run is deterministic and resumes exactly."""
     chip_agreement: float = 0.0
     """With ``chip_periphery``: weight of a term that teaches the task's ideal (float) view
     to answer as the chip does (the KL divergence from the chip's class probabilities to

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from core.errors import ConfigError
+from core.learning import RunOptions, TrainingCancelled, adapt
 from core.learning import task_model as tm_module
-from core.learning.common import COMPILE_MIN_STEPS, TrainConfig, compiles
+from core.learning.common import COMPILE_MIN_STEPS, StepInfo, TrainConfig, compiles
+from tests.core.learning.test_methods import _assert_same_task, _config
 from tests.core.learning.test_training_step import _loss_and_grads, _xma2_model
 
 
@@ -69,3 +74,31 @@ def test_a_failed_compile_trains_eagerly(quantized_mobilenet, digits32, monkeypa
     assert not model.compiled
     assert "compiling the training pass failed (RuntimeError: no C++ compiler)" in caplog.text
     assert torch.equal(loss, eager_loss)
+
+
+def test_a_compiled_run_is_deterministic_and_resumes_exactly(quantized_mobilenet, digits32,
+                                                             tiny_train, tmp_path):
+    """Two compiled runs of a seed end on the same task, and so does one cancelled after
+    three steps and resumed from its checkpoint (compiled again in the resumed run)."""
+    train = dataclasses.replace(tiny_train, compile="always", channels_last=True,
+                                checkpoint_every=2)
+    config = _config("xma2", train)
+    first = adapt("xma2", quantized_mobilenet, digits32, "det", config)
+    assert first.details["compiled_training_pass"] is True
+    again = adapt("xma2", quantized_mobilenet, digits32, "det", config)
+    _assert_same_task(first.task, again.task)
+    cancel = threading.Event()
+
+    def stop_after_three(info: StepInfo) -> None:
+        if info.step == 2:
+            cancel.set()
+
+    with pytest.raises(TrainingCancelled):
+        adapt("xma2", quantized_mobilenet, digits32, "det", config,
+              RunOptions(cancel=cancel, checkpoint_dir=tmp_path, on_step=stop_after_three))
+    resumed = adapt("xma2", quantized_mobilenet, digits32, "det", config,
+                    RunOptions(checkpoint_dir=tmp_path))
+    _assert_same_task(first.task, resumed.task)
+    eager = adapt("xma2", quantized_mobilenet, digits32, "det",
+                  _config("xma2", dataclasses.replace(train, compile="never")))
+    assert eager.details["compiled_training_pass"] is False
