@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
+import torch.utils.deterministic
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -184,14 +185,23 @@ class AdaptationResult:
 
 @contextmanager
 def deterministic() -> Iterator[None]:
-    """torch's deterministic algorithms for the duration (restoring the caller's setting)."""
+    """torch's deterministic algorithms for the duration (restoring the caller's settings).
+
+    Without filling new tensors' memory: with deterministic algorithms on, torch by
+    default writes NaN into every ``torch.empty`` first, so that a read of memory nothing
+    wrote shows. Every kernel here writes what it allocates (the determinism and resume
+    tests would likely show one that did not), and the fills cost 10-20% of an eager training
+    step (one per allocation, the convolutions' outputs and gradients among them)."""
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
 
 
 def training_steps(train_images: int, config: TrainConfig) -> int:
