@@ -9,7 +9,7 @@ hits both alike, and the report gives each one's times and the ratio old / new:
     python bench/adaptation.py --baseline-tree /tmp/xma2-base [--steps 40] [--repeats 2]
 
 ``--compare-compile`` runs this tree against itself instead: ``old`` with the training
-pass eager (``train.compile=never``), ``new`` compiled (``always``).
+pass eager (``train.compile=false``, the default), ``new`` compiled (``true``).
 
 ``--steps N`` times the first ``N`` training steps (warm start and PE ranking done, then
 the run is cancelled) and reports the median step; ``--steps 0`` runs the whole
@@ -138,7 +138,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     data = load_dataset(DatasetSpec(args.dataset, image_size=args.size, seed=args.seed,
                                     train_limit=args.train_limit, test_limit=args.test_limit))
     model = load_backbone(None)
-    overrides = {} if args.compile is None else {"compile": args.compile}
+    overrides = {} if args.compile is None else {"compile": args.compile == "true"}
     config = default_config("xma2", epochs=args.epochs, seed=args.seed, **overrides)
     cancel = threading.Event()
     stamps: list[tuple[float, float]] = []
@@ -241,9 +241,9 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile this many steps of each tree instead of timing")
     parser.add_argument("--compare-compile", action="store_true",
-                        help="compare this tree with itself: old = train.compile never, "
-                             "new = always (no baseline tree)")
-    parser.add_argument("--compile", choices=("auto", "always", "never"),
+                        help="compare this tree with itself: old = train.compile false, "
+                             "new = true (no baseline tree)")
+    parser.add_argument("--compile", choices=("true", "false"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", type=Path, help="also write the JSON result here")
@@ -257,7 +257,7 @@ def main() -> None:
     modes: dict[str, str | None] = {"old": None, "new": None}
     if args.compare_compile:
         trees = {"old": HERE, "new": HERE}
-        modes = {"old": "never", "new": "always"}
+        modes = {"old": "false", "new": "true"}
     elif args.baseline_tree is None or not (args.baseline_tree / "core").is_dir():
         parser.error("--baseline-tree must name a source tree of xma2 (with core/)")
     else:

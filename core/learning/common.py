@@ -49,21 +49,12 @@ __all__ = [
     "TrainConfig",
     "TrainingCancelled",
     "accuracy",
-    "compiles",
     "deterministic",
     "fit",
     "seeded_generator",
     "to_channels_last",
-    "training_steps",
     "warm_start_head",
 ]
-
-
-COMPILE_MODES = ("auto", "always", "never")
-COMPILE_MIN_STEPS = 200
-"""Training steps from which ``compile="auto"`` compiles: compiling costs about a minute on
-2 cores with a cold inductor cache (15 s warm) and saves about 0.17 s per step at 64 px
-on 2 threads (0.35 s on 1), so the default 468-step run gains either way."""
 
 
 @dataclass(frozen=True)
@@ -96,15 +87,14 @@ class TrainConfig:
     layer's value is what the served chip's periphery (its ADCs, and the read noise and
     ADC offsets of ``chip_noise``) makes of it, its gradient the float layer's
     (straight-through). Costs the emulation of every lossy layer in each step."""
-    compile: str = "auto"
-    """Compile the training pass with ``torch.compile``: ``always``, ``never``, or ``auto``
-    (when the run takes at least :data:`COMPILE_MIN_STEPS` steps without the chip in the
-    loop, whose reads the compiler cannot trace). The compiled pass runs each layer's
-    quantization and BatchNorm, forward and backward, as one fused loop: a step at 64 px
-    takes about half the time, after about a minute of compiling. Fused loops may round
-    a float differently from torch's kernels in the last bit, so a compiled run is not
-    bit-equal to an eager one (validation accuracy agrees within the spread over seeds);
-    a compiled run is deterministic and resumes exactly."""
+    compile: bool = False
+    """Compile the training pass with ``torch.compile`` (not with the chip in the loop,
+    whose reads it cannot trace): each layer's quantization and BatchNorm, forward and
+    backward, become one generated loop. Off by default: at 64 px a compiled step took
+    0.22-0.31 s against 0.25-0.39 s eager, after 15-60 s of compiling, so the default
+    468-step run gains little or nothing. Fused loops round some floats differently
+    from torch's kernels, so a compiled run is not bit-equal to an eager one; it is
+    deterministic and resumes exactly."""
     chip_agreement: float = 0.0
     """With ``chip_periphery``: weight of a term that teaches the task's ideal (float) view
     to answer as the chip does (the KL divergence from the chip's class probabilities to
@@ -118,9 +108,6 @@ class TrainConfig:
         for name in ("lr_head", "lr_batchnorm"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.compile not in COMPILE_MODES:
-            raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got "
-                              f"{self.compile!r}")
         if not self.chip_agreement >= 0:
             raise ConfigError(f"chip_agreement must be >= 0, got {self.chip_agreement}")
         if self.warm_start_images < 0 or self.checkpoint_every < 0:
@@ -202,18 +189,6 @@ def deterministic() -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
         torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
-
-
-def training_steps(train_images: int, config: TrainConfig) -> int:
-    """Steps of a run: whole batches only, at least one per epoch."""
-    return config.epochs * max(1, train_images // config.batch_size)
-
-
-def compiles(config: TrainConfig, steps: int, chip_in_loop: bool) -> bool:
-    """Whether a run of ``steps`` steps compiles its training pass (``config.compile``)."""
-    if config.compile == "auto":
-        return steps >= COMPILE_MIN_STEPS and not chip_in_loop
-    return config.compile == "always"
 
 
 def seeded_generator(seed: int, stream: int, index: int) -> torch.Generator:
@@ -402,7 +377,7 @@ def fit(
     """
     n = len(train_split)
     steps_per_epoch = max(1, n // config.batch_size)
-    total = training_steps(n, config)
+    total = config.epochs * steps_per_epoch
     groups = [g for g in param_groups if g["params"] and g["lr"] > 0]
     for g in groups:
         g["initial_lr"] = g["lr"]

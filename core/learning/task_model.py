@@ -34,12 +34,10 @@ from core.learning.common import (
     RunOptions,
     TrainConfig,
     accuracy,
-    compiles,
     config_dict,
     deterministic,
     fit,
     to_channels_last,
-    training_steps,
     warm_start_head,
 )
 from core.nn.chip_instance import programmed_backbone
@@ -697,7 +695,10 @@ def train_task_model(
               *extra_groups]
     cfg = meta["config"]
     details = dict(details or {})
-    if compiles(train, training_steps(len(data.train), train), task_model.chip is not None):
+    if train.compile and task_model.chip is not None:
+        logger.warning("train.compile is ignored with the chip in the loop (its reads "
+                       "cannot be traced); training eagerly")
+    elif train.compile:
         task_model.compile_training_pass()
     with deterministic():
         steps, history = fit(

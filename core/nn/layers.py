@@ -256,9 +256,13 @@ class CrossbarConv2d(nn.Module):
             return self._finish(acc)
         else:
             weight = self.effective_weight
-        # Float paths (training, calibration) keep the layout they always had.
+        # Training passes run in the layout their caller chose (a task model trains
+        # channels-last: an NCHW copy here would make every convolution and BatchNorm of the
+        # step convert); other float passes (calibration) convolve NCHW, as they always did.
+        if not torch.is_grad_enabled():
+            x = x.contiguous()
         return F.conv2d(
-            self.input_quant(x.contiguous()), weight, self.bias, self.stride, self.padding,
+            self.input_quant(x), weight, self.bias, self.stride, self.padding,
             self.dilation, self.groups,
         )
 

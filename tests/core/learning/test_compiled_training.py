@@ -9,24 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.errors import ConfigError
 from core.learning import RunOptions, TrainingCancelled, adapt
 from core.learning import task_model as tm_module
-from core.learning.common import COMPILE_MIN_STEPS, StepInfo, TrainConfig, compiles
+from core.learning.common import StepInfo
 from tests.core.learning.test_methods import _assert_same_task, _config
 from tests.core.learning.test_training_step import _loss_and_grads, _xma2_model
-
-
-def test_compile_modes():
-    with pytest.raises(ConfigError, match="compile must be one of auto, always, never"):
-        TrainConfig(compile="sometimes")
-    auto = TrainConfig()
-    assert compiles(auto, COMPILE_MIN_STEPS, chip_in_loop=False)
-    assert not compiles(auto, COMPILE_MIN_STEPS - 1, chip_in_loop=False)
-    assert not compiles(auto, 10 * COMPILE_MIN_STEPS, chip_in_loop=True)
-    assert compiles(TrainConfig(compile="always"), 1, chip_in_loop=True)
-    assert not compiles(TrainConfig(compile="never"), 10 * COMPILE_MIN_STEPS,
-                        chip_in_loop=False)
 
 
 def test_compiled_step_agrees_with_the_eager_step(quantized_mobilenet, digits32):
@@ -80,7 +67,7 @@ def test_a_compiled_run_is_deterministic_and_resumes_exactly(quantized_mobilenet
                                                              tiny_train, tmp_path):
     """Two compiled runs of a seed end on the same task, and so does one cancelled after
     three steps and resumed from its checkpoint (compiled again in the resumed run)."""
-    train = dataclasses.replace(tiny_train, compile="always", channels_last=True,
+    train = dataclasses.replace(tiny_train, compile=True, channels_last=True,
                                 checkpoint_every=2)
     config = _config("xma2", train)
     first = adapt("xma2", quantized_mobilenet, digits32, "det", config)
@@ -100,5 +87,5 @@ def test_a_compiled_run_is_deterministic_and_resumes_exactly(quantized_mobilenet
                     RunOptions(checkpoint_dir=tmp_path))
     _assert_same_task(first.task, resumed.task)
     eager = adapt("xma2", quantized_mobilenet, digits32, "det",
-                  _config("xma2", dataclasses.replace(train, compile="never")))
+                  _config("xma2", dataclasses.replace(train, compile=False)))
     assert eager.details["compiled_training_pass"] is False
