@@ -16,6 +16,7 @@ from tests.core.learning.test_methods import _assert_same_task, _config
 from tests.core.learning.test_training_step import _loss_and_grads, _xma2_model
 
 
+@pytest.mark.slow  # compiling takes about a minute; train.compile is off by default
 def test_compiled_step_agrees_with_the_eager_step(quantized_mobilenet, digits32):
     """Loss and every gradient of one XMA2 step (spare codes, column masks, BatchNorm terms,
     head) agree with the eager step's; fused loops may round a float differently, so a
@@ -63,6 +64,7 @@ def test_a_failed_compile_trains_eagerly(quantized_mobilenet, digits32, monkeypa
     assert torch.equal(loss, eager_loss)
 
 
+@pytest.mark.slow
 def test_a_compiled_run_is_deterministic_and_resumes_exactly(quantized_mobilenet, digits32,
                                                              tiny_train, tmp_path):
     """Two compiled runs of a seed end on the same task, and so does one cancelled after
