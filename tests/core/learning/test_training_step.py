@@ -121,3 +121,24 @@ def test_served_weights_equal_the_engine_fold(quantized_mobilenet):
             assert torch.equal(fast, plain)
         assert torch.equal(adapter.effective_codes(),
                            _plain_fold(adapter, torch.ones_like(adapter.scale), None, False))
+
+
+def test_a_channels_last_training_pass_convolves_channels_last(quantized_mobilenet, digits32,
+                                                               monkeypatch):
+    """A training pass keeps the task model's layout: an NCHW copy of each crossbar layer's
+    input once made every convolution and BatchNorm of a step convert (40% of its time)."""
+    from core.nn import layers
+
+    model = _xma2_model(quantized_mobilenet, channels_last=True)
+    x, y = digits32.train.batch(slice(0, 16))
+    conv2d = layers.F.conv2d
+    layouts: list[bool] = []
+
+    def recording(inputs: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        layouts.append(inputs.is_contiguous(memory_format=torch.channels_last))
+        return conv2d(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(layers.F, "conv2d", recording)
+    _loss_and_grads(model, x, y)
+    assert len(layouts) == len(dict(quantized_mobilenet.layers()))  # every CrossbarConv2d
+    assert all(layouts)
