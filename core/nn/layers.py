@@ -8,7 +8,9 @@ mask values, spare PEs' codes where replaced), which ideal fidelity convolves
 with the integer input codes before applying ``input step * weight scale`` once
 per output. Every partial sum is an integer (or a multiple of the smallest
 shift) below ``2**24``, so that is exact and equals what a lossless crossbar
-computes, bit for bit. With a program in the call (crossbar fidelity) the layer
+computes, bit for bit; pointwise layers multiply the codes as int8 with int32 sums
+where codes and weights fit (the same bits, a quarter of the weight's bytes). With a
+program in the call (crossbar fidelity) the layer
 runs the crossbar-exact operator instead. Training code may set
 ``effective_weight`` (dequantized, differentiable) on its own copy directly.
 The digital periphery between two layers is :class:`core.nn.periphery.DigitalNorm`.
@@ -16,6 +18,8 @@ The digital periphery between two layers is :class:`core.nn.periphery.DigitalNor
 
 from __future__ import annotations
 
+import functools
+import logging
 import weakref
 from dataclasses import dataclass
 
@@ -41,6 +45,8 @@ from core.ops.crossbar import (
 )
 from core.ops.extension import crossbar_extension
 
+log = logging.getLogger(__name__)
+
 _MATRICES: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = {}
 
 
@@ -58,6 +64,67 @@ def pointwise_matrix(codes: Tensor) -> Tensor:
     return matrix
 
 
+_INT8: dict[int, tuple[weakref.ref[Tensor], int, tuple[Tensor, float] | None]] = {}
+
+
+@functools.cache
+def int8_products() -> bool:
+    """Whether this torch has the int8 matrix product with int32 sums and it equals the
+    float product of the same integers on this build (checked once, odd shapes too)."""
+    if not hasattr(torch, "_int_mm"):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    for rows, inner, cols in ((1, 16, 8), (12, 960, 37), (37, 24, 160)):
+        a = torch.randint(-128, 128, (rows, inner), generator=generator, dtype=torch.int8)
+        b = torch.randint(-127, 128, (inner, cols), generator=generator, dtype=torch.int8)
+        try:
+            sums = torch._int_mm(a, b)
+        except RuntimeError:
+            return False
+        if not torch.equal(sums.float(), a.float() @ b.float()):
+            log.warning("torch's int8 matrix product disagrees with the float one here: "
+                        "code products stay float")
+            return False
+    return True
+
+
+def int8_matrix(matrix: Tensor) -> tuple[Tensor, float] | None:
+    """``matrix`` (code units: integer codes times powers of two) as int8 times
+    ``1 / 2**k`` for the smallest ``k`` that makes it integral; None where that does not
+    fit int8. Kept, like :func:`pointwise_matrix`, while the tensor lives unchanged."""
+    key = id(matrix)
+    entry = _INT8.get(key)
+    if entry is not None and entry[0]() is matrix and entry[1] == matrix._version:
+        return entry[2]
+    found = None
+    for shift in range(8):
+        scaled = matrix * float(1 << shift)
+        if bool((scaled == scaled.round()).all()):
+            if scaled.numel() == 0 or float(scaled.abs().max()) <= 127:
+                found = (scaled.to(torch.int8), 1.0 / (1 << shift))
+            break
+    _INT8[key] = (weakref.ref(matrix, lambda _ref: _INT8.pop(key, None)),
+                  matrix._version, found)
+    return found
+
+
+def code_product(rows: Tensor, matrix: Tensor, int8_rows: Tensor | None,
+                 out: Tensor | None = None) -> Tensor:
+    """``rows @ matrix``: integer input codes times a code-unit weight. With the rows also
+    as int8 (``int8_rows``) and a weight that fits int8, one int8 product: its int32
+    sums are exact, as the float product's are, so both give the same bits, and it
+    reads a quarter of the weight's bytes (what costs at small maps)."""
+    packed = None if int8_rows is None else int8_matrix(matrix)
+    if packed is None:
+        if rows.dtype != matrix.dtype:  # codes the norm wrote as int8
+            rows = rows.to(matrix.dtype)
+        return torch.mm(rows, matrix) if out is None else torch.mm(rows, matrix, out=out)
+    assert int8_rows is not None
+    sums = torch._int_mm(int8_rows, packed[0])
+    if out is None:  # one pass: the product's type promotion converts
+        return torch.mul(sums, packed[1]) if packed[1] != 1 else sums.to(torch.float32)
+    out.copy_(sums)
+    return out.mul_(packed[1]) if packed[1] != 1 else out
 
 
 def _pair(value: tuple[int, ...]) -> tuple[int, int]:
@@ -207,6 +274,24 @@ class CrossbarConv2d(nn.Module):
         """Whether forward's input is already the DAC codes (the norm before made them)."""
         return self.codes_from_norm and not self.training and self.code_domain()
 
+    def takes_int8_codes(self) -> bool:
+        """Whether this pass multiplies its input codes as int8 (a pointwise layer on the
+        code path of an engine call, codes and weight within int8): the norm before it
+        then writes int8 codes, which spares a conversion pass over the activation."""
+        context = current_forward_context()
+        if (context is None or context.implementation is OperatorImplementation.REFERENCE
+                or not self.pointwise or not int8_products() or not self.takes_codes()):
+            return False
+        qmin, qmax = self.input_quant.qrange
+        call = context.layers.get(self, NO_LAYER_CALL)
+        codes = self._codes(call)
+        if qmin < -128 or qmax > 127 or call.block_programs is not None or codes is None:
+            return False
+        if call.program is not None and not (call.program.lossless
+                                             and self._lossless_path(codes)):
+            return False
+        return self.latent_weight is None and int8_matrix(pointwise_matrix(codes)) is not None
+
     def input_codes(self, x: Tensor) -> Tensor:
         """The DAC codes of this layer's forward input (which may be codes already)."""
         return x if self.takes_codes() else self.input_quant.codes(x)
@@ -272,17 +357,34 @@ class CrossbarConv2d(nn.Module):
         return (self.kernel_size == (1, 1) and self.stride == (1, 1)
                 and self.padding == (0, 0) and self.groups == 1)
 
-    def _code_conv(self, codes: Tensor, weight: Tensor) -> Tensor:
+    def _code_conv(self, codes: Tensor, weight: Tensor, int8_rows: Tensor | None = None
+                   ) -> Tensor:
         """Integer codes convolved with code-unit weights: exact in any summation order,
         so a pointwise layer over channels-last codes is one matrix product
-        ``[B*H*W, Cin] @ [Cin, Cout]`` whose result is channels-last again (no copy)."""
+        ``[B*H*W, Cin] @ [Cin, Cout]`` (in int8 where it fits, :func:`code_product`)
+        whose result is channels-last again (no copy)."""
         if self.pointwise and codes.is_contiguous(memory_format=torch.channels_last):
             batch, cin, height, width = codes.shape
             rows = codes.permute(0, 2, 3, 1).reshape(-1, cin)
-            out = torch.mm(rows, pointwise_matrix(weight))
+            if int8_rows is None:
+                int8_rows = self._int8_rows(rows)
+            out = code_product(rows, pointwise_matrix(weight), int8_rows)
             return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
         return F.conv2d(codes, weight, None, self.stride, self.padding, self.dilation,
                         self.groups)
+
+    def _int8_rows(self, rows: Tensor) -> Tensor | None:
+        """The input codes as int8 for :func:`code_product` (as they came, where the norm
+        wrote int8); None with the reference implementation (float products), without
+        the int8 product, or where the quantizer's codes do not fit int8."""
+        if rows.dtype == torch.int8:
+            return rows
+        context = current_forward_context()
+        if (context is not None and context.implementation
+                is OperatorImplementation.REFERENCE) or not int8_products():
+            return None
+        qmin, qmax = self.input_quant.qrange
+        return rows.to(torch.int8) if qmin >= -128 and qmax <= 127 else None
 
     def _blocks_forward(self, codes: Tensor, plan: SampleChannels, backbone_codes: Tensor,
                         implementation: OperatorImplementation) -> Tensor:
@@ -297,17 +399,22 @@ class CrossbarConv2d(nn.Module):
         last = codes.is_contiguous(memory_format=torch.channels_last)
         if self.pointwise and last:
             batch, cin, height, width = codes.shape
-            if height * width < SHARED_PASS_PIXELS:
-                acc = self._code_conv(codes, backbone_codes)
-                _block_channels_1x1(codes, acc, plan, implementation)
-                return acc
             rows = codes.permute(0, 2, 3, 1).reshape(-1, cin)
-            out = rows.new_empty(rows.shape[0], self.out_channels)
+            int8_rows = self._int8_rows(rows)
+            if height * width < SHARED_PASS_PIXELS:
+                acc = self._code_conv(codes, backbone_codes, int8_rows)
+                _block_channels_1x1(codes, acc, plan, implementation, int8_rows)
+                return acc
+            out = rows.new_empty(rows.shape[0], self.out_channels, dtype=torch.float32)
             per_sample = height * width
             matrices = [pointwise_matrix(weight) for _, _, weight in plan.segments]
             extension = (crossbar_extension() if implementation
                          is not OperatorImplementation.REFERENCE else None)
-            if extension is not None:
+            if int8_rows is not None:
+                for (start, stop, _), matrix in zip(plan.segments, matrices, strict=True):
+                    lo, hi = start * per_sample, stop * per_sample
+                    code_product(rows[lo:hi], matrix, int8_rows[lo:hi], out=out[lo:hi])
+            elif extension is not None:
                 extension.blocks_pointwise(rows, out,
                                            [s[0] * per_sample for s in plan.segments],
                                            [s[1] * per_sample for s in plan.segments],
@@ -384,17 +491,26 @@ class SampleChannels:
 
 
 def _block_channels_1x1(codes: Tensor, out: Tensor, plan: SampleChannels,
-                        implementation: OperatorImplementation) -> None:
+                        implementation: OperatorImplementation,
+                        int8_rows: Tensor | None = None) -> None:
     """Overwrite every task's changed output channels on its block of rows of a
-    channels-last pointwise layer: one compiled call for all tasks, or a product and an
-    index copy per task. Sums of integer codes are exact, so either equals the task's
-    own layer bit for bit."""
+    channels-last pointwise layer: an int8 product and an index copy per task (with
+    ``int8_rows``), else one compiled call for all tasks, or a float product and an
+    index copy per task. Sums of integer codes are exact, so each equals the task's own
+    layer bit for bit."""
     cin, cout = codes.shape[1], out.shape[1]
     rows, out_rows = codes.permute(0, 2, 3, 1).reshape(-1, cin), out.permute(0, 2, 3, 1)
     out_rows = out_rows.reshape(-1, cout)  # a view: out is channels-last contiguous
     per_sample = codes.shape[2] * codes.shape[3]
     extension = (crossbar_extension() if implementation
                  is not OperatorImplementation.REFERENCE else None)
+    if int8_rows is not None:
+        for (start, stop), channels, matrix in zip(plan.blocks, plan.channels, plan.matrices,
+                                                   strict=True):
+            lo, hi = start * per_sample, stop * per_sample
+            out_rows[lo:hi].index_copy_(1, channels,
+                                        code_product(rows[lo:hi], matrix, int8_rows[lo:hi]))
+        return
     if extension is not None:
         extension.block_channels_rows(rows, out_rows, [b[0] * per_sample for b in plan.blocks],
                                       [b[1] * per_sample for b in plan.blocks],

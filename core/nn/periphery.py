@@ -159,7 +159,12 @@ class DigitalNorm(nn.BatchNorm2d):
         extension = fused_periphery()
         if extension is not None and (x.is_contiguous() or x.is_contiguous(
                 memory_format=torch.channels_last)):
-            out = torch.empty_like(x)
+            # int8 codes for a layer that multiplies them as int8 (channels-last only: its
+            # product reads the codes as [pixels, channels] rows)
+            codes = (quantize and consumer is not None and x.dim() == 4
+                     and x.is_contiguous(memory_format=torch.channels_last)
+                     and consumer.takes_int8_codes())
+            out = torch.empty_like(x, dtype=torch.int8 if codes else None)
             extension.periphery_norm(x, out, [b[0] for b in blocks], [b[1] for b in blocks],
                                      mean, var, weight, bias, self.eps, bounds is not None,
                                      *(bounds or (0.0, 0.0)), quantize)

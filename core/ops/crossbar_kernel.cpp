@@ -626,8 +626,9 @@ static inline float round_small(float y) {
 // One row of the periphery: y = fma(x, alpha, beta), clamped and rounded as asked
 // (rounding only after a clamp inside +-2^22, see periphery_norm).
 // step 1: alpha/beta per element (a channels-last row); step 0: one channel's terms.
-template <bool CLAMP, bool ROUND>
-static inline void periphery_row(const float* __restrict from, float* __restrict to,
+// Out: float, or int8_t for rounded codes clamped inside int8 (exact conversions).
+template <bool CLAMP, bool ROUND, typename Out>
+static inline void periphery_row(const float* __restrict from, Out* __restrict to,
                                  int64_t n, const float* alpha, const float* beta,
                                  int64_t step, float lo, float hi) {
   if (step == 0) {
@@ -635,13 +636,13 @@ static inline void periphery_row(const float* __restrict from, float* __restrict
     for (int64_t i = 0; i < n; ++i) {
       float y = std::fma(from[i], a, b);
       if (CLAMP) y = std::min(std::max(y, lo), hi);
-      to[i] = ROUND ? round_small(y) : y;
+      to[i] = static_cast<Out>(ROUND ? round_small(y) : y);
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
       float y = std::fma(from[i], alpha[i], beta[i]);
       if (CLAMP) y = std::min(std::max(y, lo), hi);
-      to[i] = ROUND ? round_small(y) : y;
+      to[i] = static_cast<Out>(ROUND ? round_small(y) : y);
     }
   }
 }
@@ -655,7 +656,7 @@ static inline void periphery_row(const float* __restrict from, float* __restrict
 // this only after checking it equals F.batch_norm bit for bit on this build.
 void periphery_norm(
     const torch::Tensor& x,                       // float [B, C, ...], NCHW or channels-last
-    torch::Tensor out,                            // float, laid out as x
+    torch::Tensor out,                            // float, laid out as x (int8: codes)
     const std::vector<int64_t>& starts,           // per block: first sample
     const std::vector<int64_t>& stops,            // per block: one past its last sample
     const torch::Tensor& mean_in,                 // float [T, C], one row per block
@@ -664,8 +665,11 @@ void periphery_norm(
     const torch::Tensor& bias_in,
     double eps, bool clamp, double low, double high, bool round)
 {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
-              "input and output must be float32");
+  const bool codes_out = out.scalar_type() == at::kChar;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && (out.scalar_type() == at::kFloat || codes_out),
+              "input must be float32, output float32 or int8");
+  TORCH_CHECK(!codes_out || (round && clamp && low >= -128 && high <= 127),
+              "int8 output needs codes rounded and clamped inside int8");
   TORCH_CHECK(out.sizes() == x.sizes() && out.strides() == x.strides(),
               "output must be laid out as the input");
   const bool channels_last = !x.is_contiguous() &&
@@ -683,7 +687,8 @@ void periphery_norm(
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == blocks &&
                 t->size(1) == channels, "terms must be float [blocks, C]");
   const float* src = x.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+  float* dst = codes_out ? nullptr : out.data_ptr<float>();
+  int8_t* dst_codes = codes_out ? out.data_ptr<int8_t>() : nullptr;
   const float lo = static_cast<float>(low), hi = static_cast<float>(high);
   const float feps = static_cast<float>(eps);
   TORCH_CHECK(!round || (clamp && std::abs(lo) < 4194304.0f && std::abs(hi) < 4194304.0f),
@@ -718,11 +723,11 @@ void periphery_norm(
     const int64_t width = per_row ? pixels : channels;  // elements of one row
     const int64_t first = start * (per_row ? channels : pixels);
     const int64_t rows = (stop - start) * (per_row ? channels : pixels);
-    auto run = [&](auto clamp_tag, auto round_tag) {
+    auto run = [&](auto clamp_tag, auto round_tag, auto* base) {
       constexpr bool C = decltype(clamp_tag)::value, R = decltype(round_tag)::value;
       for (int64_t r = first; r < first + rows;) {
         const float* from = src + r * width;
-        float* to = dst + r * width;
+        auto* to = base + r * width;
         if (per_row) {
           const int64_t c = r % channels;
           periphery_row<C, R>(from, to, width, alpha.data() + c, beta.data() + c, 0, lo, hi);
@@ -734,9 +739,10 @@ void periphery_norm(
         }
       }
     };
-    if (clamp && round) run(std::true_type{}, std::true_type{});
-    else if (clamp) run(std::true_type{}, std::false_type{});
-    else run(std::false_type{}, std::false_type{});
+    if (codes_out) run(std::true_type{}, std::true_type{}, dst_codes);
+    else if (clamp && round) run(std::true_type{}, std::true_type{}, dst);
+    else if (clamp) run(std::true_type{}, std::false_type{}, dst);
+    else run(std::false_type{}, std::false_type{}, dst);
   }
 }
 

@@ -1,0 +1,101 @@
+"""Pointwise code products in int8 give the float products' bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.chip.config import CrossbarSettings, Fidelity, OperatorImplementation
+from core.engine import CrossbarEngine
+from core.nn import layers
+from core.nn.model import CrossbarModel
+from core.nn.periphery import fused_periphery
+from core.task_state import TaskState, random_head, random_task_state
+
+
+def test_int8_products_are_available_and_checked() -> None:
+    assert layers.int8_products()  # the torch this project pins has them
+
+
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_a_code_product_in_int8_equals_the_float_one(shift: int) -> None:
+    generator = torch.Generator().manual_seed(shift)
+    rows = torch.randint(-128, 128, (37, 96), generator=generator).float()
+    codes = torch.randint(-8, 8, (96, 45), generator=generator).float()
+    matrix = codes / float(1 << shift)  # masks scale codes by powers of two
+    packed = layers.int8_matrix(matrix)
+    assert packed is not None and packed[1] == 1 / (1 << shift)
+    product = layers.code_product(rows, matrix, rows.to(torch.int8))
+    assert torch.equal(product, rows @ matrix)
+    out = torch.full((37, 45), float("nan"))
+    layers.code_product(rows, matrix, rows.to(torch.int8), out=out)
+    assert torch.equal(out, rows @ matrix)
+
+
+def test_weights_beyond_int8_keep_the_float_product() -> None:
+    rows = torch.randint(0, 16, (5, 8)).float()
+    assert layers.int8_matrix(torch.full((8, 3), 200.0)) is None
+    assert layers.int8_matrix(torch.full((8, 3), 1 / 512)) is None  # no k below 8 fits
+    matrix = torch.full((8, 3), 200.0)
+    assert torch.equal(layers.code_product(rows, matrix, rows.to(torch.int8)), rows @ matrix)
+    codes = rows.to(torch.int8)  # as the norm writes them for an int8 layer
+    assert torch.equal(layers.code_product(codes, matrix, codes), rows @ matrix)
+
+
+def test_the_int8_weight_is_made_again_after_an_in_place_change() -> None:
+    matrix = torch.ones(4, 4)
+    first = layers.int8_matrix(matrix)
+    matrix.mul_(0.5)
+    second = layers.int8_matrix(matrix)
+    assert first is not None and second is not None
+    assert first[1] == 1 and second[1] == 0.5
+
+
+def test_engine_answers_equal_the_reference_float_products(
+        quantized_mobilenet: CrossbarModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Single-task and mixed batches, with the int8 products (the default) and with the
+    reference implementation's float products: the same logits, bit for bit."""
+    products: list[torch.Size] = []
+    int_mm = torch._int_mm
+
+    def counted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        products.append(a.shape)
+        return int_mm(a, b)
+
+    monkeypatch.setattr(torch, "_int_mm", counted)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    answers = {}
+    for implementation in (OperatorImplementation.AUTO, OperatorImplementation.REFERENCE):
+        engine = CrossbarEngine(quantized_mobilenet, max_prepared_tasks=4,
+                                crossbar=CrossbarSettings(implementation=implementation))
+        ids = []
+        for i in range(3):
+            task = random_task_state(f"t{i}", engine.mapping, random_head(5, 1280, seed=i),
+                                     pe_fraction=0.1, seed=i)
+            engine.add_task(task)
+            ids.append(task.task_id)
+        engine.add_task(TaskState("plain", engine.mapping.config.shift_levels,
+                                  random_head(5, 1280)))
+        order = [[*ids, "plain"][i] for i in (0, 1, 0, 2, 3, 1, 2, 0)]
+        inputs: set[torch.dtype] = set()
+        hooks = [m.register_forward_pre_hook(
+            lambda _m, args, seen=inputs: seen.add(args[0].dtype))
+            for _, m in layers.crossbar_layers(engine.model)]
+        try:
+            answers[implementation] = (engine.forward(x, "t1", Fidelity.IDEAL),
+                                       engine.forward_mixed(x, order))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        # the norms hand int8 codes to the layers that multiply them so (compiled periphery)
+        expect_int8 = (implementation is OperatorImplementation.AUTO
+                       and fused_periphery() is not None)
+        assert (torch.int8 in inputs) == expect_int8
+        if implementation is OperatorImplementation.AUTO:
+            assert len(products) > 50  # every pointwise layer, per task in the mixed batch
+            products.clear()
+    assert not products  # the reference implementation multiplies floats
+    single, mixed = answers[OperatorImplementation.AUTO]
+    assert torch.equal(single, answers[OperatorImplementation.REFERENCE][0])
+    for mine, reference in zip(mixed, answers[OperatorImplementation.REFERENCE][1], strict=True):
+        assert torch.equal(mine, reference), float((mine - reference).abs().max())
