@@ -109,22 +109,24 @@ def int8_matrix(matrix: Tensor) -> tuple[Tensor, float] | None:
 
 
 def code_product(rows: Tensor, matrix: Tensor, int8_rows: Tensor | None,
-                 out: Tensor | None = None) -> Tensor:
+                 out: Tensor | None = None, *, sums: bool = False) -> Tensor:
     """``rows @ matrix``: integer input codes times a code-unit weight. With the rows also
     as int8 (``int8_rows``) and a weight that fits int8, one int8 product: its int32
     sums are exact, as the float product's are, so both give the same bits, and it
-    reads a quarter of the weight's bytes (what costs at small maps)."""
+    reads a quarter of the weight's bytes (what costs at small maps). ``sums``: return
+    those int32 sums as they are (units of ``int8_matrix(matrix)[1]``; the norm after
+    the layer scales them in its own pass) instead of float code units."""
     packed = None if int8_rows is None else int8_matrix(matrix)
     if packed is None:
         if rows.dtype != matrix.dtype:  # codes the norm wrote as int8
             rows = rows.to(matrix.dtype)
         return torch.mm(rows, matrix) if out is None else torch.mm(rows, matrix, out=out)
     assert int8_rows is not None
-    sums = torch._int_mm(int8_rows, packed[0])
-    if out is None:  # one pass: the product's type promotion converts
-        return torch.mul(sums, packed[1]) if packed[1] != 1 else sums.to(torch.float32)
-    out.copy_(sums)
-    return out.mul_(packed[1]) if packed[1] != 1 else out
+    product = torch._int_mm(int8_rows, packed[0])
+    if sums and out is None:
+        return product
+    result = product.to(torch.float32) if out is None else out.copy_(product)
+    return result.mul_(packed[1]) if packed[1] != 1 else result
 
 
 def _pair(value: tuple[int, ...]) -> tuple[int, int]:
@@ -292,6 +294,14 @@ class CrossbarConv2d(nn.Module):
             return False
         return self.latent_weight is None and int8_matrix(pointwise_matrix(codes)) is not None
 
+    def sum_unit(self) -> float:
+        """Code units of one unit of the int32 sums this pass handed the norm after it:
+        its weight's power of two as an int8 matrix (:func:`int8_matrix`)."""
+        codes = self._codes(self._layer_call())
+        packed = None if codes is None else int8_matrix(pointwise_matrix(codes))
+        assert packed is not None, "int32 sums come only from an int8 weight"
+        return packed[1]
+
     def input_codes(self, x: Tensor) -> Tensor:
         """The DAC codes of this layer's forward input (which may be codes already)."""
         return x if self.takes_codes() else self.input_quant.codes(x)
@@ -336,8 +346,9 @@ class CrossbarConv2d(nn.Module):
                 assert context is not None
                 acc = self._blocks_forward(codes, call.sample_channels, task_codes,
                                            context.implementation)
-            else:
-                acc = self._code_conv(codes, task_codes)
+            else:  # int32 sums go to the norm after, which scales them (engine calls)
+                acc = self._code_conv(codes, task_codes, sums=context is not None
+                                      and self.emits_partial_sums())
             return self._finish(acc)
         else:
             weight = self.effective_weight
@@ -357,18 +368,19 @@ class CrossbarConv2d(nn.Module):
         return (self.kernel_size == (1, 1) and self.stride == (1, 1)
                 and self.padding == (0, 0) and self.groups == 1)
 
-    def _code_conv(self, codes: Tensor, weight: Tensor, int8_rows: Tensor | None = None
-                   ) -> Tensor:
+    def _code_conv(self, codes: Tensor, weight: Tensor, int8_rows: Tensor | None = None,
+                   *, sums: bool = False) -> Tensor:
         """Integer codes convolved with code-unit weights: exact in any summation order,
         so a pointwise layer over channels-last codes is one matrix product
-        ``[B*H*W, Cin] @ [Cin, Cout]`` (in int8 where it fits, :func:`code_product`)
-        whose result is channels-last again (no copy)."""
+        ``[B*H*W, Cin] @ [Cin, Cout]`` (in int8 where it fits, :func:`code_product`;
+        ``sums``: its int32 sums may come back as they are) whose result is channels-last
+        again (no copy)."""
         if self.pointwise and codes.is_contiguous(memory_format=torch.channels_last):
             batch, cin, height, width = codes.shape
             rows = codes.permute(0, 2, 3, 1).reshape(-1, cin)
             if int8_rows is None:
                 int8_rows = self._int8_rows(rows)
-            out = code_product(rows, pointwise_matrix(weight), int8_rows)
+            out = code_product(rows, pointwise_matrix(weight), int8_rows, sums=sums)
             return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
         return F.conv2d(codes, weight, None, self.stride, self.padding, self.dilation,
                         self.groups)

@@ -151,6 +151,10 @@ class DigitalNorm(nn.BatchNorm2d):
             # copy of every activation per training step).
             return out if self.clamp_top is None else F.hardtanh(
                 out, 0.0, self.clamp_top, inplace=not torch.is_grad_enabled())
+        unit = 1.0
+        if x.dtype == torch.int32:  # the producer's int8 product's sums, as they came
+            assert producer is not None and scaled
+            unit = producer.sum_unit()
         terms, bounds = self._folded(producer if scaled else None,
                                      consumer if quantize else None,
                                      None if call is None else call.terms)
@@ -164,11 +168,13 @@ class DigitalNorm(nn.BatchNorm2d):
             codes = (quantize and consumer is not None and x.dim() == 4
                      and x.is_contiguous(memory_format=torch.channels_last)
                      and consumer.takes_int8_codes())
-            out = torch.empty_like(x, dtype=torch.int8 if codes else None)
+            out = torch.empty_like(x, dtype=torch.int8 if codes else torch.float32)
             extension.periphery_norm(x, out, [b[0] for b in blocks], [b[1] for b in blocks],
                                      mean, var, weight, bias, self.eps, bounds is not None,
-                                     *(bounds or (0.0, 0.0)), quantize)
+                                     *(bounds or (0.0, 0.0)), quantize, unit)
             return out
+        if x.dtype == torch.int32:
+            x = x.to(torch.float32).mul_(unit)
         if len(blocks) > 1:
             out = torch.empty_like(x)
             empty = x.new_empty(0)
@@ -208,7 +214,7 @@ def fused_periphery() -> ModuleType | None:
             out = torch.empty_like(source)
             extension.periphery_norm(source, out, [0, 1], [1, 3],
                                      *(t.expand(2, -1) for t in terms), 1e-5, False, 0.0,
-                                     0.0, False)
+                                     0.0, False, 1.0)
             if not torch.equal(out, expected):
                 log.warning("the compiled periphery does not match this torch's BatchNorm "
                             "bit for bit: using torch's kernels")

@@ -626,21 +626,29 @@ static inline float round_small(float y) {
 // One row of the periphery: y = fma(x, alpha, beta), clamped and rounded as asked
 // (rounding only after a clamp inside +-2^22, see periphery_norm).
 // step 1: alpha/beta per element (a channels-last row); step 0: one channel's terms.
-// Out: float, or int8_t for rounded codes clamped inside int8 (exact conversions).
-template <bool CLAMP, bool ROUND, typename Out>
-static inline void periphery_row(const float* __restrict from, Out* __restrict to,
+// In: float, or int32_t sums of an int8 product (times unit, a power of two: exact, so
+// the value is the float product's). Out: float, or int8_t for rounded codes clamped
+// inside int8 (exact conversions).
+template <typename In>
+static inline float periphery_in(In v, float unit) {
+  if constexpr (std::is_same_v<In, float>) return v;
+  else return static_cast<float>(v) * unit;
+}
+
+template <bool CLAMP, bool ROUND, typename In, typename Out>
+static inline void periphery_row(const In* __restrict from, Out* __restrict to,
                                  int64_t n, const float* alpha, const float* beta,
-                                 int64_t step, float lo, float hi) {
+                                 int64_t step, float lo, float hi, float unit) {
   if (step == 0) {
     const float a = alpha[0], b = beta[0];
     for (int64_t i = 0; i < n; ++i) {
-      float y = std::fma(from[i], a, b);
+      float y = std::fma(periphery_in(from[i], unit), a, b);
       if (CLAMP) y = std::min(std::max(y, lo), hi);
       to[i] = static_cast<Out>(ROUND ? round_small(y) : y);
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      float y = std::fma(from[i], alpha[i], beta[i]);
+      float y = std::fma(periphery_in(from[i], unit), alpha[i], beta[i]);
       if (CLAMP) y = std::min(std::max(y, lo), hi);
       to[i] = static_cast<Out>(ROUND ? round_small(y) : y);
     }
@@ -663,11 +671,15 @@ void periphery_norm(
     const torch::Tensor& var_in,
     const torch::Tensor& weight_in,
     const torch::Tensor& bias_in,
-    double eps, bool clamp, double low, double high, bool round)
+    double eps, bool clamp, double low, double high, bool round,
+    double unit)                                  // int32 x: its units (a power of two)
 {
   const bool codes_out = out.scalar_type() == at::kChar;
-  TORCH_CHECK(x.scalar_type() == at::kFloat && (out.scalar_type() == at::kFloat || codes_out),
-              "input must be float32, output float32 or int8");
+  const bool sums_in = x.scalar_type() == at::kInt;
+  TORCH_CHECK((x.scalar_type() == at::kFloat || sums_in) &&
+              (out.scalar_type() == at::kFloat || codes_out),
+              "input must be float32 or int32, output float32 or int8");
+  TORCH_CHECK(sums_in || unit == 1.0, "float input takes no unit");
   TORCH_CHECK(!codes_out || (round && clamp && low >= -128 && high <= 127),
               "int8 output needs codes rounded and clamped inside int8");
   TORCH_CHECK(out.sizes() == x.sizes() && out.strides() == x.strides(),
@@ -686,7 +698,9 @@ void periphery_norm(
   for (const auto* t : {&mean, &var, &weight, &bias})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == blocks &&
                 t->size(1) == channels, "terms must be float [blocks, C]");
-  const float* src = x.data_ptr<float>();
+  const float* src = sums_in ? nullptr : x.data_ptr<float>();
+  const int32_t* src_sums = sums_in ? x.data_ptr<int32_t>() : nullptr;
+  const float funit = static_cast<float>(unit);
   float* dst = codes_out ? nullptr : out.data_ptr<float>();
   int8_t* dst_codes = codes_out ? out.data_ptr<int8_t>() : nullptr;
   const float lo = static_cast<float>(low), hi = static_cast<float>(high);
@@ -723,26 +737,32 @@ void periphery_norm(
     const int64_t width = per_row ? pixels : channels;  // elements of one row
     const int64_t first = start * (per_row ? channels : pixels);
     const int64_t rows = (stop - start) * (per_row ? channels : pixels);
-    auto run = [&](auto clamp_tag, auto round_tag, auto* base) {
+    auto run = [&](auto clamp_tag, auto round_tag, const auto* source, auto* base) {
       constexpr bool C = decltype(clamp_tag)::value, R = decltype(round_tag)::value;
       for (int64_t r = first; r < first + rows;) {
-        const float* from = src + r * width;
+        const auto* from = source + r * width;
         auto* to = base + r * width;
         if (per_row) {
           const int64_t c = r % channels;
-          periphery_row<C, R>(from, to, width, alpha.data() + c, beta.data() + c, 0, lo, hi);
+          periphery_row<C, R>(from, to, width, alpha.data() + c, beta.data() + c, 0, lo, hi,
+                              funit);
           ++r;
         } else {
           const int64_t take = std::min(repeat, first + rows - r);
-          periphery_row<C, R>(from, to, width * take, alpha.data(), beta.data(), 1, lo, hi);
+          periphery_row<C, R>(from, to, width * take, alpha.data(), beta.data(), 1, lo, hi,
+                              funit);
           r += take;
         }
       }
     };
-    if (codes_out) run(std::true_type{}, std::true_type{}, dst_codes);
-    else if (clamp && round) run(std::true_type{}, std::true_type{}, dst);
-    else if (clamp) run(std::true_type{}, std::false_type{}, dst);
-    else run(std::false_type{}, std::false_type{}, dst);
+    auto dispatch = [&](const auto* source) {
+      if (codes_out) run(std::true_type{}, std::true_type{}, source, dst_codes);
+      else if (clamp && round) run(std::true_type{}, std::true_type{}, source, dst);
+      else if (clamp) run(std::true_type{}, std::false_type{}, source, dst);
+      else run(std::false_type{}, std::false_type{}, source, dst);
+    };
+    if (sums_in) dispatch(src_sums);
+    else dispatch(src);
   }
 }
 

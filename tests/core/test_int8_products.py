@@ -8,8 +8,9 @@ import torch
 from core.chip.config import CrossbarSettings, Fidelity, OperatorImplementation
 from core.engine import CrossbarEngine
 from core.nn import layers
+from core.nn.layers import CrossbarConv2d
 from core.nn.model import CrossbarModel
-from core.nn.periphery import fused_periphery
+from core.nn.periphery import DigitalNorm, fused_periphery
 from core.task_state import TaskState, random_head, random_task_state
 
 
@@ -80,17 +81,19 @@ def test_engine_answers_equal_the_reference_float_products(
         inputs: set[torch.dtype] = set()
         hooks = [m.register_forward_pre_hook(
             lambda _m, args, seen=inputs: seen.add(args[0].dtype))
-            for _, m in layers.crossbar_layers(engine.model)]
+            for m in engine.model.modules() if isinstance(m, CrossbarConv2d | DigitalNorm)]
         try:
             answers[implementation] = (engine.forward(x, "t1", Fidelity.IDEAL),
                                        engine.forward_mixed(x, order))
         finally:
             for hook in hooks:
                 hook.remove()
-        # the norms hand int8 codes to the layers that multiply them so (compiled periphery)
-        expect_int8 = (implementation is OperatorImplementation.AUTO
-                       and fused_periphery() is not None)
-        assert (torch.int8 in inputs) == expect_int8
+        # with the compiled periphery, the norms hand int8 codes to the layers that
+        # multiply them so and take those layers' int32 sums as they are
+        compiled = (implementation is OperatorImplementation.AUTO
+                    and fused_periphery() is not None)
+        assert (torch.int8 in inputs) == compiled
+        assert (torch.int32 in inputs) == compiled
         if implementation is OperatorImplementation.AUTO:
             assert len(products) > 50  # every pointwise layer, per task in the mixed batch
             products.clear()
