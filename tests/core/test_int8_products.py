@@ -7,11 +7,12 @@ import torch
 
 from core.chip.config import CrossbarSettings, Fidelity, OperatorImplementation
 from core.engine import CrossbarEngine
-from core.nn import layers
+from core.nn import layers, periphery
 from core.nn.layers import CrossbarConv2d
 from core.nn.model import CrossbarModel
-from core.nn.periphery import DigitalNorm, fused_periphery
+from core.nn.periphery import DigitalNorm
 from core.task_state import TaskState, random_head, random_task_state
+from tests.conftest import compiled_operator
 
 
 def test_int8_products_are_available_and_checked() -> None:
@@ -52,10 +53,18 @@ def test_the_int8_weight_is_made_again_after_an_in_place_change() -> None:
     assert first[1] == 1 and second[1] == 0.5
 
 
+@pytest.mark.parametrize("compiled_periphery", [True, False])
 def test_engine_answers_equal_the_reference_float_products(
-        quantized_mobilenet: CrossbarModel, monkeypatch: pytest.MonkeyPatch) -> None:
+        quantized_mobilenet: CrossbarModel, monkeypatch: pytest.MonkeyPatch,
+        compiled_periphery: bool) -> None:
     """Single-task and mixed batches, with the int8 products (the default) and with the
-    reference implementation's float products: the same logits, bit for bit."""
+    reference implementation's float products: the same logits, bit for bit; with the
+    compiled periphery or torch's kernels between the layers."""
+    if not compiled_periphery:
+        monkeypatch.setattr(periphery, "fused_periphery", lambda: None)
+    else:
+        compiled_operator()  # fails without it (skips where a machine has no compiler)
+        assert periphery.fused_periphery() is not None
     products: list[torch.Size] = []
     int_mm = torch._int_mm
 
@@ -88,12 +97,11 @@ def test_engine_answers_equal_the_reference_float_products(
         finally:
             for hook in hooks:
                 hook.remove()
-        # with the compiled periphery, the norms hand int8 codes to the layers that
-        # multiply them so and take those layers' int32 sums as they are
-        compiled = (implementation is OperatorImplementation.AUTO
-                    and fused_periphery() is not None)
-        assert (torch.int8 in inputs) == compiled
-        assert (torch.int32 in inputs) == compiled
+        # the norms take the int8 layers' int32 sums as they are and, compiled, hand
+        # those layers int8 codes
+        int8 = implementation is OperatorImplementation.AUTO
+        assert (torch.int8 in inputs) == (int8 and compiled_periphery)
+        assert (torch.int32 in inputs) == int8
         if implementation is OperatorImplementation.AUTO:
             assert len(products) > 50  # every pointwise layer, per task in the mixed batch
             products.clear()
