@@ -64,7 +64,8 @@ def pointwise_matrix(codes: Tensor) -> Tensor:
     return matrix
 
 
-_INT8: dict[int, tuple[weakref.ref[Tensor], int, tuple[Tensor, float] | None]] = {}
+_INT8: dict[tuple[int, float | None],
+            tuple[weakref.ref[Tensor], int, tuple[Tensor, float] | None]] = {}
 
 
 @functools.cache
@@ -88,24 +89,46 @@ def int8_products() -> bool:
     return True
 
 
-def int8_matrix(matrix: Tensor) -> tuple[Tensor, float] | None:
-    """``matrix`` (code units: integer codes times powers of two) as int8 times
-    ``1 / 2**k`` for the smallest ``k`` that makes it integral; None where that does not
-    fit int8. Kept, like :func:`pointwise_matrix`, while the tensor lives unchanged."""
-    key = id(matrix)
+def int8_matrix(matrix: Tensor, unit: float | None = None) -> tuple[Tensor, float] | None:
+    """``matrix`` (code units: integer codes times powers of two) as int8 codes of
+    ``unit`` (a power of two; None: the largest that makes them integral), with that
+    unit; None where the codes are not integral or do not fit int8. Kept, like
+    :func:`pointwise_matrix`, while the tensor lives unchanged."""
+    key = (id(matrix), unit)
     entry = _INT8.get(key)
     if entry is not None and entry[0]() is matrix and entry[1] == matrix._version:
         return entry[2]
     found = None
-    for shift in range(8):
+    for shift in range(8) if unit is None else ():
         scaled = matrix * float(1 << shift)
         if bool((scaled == scaled.round()).all()):
-            if scaled.numel() == 0 or float(scaled.abs().max()) <= 127:
-                found = (scaled.to(torch.int8), 1.0 / (1 << shift))
+            found = _fitting(scaled, 1.0 / (1 << shift))
             break
+    if unit is not None:
+        scaled = matrix / unit  # a power of two: exact
+        found = _fitting(scaled, unit) if bool((scaled == scaled.round()).all()) else None
     _INT8[key] = (weakref.ref(matrix, lambda _ref: _INT8.pop(key, None)),
                   matrix._version, found)
     return found
+
+
+def _fitting(codes: Tensor, unit: float) -> tuple[Tensor, float] | None:
+    if codes.numel() and float(codes.abs().max()) > 127:
+        return None
+    return codes.to(torch.int8), unit
+
+
+def shared_int8(matrices: list[Tensor]) -> tuple[list[Tensor], float] | None:
+    """The matrices as int8 codes of one common unit (the finest of theirs), so that
+    their products' int32 sums can share one tensor; None where one does not fit."""
+    units = [int8_matrix(m) for m in matrices]
+    if not matrices or any(u is None for u in units):
+        return None
+    unit = min(u[1] for u in units if u is not None)
+    packed = [int8_matrix(m, unit) for m in matrices]
+    if any(p is None for p in packed):
+        return None
+    return [p[0] for p in packed if p is not None], unit
 
 
 def code_product(rows: Tensor, matrix: Tensor, int8_rows: Tensor | None,
@@ -292,15 +315,33 @@ class CrossbarConv2d(nn.Module):
         if call.program is not None and not (call.program.lossless
                                              and self._lossless_path(codes)):
             return False
-        return self.latent_weight is None and int8_matrix(pointwise_matrix(codes)) is not None
+        if self.latent_weight is not None:
+            return False
+        if call.sample_channels is not None:
+            return self._mixed_int8(call.sample_channels, codes) is not None
+        return int8_matrix(pointwise_matrix(codes)) is not None
 
     def sum_unit(self) -> float:
         """Code units of one unit of the int32 sums this pass handed the norm after it:
         its weight's power of two as an int8 matrix (:func:`int8_matrix`)."""
-        codes = self._codes(self._layer_call())
-        packed = None if codes is None else int8_matrix(pointwise_matrix(codes))
+        call = self._layer_call()
+        codes = self._codes(call)
+        assert codes is not None, "int32 sums come only from int8 weights"
+        if call.sample_channels is not None:
+            shared = self._mixed_int8(call.sample_channels, codes)
+            assert shared is not None, "int32 sums come only from int8 weights"
+            return shared[1]
+        packed = int8_matrix(pointwise_matrix(codes))
         assert packed is not None, "int32 sums come only from an int8 weight"
         return packed[1]
+
+    def _mixed_int8(self, plan: SampleChannels, backbone_codes: Tensor
+                    ) -> tuple[list[Tensor], float] | None:
+        """A mixed batch's int8 weights in one unit: the backbone's, each task's changed
+        channels, then each segment's (the map size picks which of them a pass uses)."""
+        matrices = [pointwise_matrix(backbone_codes), *plan.matrices,
+                    *(pointwise_matrix(w) for _, _, w in plan.segments)]
+        return shared_int8(matrices)
 
     def input_codes(self, x: Tensor) -> Tensor:
         """The DAC codes of this layer's forward input (which may be codes already)."""
@@ -413,20 +454,26 @@ class CrossbarConv2d(nn.Module):
             batch, cin, height, width = codes.shape
             rows = codes.permute(0, 2, 3, 1).reshape(-1, cin)
             int8_rows = self._int8_rows(rows)
+            shared = (None if int8_rows is None
+                      else self._mixed_int8(plan, backbone_codes))
+            if int8_rows is not None and shared is not None:
+                sums = _mixed_sums(int8_rows, plan, shared[0], height * width)
+                acc = sums.view(batch, height, width, -1).permute(0, 3, 1, 2)
+                if self.emits_partial_sums():  # the norm after scales them
+                    return acc
+                return acc.to(torch.float32).mul_(shared[1])
             if height * width < SHARED_PASS_PIXELS:
-                acc = self._code_conv(codes, backbone_codes, int8_rows)
-                _block_channels_1x1(codes, acc, plan, implementation, int8_rows)
+                acc = self._code_conv(codes, backbone_codes)
+                _block_channels_1x1(codes, acc, plan, implementation)
                 return acc
             out = rows.new_empty(rows.shape[0], self.out_channels, dtype=torch.float32)
             per_sample = height * width
             matrices = [pointwise_matrix(weight) for _, _, weight in plan.segments]
             extension = (crossbar_extension() if implementation
                          is not OperatorImplementation.REFERENCE else None)
-            if int8_rows is not None:
-                for (start, stop, _), matrix in zip(plan.segments, matrices, strict=True):
-                    lo, hi = start * per_sample, stop * per_sample
-                    code_product(rows[lo:hi], matrix, int8_rows[lo:hi], out=out[lo:hi])
-            elif extension is not None:
+            if rows.dtype != torch.float32:  # int8 codes, weights beyond int8
+                rows = rows.to(torch.float32)
+            if extension is not None:
                 extension.blocks_pointwise(rows, out,
                                            [s[0] * per_sample for s in plan.segments],
                                            [s[1] * per_sample for s in plan.segments],
@@ -502,27 +549,40 @@ class SampleChannels:
     segments: list[tuple[int, int, Tensor]]
 
 
+def _mixed_sums(int8_rows: Tensor, plan: SampleChannels, weights: list[Tensor],
+                per_sample: int) -> Tensor:
+    """A mixed batch's pointwise layer as int32 sums ``[pixels, Cout]`` of one unit
+    (``weights``: :meth:`CrossbarConv2d._mixed_int8`'s). Below
+    :data:`SHARED_PASS_PIXELS` pixels per sample the batch shares one product with the
+    backbone's codes and each task overwrites the channels it changed on its block of
+    rows; otherwise each block is multiplied by its own task's codes."""
+    tasks = len(plan.matrices)
+    if per_sample < SHARED_PASS_PIXELS:
+        sums = torch._int_mm(int8_rows, weights[0])
+        for (start, stop), channels, weight in zip(plan.blocks, plan.channels,
+                                                   weights[1 : 1 + tasks], strict=True):
+            lo, hi = start * per_sample, stop * per_sample
+            sums[lo:hi].index_copy_(1, channels, torch._int_mm(int8_rows[lo:hi], weight))
+        return sums
+    sums = int8_rows.new_empty(int8_rows.shape[0], weights[0].shape[1], dtype=torch.int32)
+    for (start, stop, _), weight in zip(plan.segments, weights[1 + tasks :], strict=True):
+        lo, hi = start * per_sample, stop * per_sample
+        torch._int_mm(int8_rows[lo:hi], weight, out=sums[lo:hi])
+    return sums
+
+
 def _block_channels_1x1(codes: Tensor, out: Tensor, plan: SampleChannels,
-                        implementation: OperatorImplementation,
-                        int8_rows: Tensor | None = None) -> None:
+                        implementation: OperatorImplementation) -> None:
     """Overwrite every task's changed output channels on its block of rows of a
-    channels-last pointwise layer: an int8 product and an index copy per task (with
-    ``int8_rows``), else one compiled call for all tasks, or a float product and an
-    index copy per task. Sums of integer codes are exact, so each equals the task's own
-    layer bit for bit."""
+    channels-last pointwise layer (weights beyond int8): one compiled call for all
+    tasks, or a float product and an index copy per task. Sums of integer codes are
+    exact, so either equals the task's own layer bit for bit."""
     cin, cout = codes.shape[1], out.shape[1]
     rows, out_rows = codes.permute(0, 2, 3, 1).reshape(-1, cin), out.permute(0, 2, 3, 1)
     out_rows = out_rows.reshape(-1, cout)  # a view: out is channels-last contiguous
     per_sample = codes.shape[2] * codes.shape[3]
     extension = (crossbar_extension() if implementation
                  is not OperatorImplementation.REFERENCE else None)
-    if int8_rows is not None:
-        for (start, stop), channels, matrix in zip(plan.blocks, plan.channels, plan.matrices,
-                                                   strict=True):
-            lo, hi = start * per_sample, stop * per_sample
-            out_rows[lo:hi].index_copy_(1, channels,
-                                        code_product(rows[lo:hi], matrix, int8_rows[lo:hi]))
-        return
     if extension is not None:
         extension.block_channels_rows(rows, out_rows, [b[0] * per_sample for b in plan.blocks],
                                       [b[1] * per_sample for b in plan.blocks],
