@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -339,9 +339,11 @@ class CrossbarConv2d(nn.Module):
                     ) -> tuple[list[Tensor], float] | None:
         """A mixed batch's int8 weights in one unit: the backbone's, each task's changed
         channels, then each segment's (the map size picks which of them a pass uses)."""
-        matrices = [pointwise_matrix(backbone_codes), *plan.matrices,
-                    *(pointwise_matrix(w) for _, _, w in plan.segments)]
-        return shared_int8(matrices)
+        if not plan.int8:
+            plan.int8.append(shared_int8([
+                pointwise_matrix(backbone_codes), *plan.matrices,
+                *(pointwise_matrix(w) for _, _, w in plan.segments)]))
+        return plan.int8[0]
 
     def input_codes(self, x: Tensor) -> Tensor:
         """The DAC codes of this layer's forward input (which may be codes already)."""
@@ -540,6 +542,8 @@ class SampleChannels:
         segments: the whole batch as ``(start, stop, codes)`` blocks, each with the full
             code-unit weight its samples' task convolves (adjacent tasks that kept the
             backbone's codes share one block).
+        int8: the layer's int8 weights in one unit for this batch, once made (the norms
+            on both sides of the layer ask for them too).
     """
 
     blocks: list[tuple[int, int]]
@@ -547,6 +551,8 @@ class SampleChannels:
     codes: list[Tensor]
     matrices: list[Tensor]
     segments: list[tuple[int, int, Tensor]]
+    int8: list[tuple[list[Tensor], float] | None] = field(default_factory=list, repr=False,
+                                                          compare=False)
 
 
 def _mixed_sums(int8_rows: Tensor, plan: SampleChannels, weights: list[Tensor],
