@@ -98,24 +98,21 @@ def int8_matrix(matrix: Tensor, unit: float | None = None) -> tuple[Tensor, floa
     entry = _INT8.get(key)
     if entry is not None and entry[0]() is matrix and entry[1] == matrix._version:
         return entry[2]
+    if unit is None:
+        unit = next((1.0 / (1 << k) for k in range(8) if _integral(matrix * float(1 << k))),
+                    None)
     found = None
-    for shift in range(8) if unit is None else ():
-        scaled = matrix * float(1 << shift)
-        if bool((scaled == scaled.round()).all()):
-            found = _fitting(scaled, 1.0 / (1 << shift))
-            break
     if unit is not None:
-        scaled = matrix / unit  # a power of two: exact
-        found = _fitting(scaled, unit) if bool((scaled == scaled.round()).all()) else None
+        codes = matrix / unit  # a power of two: exact
+        if _integral(codes) and (codes.numel() == 0 or float(codes.abs().max()) <= 127):
+            found = (codes.to(torch.int8), unit)
     _INT8[key] = (weakref.ref(matrix, lambda _ref: _INT8.pop(key, None)),
                   matrix._version, found)
     return found
 
 
-def _fitting(codes: Tensor, unit: float) -> tuple[Tensor, float] | None:
-    if codes.numel() and float(codes.abs().max()) > 127:
-        return None
-    return codes.to(torch.int8), unit
+def _integral(values: Tensor) -> bool:
+    return bool((values == values.round()).all())
 
 
 def shared_int8(matrices: list[Tensor]) -> tuple[list[Tensor], float] | None:
@@ -131,8 +128,8 @@ def shared_int8(matrices: list[Tensor]) -> tuple[list[Tensor], float] | None:
     return [p[0] for p in packed if p is not None], unit
 
 
-def code_product(rows: Tensor, matrix: Tensor, int8_rows: Tensor | None,
-                 out: Tensor | None = None, *, sums: bool = False) -> Tensor:
+def code_product(rows: Tensor, matrix: Tensor, int8_rows: Tensor | None, *,
+                 sums: bool = False) -> Tensor:
     """``rows @ matrix``: integer input codes times a code-unit weight. With the rows also
     as int8 (``int8_rows``) and a weight that fits int8, one int8 product: its int32
     sums are exact, as the float product's are, so both give the same bits, and it
@@ -143,12 +140,12 @@ def code_product(rows: Tensor, matrix: Tensor, int8_rows: Tensor | None,
     if packed is None:
         if rows.dtype != matrix.dtype:  # codes the norm wrote as int8
             rows = rows.to(matrix.dtype)
-        return torch.mm(rows, matrix) if out is None else torch.mm(rows, matrix, out=out)
+        return torch.mm(rows, matrix)
     assert int8_rows is not None
     product = torch._int_mm(int8_rows, packed[0])
-    if sums and out is None:
+    if sums:
         return product
-    result = product.to(torch.float32) if out is None else out.copy_(product)
+    result = product.to(torch.float32)
     return result.mul_(packed[1]) if packed[1] != 1 else result
 
 
@@ -315,25 +312,24 @@ class CrossbarConv2d(nn.Module):
         if call.program is not None and not (call.program.lossless
                                              and self._lossless_path(codes)):
             return False
-        if self.latent_weight is not None:
-            return False
-        if call.sample_channels is not None:
-            return self._mixed_int8(call.sample_channels, codes) is not None
-        return int8_matrix(pointwise_matrix(codes)) is not None
+        return self.latent_weight is None and self._int8_unit(call, codes) is not None
 
     def sum_unit(self) -> float:
-        """Code units of one unit of the int32 sums this pass handed the norm after it:
-        its weight's power of two as an int8 matrix (:func:`int8_matrix`)."""
+        """Code units of one unit of the int32 sums this pass handed the norm after it."""
         call = self._layer_call()
         codes = self._codes(call)
-        assert codes is not None, "int32 sums come only from int8 weights"
+        unit = None if codes is None else self._int8_unit(call, codes)
+        assert unit is not None, "int32 sums come only from int8 weights"
+        return unit
+
+    def _int8_unit(self, call: LayerCall, codes: Tensor) -> float | None:
+        """The power of two of this pass's int8 weights (a mixed batch's in one unit);
+        None where they do not fit int8."""
         if call.sample_channels is not None:
             shared = self._mixed_int8(call.sample_channels, codes)
-            assert shared is not None, "int32 sums come only from int8 weights"
-            return shared[1]
+            return None if shared is None else shared[1]
         packed = int8_matrix(pointwise_matrix(codes))
-        assert packed is not None, "int32 sums come only from an int8 weight"
-        return packed[1]
+        return None if packed is None else packed[1]
 
     def _mixed_int8(self, plan: SampleChannels, backbone_codes: Tensor
                     ) -> tuple[list[Tensor], float] | None:
