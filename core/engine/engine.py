@@ -111,6 +111,8 @@ class CrossbarEngine:
         self.last_residency: Residency | None = None
         """What the last :meth:`activate` did to the pool (None without a pool or state)."""
         self._layers = dict(self.model.layers())
+        self._norm_modules = {name: module for name, module in self.model.body.named_modules()
+                              if isinstance(module, DigitalNorm)}
         self._digital_names = self._overridable_names()
         self.programmer = ChipProgrammer(self.model, self.crossbar, self.chip)
         self.mixed = MixedBatchPlanner(self._layers, self.programmer)
@@ -239,12 +241,7 @@ class CrossbarEngine:
                               max_chunk_elements=self.crossbar.max_chunk_elements)
 
     def _norms(self, module_names: Iterable[str]) -> list[tuple[str, DigitalNorm]]:
-        modules = []
-        for module_name in module_names:
-            module = self.model.body.get_submodule(module_name)
-            assert isinstance(module, DigitalNorm)
-            modules.append((module_name, module))
-        return modules
+        return [(module_name, self._norm_modules[module_name]) for module_name in module_names]
 
     # -- inference -------------------------------------------------------------------
 

@@ -18,9 +18,7 @@ The digital periphery between two layers is :class:`core.nn.periphery.DigitalNor
 
 from __future__ import annotations
 
-import functools
 import logging
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -43,110 +41,31 @@ from core.ops.crossbar import (
     crossbar_conv2d,
     crossbar_conv2d_blocks,
 )
+from core.ops.derived import derived
 from core.ops.extension import crossbar_extension
+from core.ops.int8 import (
+    block_kernel,
+    block_products,
+    code_product,
+    int8_matrix,
+    int8_products,
+    shared_int8,
+)
 
 log = logging.getLogger(__name__)
-
-_MATRICES: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = {}
-
 
 def pointwise_matrix(codes: Tensor) -> Tensor:
     """A pointwise layer's ``[Cout, Cin, 1, 1]`` codes as the contiguous ``[Cin, Cout]``
     matrix its channels-last product reads (a transposed operand is slower), made once
     per weight tensor and kept while that tensor lives and is unchanged."""
-    key = id(codes)
-    entry = _MATRICES.get(key)
-    if entry is not None and entry[0]() is codes and entry[1] == codes._version:
-        return entry[2]
-    matrix = codes.detach().reshape(codes.shape[0], -1).t().contiguous()
-    _MATRICES[key] = (weakref.ref(codes, lambda _ref: _MATRICES.pop(key, None)),
-                      codes._version, matrix)
-    return matrix
+    return derived(codes, "pointwise", lambda c: c.detach().reshape(c.shape[0], -1).t()
+                   .contiguous())
 
 
-_INT8: dict[tuple[int, float | None],
-            tuple[weakref.ref[Tensor], int, tuple[Tensor, float] | None]] = {}
-
-
-@functools.cache
-def int8_products() -> bool:
-    """Whether this torch has the int8 matrix product with int32 sums and it equals the
-    float product of the same integers on this build (checked once, odd shapes too)."""
-    if not hasattr(torch, "_int_mm"):
-        return False
-    generator = torch.Generator().manual_seed(0)
-    for rows, inner, cols in ((1, 16, 8), (12, 960, 37), (37, 24, 160)):
-        a = torch.randint(-128, 128, (rows, inner), generator=generator, dtype=torch.int8)
-        b = torch.randint(-127, 128, (inner, cols), generator=generator, dtype=torch.int8)
-        try:
-            sums = torch._int_mm(a, b)
-        except RuntimeError:
-            return False
-        if not torch.equal(sums.float(), a.float() @ b.float()):
-            log.warning("torch's int8 matrix product disagrees with the float one here: "
-                        "code products stay float")
-            return False
-    return True
-
-
-def int8_matrix(matrix: Tensor, unit: float | None = None) -> tuple[Tensor, float] | None:
-    """``matrix`` (code units: integer codes times powers of two) as int8 codes of
-    ``unit`` (a power of two; None: the largest that makes them integral), with that
-    unit; None where the codes are not integral or do not fit int8. Kept, like
-    :func:`pointwise_matrix`, while the tensor lives unchanged."""
-    key = (id(matrix), unit)
-    entry = _INT8.get(key)
-    if entry is not None and entry[0]() is matrix and entry[1] == matrix._version:
-        return entry[2]
-    if unit is None:
-        unit = next((1.0 / (1 << k) for k in range(8) if _integral(matrix * float(1 << k))),
-                    None)
-    found = None
-    if unit is not None:
-        codes = matrix / unit  # a power of two: exact
-        if _integral(codes) and (codes.numel() == 0 or float(codes.abs().max()) <= 127):
-            found = (codes.to(torch.int8), unit)
-    _INT8[key] = (weakref.ref(matrix, lambda _ref: _INT8.pop(key, None)),
-                  matrix._version, found)
-    return found
-
-
-def _integral(values: Tensor) -> bool:
-    return bool((values == values.round()).all())
-
-
-def shared_int8(matrices: list[Tensor]) -> tuple[list[Tensor], float] | None:
-    """The matrices as int8 codes of one common unit (the finest of theirs), so that
-    their products' int32 sums can share one tensor; None where one does not fit."""
-    units = [int8_matrix(m) for m in matrices]
-    if not matrices or any(u is None for u in units):
-        return None
-    unit = min(u[1] for u in units if u is not None)
-    packed = [int8_matrix(m, unit) for m in matrices]
-    if any(p is None for p in packed):
-        return None
-    return [p[0] for p in packed if p is not None], unit
-
-
-def code_product(rows: Tensor, matrix: Tensor, int8_rows: Tensor | None, *,
-                 sums: bool = False) -> Tensor:
-    """``rows @ matrix``: integer input codes times a code-unit weight. With the rows also
-    as int8 (``int8_rows``) and a weight that fits int8, one int8 product: its int32
-    sums are exact, as the float product's are, so both give the same bits, and it
-    reads a quarter of the weight's bytes (what costs at small maps). ``sums``: return
-    those int32 sums as they are (units of ``int8_matrix(matrix)[1]``; the norm after
-    the layer scales them in its own pass) instead of float code units."""
-    packed = None if int8_rows is None else int8_matrix(matrix)
-    if packed is None:
-        if rows.dtype != matrix.dtype:  # codes the norm wrote as int8
-            rows = rows.to(matrix.dtype)
-        return torch.mm(rows, matrix)
-    assert int8_rows is not None
-    product = torch._int_mm(int8_rows, packed[0])
-    if sums:
-        return product
-    result = product.to(torch.float32)
-    return result.mul_(packed[1]) if packed[1] != 1 else result
+def conv_taps(codes: Tensor) -> Tensor:
+    """A convolution's ``[Cout, Cin, kh, kw]`` codes as the ``[kh, kw, Cin, Cout]`` taps
+    the compiled blocks convolution reads (kept as :func:`pointwise_matrix` is)."""
+    return derived(codes, "taps", lambda c: c.detach().permute(2, 3, 1, 0).contiguous())
 
 
 def _pair(value: tuple[int, ...]) -> tuple[int, int]:
@@ -333,12 +252,14 @@ class CrossbarConv2d(nn.Module):
 
     def _mixed_int8(self, plan: SampleChannels, backbone_codes: Tensor
                     ) -> tuple[list[Tensor], float] | None:
-        """A mixed batch's int8 weights in one unit: the backbone's, each task's changed
-        channels, then each segment's (the map size picks which of them a pass uses)."""
+        """A mixed batch's int8 weights in one unit: each segment's; without the compiled
+        block product also, first, the backbone's and each task's changed channels (the
+        map size picks which of them a pass uses; see :func:`_mixed_sums`)."""
         if not plan.int8:
-            plan.int8.append(shared_int8([
-                pointwise_matrix(backbone_codes), *plan.matrices,
-                *(pointwise_matrix(w) for _, _, w in plan.segments)]))
+            matrices = [pointwise_matrix(w) for _, _, w in plan.segments]
+            if block_kernel() is None:
+                matrices = [pointwise_matrix(backbone_codes), *plan.matrices, *matrices]
+            plan.int8.append(shared_int8(matrices))
         return plan.int8[0]
 
     def input_codes(self, x: Tensor) -> Tensor:
@@ -419,10 +340,46 @@ class CrossbarConv2d(nn.Module):
             rows = codes.permute(0, 2, 3, 1).reshape(-1, cin)
             if int8_rows is None:
                 int8_rows = self._int8_rows(rows)
-            out = code_product(rows, pointwise_matrix(weight), int8_rows, sums=sums)
+            out = code_product(rows, pointwise_matrix(weight), int8_rows, sums=sums,
+                               signed=self._signed_codes())
             return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+        compiled = self._compiled_blocks_conv(codes, [(0, codes.shape[0], weight)])
+        if compiled is not None:
+            return compiled
         return F.conv2d(codes, weight, None, self.stride, self.padding, self.dilation,
                         self.groups)
+
+    def _compiled_blocks_conv(self, codes: Tensor, segments: list[tuple[int, int, Tensor]]
+                              ) -> Tensor | None:
+        """The stem's convolution over channels-last codes, each block of samples with its
+        own codes, in one compiled call (exact sums, so the bits of ``F.conv2d``); None
+        where it does not apply (grouped, dilated or unevenly strided layers, NCHW or
+        non-float codes, the reference implementation, no compiled operator)."""
+        context = current_forward_context()
+        if (self.groups != 1 or self.dilation != (1, 1) or self.stride[0] != self.stride[1]
+                or self.padding[0] != self.padding[1] or codes.dtype != torch.float32
+                or not codes.is_contiguous(memory_format=torch.channels_last)
+                or context is None
+                or context.implementation is OperatorImplementation.REFERENCE):
+            return None
+        extension = crossbar_extension()
+        if extension is None:
+            return None
+        batch, _, height, width = codes.shape
+        out_height = (height + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
+        out_width = (width + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+        out = torch.empty(batch, self.out_channels, out_height, out_width,
+                          memory_format=torch.channels_last)
+        extension.blocks_conv2d(codes, out, [start for start, _, _ in segments],
+                                [stop for _, stop, _ in segments],
+                                [conv_taps(weight) for _, _, weight in segments],
+                                self.stride[0], self.padding[0])
+        return out
+
+    def _signed_codes(self) -> bool:
+        """Whether this layer's input codes can be negative (a block's residual sum; a
+        ReLU's codes are not, and the int8 kernel multiplies those as they are)."""
+        return self.input_quant.qrange[0] < 0
 
     def _int8_rows(self, rows: Tensor) -> Tensor | None:
         """The input codes as int8 for :func:`code_product` (as they came, where the norm
@@ -441,12 +398,13 @@ class CrossbarConv2d(nn.Module):
                         implementation: OperatorImplementation) -> Tensor:
         """A mixed batch, whose samples the engine sorted by task (one block of rows each).
 
-        Each block of a layer with few pixels per sample (weight-bound) shares one
-        product with the backbone's codes, then each task recomputes the output channels
-        it changed on its own block. Elsewhere each block is convolved with its own
-        task's codes (the shared pass would be work done twice): written in place for a
-        pointwise layer, concatenated for the stem and depthwise layers (whose every
-        output channel changes with the task)."""
+        Each block is convolved with its own task's codes: a pointwise layer's blocks in
+        one int8 call written in place (see :func:`_mixed_sums`; without int8 weights,
+        blocks with few pixels per sample share one product with the backbone's codes
+        and each task recomputes the channels it changed), the stem's and depthwise
+        layers' blocks concatenated (a convolution costs in proportion to its samples,
+        so one per block adds only the calls; the stem's blocks go in one compiled
+        call)."""
         last = codes.is_contiguous(memory_format=torch.channels_last)
         if self.pointwise and last:
             batch, cin, height, width = codes.shape
@@ -455,7 +413,8 @@ class CrossbarConv2d(nn.Module):
             shared = (None if int8_rows is None
                       else self._mixed_int8(plan, backbone_codes))
             if int8_rows is not None and shared is not None:
-                sums = _mixed_sums(int8_rows, plan, shared[0], height * width)
+                sums = _mixed_sums(int8_rows, plan, shared[0], height * width,
+                                   signed=self._signed_codes())
                 acc = sums.view(batch, height, width, -1).permute(0, 3, 1, 2)
                 if self.emits_partial_sums():  # the norm after scales them
                     return acc
@@ -481,12 +440,9 @@ class CrossbarConv2d(nn.Module):
                     torch.mm(rows[start * per_sample : stop * per_sample], matrix,
                              out=out[start * per_sample : stop * per_sample])
             return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
-        if self.groups == 1:  # the stem: a few of its channels change per task
-            acc = self._code_conv(codes, backbone_codes)
-            for (start, stop), channels, own in zip(plan.blocks, plan.channels, plan.codes,
-                                                    strict=True):
-                acc[start:stop].index_copy_(1, channels, self._code_conv(codes[start:stop], own))
-            return acc
+        compiled = self._compiled_blocks_conv(codes, plan.segments)
+        if compiled is not None:
+            return compiled
         parts = [self._code_conv(codes[start:stop], weight)
                  for start, stop, weight in plan.segments]
         if len(parts) == 1:
@@ -519,10 +475,11 @@ class CrossbarConv2d(nn.Module):
 
 
 SHARED_PASS_PIXELS = 16
-"""A pointwise layer of a mixed batch with fewer output pixels per sample than this
-shares one product with the backbone's codes and recomputes each task's changed
-channels (reading the weights is what costs there); with more, each task's block of
-samples is multiplied by its own codes (the arithmetic is what costs)."""
+"""Without the compiled block product, a pointwise layer of a mixed batch with fewer
+output pixels per sample than this shares one product with the backbone's codes and
+recomputes each task's changed channels (a call per task's few rows costs more than its
+arithmetic there); with more, each task's block of samples is multiplied by its own
+codes."""
 
 
 @dataclass(frozen=True)
@@ -552,12 +509,19 @@ class SampleChannels:
 
 
 def _mixed_sums(int8_rows: Tensor, plan: SampleChannels, weights: list[Tensor],
-                per_sample: int) -> Tensor:
+                per_sample: int, *, signed: bool) -> Tensor:
     """A mixed batch's pointwise layer as int32 sums ``[pixels, Cout]`` of one unit
-    (``weights``: :meth:`CrossbarConv2d._mixed_int8`'s). Below
-    :data:`SHARED_PASS_PIXELS` pixels per sample the batch shares one product with the
-    backbone's codes and each task overwrites the channels it changed on its block of
-    rows; otherwise each block is multiplied by its own task's codes."""
+    (``weights``: :meth:`CrossbarConv2d._mixed_int8`'s): each task's block of rows times
+    its own codes, all blocks in one call of the compiled block product. Without it
+    (one oneDNN call per block), below :data:`SHARED_PASS_PIXELS` pixels per sample the
+    batch shares one product with the backbone's codes and each task overwrites the
+    channels it changed on its block of rows."""
+    if block_kernel() is not None:
+        sums = int8_rows.new_empty(int8_rows.shape[0], weights[0].shape[1], dtype=torch.int32)
+        block_products(int8_rows, sums, [(start * per_sample, stop * per_sample)
+                                         for start, stop, _ in plan.segments],
+                       weights, signed=signed)
+        return sums
     tasks = len(plan.matrices)
     if per_sample < SHARED_PASS_PIXELS:
         sums = torch._int_mm(int8_rows, weights[0])

@@ -99,8 +99,9 @@ class DigitalNorm(nn.BatchNorm2d):
         return torch.stack([mean, var, weight, bias]).detach(), bounds
 
     def _folded(self, producer: CrossbarConv2d | None, consumer: CrossbarConv2d | None,
-                sample_terms: list[Tensor] | None) -> tuple[Tensor, tuple[float, float] | None]:
-        """:meth:`_fold` for every block (``[blocks, 4, C]``), kept until a tensor it
+                sample_terms: list[Tensor] | None
+                ) -> tuple[list[Tensor], tuple[float, float] | None]:
+        """:meth:`_fold` for every block (``[4, C]`` each), kept until a tensor it
         comes from is replaced or changed in place: folding is about ten small tensor
         operations per layer and task, which at 2x2 maps cost more than the layer's
         arithmetic. The links' part of the check is made once per call, each task's
@@ -133,9 +134,7 @@ class DigitalNorm(nn.BatchNorm2d):
                     cache.clear()
                 hit = cache[slot] = (sources, versions, self._fold(rows, producer, consumer))
             folded.append(hit[2])
-        terms = folded[0][0].unsqueeze(0) if len(folded) == 1 else torch.stack(
-            [f for f, _ in folded])
-        return terms, folded[0][1]
+        return [terms for terms, _ in folded], folded[0][1]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.train_quant is not None and torch.is_grad_enabled():
@@ -158,7 +157,6 @@ class DigitalNorm(nn.BatchNorm2d):
         terms, bounds = self._folded(producer if scaled else None,
                                      consumer if quantize else None,
                                      None if call is None else call.terms)
-        mean, var, weight, bias = terms.unbind(1)  # [blocks, C] each
         blocks = (call.blocks if call is not None else None) or [(0, x.shape[0])]
         extension = fused_periphery()
         if extension is not None and (x.is_contiguous() or x.is_contiguous(
@@ -170,7 +168,7 @@ class DigitalNorm(nn.BatchNorm2d):
                      and consumer.takes_int8_codes())
             out = torch.empty_like(x, dtype=torch.int8 if codes else torch.float32)
             extension.periphery_norm(x, out, [b[0] for b in blocks], [b[1] for b in blocks],
-                                     mean, var, weight, bias, self.eps, bounds is not None,
+                                     terms, self.eps, bounds is not None,
                                      *(bounds or (0.0, 0.0)), quantize, unit)
             return out
         if x.dtype == torch.int32:
@@ -178,13 +176,14 @@ class DigitalNorm(nn.BatchNorm2d):
         if len(blocks) > 1:
             out = torch.empty_like(x)
             empty = x.new_empty(0)
-            for index, (start, stop) in enumerate(blocks):
+            for (start, stop), block_terms in zip(blocks, terms, strict=True):
+                mean, var, weight, bias = block_terms.unbind(0)
                 torch.ops.aten.native_batch_norm.out(
-                    x[start:stop], weight[index], bias[index], mean[index], var[index],
-                    False, 0.0, self.eps, out=out[start:stop], save_mean=empty,
-                    save_invstd=empty)
+                    x[start:stop], weight, bias, mean, var, False, 0.0, self.eps,
+                    out=out[start:stop], save_mean=empty, save_invstd=empty)
         else:
-            out = F.batch_norm(x, mean[0], var[0], weight[0], bias[0], False, 0.0, self.eps)
+            mean, var, weight, bias = terms[0].unbind(0)
+            out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
         if bounds is not None:
             out.clamp_(*bounds)
         return out.round_() if quantize else out
@@ -212,9 +211,8 @@ def fused_periphery() -> ModuleType | None:
         for memory in (torch.contiguous_format, torch.channels_last):
             source = x.contiguous(memory_format=memory)
             out = torch.empty_like(source)
-            extension.periphery_norm(source, out, [0, 1], [1, 3],
-                                     *(t.expand(2, -1) for t in terms), 1e-5, False, 0.0,
-                                     0.0, False, 1.0)
+            extension.periphery_norm(source, out, [0, 1], [1, 3], [torch.stack(terms)] * 2,
+                                     1e-5, False, 0.0, 0.0, False, 1.0)
             if not torch.equal(out, expected):
                 log.warning("the compiled periphery does not match this torch's BatchNorm "
                             "bit for bit: using torch's kernels")

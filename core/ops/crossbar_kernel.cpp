@@ -13,8 +13,13 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <mutex>
 #include <optional>
 #include <tuple>
@@ -667,10 +672,8 @@ void periphery_norm(
     torch::Tensor out,                            // float, laid out as x (int8: codes)
     const std::vector<int64_t>& starts,           // per block: first sample
     const std::vector<int64_t>& stops,            // per block: one past its last sample
-    const torch::Tensor& mean_in,                 // float [T, C], one row per block
-    const torch::Tensor& var_in,
-    const torch::Tensor& weight_in,
-    const torch::Tensor& bias_in,
+    const std::vector<torch::Tensor>& terms,      // per block: float [4, C] (mean, var,
+                                                  // weight, bias), channels contiguous
     double eps, bool clamp, double low, double high, bool round,
     double unit)                                  // int32 x: its units (a power of two)
 {
@@ -689,15 +692,13 @@ void periphery_norm(
   TORCH_CHECK(channels_last || x.is_contiguous(), "input must be NCHW or channels-last");
   const int64_t batch = x.size(0), channels = x.size(1);
   const int64_t pixels = batch * channels == 0 ? 0 : x.numel() / (batch * channels);
-  // rows of the terms may be strided (views of one [T, 4, C] stack); channels contiguous
-  const auto dense = [](const torch::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
-  const auto mean = dense(mean_in), var = dense(var_in);
-  const auto weight = dense(weight_in), bias = dense(bias_in);
   const int64_t blocks = static_cast<int64_t>(starts.size());
-  TORCH_CHECK(static_cast<int64_t>(stops.size()) == blocks, "one stop per start");
-  for (const auto* t : {&mean, &var, &weight, &bias})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == blocks &&
-                t->size(1) == channels, "terms must be float [blocks, C]");
+  TORCH_CHECK(static_cast<int64_t>(stops.size()) == blocks &&
+              static_cast<int64_t>(terms.size()) == blocks, "one stop and terms per start");
+  for (const auto& t : terms)
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.size(0) == 4 &&
+                t.size(1) == channels && t.stride(1) == 1,
+                "terms must be float [4, C] with channels contiguous");
   const float* src = sums_in ? nullptr : x.data_ptr<float>();
   const int32_t* src_sums = sums_in ? x.data_ptr<int32_t>() : nullptr;
   const float funit = static_cast<float>(unit);
@@ -713,10 +714,11 @@ void periphery_norm(
     beta.assign(channels, 0.0f);
     const int64_t start = starts[b], stop = stops[b];
     TORCH_CHECK(0 <= start && start <= stop && stop <= batch, "block out of range");
-    const float* m = mean.data_ptr<float>() + b * mean.stride(0);
-    const float* v = var.data_ptr<float>() + b * var.stride(0);
-    const float* w = weight.data_ptr<float>() + b * weight.stride(0);
-    const float* bi = bias.data_ptr<float>() + b * bias.stride(0);
+    const float* m = terms[b].data_ptr<float>();
+    const int64_t row = terms[b].stride(0);
+    const float* v = m + row;
+    const float* w = m + 2 * row;
+    const float* bi = m + 3 * row;
     for (int64_t c = 0; c < channels; ++c) {
       const float invstd = 1.0f / std::sqrt(v[c] + feps);
       alpha[c] = invstd * w[c];
@@ -766,6 +768,326 @@ void periphery_norm(
   }
 }
 
+
+// Int8 products of a 1x1 layer's blocks of rows (one block per task of a batch mixing
+// tasks, or one for the whole batch), each block times its own int8 weight, int32 sums:
+// one call per layer instead of one oneDNN call per block, whose fixed cost dominates
+// over the few rows a task has at small maps. Weights come packed for VNNI (see
+// core/ops/int8.py:vnni_matrix): tiles of 32 output channels (the last may have 16; Np =
+// Cout rounded up to 16), each tile [ceil(K/4), width, 4] int8 and contiguous, four
+// consecutive input channels of one output channel in one 32-bit lane, so that a tile
+// streams through memory in order (a block of a few rows reads it once). vpdpbusd
+// multiplies unsigned by signed bytes: unsigned rows (DAC codes from a ReLU) go in as
+// they are; signed rows are offset by 128 and 128 * (each column's weight sum) is taken
+// back. Every sum is exact, so the result equals torch._int_mm's. Machines without
+// AVX-512 VNNI run the same arithmetic in plain loops.
+constexpr int64_t kInt8Lanes = 16;    // int32 sums per 512-bit register
+constexpr int64_t kInt8Tile = 32;     // output channels per packed weight tile
+constexpr int64_t kInt8RowTile = 64;  // rows per parallel work item
+
+static inline int32_t int8_quad(const int8_t* a, int64_t k, int64_t K) {
+  // four input codes from k on, zero past the row's end, as one little-endian word
+  uint32_t word = 0;
+  std::memcpy(&word, a + k, static_cast<size_t>(std::min<int64_t>(4, K - k)));
+  return static_cast<int32_t>(word);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+constexpr bool kInt8Vnni = true;
+
+// MR rows times NR x 16 output channels over all of K. The weight registers are pinned
+// (the empty asm): folded into vpdpbusd's memory operand instead, they are loaded once
+// per row and the tile becomes load-bound at half the speed.
+template <int MR, int NR, bool SIGNED>
+static void int8_tile(const int8_t* a, int64_t lda, int64_t K, const int8_t* tile,
+                      int64_t n0, int64_t cout, const int32_t* correction,
+                      int32_t* c, int64_t ldc) {
+  __m512i acc[MR][NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  const int64_t quads = (K + 3) / 4, full = K / 4;
+  for (int64_t q = 0; q < quads; ++q) {
+    const int8_t* bp = tile + q * (NR * 64);
+    __m512i b[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      b[j] = _mm512_loadu_si512(bp + j * 64);
+      asm("" : "+v"(b[j]));
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t word;
+      if (q < full) std::memcpy(&word, a + r * lda + 4 * q, 4);
+      else word = int8_quad(a + r * lda, 4 * q, K);
+      __m512i av = _mm512_set1_epi32(word);
+      if constexpr (SIGNED) av = _mm512_xor_si512(av, flip);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, b[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j) {
+    const int64_t n = n0 + j * kInt8Lanes;
+    const int64_t left = cout - n;
+    const __mmask16 mask = left >= kInt8Lanes ? static_cast<__mmask16>(0xFFFF)
+                                              : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512i corr = SIGNED ? _mm512_maskz_loadu_epi32(mask, correction + n)
+                                : _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+      _mm512_mask_storeu_epi32(c + r * ldc + n, mask, _mm512_sub_epi32(acc[r][j], corr));
+  }
+}
+
+// A tile of output channels for all rows of a work item: the tile (at most 32 x K bytes)
+// stays in L1 while row after row reads it.
+template <int NR, bool SIGNED>
+static void int8_column_tile(const int8_t* a, int64_t lda, int64_t rows, int64_t K,
+                             const int8_t* tile, int64_t n0, int64_t cout,
+                             const int32_t* correction, int32_t* c, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    int8_tile<4, NR, SIGNED>(a + r * lda, lda, K, tile, n0, cout, correction, c + r * ldc, ldc);
+  switch (rows - r) {
+    case 3: int8_tile<3, NR, SIGNED>(a + r * lda, lda, K, tile, n0, cout, correction, c + r * ldc, ldc); break;
+    case 2: int8_tile<2, NR, SIGNED>(a + r * lda, lda, K, tile, n0, cout, correction, c + r * ldc, ldc); break;
+    case 1: int8_tile<1, NR, SIGNED>(a + r * lda, lda, K, tile, n0, cout, correction, c + r * ldc, ldc); break;
+    default: break;
+  }
+}
+
+template <bool SIGNED>
+static void int8_block_rows(const int8_t* a, int64_t lda, int64_t rows, int64_t K,
+                            const int8_t* packed, int64_t np, int64_t cout,
+                            const int32_t* correction, int32_t* c, int64_t ldc) {
+  const int64_t quads = (K + 3) / 4;
+  int64_t n0 = 0;
+  for (; n0 + kInt8Tile <= np; n0 += kInt8Tile)
+    int8_column_tile<2, SIGNED>(a, lda, rows, K, packed + n0 * quads * 4, n0, cout,
+                                correction, c, ldc);
+  if (n0 < np)
+    int8_column_tile<1, SIGNED>(a, lda, rows, K, packed + n0 * quads * 4, n0, cout,
+                                correction, c, ldc);
+}
+#else
+constexpr bool kInt8Vnni = false;
+
+template <bool SIGNED>
+static void int8_block_rows(const int8_t* a, int64_t lda, int64_t rows, int64_t K,
+                            const int8_t* packed, int64_t np, int64_t cout,
+                            const int32_t* correction, int32_t* c, int64_t ldc) {
+  std::vector<int32_t> acc(static_cast<size_t>(cout));
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(acc.begin(), acc.end(), 0);
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t value = static_cast<int32_t>(a[r * lda + k]) + (SIGNED ? 128 : 0);
+      for (int64_t n = 0; n < cout; ++n) {
+        const int64_t n0 = n / kInt8Tile * kInt8Tile;
+        const int64_t width = std::min(kInt8Tile, np - n0);
+        const int8_t* tile = packed + n0 * ((K + 3) / 4) * 4;
+        acc[n] += value * static_cast<int32_t>(tile[((k / 4) * width + (n - n0)) * 4 + k % 4]);
+      }
+    }
+    for (int64_t n = 0; n < cout; ++n) c[r * ldc + n] = acc[n] - (SIGNED ? correction[n] : 0);
+  }
+}
+#endif
+
+bool int8_vnni() { return kInt8Vnni; }
+
+void int8_blocks_product(
+    const torch::Tensor& rows,                    // int8 [N, Cin], rows contiguous
+    torch::Tensor out,                            // int32 [N, Cout], contiguous
+    const std::vector<int64_t>& starts,           // per block: first row
+    const std::vector<int64_t>& stops,            // per block: one past its last row
+    const std::vector<torch::Tensor>& packed,     // per block: int8, tiles as above
+    const std::vector<torch::Tensor>& corrections,  // per block: int32 [Cout], 128 x sums
+    bool signed_rows)                             // false: every code is >= 0
+{
+  TORCH_CHECK(rows.scalar_type() == at::kChar && out.scalar_type() == at::kInt,
+              "rows must be int8 and the output int32");
+  TORCH_CHECK(rows.dim() == 2 && out.dim() == 2 && rows.size(0) == out.size(0) &&
+              rows.stride(1) == 1 && out.is_contiguous(),
+              "rows and output must be [N, channels] with the same N");
+  TORCH_CHECK(starts.size() == stops.size() && starts.size() == packed.size() &&
+              starts.size() == corrections.size(),
+              "one start, stop, packed weight and correction per block");
+  const int64_t n_rows = rows.size(0), K = rows.size(1), cout = out.size(1);
+  const int64_t quads = (K + 3) / 4;
+  const int64_t np = (cout + kInt8Lanes - 1) / kInt8Lanes * kInt8Lanes;
+  std::vector<int64_t> tile_block, tile_start, tile_rows;
+  for (size_t b = 0; b < starts.size(); ++b) {
+    const int64_t start = starts[b], stop = stops[b];
+    TORCH_CHECK(0 <= start && start <= stop && stop <= n_rows, "block out of range");
+    const auto& w = packed[b];
+    TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous() &&
+                w.numel() == quads * np * 4,
+                "packed weight must be int8 of ceil(Cin / 4) x (Cout rounded up to 16) x 4");
+    TORCH_CHECK(corrections[b].scalar_type() == at::kInt && corrections[b].is_contiguous() &&
+                corrections[b].numel() == cout, "correction must be int32 [Cout]");
+    for (int64_t r = start; r < stop; r += kInt8RowTile) {
+      tile_block.push_back(static_cast<int64_t>(b));
+      tile_start.push_back(r);
+      tile_rows.push_back(std::min(kInt8RowTile, stop - r));
+    }
+  }
+  const int8_t* a = rows.data_ptr<int8_t>();
+  const int64_t lda = rows.stride(0);
+  int32_t* c = out.data_ptr<int32_t>();
+  at::parallel_for(0, static_cast<int64_t>(tile_block.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const auto b = static_cast<size_t>(tile_block[t]);
+      const int64_t r = tile_start[t];
+      const int8_t* w = packed[b].data_ptr<int8_t>();
+      const int32_t* corr = corrections[b].data_ptr<int32_t>();
+      if (signed_rows)
+        int8_block_rows<true>(a + r * lda, lda, tile_rows[t], K, w, np, cout, corr, c + r * cout, cout);
+      else
+        int8_block_rows<false>(a + r * lda, lda, tile_rows[t], K, w, np, cout, corr, c + r * cout, cout);
+    }
+  });
+}
+
+// P adjacent output pixels of blocks_conv2d (the same taps inside the image for all) with
+// their channels in registers (16 per vector, up to 64): P x V independent sums, so the
+// additions do not wait on each other. False where this build has no AVX-512 or the
+// channels do not fit.
+#if defined(__AVX512F__)
+template <int V, int P>
+static void conv_pixels(int64_t cin, int64_t cout, int64_t kw, int64_t y0, int64_t y1,
+                        int64_t x0, int64_t x1, const float* src, int64_t first,
+                        int64_t pixel_step, int64_t row_step, const float* w, float* to) {
+  __m512 acc[P][V];
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < V; ++j) acc[p][j] = _mm512_setzero_ps();
+  for (int64_t ky = y0; ky < y1; ++ky)
+    for (int64_t kx = x0; kx < x1; ++kx) {
+      const float* pixel = src + (first + ky * row_step + kx * cin);
+      const float* tap = w + (ky * kw + kx) * cin * cout;
+      for (int64_t ci = 0; ci < cin; ++ci) {
+        __m512 weights[V];
+        for (int j = 0; j < V; ++j) weights[j] = _mm512_loadu_ps(tap + ci * cout + 16 * j);
+        for (int p = 0; p < P; ++p) {
+          const __m512 v = _mm512_set1_ps(pixel[p * pixel_step + ci]);
+          for (int j = 0; j < V; ++j)  // exact: fused or not, the same sum
+            acc[p][j] = _mm512_fmadd_ps(v, weights[j], acc[p][j]);
+        }
+      }
+    }
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < V; ++j) _mm512_storeu_ps(to + p * cout + 16 * j, acc[p][j]);
+}
+#endif
+
+template <int P>
+static bool conv_pixels_vectors(int64_t cout, int64_t cin, int64_t kw, int64_t y0, int64_t y1,
+                                int64_t x0, int64_t x1, const float* src, int64_t first,
+                                int64_t pixel_step, int64_t row_step, const float* w,
+                                float* to) {
+#if defined(__AVX512F__)
+  switch (cout) {
+    case 16: conv_pixels<1, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    case 32: conv_pixels<2, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    case 48: conv_pixels<3, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    case 64: conv_pixels<4, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    default: return false;
+  }
+#else
+  return false;
+#endif
+}
+
+// A convolution over channels-last integer codes whose blocks of samples each have their
+// own code-unit weight (one block per task of a batch mixing tasks, or one for the
+// batch): the stem of a mixed batch in one call instead of one oneDNN call per task,
+// whose fixed cost (about 0.1 ms) is most of a few samples' work. Every product and
+// partial sum is an integer times the weight's power-of-two unit below 2^24, so the
+// float sums are exact in any order and equal the convolution's bit for bit.
+void blocks_conv2d(
+    const torch::Tensor& x,                       // float [B, Cin, H, W], channels-last
+    torch::Tensor out,                            // float [B, Cout, Ho, Wo], channels-last
+    const std::vector<int64_t>& starts,           // per block: first sample
+    const std::vector<int64_t>& stops,            // per block: one past its last sample
+    const std::vector<torch::Tensor>& taps,       // per block: float [kh, kw, Cin, Cout]
+    int64_t stride, int64_t padding)
+{
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
+              x.dim() == 4 && out.dim() == 4, "input and output must be float [B, C, H, W]");
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+              out.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "input and output must be channels-last");
+  TORCH_CHECK(starts.size() == stops.size() && starts.size() == taps.size(),
+              "one start, stop and weight per block");
+  TORCH_CHECK(stride >= 1 && padding >= 0, "stride must be positive, padding not negative");
+  const int64_t batch = x.size(0), cin = x.size(1), height = x.size(2), width = x.size(3);
+  const int64_t cout = out.size(1), out_h = out.size(2), out_w = out.size(3);
+  TORCH_CHECK(out.size(0) == batch, "output must have the input's samples");
+  std::vector<int64_t> block_of(static_cast<size_t>(batch), -1);
+  int64_t kh = 0, kw = 0;
+  for (size_t b = 0; b < starts.size(); ++b) {
+    TORCH_CHECK(0 <= starts[b] && starts[b] <= stops[b] && stops[b] <= batch,
+                "block out of range");
+    const auto& t = taps[b];
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 4 &&
+                t.size(2) == cin && t.size(3) == cout, "weights must be float [kh, kw, Cin, Cout]");
+    TORCH_CHECK(b == 0 || (t.size(0) == kh && t.size(1) == kw), "one kernel size for all blocks");
+    kh = t.size(0);
+    kw = t.size(1);
+    for (int64_t i = starts[b]; i < stops[b]; ++i) block_of[static_cast<size_t>(i)] = static_cast<int64_t>(b);
+  }
+  TORCH_CHECK(out_h == (height + 2 * padding - kh) / stride + 1 &&
+              out_w == (width + 2 * padding - kw) / stride + 1, "output size does not match");
+  for (int64_t i = 0; i < batch; ++i) TORCH_CHECK(block_of[static_cast<size_t>(i)] >= 0, "sample in no block");
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, batch * out_h, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> acc(static_cast<size_t>(cout));
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t n = row / out_h, oy = row % out_h;
+      const float* w = taps[static_cast<size_t>(block_of[static_cast<size_t>(n)])].data_ptr<float>();
+      const int64_t y0 = std::max<int64_t>(0, padding - oy * stride);
+      const int64_t y1 = std::min<int64_t>(kh, height + padding - oy * stride);
+      const int64_t row_step = width * cin;
+      for (int64_t ox = 0; ox < out_w;) {
+        // the taps that fall inside the image
+        const int64_t x0 = std::max<int64_t>(0, padding - ox * stride);
+        const int64_t x1 = std::min<int64_t>(kw, width + padding - ox * stride);
+        float* to = dst + ((n * out_h + oy) * out_w + ox) * cout;
+        // offset of the input under tap (0, 0), which may lie outside the image (never
+        // read there)
+        const int64_t first = ((n * height + oy * stride - padding) * width +
+                               ox * stride - padding) * cin;
+        constexpr int64_t kPixels = 8;
+        if (x0 == 0 && x1 == kw && ox + kPixels <= out_w &&
+            (ox + kPixels - 1) * stride - padding + kw <= width &&
+            conv_pixels_vectors<kPixels>(cout, cin, kw, y0, y1, 0, kw, src, first,
+                                         stride * cin, row_step, w, to)) {
+          ox += kPixels;
+          continue;
+        }
+        ++ox;
+        if (conv_pixels_vectors<1>(cout, cin, kw, y0, y1, x0, x1, src, first, stride * cin,
+                                   row_step, w, to)) continue;
+        const auto tap_input = [&](int64_t ky, int64_t kx) {
+          return src + (first + ky * row_step + kx * cin);
+        };
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t ky = y0; ky < y1; ++ky)
+          for (int64_t kx = x0; kx < x1; ++kx) {
+            const float* pixel = tap_input(ky, kx);
+            const float* tap = w + (ky * kw + kx) * cin * cout;
+            for (int64_t ci = 0; ci < cin; ++ci)
+              for (int64_t co = 0; co < cout; ++co) acc[co] += pixel[ci] * tap[ci * cout + co];
+          }
+        std::copy(acc.begin(), acc.end(), to);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -780,6 +1102,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Each block of rows of a 1x1 layer times its own task's codes");
   m.def("block_channels_rows", &block_channels_rows,
         "Every task's changed output channels of a 1x1 layer on its own block of rows");
+  m.def("int8_blocks_product", &int8_blocks_product,
+        "Each block of rows of a 1x1 layer times its own int8 weight (packed), int32 sums");
+  m.def("blocks_conv2d", &blocks_conv2d,
+        "A convolution over channels-last codes, each block of samples with its own weight");
+  m.def("int8_vnni", &int8_vnni, "Whether int8_blocks_product runs on AVX-512 VNNI");
   m.def("stack_input_cycles", &stack_input_cycles,
         "Input codes split into DAC cycles, stacked and channel-padded for the operator");
 }

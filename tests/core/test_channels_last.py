@@ -72,10 +72,11 @@ def test_periphery_kernel_equals_batch_norm_clamp_round_per_block(
              torch.randn(3, channels, generator=g)]
     expected = torch.cat([F.batch_norm(x[a:b], *(t[i] for t in terms), False, 0.0, 1e-5)
                           for i, (a, b) in enumerate(blocks)])
+    per_block = [torch.stack([t[i] for t in terms]) for i in range(len(blocks))]  # [4, C]
     for clamp, round_ in ((False, False), (True, False), (True, True)):
         out = torch.empty_like(x)
         extension.periphery_norm(x, out, [a for a, _ in blocks], [b for _, b in blocks],
-                                 *terms, 1e-5, clamp, -7.0, 6.5, round_, 1.0)
+                                 per_block, 1e-5, clamp, -7.0, 6.5, round_, 1.0)
         want = expected.clone()
         if clamp:
             want.clamp_(-7.0, 6.5)
@@ -87,26 +88,27 @@ def test_periphery_kernel_equals_batch_norm_clamp_round_per_block(
     halves = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5]).reshape(1, 6, 1, 1)
     ones = torch.ones(1, 6)
     out = torch.empty_like(halves)
-    extension.periphery_norm(halves, out, [0], [1], 0 * ones, ones - 1e-5, ones, 0 * ones,
+    extension.periphery_norm(halves, out, [0], [1],
+                             [torch.cat([0 * ones, ones - 1e-5, ones, 0 * ones])],
                              1e-5, True, -8.0, 8.0, True, 1.0)
     assert out.flatten().tolist() == [-2.0, -2.0, -0.0, 0.0, 2.0, 2.0]
     with pytest.raises(RuntimeError, match="rounding needs a clamp"):
-        extension.periphery_norm(halves, out, [0], [1], *(ones,) * 4, 1e-5, False, 0.0,
-                                 0.0, True, 1.0)
+        extension.periphery_norm(halves, out, [0], [1], [ones.expand(4, -1)], 1e-5, False,
+                                 0.0, 0.0, True, 1.0)
     # int32 sums of an int8 product in units of 1/8, and int8 codes out: the same values
     sums = (torch.randn(5, channels, size, size, generator=g) * 4000).to(torch.int32)
     sums = sums.contiguous(memory_format=memory)
     as_float = sums.to(torch.float32) * 0.125
     want = torch.empty_like(as_float)
     extension.periphery_norm(as_float, want, [a for a, _ in blocks], [b for _, b in blocks],
-                             *terms, 1e-5, True, -128.0, 127.0, True, 1.0)
+                             per_block, 1e-5, True, -128.0, 127.0, True, 1.0)
     for out in (torch.empty_like(as_float), torch.empty_like(as_float, dtype=torch.int8)):
         extension.periphery_norm(sums, out, [a for a, _ in blocks], [b for _, b in blocks],
-                                 *terms, 1e-5, True, -128.0, 127.0, True, 0.125)
+                                 per_block, 1e-5, True, -128.0, 127.0, True, 0.125)
         assert torch.equal(out.to(torch.float32), want)
     with pytest.raises(RuntimeError, match="int8 output needs codes"):
         extension.periphery_norm(x, torch.empty_like(x, dtype=torch.int8), [0], [5],
-                                 *(t[:1] for t in terms), 1e-5, True, -7.0, 300.0, True, 1.0)
+                                 per_block[:1], 1e-5, True, -7.0, 300.0, True, 1.0)
 
 
 def test_pointwise_matrix_follows_its_weight() -> None:

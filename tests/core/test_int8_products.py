@@ -11,12 +11,13 @@ from core.nn import layers, periphery
 from core.nn.layers import CrossbarConv2d
 from core.nn.model import CrossbarModel
 from core.nn.periphery import DigitalNorm
+from core.ops import int8
 from core.task_state import TaskState, random_head, random_task_state
 from tests.conftest import compiled_operator
 
 
 def test_int8_products_are_available_and_checked() -> None:
-    assert layers.int8_products()  # the torch this project pins has them
+    assert int8.int8_products()  # the torch this project pins has them
 
 
 @pytest.mark.parametrize("shift", [0, 1, 3])
@@ -25,54 +26,65 @@ def test_a_code_product_in_int8_equals_the_float_one(shift: int) -> None:
     rows = torch.randint(-128, 128, (37, 96), generator=generator).float()
     codes = torch.randint(-8, 8, (96, 45), generator=generator).float()
     matrix = codes / float(1 << shift)  # masks scale codes by powers of two
-    packed = layers.int8_matrix(matrix)
+    packed = int8.int8_matrix(matrix)
     assert packed is not None and packed[1] == 1 / (1 << shift)
-    product = layers.code_product(rows, matrix, rows.to(torch.int8))
+    product = int8.code_product(rows, matrix, rows.to(torch.int8))
     assert torch.equal(product, rows @ matrix)
-    sums = layers.code_product(rows, matrix, rows.to(torch.int8), sums=True)
+    sums = int8.code_product(rows, matrix, rows.to(torch.int8), sums=True)
     assert sums.dtype == torch.int32
     assert torch.equal(sums.float() * packed[1], rows @ matrix)
 
 
 def test_weights_beyond_int8_keep_the_float_product() -> None:
     rows = torch.randint(0, 16, (5, 8)).float()
-    assert layers.int8_matrix(torch.full((8, 3), 200.0)) is None
-    assert layers.int8_matrix(torch.full((8, 3), 1 / 512)) is None  # no k below 8 fits
+    assert int8.int8_matrix(torch.full((8, 3), 200.0)) is None
+    assert int8.int8_matrix(torch.full((8, 3), 1 / 512)) is None  # no k below 8 fits
     matrix = torch.full((8, 3), 200.0)
-    assert torch.equal(layers.code_product(rows, matrix, rows.to(torch.int8)), rows @ matrix)
+    assert torch.equal(int8.code_product(rows, matrix, rows.to(torch.int8)), rows @ matrix)
     codes = rows.to(torch.int8)  # as the norm writes them for an int8 layer
-    assert torch.equal(layers.code_product(codes, matrix, codes), rows @ matrix)
+    assert torch.equal(int8.code_product(codes, matrix, codes), rows @ matrix)
 
 
 def test_the_int8_weight_is_made_again_after_an_in_place_change() -> None:
     matrix = torch.ones(4, 4)
-    first = layers.int8_matrix(matrix)
+    first = int8.int8_matrix(matrix)
     matrix.mul_(0.5)
-    second = layers.int8_matrix(matrix)
+    second = int8.int8_matrix(matrix)
     assert first is not None and second is not None
     assert first[1] == 1 and second[1] == 0.5
 
 
-@pytest.mark.parametrize("compiled_periphery", [True, False])
+@pytest.mark.parametrize("compiled_periphery,compiled_blocks",
+                         [(True, True), (True, False), (False, True)])
 def test_engine_answers_equal_the_reference_float_products(
         quantized_mobilenet: CrossbarModel, monkeypatch: pytest.MonkeyPatch,
-        compiled_periphery: bool) -> None:
+        compiled_periphery: bool, compiled_blocks: bool) -> None:
     """Single-task and mixed batches, with the int8 products (the default) and with the
     reference implementation's float products: the same logits, bit for bit; with the
-    compiled periphery or torch's kernels between the layers."""
+    compiled periphery or torch's kernels between the layers, and with the compiled
+    block product or torch's int8 product per block (and a shared pass at small maps)."""
+    if not compiled_blocks:
+        monkeypatch.setattr(int8, "block_kernel", lambda: None)
+        monkeypatch.setattr(layers, "block_kernel", lambda: None)
     if not compiled_periphery:
         monkeypatch.setattr(periphery, "fused_periphery", lambda: None)
     else:
         compiled_operator()  # fails without it (skips where a machine has no compiler)
         assert periphery.fused_periphery() is not None
-    products: list[torch.Size] = []
-    int_mm = torch._int_mm
+    products: list[torch.Size] = []  # int8 products, by torch's kernel or the compiled one
+    int_mm, run_blocks = torch._int_mm, int8._run_blocks
 
     def counted(a: torch.Tensor, b: torch.Tensor, **out: torch.Tensor) -> torch.Tensor:
         products.append(a.shape)
         return int_mm(a, b, **out)
 
+    def counted_blocks(extension: object, rows: torch.Tensor, out: torch.Tensor,
+                       bounds: list[tuple[int, int]], *args: object) -> None:
+        products.extend(rows[lo:hi].shape for lo, hi in bounds)
+        run_blocks(extension, rows, out, bounds, *args)  # type: ignore[arg-type]
+
     monkeypatch.setattr(torch, "_int_mm", counted)
+    monkeypatch.setattr(int8, "_run_blocks", counted_blocks)
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     answers = {}
     for implementation in (OperatorImplementation.AUTO, OperatorImplementation.REFERENCE):
@@ -99,9 +111,9 @@ def test_engine_answers_equal_the_reference_float_products(
                 hook.remove()
         # the norms take the int8 layers' int32 sums as they are and, compiled, hand
         # those layers int8 codes
-        int8 = implementation is OperatorImplementation.AUTO
-        assert (torch.int8 in inputs) == (int8 and compiled_periphery)
-        assert (torch.int32 in inputs) == int8
+        int8_path = implementation is OperatorImplementation.AUTO
+        assert (torch.int8 in inputs) == (int8_path and compiled_periphery)
+        assert (torch.int32 in inputs) == int8_path
         if implementation is OperatorImplementation.AUTO:
             assert len(products) > 50  # every pointwise layer, per task in the mixed batch
             products.clear()

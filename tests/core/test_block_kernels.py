@@ -1,0 +1,139 @@
+"""The compiled kernels that serve a mixed batch's blocks in one call equal torch's
+products and convolutions, block by block, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.ops import int8
+from core.ops.extension import KERNEL_SOURCE
+from tests.conftest import compiled_operator
+
+
+def _blocks(rows: int, sizes: list[int]) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    assert start == rows
+    return bounds
+
+
+def _check_int8_blocks(extension: object, inner: int, cols: int, sizes: list[int],
+                       signed: bool, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(-128 if signed else 0, 128, (sum(sizes), inner), generator=generator,
+                         dtype=torch.int8)
+    weights = [torch.randint(-127, 128, (inner, cols), generator=generator, dtype=torch.int8)
+               for _ in sizes]
+    bounds = _blocks(rows.shape[0], sizes)
+    out = torch.full((rows.shape[0], cols), -7, dtype=torch.int32)
+    packed = [int8.vnni_matrix(w) for w in weights]
+    extension.int8_blocks_product(rows, out, [lo for lo, _ in bounds],  # type: ignore[attr-defined]
+                                  [hi for _, hi in bounds], [p for p, _ in packed],
+                                  [c for _, c in packed], signed)
+    expected = torch.cat([rows[lo:hi].double() @ w.double()
+                          for (lo, hi), w in zip(bounds, weights, strict=True)])
+    assert torch.equal(out.double(), expected)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("inner,cols", [(16, 96), (13, 37), (960, 160), (24, 16), (3, 1280),
+                                        (96, 24), (320, 48)])
+def test_int8_block_product_equals_the_product_of_each_block(
+        inner: int, cols: int, signed: bool) -> None:
+    """Odd input depths (a partial last group of four), output widths off the 16- and
+    32-channel tiles, blocks of 0 to 70 rows (across a 64-row work item), signed rows with
+    the offset taken back and unsigned rows as they are."""
+    extension = compiled_operator()
+    _check_int8_blocks(extension, inner, cols, [5, 0, 1, 70, 4, 3, 2], signed, inner + cols)
+
+
+def test_int8_block_product_refuses_a_weight_packed_for_another_shape() -> None:
+    extension = compiled_operator()
+    rows = torch.zeros(4, 16, dtype=torch.int8)
+    packed, correction = int8.vnni_matrix(torch.zeros(16, 32, dtype=torch.int8))
+    out = torch.empty(4, 48, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="packed weight"):
+        extension.int8_blocks_product(rows, out, [0], [4], [packed], [correction], False)
+    with pytest.raises(RuntimeError, match="block out of range"):
+        extension.int8_blocks_product(rows, torch.empty(4, 32, dtype=torch.int32), [0], [5],
+                                      [packed], [correction], False)
+
+
+def test_the_block_kernel_is_used_where_it_runs_on_vnni() -> None:
+    extension = compiled_operator()
+    assert (int8.block_kernel() is not None) == extension.int8_vnni()
+    assert int8.int8_products()
+
+
+def test_block_products_without_the_kernel_use_torch() -> None:
+    """The fallback where the compiled kernel is not used: one ``_int_mm`` per block."""
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, 16, (40, 32), generator=generator, dtype=torch.int8)
+    weights = [torch.randint(-8, 8, (32, 24), generator=generator, dtype=torch.int8)
+               for _ in range(3)]
+    bounds = _blocks(40, [17, 3, 20])
+    outputs = []
+    for kernel in (int8.block_kernel, lambda: None):
+        out = torch.empty(40, 24, dtype=torch.int32)
+        original = int8.block_kernel
+        int8.block_kernel = kernel  # type: ignore[assignment]
+        try:
+            int8.block_products(rows, out, bounds, weights, signed=False)
+        finally:
+            int8.block_kernel = original  # type: ignore[assignment]
+        outputs.append(out)
+    expected = torch.cat([rows[lo:hi].float() @ w.float()
+                          for (lo, hi), w in zip(bounds, weights, strict=True)])
+    for out in outputs:
+        assert torch.equal(out.float(), expected)
+
+
+@pytest.mark.parametrize("cout", [16, 32, 24, 64, 80])
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 2, 1), (3, 1, 1), (1, 1, 0), (3, 2, 0)])
+def test_blocks_conv2d_equals_the_convolution_of_each_block(
+        cout: int, kernel: int, stride: int, padding: int) -> None:
+    """Vector widths 16 to 64 and the plain loop beyond (24, 80), edge pixels with taps
+    outside the image, code-unit weights (codes times powers of two)."""
+    extension = compiled_operator()
+    generator = torch.Generator().manual_seed(cout + kernel + stride)
+    x = torch.randint(-128, 128, (9, 3, 13, 17), generator=generator).float()
+    x = x.contiguous(memory_format=torch.channels_last)
+    sizes = [2, 0, 4, 1, 2]
+    weights = [torch.randint(-8, 8, (cout, 3, kernel, kernel), generator=generator).float()
+               / (1 << i) for i in range(len(sizes))]
+    bounds = _blocks(9, sizes)
+    expected = torch.cat([F.conv2d(x[lo:hi], w, None, stride, padding)
+                          for (lo, hi), w in zip(bounds, weights, strict=True)])
+    out = torch.empty(expected.shape).contiguous(memory_format=torch.channels_last)
+    extension.blocks_conv2d(x, out, [lo for lo, _ in bounds], [hi for _, hi in bounds],
+                            [w.permute(2, 3, 1, 0).contiguous() for w in weights], stride,
+                            padding)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.slow
+def test_the_kernels_plain_loops_equal_the_vector_ones(tmp_path: Path) -> None:
+    """The build for machines without AVX-512 (the same source, vector extensions off)
+    gives the same int8 products and convolutions (about a minute to compile)."""
+    from torch.utils.cpp_extension import load
+
+    compiled_operator()
+    plain = load(name="xma2_crossbar_plain_loops", sources=[str(KERNEL_SOURCE)],
+                 extra_cflags=["-O2", "-march=x86-64-v2", "-ffp-contract=off"],
+                 build_directory=str(tmp_path), verbose=False)
+    assert not plain.int8_vnni()
+    for signed in (False, True):
+        _check_int8_blocks(plain, 13, 37, [5, 0, 70, 3], signed, 0)
+        _check_int8_blocks(plain, 96, 48, [4, 8], signed, 1)
+    x = torch.randint(-128, 128, (3, 3, 9, 9)).float().contiguous(
+        memory_format=torch.channels_last)
+    weight = torch.randint(-8, 8, (32, 3, 3, 3)).float() / 4
+    out = torch.empty(3, 32, 5, 5).contiguous(memory_format=torch.channels_last)
+    plain.blocks_conv2d(x, out, [0], [3], [weight.permute(2, 3, 1, 0).contiguous()], 2, 1)
+    assert torch.equal(out, F.conv2d(x, weight, None, 2, 1))
