@@ -94,7 +94,7 @@ def _block_ways(codes8: torch.Tensor, weights8: list[torch.Tensor]
         packed = [vnni_matrix(w) for w in weights8]
         starts, stops = [lo for lo, _ in bounds], [hi for _, hi in bounds]
         ways["compiled, one batch"] = lambda: kernel.int8_blocks_product(
-            codes8, out, [0], [codes8.shape[0]], packed[:1], [packed[0][1]], False)
+            codes8, out, [0], [codes8.shape[0]], [packed[0][0]], [packed[0][1]], False)
         ways["compiled, blocks"] = lambda: kernel.int8_blocks_product(
             codes8, out, starts, stops, [p for p, _ in packed], [c for _, c in packed],
             False)

@@ -290,8 +290,13 @@ def mixed_batches(args: argparse.Namespace) -> None:
                 engine.forward_mixed(x, ids, fidelity)
                 times[kind].append((time.perf_counter() - started) * 1e3)
         single_ms, mixed_ms = (statistics.median(times[k]) for k in ("single", "mixed"))
+        # the lower quartile too: on a shared machine the slow tail is the neighbours'
+        single_q1, mixed_q1 = (statistics.quantiles(times[k], n=4)[0] if repeats > 1
+                               else times[k][0] for k in ("single", "mixed"))
         result[label] = {"single_ms": round(single_ms, 1), "mixed_ms": round(mixed_ms, 1),
                          "single_over_mixed": round(single_ms / mixed_ms, 3),
+                         "single_q1_ms": round(single_q1, 1), "mixed_q1_ms": round(mixed_q1, 1),
+                         "single_over_mixed_q1": round(single_q1 / mixed_q1, 3),
                          "repeats": repeats}
         print(f"{label:24s} single {single_ms:7.1f} ms  mixed {mixed_ms:7.1f} ms  "
               f"single/mixed {single_ms / mixed_ms:.3f}", file=sys.stderr)

@@ -283,6 +283,7 @@ class CrossbarEngine:
         """
         return self.run_batch(x, task_ids, fidelity).logits
 
+    @torch.no_grad()  # also what lets a mixed batch take the one-pass path (_exact)
     def run_batch(self, x: Tensor, task_ids: Sequence[str],
                   fidelity: Fidelity | str | None = None) -> BatchResult:
         """:meth:`forward_mixed`, with what the batch cost the chip besides compute."""

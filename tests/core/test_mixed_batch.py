@@ -77,6 +77,26 @@ def test_mixed_batch_equals_each_task_alone_ideal(quantized_mobilenet: CrossbarM
         torch.testing.assert_close(mixed[i], single, rtol=1e-5, atol=1e-5)
 
 
+def test_a_mixed_batch_takes_one_pass_whatever_the_callers_grad_mode(
+        quantized_mobilenet: CrossbarModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's chip thread calls ``run_batch`` with autograd on (a new thread's
+    default): the batch still runs as one pass of the backbone, not one per task."""
+    engine = CrossbarEngine(quantized_mobilenet)
+    ids = _tasks(engine, 2, pe_fraction=0.1)
+    order = [ids[i] for i in (0, 1, 2, 0, 1)]
+    x = torch.randn(len(order), 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    passes: list[int] = []
+    forward = engine.model.forward
+    monkeypatch.setattr(engine.model, "forward",
+                        lambda inputs: passes.append(inputs.shape[0]) or forward(inputs))
+    with torch.enable_grad():
+        logits = engine.run_batch(x, order).logits
+    assert passes == [len(order)]
+    assert not any(row.requires_grad for row in logits)
+    alone = _alone(engine, x, order, Fidelity.IDEAL)
+    assert all(torch.equal(m, a) for m, a in zip(logits, alone, strict=True))
+
+
 @pytest.fixture(scope="module")
 def mix_engine(quantized_mobilenet: CrossbarModel) -> tuple[CrossbarEngine, list[str]]:
     """One engine (it owns the model's layers) with tasks that change every crossbar
