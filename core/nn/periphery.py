@@ -120,21 +120,24 @@ class DigitalNorm(nn.BatchNorm2d):
         if sample_terms is None:
             sources: tuple[Tensor | None, ...] = (self.running_mean, self.running_var,
                                                   self.weight, self.bias)
-            slots: list[tuple[int | None, tuple[Tensor | None, ...], Tensor | None]] = [
-                (None, sources, None)]
-        else:
-            slots = [(id(rows), (rows,), rows) for rows in sample_terms]
-        folded = []
-        for slot, sources, rows in slots:
             versions = tuple(-1 if t is None else t._version for t in sources)
-            hit = cache.get(slot)
+            hit = cache.get(None)
             if (hit is None or hit[1] != versions
                     or any(a is not b for a, b in zip(hit[0], sources, strict=True))):
+                hit = cache[None] = (sources, versions, self._fold(None, producer, consumer))
+            return [hit[2][0]], hit[2][1]
+        terms: list[Tensor] = []
+        bounds: tuple[float, float] | None = None
+        for rows in sample_terms:  # a mixed batch's tasks: the loop runs per norm and task
+            hit = cache.get(id(rows))
+            if hit is None or hit[0][0] is not rows or hit[1] != (rows._version,):
                 if len(cache) >= FOLDED_CACHE_ENTRIES:  # tasks come and go
                     cache.clear()
-                hit = cache[slot] = (sources, versions, self._fold(rows, producer, consumer))
-            folded.append(hit[2])
-        return [terms for terms, _ in folded], folded[0][1]
+                hit = cache[id(rows)] = ((rows,), (rows._version,),
+                                         self._fold(rows, producer, consumer))
+            terms.append(hit[2][0])
+            bounds = hit[2][1]
+        return terms, bounds
 
     def forward(self, x: Tensor) -> Tensor:
         if self.train_quant is not None and torch.is_grad_enabled():
