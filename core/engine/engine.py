@@ -262,7 +262,6 @@ class CrossbarEngine:
         features = self.features(x, task_id, fidelity)
         return torch.nn.functional.linear(features, head.weight, head.bias)
 
-    @torch.no_grad()
     def forward_mixed(self, x: Tensor, task_ids: Sequence[str],
                       fidelity: Fidelity | str | None = None) -> list[Tensor]:
         """Logits of each sample's own task for a batch that mixes tasks.
@@ -283,7 +282,7 @@ class CrossbarEngine:
         """
         return self.run_batch(x, task_ids, fidelity).logits
 
-    @torch.no_grad()  # also what lets a mixed batch take the one-pass path (_exact)
+    @torch.no_grad()  # whatever the caller's mode: the one-pass path (_exact) needs it
     def run_batch(self, x: Tensor, task_ids: Sequence[str],
                   fidelity: Fidelity | str | None = None) -> BatchResult:
         """:meth:`forward_mixed`, with what the batch cost the chip besides compute."""
