@@ -62,6 +62,11 @@ COMPILED_GRAPH = "## Call CompiledFxGraph"
 the generated loops' (the convolutions it calls are counted as their own operators)."""
 
 
+COMPILED_PERIPHERY = {"_NormClampQuantSTE", "_NormClampQuantSTEBackward"}
+"""A training pass's periphery in the crossbar operator (its C++ calls are no ATen
+operators: the autograd function's own time is theirs)."""
+
+
 def _kind(event: Any) -> str:
     """The kind of work an operator of the profile does, from it and its callers."""
     parent = event.cpu_parent
@@ -93,6 +98,8 @@ def profile_breakdown(profiler: Any, steps: int) -> dict[str, Any]:
     for event in profiler.events():
         if event.name.startswith(COMPILED_GRAPH):
             kind = "compiled loops (quantization, BatchNorm, ReLU6)"
+        elif event.name in COMPILED_PERIPHERY:
+            kind = "compiled periphery (BatchNorm, ReLU6, quantization)"
         elif event.name.startswith(("aten::", "autograd::", "Optimizer.")) or event.name in (
                 "fold",):
             kind = _kind(event)

@@ -18,6 +18,7 @@ import math
 import time
 from abc import abstractmethod
 from collections.abc import Callable
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -43,7 +44,7 @@ from core.learning.common import (
 from core.nn.chip_instance import programmed_backbone
 from core.nn.layers import CrossbarConv2d
 from core.nn.model import CrossbarModel
-from core.nn.periphery import DigitalNorm
+from core.nn.periphery import DigitalNorm, fused_periphery
 from core.nn.quant import ActivationQuantizer, round_ste, signed_range
 from core.ops.fold import replaced_columns, to_row_groups
 from core.task_state import LayerTaskState, TaskHead, TaskState, ones_code, shift_values
@@ -153,18 +154,61 @@ class _ClampQuantSTE(torch.autograd.Function):
         return torch.ops.aten.hardtanh_backward(grad, v, low, high), None, None, None
 
 
-class _ClampQuant:
-    """The ReLU6 and input quantization that a norm applies for the layer after it."""
+class _NormClampQuantSTE(torch.autograd.Function):
+    """A BatchNorm at the backbone's statistics followed by :class:`_ClampQuantSTE`, in the
+    compiled operator: one pass over the activation forward and one backward, where
+    torch's operators make nine and save a copy of the activation. The same values and
+    input gradients bit for bit; the BatchNorm terms' gradients up to the order of their
+    sums."""
 
-    def __init__(self, quant: FrozenInputQuant, top: float) -> None:
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
+                eps: float, step: float, clamp: tuple[float, float],
+                bounds: tuple[float, float], kernel: ModuleType) -> Tensor:
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.terms = (eps, step, bounds, kernel)
+        out: Tensor = kernel.train_periphery_forward(x, mean, var, weight, bias, eps, step,
+                                                     *clamp)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, mean, var = ctx.saved_tensors
+        eps, step, bounds, kernel = ctx.terms
+        needs = ctx.needs_input_grad
+        grad_x, grad_weight, grad_bias = kernel.train_periphery_backward(
+            grad.contiguous(memory_format=torch.channels_last), x, mean, var, weight, bias,
+            eps, step, *bounds, needs[0])
+        return (grad_x if needs[0] else None, grad_weight if needs[1] else None,
+                grad_bias if needs[2] else None, *([None] * 7))
+
+
+class _ClampQuant:
+    """The BatchNorm, ReLU6 and input quantization that a norm applies for the layer after
+    it, in one compiled pass where the operator is built (:func:`fused_periphery`: its
+    BatchNorm arithmetic is torch's) and the activation is channels-last."""
+
+    def __init__(self, norm: DigitalNorm, quant: FrozenInputQuant, top: float) -> None:
+        self.norm = norm
         self.step = quant.step
         over = float(torch.tensor(top, dtype=quant.step.dtype) / quant.step)
         qmin, qmax = quant.qmin, quant.qmax
         self.clamp = (float(max(qmin, 0)), min(float(qmax), over))
         self.bounds = (0.0, over if over <= qmax else _just_outside(qmin, qmax)[1])
+        self.kernel = (fused_periphery() if norm.affine and norm.track_running_stats
+                       else None)
+        """The compiled operator (None: torch's operators, e.g. for ``torch.compile``)."""
 
     def __call__(self, x: Tensor) -> Tensor:
-        return _apply(_ClampQuantSTE, x, self.step, self.clamp, self.bounds)
+        norm = self.norm
+        if (self.kernel is not None and not norm.training and x.dtype == torch.float32
+                and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+            assert norm.running_mean is not None and norm.running_var is not None
+            return _apply(_NormClampQuantSTE, x, norm.weight, norm.bias, norm.running_mean,
+                          norm.running_var, norm.eps, float(self.step), self.clamp,
+                          self.bounds, self.kernel)
+        return _apply(_ClampQuantSTE, nn.BatchNorm2d.forward(norm, x), self.step,
+                      self.clamp, self.bounds)
 
 
 class _Identity(nn.Module):
@@ -385,7 +429,7 @@ class TaskModel(nn.Module):
             consumer = module._links()[1]
             frozen = None if consumer is None else self._quantizers[names[id(consumer)]][1]
             if isinstance(frozen, FrozenInputQuant) and frozen.enabled:
-                self._fused.append((module, _ClampQuant(frozen, module.clamp_top)))
+                self._fused.append((module, _ClampQuant(module, frozen, module.clamp_top)))
                 self._fused_inputs.add(names[id(consumer)])
         self._identity = _Identity()
         features = int(backbone(torch.zeros(1, 3, 32, 32)).shape[1])
@@ -417,6 +461,8 @@ class TaskModel(nn.Module):
         fails (no C++ compiler, say), training goes on eagerly with a warning."""
         self._compiled = torch.compile(self.backbone.forward, dynamic=False)
         self._compile_checked = False
+        for _, quant in self._fused:  # the compiler fuses torch's operators itself
+            quant.kernel = None
 
     @property
     def compiled(self) -> bool:
@@ -493,7 +539,7 @@ class TaskModel(nn.Module):
                 frozen = self._identity  # the norm before it quantizes
             layer.input_quant = frozen if grad else original  # type: ignore[assignment]
         for norm, quant in self._fused:
-            norm.train_quant = quant if fuse else None
+            norm.train_periphery = quant if fuse else None
         for name, (codes, weight) in self._frozen.items():
             if grad:
                 self._layers[name].effective_weight = weight

@@ -43,9 +43,10 @@ class DigitalNorm(nn.BatchNorm2d):
 
     clamp_top: float | None = None
     """The absorbed ReLU6's top (None: no activation here)."""
-    train_quant: Callable[[Tensor], Tensor] | None = None
-    """Passes with autograd: the activation and the consumer's input quantization in one
-    (a task model sets it and has the consumer skip its own quantization)."""
+    train_periphery: Callable[[Tensor], Tensor] | None = None
+    """Passes with autograd: this BatchNorm, the activation and the consumer's input
+    quantization in one, given this module's input (a task model sets it and has the
+    consumer skip its own quantization)."""
 
     @classmethod
     def from_batchnorm(cls, norm: nn.BatchNorm2d) -> DigitalNorm:
@@ -140,8 +141,8 @@ class DigitalNorm(nn.BatchNorm2d):
         return terms, bounds
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.train_quant is not None and torch.is_grad_enabled():
-            return self.train_quant(super().forward(x))
+        if self.train_periphery is not None and torch.is_grad_enabled():
+            return self.train_periphery(x)
         producer, consumer = self._links()
         scaled = producer is not None and producer.emits_partial_sums()
         quantize = consumer is not None and consumer.takes_codes()

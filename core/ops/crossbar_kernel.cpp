@@ -769,6 +769,166 @@ void periphery_norm(
 }
 
 
+// The periphery of a training pass, forward and backward in one pass each: BatchNorm at
+// the backbone's statistics with learned affine terms, then the ReLU6 and the next
+// layer's input fake quantization at its frozen step, ``y = step * round(clamp(
+// fma(x, alpha, beta) / step, lo, hi))`` with alpha and beta as periphery_norm forms them
+// (the values of F.batch_norm, then torch's division, clamp, round and multiply). The
+// gradient passes straight through where ``pass_lo < v < pass_hi`` (v the quotient
+// before clamping, recomputed from x in the backward pass instead of saved), then
+// through the BatchNorm as ATen's backward kernel computes it: dx = (g * invstd) *
+// weight (equal bit for bit), dweight = invstd * sum(g * (x - mean)), dbias = sum(g)
+// (equal up to the order of the sums). Torch's operators make nine passes over the activation for this
+// (four forward, five backward) and save a copy of it; these make two and save none.
+// Activations are channels-last [pixels, C]; the sums go in fixed chunks of pixels
+// (the same order whatever the thread count), each chunk's in float, chunks in double.
+constexpr int64_t kTrainChunk = 512;  // pixels per chunk of the backward sums
+
+struct TrainTerms {
+  std::vector<float> alpha, beta;
+  std::vector<float> invstd;  // as ATen's backward forms it: in double, then rounded
+};
+
+static TrainTerms train_terms(const torch::Tensor& mean, const torch::Tensor& var,
+                              const torch::Tensor& weight, const torch::Tensor& bias,
+                              double eps, int64_t channels) {
+  for (const auto* t : {&mean, &var, &weight, &bias})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == channels &&
+                t->is_contiguous(), "BatchNorm terms must be contiguous float [C]");
+  TrainTerms terms{std::vector<float>(channels), std::vector<float>(channels),
+                   std::vector<float>(channels)};
+  const float* m = mean.data_ptr<float>();
+  const float* v = var.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  for (int64_t c = 0; c < channels; ++c) {
+    terms.alpha[c] = (1.0f / std::sqrt(v[c] + feps)) * w[c];
+    terms.invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(v[c]) + eps));
+    terms.beta[c] = std::fma(-m[c], terms.alpha[c], b[c]);
+  }
+  return terms;
+}
+
+// A result laid out as torch's elementwise operators lay it out: NCHW strides where a 1x1
+// map makes the two layouts one (the memory is the same; the strides decide which
+// algorithm the next convolution's backward picks, and with it the order of its sums).
+static torch::Tensor train_like(const torch::Tensor& x) {
+  return x.is_contiguous() ? torch::empty(x.sizes(), x.options()) : torch::empty_like(x);
+}
+
+static int64_t train_check(const torch::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4 &&
+              x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "training periphery takes channels-last float [B, C, H, W]");
+  return x.size(1);
+}
+
+torch::Tensor train_periphery_forward(
+    const torch::Tensor& x, const torch::Tensor& mean, const torch::Tensor& var,
+    const torch::Tensor& weight, const torch::Tensor& bias, double eps, double step,
+    double low, double high) {
+  const int64_t channels = train_check(x);
+  const auto terms = train_terms(mean, var, weight, bias, eps, channels);
+  auto out = train_like(x);
+  const int64_t pixels = channels == 0 ? 0 : x.numel() / channels;
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const float s = static_cast<float>(step), lo = static_cast<float>(low),
+              hi = static_cast<float>(high);
+  TORCH_CHECK(std::abs(lo) < 4194304.0f && std::abs(hi) < 4194304.0f,
+              "rounding needs a clamp inside +-2^22");
+  const float* alpha = terms.alpha.data();
+  const float* beta = terms.beta.data();
+  at::parallel_for(0, pixels, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, channels)),
+                   [&](int64_t first, int64_t last) {
+    for (int64_t p = first; p < last; ++p) {
+      const float* __restrict from = src + p * channels;
+      float* __restrict to = dst + p * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        float v = std::fma(from[c], alpha[c], beta[c]) / s;
+        v = std::min(std::max(v, lo), hi);
+        to[c] = round_small(v) * s;
+      }
+    }
+  });
+  return out;
+}
+
+template <bool INPUT_GRAD>
+static void train_backward_rows(
+    const float* __restrict src, const float* __restrict dy, float* __restrict dx,
+    float* __restrict centred, float* __restrict sum, const float* __restrict mean,
+    const float* __restrict alpha, const float* __restrict beta,
+    const float* __restrict invstd, const float* __restrict weight, int64_t channels,
+    int64_t start, int64_t stop, float step, float pass_low, float pass_high) {
+  for (int64_t p = start; p < stop; ++p) {
+    const float* __restrict from = src + p * channels;
+    const float* __restrict g_in = dy + p * channels;
+    float* __restrict to = INPUT_GRAD ? dx + p * channels : nullptr;
+    for (int64_t c = 0; c < channels; ++c) {
+      const float x = from[c], grad = g_in[c];  // loaded unconditionally: vectorizes
+      const float v = std::fma(x, alpha[c], beta[c]) / step;
+      const float g = (v > pass_low && v < pass_high) ? grad : 0.0f;
+      centred[c] += g * (x - mean[c]);
+      sum[c] += g;
+      if constexpr (INPUT_GRAD) to[c] = (g * invstd[c]) * weight[c];  // ATen's order
+    }
+  }
+}
+
+std::vector<torch::Tensor> train_periphery_backward(
+    const torch::Tensor& grad, const torch::Tensor& x, const torch::Tensor& mean,
+    const torch::Tensor& var, const torch::Tensor& weight, const torch::Tensor& bias,
+    double eps, double step, double pass_low, double pass_high, bool input_grad) {
+  const int64_t channels = train_check(x);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kFloat &&
+              grad.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "gradient must be channels-last float, sized as the input");
+  const auto terms = train_terms(mean, var, weight, bias, eps, channels);
+  const int64_t pixels = channels == 0 ? 0 : x.numel() / channels;
+  const int64_t chunks = (pixels + kTrainChunk - 1) / kTrainChunk;
+  auto grad_x = input_grad ? train_like(x) : torch::Tensor();
+  std::vector<float> partial(static_cast<size_t>(chunks * 2 * channels), 0.0f);
+  const float* src = x.data_ptr<float>();
+  const float* dy = grad.data_ptr<float>();
+  float* dx = input_grad ? grad_x.data_ptr<float>() : nullptr;
+  const float* m = mean.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float* alpha = terms.alpha.data();
+  const float* beta = terms.beta.data();
+  const float* invstd = terms.invstd.data();
+  const float s = static_cast<float>(step), plo = static_cast<float>(pass_low),
+              phi = static_cast<float>(pass_high);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      float* centred = partial.data() + k * 2 * channels;  // sum(g * (x - mean))
+      const int64_t start = k * kTrainChunk, stop = std::min(pixels, start + kTrainChunk);
+      if (dx != nullptr)
+        train_backward_rows<true>(src, dy, dx, centred, centred + channels, m, alpha, beta,
+                                  invstd, w, channels, start, stop, s, plo, phi);
+      else
+        train_backward_rows<false>(src, dy, dx, centred, centred + channels, m, alpha, beta,
+                                   invstd, w, channels, start, stop, s, plo, phi);
+    }
+  });
+  auto grad_weight = torch::empty({channels}, x.options());
+  auto grad_bias = torch::empty({channels}, x.options());
+  float* gw = grad_weight.data_ptr<float>();
+  float* gb = grad_bias.data_ptr<float>();
+  for (int64_t c = 0; c < channels; ++c) {
+    double centred = 0.0, sum = 0.0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      centred += partial[k * 2 * channels + c];
+      sum += partial[k * 2 * channels + channels + c];
+    }
+    gw[c] = static_cast<float>(centred) * terms.invstd[c];
+    gb[c] = static_cast<float>(sum);
+  }
+  return {grad_x, grad_weight, grad_bias};
+}
+
+
 // Int8 products of a 1x1 layer's blocks of rows (one block per task of a batch mixing
 // tasks, or one for the whole batch), each block times its own int8 weight, int32 sums:
 // one call per layer instead of one oneDNN call per block, whose fixed cost dominates
@@ -1098,6 +1258,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "each block of images with its own cells");
   m.def("periphery_norm", &periphery_norm,
         "BatchNorm, clamp and round in one pass, per block of samples with its own terms");
+  m.def("train_periphery_forward", &train_periphery_forward,
+        "A training pass's BatchNorm, ReLU6 and fake quantization in one pass");
+  m.def("train_periphery_backward", &train_periphery_backward,
+        "Its gradients (input, BatchNorm weight and bias) in one pass");
   m.def("blocks_pointwise", &blocks_pointwise,
         "Each block of rows of a 1x1 layer times its own task's codes");
   m.def("block_channels_rows", &block_channels_rows,

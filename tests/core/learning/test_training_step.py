@@ -1,6 +1,8 @@
 """The training step's shortcuts change no number: loss and gradients equal the plain
 formulation's (fold with :func:`fold_effective_weight` every step, BatchNorm then ReLU6 in
-place, then the next layer's input quantization by an STE that saves its mask)."""
+place, then the next layer's input quantization by an STE that saves its mask). The one
+exception is the compiled training periphery's BatchNorm terms, whose sums run in
+another order."""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from core.learning.column_masks import ColumnMaskConfig, column_masks_for
 from core.learning.common import seeded_generator
 from core.learning.task_model import CrossbarAdapter, TaskModel
 from core.nn.periphery import DigitalNorm
+from core.nn.quant import ActivationQuantizer
 from core.ops.fold import fold_effective_weight
+from tests.conftest import compiled_operator
 
 
 class _MaskSTE(torch.autograd.Function):
@@ -89,7 +93,14 @@ def test_step_equals_the_plain_formulation_bit_for_bit(quantized_mobilenet, digi
                                                        monkeypatch, channels_last):
     model = _xma2_model(quantized_mobilenet, channels_last)
     x, y = digits32.train.batch(slice(0, 16))
+    compiled = _count_compiled_periphery(monkeypatch)
     loss, grads = _loss_and_grads(model, x, y)
+    # channels-last passes run every fused norm in the compiled operator; NCHW ones only
+    # those at 1x1 maps (where the layouts are one)
+    assert model._fused and len(compiled) == 1
+    assert compiled[0] == len(model._fused) if channels_last else compiled[0] < len(model._fused)
+    norm_terms = {id(p) for p in model.batchnorm.values()}
+    is_norm = [id(p) in norm_terms for p in model.parameters() if p.requires_grad]
     assert any(bool(g.abs().sum() > 0) for g in grads if g is not None)
     spare = [a.spare_latent.grad for a in model.adapters.values()
              if a.spare_latent.numel()]  # type: ignore[union-attr]
@@ -103,10 +114,88 @@ def test_step_equals_the_plain_formulation_bit_for_bit(quantized_mobilenet, digi
     model.fuse_activation = False  # each layer quantizes its own input again
     plain_loss, plain_grads = _loss_and_grads(model, x, y)
     assert torch.equal(loss, plain_loss)
-    for g, plain in zip(grads, plain_grads, strict=True):
+    for g, plain, norm in zip(grads, plain_grads, is_norm, strict=True):
         assert (g is None) == (plain is None)
-        if g is not None:
+        if g is None:
+            continue
+        if norm:  # the compiled periphery sums in another order
+            assert float((g - plain).abs().max()) <= 1e-5 * float(plain.abs().max())
+        else:
             assert torch.equal(g, plain)
+
+
+def _count_compiled_periphery(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the training passes' calls of the compiled periphery (one counter per pass)."""
+    calls: list[int] = []
+    apply = tm_module._apply
+
+    def counting(function: Any, *args: Any) -> Tensor:
+        if function is tm_module._NormClampQuantSTE:
+            calls[-1] += 1
+        return apply(function, *args)
+
+    load_weights = TaskModel.load_weights
+
+    def new_pass(self: TaskModel) -> None:
+        calls.append(0)
+        load_weights(self)
+
+    monkeypatch.setattr(tm_module, "_apply", counting)
+    monkeypatch.setattr(TaskModel, "load_weights", new_pass)
+    return calls
+
+
+def test_the_compiled_training_periphery_equals_torchs(monkeypatch):
+    """BatchNorm, ReLU6 and fake quantization in the compiled operator: the values and the
+    input gradient of torch's operators bit for bit, the BatchNorm terms' gradients up to
+    the order of their sums, at odd channel counts, a single pixel, and values that land
+    on the clamp and pass bounds."""
+    compiled_operator()
+    generator = torch.Generator().manual_seed(0)
+    dac = ActivationQuantizer(4)
+    with torch.no_grad():
+        dac.step.fill_(0.37)
+    quant = tm_module.FrozenInputQuant(dac)
+    step = quant.step
+    for channels, size, top in ((37, 5, 6.0), (96, 8, 2.0), (16, 1, 6.0)):
+        norm = DigitalNorm(channels).eval()
+        with torch.no_grad():
+            norm.running_mean.normal_(generator=generator)
+            norm.running_var.uniform_(0.5, 2.0, generator=generator)
+            norm.weight.normal_(generator=generator)
+            norm.bias.normal_(generator=generator)
+        fused = tm_module._ClampQuant(norm, quant, top)
+        assert fused.kernel is not None
+        x = torch.randn(4, channels, size, size, generator=generator) * 3
+        # values whose quotient lands exactly on 0 and on the top of the clamp
+        invstd = 1 / torch.sqrt(norm.running_var + norm.eps)
+        alpha = invstd * norm.weight.detach()
+        for target, where in ((0.0, 0), (fused.clamp[1] * float(step), 1)):
+            x[where, :, 0, 0] = (target - (norm.bias.detach() - norm.running_mean * alpha)) / alpha
+        x = x.contiguous(memory_format=torch.channels_last)
+        grad = torch.randn(x.shape, generator=generator).contiguous(
+            memory_format=torch.channels_last)
+        results = []
+        kernel = fused.kernel
+        for fused.kernel in (kernel, None):  # compiled, then torch's operators
+            source = x.clone().requires_grad_()
+            norm.weight.grad = norm.bias.grad = None
+            out = fused(source)
+            out.backward(grad)
+            assert norm.weight.grad is not None and norm.bias.grad is not None
+            results.append((out.detach(), source.grad, norm.weight.grad.clone(),
+                            norm.bias.grad.clone()))
+        fused.kernel = kernel
+        (out, dx, dw, db), (t_out, t_dx, t_dw, t_db) = results
+        assert torch.equal(out, t_out) and torch.equal(dx, t_dx)
+        assert bool((t_dx == 0).any()) and bool((t_dx != 0).any())
+        for mine, theirs in ((dw, t_dw), (db, t_db)):
+            assert float((mine - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max())
+    # without the input's gradient: only the terms' gradients
+    source = x.clone()
+    norm.weight.grad = None
+    fused(source).backward(grad)
+    assert norm.weight.grad is not None
 
 
 def test_served_weights_equal_the_engine_fold(quantized_mobilenet):
