@@ -80,9 +80,24 @@ class Connection:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.stale_retries = 0
+        """Requests sent again on a new connection because the server had closed the idle
+        one (its keep-alive timeout) before answering: what HTTP clients do, and what an
+        older server (uvicorn's 5 s default) otherwise shows as requests without an answer."""
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
         """POST ``body`` to ``path`` (with its query); the status and the answer."""
+        reused = self.streams is not None
+        try:
+            return await self._post(path, body)
+        except (ConnectionError, asyncio.IncompleteReadError) as e:
+            if not reused or (isinstance(e, asyncio.IncompleteReadError) and e.partial):
+                raise
+            self.close()
+            self.stale_retries += 1
+            return await self._post(path, body)
+
+    async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
         if self.streams is None:
             self.streams = await asyncio.open_connection(self.host, self.port)
         reader, writer = self.streams
@@ -139,16 +154,19 @@ async def open_loop(url: str, tasks: list[str], bodies: list[bytes], rate: float
     rng = random.Random(seed)
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    dropped = 0
+    dropped = stale = 0
     in_flight = asyncio.Semaphore(max_in_flight)
     idle: list[Connection] = []  # at most max_in_flight are ever open
     try:
 
         async def one(task: str, body: bytes) -> None:
+            nonlocal stale
             started = time.monotonic()
             connection = idle.pop() if idle else Connection(url)
             try:
                 status, _ = await connection.post(predict_path(task), body)
+                stale += connection.stale_retries
+                connection.stale_retries = 0
                 statuses[status] = statuses.get(status, 0) + 1
                 if status == 200:
                     latencies.append(time.monotonic() - started)
@@ -186,6 +204,7 @@ async def open_loop(url: str, tasks: list[str], bodies: list[bytes], rate: float
         "p99_ms": round(1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1)
         if latencies else None,
         "statuses": statuses, "dropped_by_generator": dropped, "requests": i,
+        "stale_connections_retried": stale,
     }
 
 

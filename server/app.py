@@ -148,5 +148,6 @@ def _offline_docs(app: FastAPI) -> None:
 
 
 def app_factory() -> Any:
-    """``uvicorn --factory server.app:app_factory``: settings from the environment."""
+    """``uvicorn --factory server.app:app_factory``: settings from the environment (host,
+    port and keep-alive are then uvicorn's own flags: ``--timeout-keep-alive``)."""
     return create_app()

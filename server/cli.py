@@ -242,7 +242,8 @@ def serve(args: argparse.Namespace) -> int:
     secrets = [settings.api_key.get_secret_value()] if settings.api_key else []
     logs.configure(settings.log_level, secrets)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, log_config=None)
+                log_level=settings.log_level, log_config=None,
+                timeout_keep_alive=settings.keep_alive_s)
     return 0
 
 

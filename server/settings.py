@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     """Address to listen on (0.0.0.0: every interface)."""
     port: int = Field(8000, ge=0, le=65535)
     """TCP port to listen on."""
+    keep_alive_s: int = Field(75, ge=1)
+    """How long an idle keep-alive connection stays open. Longer than the 60 s idle timeout
+    of common load balancers and proxies, so that they, not the server, close idle
+    connections: a client (or proxy) that reuses a connection the server has just closed
+    gets no answer at all."""
     backbone_file: Path | None = None
     """Calibrated 4-bit backbone (default: the MobileNetV2 backbone shipped with xma2)."""
     store: Path = DEFAULT_STORE

@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     if imported:
         logger.info("imported the shipped tasks %s", ", ".join(imported))
     ray.init(address=args.address, num_cpus=args.num_cpus if args.address == "local" else None)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(http_options={"host": settings.host, "port": settings.port,
+                              "keep_alive_timeout_s": settings.keep_alive_s})
     serve.run(build(settings, options), name=APP_NAME, route_prefix="/")
     logger.info("serving on http://%s:%d with %d chip replica(s)", settings.host,
                 settings.port, options.replicas)
