@@ -33,6 +33,7 @@ from core.atomic import atomic_write
 from core.chip.config import noise_level
 from core.data.datasets import ImageSplit
 from core.errors import ConfigError, TrainingCancelled
+from core.learning.optim import adam
 from core.learning.probe import linear_probe
 from core.task_state import TaskState
 
@@ -381,7 +382,7 @@ def fit(
     groups = [g for g in param_groups if g["params"] and g["lr"] > 0]
     for g in groups:
         g["initial_lr"] = g["lr"]
-    optimizer = torch.optim.Adam(groups)
+    optimizer = adam(groups)
     meta = {"format_version": CHECKPOINT_FORMAT, **checkpoint_meta}
     history: list[dict[str, float]] = []
     start = 0

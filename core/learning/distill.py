@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.backbones import Backbone
+from core.learning.optim import adam
 from core.nn.model import CrossbarModel
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def distill_backbone(
             if isinstance(module, nn.BatchNorm2d):
                 params += [module.weight, module.bias]
     groups: list[dict[str, Any]] = [{"params": params}, {"params": steps, "lr": config.lr * 5}]
-    optimizer = torch.optim.Adam(groups, lr=config.lr)
+    optimizer = adam(groups, lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, config.steps)))
     )

@@ -35,6 +35,7 @@ from core.errors import ConfigError
 from core.learning.chip_loop import ChipInTheLoop
 from core.learning.common import deterministic, seeded_generator
 from core.learning.distill import feature_stages, normalised_mse
+from core.learning.optim import adam
 from core.learning.ranking import pe_sensitivity, select_top_pes
 from core.learning.task_model import CrossbarAdapter, LayerAdapter, TaskModel
 from core.nn.calibration import (
@@ -213,7 +214,7 @@ def distill_imagenet_task(
         {"params": spare, "lr": config.lr_spare},
     ]
     groups = [g for g in groups if g["params"] and g["lr"] > 0]
-    optimizer = torch.optim.Adam(groups) if groups else None
+    optimizer = adam(groups) if groups else None
     schedule = None if optimizer is None else torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, config))
     student_maps: list[Tensor] = []

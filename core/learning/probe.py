@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.data.datasets import ImageSplit
+from core.learning.optim import adam
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def linear_probe(
     xs = (x - mean) / std
     weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.Adam([weight, bias], lr=lr, weight_decay=weight_decay)
+    optimizer = adam([weight, bias], lr=lr, weight_decay=weight_decay)
     batch = 256
     for _ in range(epochs):
         order = torch.randperm(len(xs), generator=generator)
