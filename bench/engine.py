@@ -23,6 +23,8 @@ shipped tasks plus five copies under other names, drawn with Zipf popularity (th
 stream of ``bench/serve.py``), in ideal fidelity, crossbar fidelity on the shipped chip
 (provably lossless: the ideal code path) and on the paper's lossy periphery
 (:data:`core.chip.config.PAPER_CHIP`, full-scale ADC), where the spare PEs are read.
+It also times a stream of such batches, each a fresh draw (``stream``): the set of
+tasks in a batch then changes from batch to batch, as it does in a server.
 
 glibc returns large freed blocks to the OS, so every forward pass would pay
 fresh page faults; the script re-executes itself with MALLOC_MMAP_MAX_=0 and
@@ -228,6 +230,8 @@ def main() -> None:
 
 SHIPPED = ("mnist", "fashion-mnist", "animal-mnist")
 COPIES = ("mnist-b", "fashion-mnist-b", "animal-mnist-b", "mnist-c", "fashion-mnist-c")
+STREAM_WARM = 64
+"""Batches of the stream (``--mixed``) run before timing."""
 
 
 def task_mix(seed: int, batch: int) -> tuple[tuple[str, ...], list[str], list[str],
@@ -280,26 +284,43 @@ def mixed_batches(args: argparse.Namespace) -> None:
         "distinct_tasks": len(set(mixed)), "seed": args.seed, "mixed": mixed}
     for label, (engine, fidelity) in chips.items():
         add_shipped_tasks(engine, names)
+        repeats = args.repeats if fidelity == "ideal" else max(3, args.repeats // 3)
+        # A stream of batches, each a fresh draw of the same popularity (as a server sees
+        # them: the set of tasks changes from batch to batch); the first STREAM_WARM of it
+        # only warm what a long-running server would have warmed.
+        draws = [task_mix(args.seed + 1 + i, args.batch)[1]
+                 for i in range(STREAM_WARM + repeats)]
         for ids in (mixed, single, mixed, single):  # warm: fold, program, plan every task
             engine.forward_mixed(x, ids, fidelity)
-        repeats = args.repeats if fidelity == "ideal" else max(3, args.repeats // 3)
-        times: dict[str, list[float]] = {"single": [], "mixed": []}
-        for _ in range(repeats):
-            for kind, ids in (("single", single), ("mixed", mixed)):
+        for ids in draws[:STREAM_WARM]:
+            engine.forward_mixed(x, ids, fidelity)
+        kinds = ("single", "mixed", "stream")
+        times: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for stream_ids in draws[STREAM_WARM:]:
+            for kind, ids in (("single", single), ("mixed", mixed), ("stream", stream_ids)):
                 started = time.perf_counter()
                 engine.forward_mixed(x, ids, fidelity)
                 times[kind].append((time.perf_counter() - started) * 1e3)
-        single_ms, mixed_ms = (statistics.median(times[k]) for k in ("single", "mixed"))
+        medians = {kind: statistics.median(times[kind]) for kind in kinds}
         # the lower quartile too: on a shared machine the slow tail is the neighbours'
-        single_q1, mixed_q1 = (statistics.quantiles(times[k], n=4)[0] if repeats > 1
-                               else times[k][0] for k in ("single", "mixed"))
-        result[label] = {"single_ms": round(single_ms, 1), "mixed_ms": round(mixed_ms, 1),
-                         "single_over_mixed": round(single_ms / mixed_ms, 3),
-                         "single_q1_ms": round(single_q1, 1), "mixed_q1_ms": round(mixed_q1, 1),
-                         "single_over_mixed_q1": round(single_q1 / mixed_q1, 3),
+        q1 = {kind: statistics.quantiles(times[kind], n=4)[0] if repeats > 1
+              else times[kind][0] for kind in kinds}
+        result[label] = {"single_ms": round(medians["single"], 1),
+                         "mixed_ms": round(medians["mixed"], 1),
+                         "single_over_mixed": round(medians["single"] / medians["mixed"], 3),
+                         "single_q1_ms": round(q1["single"], 1),
+                         "mixed_q1_ms": round(q1["mixed"], 1),
+                         "single_over_mixed_q1": round(q1["single"] / q1["mixed"], 3),
+                         "stream_ms": round(medians["stream"], 1),
+                         "single_over_stream": round(medians["single"] / medians["stream"], 3),
+                         "single_over_stream_q1": round(q1["single"] / q1["stream"], 3),
+                         "stream_distinct_tasks": round(statistics.mean(
+                             len(set(ids)) for ids in draws[STREAM_WARM:]), 2),
                          "repeats": repeats}
-        print(f"{label:24s} single {single_ms:7.1f} ms  mixed {mixed_ms:7.1f} ms  "
-              f"single/mixed {single_ms / mixed_ms:.3f}", file=sys.stderr)
+        print(f"{label:24s} single {medians['single']:7.1f} ms  mixed {medians['mixed']:7.1f} "
+              f"ms  single/mixed {medians['single'] / medians['mixed']:.3f}  stream "
+              f"{medians['stream']:7.1f} ms  single/stream "
+              f"{medians['single'] / medians['stream']:.3f}", file=sys.stderr)
     print(json.dumps(result, indent=1))
 
 

@@ -103,7 +103,8 @@ class CrossbarEngine:
         self.fidelity = _fidelity(fidelity)
         self.energy_config = energy or EnergyConfig.for_crossbar(self.chip)
         self.tasks: dict[str, TaskState] = {}
-        self.prepared: LRUCache[str, PreparedTask] = LRUCache(max_prepared_tasks)
+        self.prepared: LRUCache[str, PreparedTask] = LRUCache(
+            max_prepared_tasks, on_evict=lambda task_id, _: self.mixed.forget(task_id))
         self.active: str | None = None
         """The task of the last single-task call (a switch is counted when it changes)."""
         self.stats = EngineStats()
@@ -115,7 +116,7 @@ class CrossbarEngine:
                               if isinstance(module, DigitalNorm)}
         self._digital_names = self._overridable_names()
         self.programmer = ChipProgrammer(self.model, self.crossbar, self.chip)
-        self.mixed = MixedBatchPlanner(self._layers, self.programmer)
+        self.mixed = MixedBatchPlanner(self._layers, self._norm_modules, self.programmer)
         self.costs = CostCounter(self.model, self.chip)
         noise = self.crossbar.non_idealities
         self._read_generator = torch.Generator().manual_seed(part_seed(noise.seed, "read"))
@@ -144,6 +145,7 @@ class CrossbarEngine:
                 )
         if self.prepared.pop(task.task_id) is not None and self.active == task.task_id:
             self.active = None
+        self.mixed.forget(task.task_id)  # also where its prepared state had left already
         self.tasks[task.task_id] = task
 
     def backbone_digital(self, name: str) -> Tensor:
@@ -157,6 +159,7 @@ class CrossbarEngine:
     def remove_task(self, task_id: str) -> None:
         self._task(task_id)
         self.prepared.pop(task_id)
+        self.mixed.forget(task_id)
         del self.tasks[task_id]
         if self.pool is not None:
             self.pool.forget(task_id)
@@ -234,11 +237,12 @@ class CrossbarEngine:
                          for module_name, module in self._norms(prepared.norms)})
         return context
 
-    def _context(self, layers: dict[nn.Module, LayerCall], norms: dict[nn.Module, NormCall]
-                 ) -> ForwardContext:
+    def _context(self, layers: dict[nn.Module, LayerCall], norms: dict[nn.Module, NormCall],
+                 task_rows: list[tuple[int, int]] | None = None) -> ForwardContext:
         return ForwardContext(layers, norms, implementation=self.crossbar.implementation,
                               read_generator=self._read_generator,
-                              max_chunk_elements=self.crossbar.max_chunk_elements)
+                              max_chunk_elements=self.crossbar.max_chunk_elements,
+                              task_rows=task_rows)
 
     def _norms(self, module_names: Iterable[str]) -> list[tuple[str, DigitalNorm]]:
         return [(module_name, self._norm_modules[module_name]) for module_name in module_names]
@@ -353,22 +357,19 @@ class CrossbarEngine:
                         prepared: dict[str, PreparedTask], *, crossbar: bool) -> Tensor:
         self.active = None
         # Sorted by task, each task's samples are one block of rows: its layers and
-        # BatchNorm then read and write them in place (no gathers or scatters).
-        order = [row for rows in groups.values() for row in rows]
-        blocks, start = {}, 0
-        for task_id, rows in groups.items():
-            blocks[task_id] = (start, start + len(rows))
-            start += len(rows)
+        # BatchNorm then read and write them in place (no gathers or scatters). The tasks
+        # go in name order, so that batches of the same tasks reuse the same calls.
+        tasks = sorted(groups)
+        order = [row for task_id in tasks for row in groups[task_id]]
+        task_rows, start = [], 0
+        for task_id in tasks:
+            task_rows.append((start, start + len(groups[task_id])))
+            start += len(groups[task_id])
         order_index = torch.tensor(order)
         sorted_x = x if order == sorted(order) else x.index_select(0, order_index)
-        layers = self.mixed.layer_calls(blocks, prepared, crossbar=crossbar)
-        block_rows = list(blocks.values())
-        norms: dict[nn.Module, NormCall] = {
-            module: NormCall([norm_terms(p, module_name, module) for p in prepared.values()],
-                             block_rows)
-            for module_name, module in self._norms({m for p in prepared.values()
-                                                    for m in p.norms})}
-        with forward_context(self._context(layers, norms)):
+        layers, norms = self.mixed.calls({t: prepared[t] for t in tasks}, task_rows,
+                                         crossbar=crossbar)
+        with forward_context(self._context(layers, norms, task_rows)):
             features: Tensor = self.model(sorted_x)
         if sorted_x is x:
             return features

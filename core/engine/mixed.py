@@ -9,48 +9,119 @@ shared cells once for the whole batch and the spare PEs on top (the dataflow's o
 order) costs more here, since XMA2 replaces PEs mostly in the early layers with the
 largest maps, where the replaced PEs' reads come to 40-56% of the layer's work.
 The samples are sorted by task, so each task's samples are one block of rows.
+
+The calls speak of tasks, not rows (the rows of each task come with the batch's
+context), so the planner keeps them per set of tasks: a batch of tasks that came
+together before reuses its calls and what its layers made from the weights (int8 codes
+in one unit, packed forms), which a mixed batch would otherwise make again each time.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from core.engine.prepared import PreparedTask
+from core.engine.prepared import PreparedTask, norm_terms
 from core.engine.programmer import ChipProgrammer
-from core.nn.forward_context import LayerCall
+from core.lru import CacheStats, LRUCache
+from core.nn.forward_context import LayerCall, NormCall
 from core.nn.layers import CrossbarConv2d, SampleChannels
+from core.nn.periphery import DigitalNorm
 from core.ops.crossbar import CrossbarProgram
+
+TASK_SETS_KEPT = 256
+"""Sets of tasks whose mixed-batch calls the planner keeps (every set of eight tasks:
+255). Each holds references to its tasks' prepared weights, dropped when a task's
+prepared state leaves the engine, and int8 forms of them where the set's units differ."""
+
+
+@dataclass(frozen=True)
+class TaskSetCalls:
+    """The calls of a batch mixing one ordered set of tasks, whatever its rows."""
+
+    channels: dict[str, SampleChannels]
+    """Per layer that a task of the set changed, the tasks' codes of it."""
+    layers: dict[nn.Module, LayerCall]
+    """Ideal fidelity's layer calls (and crossbar fidelity's on lossless layers)."""
+    norms: dict[nn.Module, NormCall]
+    """Per BatchNorm that a task of the set overrides, each task's terms."""
 
 
 class MixedBatchPlanner:
-    """Builds each layer's :class:`LayerCall` for a batch sorted by task."""
+    """Builds each layer's :class:`LayerCall` and each norm's :class:`NormCall` for a
+    batch sorted by task, and keeps them per set of tasks."""
 
-    def __init__(self, layers: dict[str, CrossbarConv2d], programmer: ChipProgrammer) -> None:
+    def __init__(self, layers: dict[str, CrossbarConv2d], norms: dict[str, DigitalNorm],
+                 programmer: ChipProgrammer) -> None:
         self._layers = layers
+        self._norms = norms
         self.programmer = programmer
         self._backbone_float: dict[str, tuple[tuple[int, int], Tensor]] = {}
+        self.stats = CacheStats()
+        """Batches whose set of tasks had its calls kept (hits) or made (misses), and sets
+        dropped (evictions)."""
+        self._sets: LRUCache[tuple[str, ...], TaskSetCalls] = LRUCache(
+            TASK_SETS_KEPT, on_evict=self._dropped)
 
-    def layer_calls(self, blocks: dict[str, tuple[int, int]],
-                    prepared: dict[str, PreparedTask], *, crossbar: bool
-                    ) -> dict[nn.Module, LayerCall]:
-        """Per layer, what the batch's tasks change (``blocks``: each task's rows)."""
-        if crossbar:
-            return self._mixed_crossbar_layers(blocks, prepared)
-        return self._mixed_ideal_layers(blocks, prepared)
+    def calls(self, prepared: dict[str, PreparedTask], task_rows: list[tuple[int, int]], *,
+              crossbar: bool) -> tuple[dict[nn.Module, LayerCall], dict[nn.Module, NormCall]]:
+        """Per layer and norm, the calls of a batch whose tasks are ``prepared`` (in the
+        order of their rows, ``task_rows``)."""
+        task_set = self.task_set(prepared)
+        if not crossbar:
+            return task_set.layers, task_set.norms
+        return self._mixed_crossbar_layers(task_set, prepared, task_rows), task_set.norms
 
-    def _mixed_ideal_layers(self, blocks: dict[str, tuple[int, int]],
-                            prepared: dict[str, PreparedTask]) -> dict[nn.Module, LayerCall]:
-        """Per layer, every task's changed channels for its own block of samples."""
-        layers: dict[nn.Module, LayerCall] = {}
+    def task_set(self, prepared: dict[str, PreparedTask]) -> TaskSetCalls:
+        """The calls of this ordered set of tasks, kept or made now."""
+        key = tuple(prepared)
+        kept = self._sets.get(key)
+        if kept is not None:
+            self.stats.hits += 1
+            return kept
+        self.stats.misses += 1
+        kept = self._task_set(prepared)
+        self._sets.put(key, kept)
+        return kept
+
+    def kept_sets(self) -> list[tuple[str, ...]]:
+        """The sets of tasks whose calls are kept, least recently used first."""
+        return self._sets.keys()
+
+    def forget(self, task_id: str) -> None:
+        """Drop the kept calls of every set with this task: the engine calls it whenever
+        the task's prepared state leaves its cache and when the task is registered anew
+        or removed, so kept calls always hold the tasks' current weights (and no weights
+        of a task the engine has let go)."""
+        for key in [key for key in self._sets.keys() if task_id in key]:
+            self._sets.pop(key)
+
+    def _dropped(self, _key: tuple[str, ...], _calls: TaskSetCalls) -> None:
+        self.stats.evictions += 1
+
+    def _task_set(self, prepared: dict[str, PreparedTask]) -> TaskSetCalls:
+        channels: dict[str, SampleChannels] = {}
         for name, layer in self._layers.items():
-            plan = self._sample_channels(name, layer, blocks, prepared)
+            plan = self._sample_channels(name, layer, prepared)
             if plan is not None:
-                layers[layer] = LayerCall(sample_channels=plan)
-        return layers
+                channels[name] = plan
+        norm_names = sorted({m for p in prepared.values() for m in p.norms})
+        return TaskSetCalls(
+            channels=channels,
+            # every layer's call names the backbone's codes (the layer's own weight, a
+            # buffer lookup per use otherwise)
+            layers={layer: LayerCall(codes=self._backbone_codes(name, layer),
+                                     sample_channels=channels.get(name))
+                    for name, layer in self._layers.items()},
+            norms={self._norms[name]: NormCall([norm_terms(p, name, self._norms[name])
+                                                for p in prepared.values()])
+                   for name in norm_names})
 
-    def _mixed_crossbar_layers(self, blocks: dict[str, tuple[int, int]],
-                               prepared: dict[str, PreparedTask]
+    def _mixed_crossbar_layers(self, task_set: TaskSetCalls,
+                               prepared: dict[str, PreparedTask],
+                               task_rows: list[tuple[int, int]]
                                ) -> dict[nn.Module, LayerCall]:
         """Each task's block of samples read with its own programmed cells (the
         backbone's where it keeps the layer); adjacent blocks that read the same cells
@@ -62,13 +133,11 @@ class MixedBatchPlanner:
                 continue
             backbone = self.programmer.backbone_program(name)
             if backbone.lossless:  # exact: the ideal code path
-                plan = self._sample_channels(name, layer, blocks, prepared)
-                if plan is not None:
-                    layers[layer] = LayerCall(sample_channels=plan)
+                layers[layer] = task_set.layers[layer]
                 continue
             reads: list[tuple[int, int, CrossbarProgram]] = []
-            for task_id, (start, stop) in blocks.items():
-                program = prepared[task_id].chip_programs(self.programmer).get(name, backbone)
+            for p, (start, stop) in zip(prepared.values(), task_rows, strict=True):
+                program = p.chip_programs(self.programmer).get(name, backbone)
                 if reads and reads[-1][2] is program:
                     reads[-1] = (reads[-1][0], stop, program)
                 else:
@@ -86,10 +155,11 @@ class MixedBatchPlanner:
             cached = self._backbone_float[name] = (key, source.float())
         return cached[1]
 
-    def _changed(self, prepared: PreparedTask) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    def _changed(self, prepared: PreparedTask) -> dict[str, tuple[Tensor, Tensor]]:
         """Per layer, the output channels whose codes differ from the backbone's and the
-        task's codes of them (every channel of a grouped layer: a subset of its channels
-        is not a convolution of the same input)."""
+        task's codes of them as a ``[Cin * kh * kw, c]`` matrix (every channel of a
+        grouped layer: a subset of its channels is not a convolution of the same
+        input)."""
         if prepared.changed is None:
             changed = {}
             for name, codes in prepared.weights.items():
@@ -100,28 +170,26 @@ class MixedBatchPlanner:
                 if layer.groups != 1:
                     differs = torch.ones_like(differs)
                 channels = differs.nonzero().flatten()
-                own = codes.index_select(0, channels).contiguous()
-                changed[name] = (channels, own, own.flatten(1).t().contiguous())
+                own = codes.index_select(0, channels)
+                changed[name] = (channels, own.flatten(1).t().contiguous())
             prepared.changed = changed
         return prepared.changed
 
     def _sample_channels(self, name: str, layer: CrossbarConv2d,
-                         blocks: dict[str, tuple[int, int]],
                          prepared: dict[str, PreparedTask]) -> SampleChannels | None:
-        """One layer's plan in a mixed batch sorted by task (None: no task changed it)."""
-        changed = {t: self._changed(p).get(name) for t, p in prepared.items()}
-        kept = [(blocks[t], entry) for t, entry in changed.items() if entry is not None]
-        if not kept:
+        """One layer's plan for these tasks, in this order (None: no task changed it)."""
+        changed = [self._changed(p).get(name) for p in prepared.values()]
+        if all(entry is None for entry in changed):
             return None
         segments: list[tuple[int, int, Tensor]] = []
-        for task_id, (start, stop) in blocks.items():
-            own = prepared[task_id].weights.get(name) if changed[task_id] else None
+        for index, (p, entry) in enumerate(zip(prepared.values(), changed, strict=True)):
+            own = p.weights.get(name) if entry is not None else None
             codes = self._backbone_codes(name, layer) if own is None else own
             if segments and own is None and segments[-1][2] is codes:
-                segments[-1] = (segments[-1][0], stop, codes)  # both keep the backbone's
+                segments[-1] = (segments[-1][0], index + 1, codes)  # both keep the backbone's
             else:
-                segments.append((start, stop, codes))
-        return SampleChannels(blocks=[block for block, _ in kept],
+                segments.append((index, index + 1, codes))
+        kept = [(index, entry) for index, entry in enumerate(changed) if entry is not None]
+        return SampleChannels(changed=[index for index, _ in kept],
                               channels=[entry[0] for _, entry in kept],
-                              codes=[entry[1] for _, entry in kept],
-                              matrices=[entry[2] for _, entry in kept], segments=segments)
+                              matrices=[entry[1] for _, entry in kept], segments=segments)

@@ -32,10 +32,10 @@ class PreparedTask:
     fidelity, built on first use."""
     norm_terms: dict[str, Tensor] = field(default_factory=dict)
     """Per module, the four terms a mixed batch gathers (``[4, C]``), built on first use."""
-    changed: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
-    """Per layer: output channels whose codes differ from the backbone's, the task's
-    codes of those channels and the same as a ``[Cin * kh * kw, c]`` matrix; built on
-    first mixed batch."""
+    changed: dict[str, tuple[Tensor, Tensor]] | None = None
+    """Per layer: output channels whose codes differ from the backbone's and the task's
+    codes of those channels as a ``[Cin * kh * kw, c]`` matrix; built on first mixed
+    batch."""
 
     def chip_programs(self, programmer: ChipProgrammer) -> dict[str, CrossbarProgram]:
         """The task's crossbar-fidelity programs, built on first use."""

@@ -40,18 +40,16 @@ class LayerCall:
     rows, each read with its own task's programmed cells (the backbone's where the task
     keeps the layer), the whole batch in order."""
     sample_channels: SampleChannels | None = None
-    """Batch mixing tasks: every sample's task's codes of the output channels it
-    changed, stacked for one grouped convolution (the backbone's codes run once)."""
+    """Batch mixing tasks: each task's codes of the layer, by task (the rows of each
+    are the call's ``task_rows``)."""
 
 
 @dataclass(frozen=True)
 class NormCall:
-    """One BatchNorm's terms for a call: ``[4, C]`` (mean, var, weight, bias) per block
-    of samples, the blocks being the rows of each task of a batch sorted by task (None:
-    one block, the whole batch)."""
+    """One BatchNorm's terms for a call: ``[4, C]`` (mean, var, weight, bias), one for
+    the whole batch, or per task of a batch mixing tasks (on the call's ``task_rows``)."""
 
     terms: list[Tensor]
-    blocks: list[tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +61,10 @@ class ForwardContext:
     implementation: OperatorImplementation = OperatorImplementation.AUTO
     read_generator: Generator | None = None
     max_chunk_elements: int = 1 << 23
+    task_rows: list[tuple[int, int]] | None = None
+    """A batch mixing tasks, sorted by task: each task's rows ``(start, stop)``, in the
+    order of the per-task lists of the layers' and norms' calls. Only these change from
+    batch to batch of the same tasks, so the calls themselves are kept and reused."""
 
 
 NO_LAYER_CALL = LayerCall()

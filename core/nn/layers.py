@@ -50,6 +50,7 @@ from core.ops.int8 import (
     int8_matrix,
     int8_products,
     shared_int8,
+    vnni_matrix,
 )
 
 log = logging.getLogger(__name__)
@@ -303,9 +304,9 @@ class CrossbarConv2d(nn.Module):
         elif task_codes is not None and self._exact_inputs():
             codes = self.input_codes(x)
             if call.sample_channels is not None:
-                assert context is not None
-                acc = self._blocks_forward(codes, call.sample_channels, task_codes,
-                                           context.implementation)
+                assert context is not None and context.task_rows is not None
+                acc = self._blocks_forward(codes, call.sample_channels, context.task_rows,
+                                           task_codes, context.implementation)
             else:  # int32 sums go to the norm after, which scales them (engine calls)
                 acc = self._code_conv(codes, task_codes, sums=context is not None
                                       and self.emits_partial_sums())
@@ -394,7 +395,8 @@ class CrossbarConv2d(nn.Module):
         qmin, qmax = self.input_quant.qrange
         return rows.to(torch.int8) if qmin >= -128 and qmax <= 127 else None
 
-    def _blocks_forward(self, codes: Tensor, plan: SampleChannels, backbone_codes: Tensor,
+    def _blocks_forward(self, codes: Tensor, plan: SampleChannels,
+                        task_rows: list[tuple[int, int]], backbone_codes: Tensor,
                         implementation: OperatorImplementation) -> Tensor:
         """A mixed batch, whose samples the engine sorted by task (one block of rows each).
 
@@ -406,6 +408,7 @@ class CrossbarConv2d(nn.Module):
         so one per block adds only the calls; the stem's blocks go in one compiled
         call)."""
         last = codes.is_contiguous(memory_format=torch.channels_last)
+        segments = plan.segment_rows(task_rows)
         if self.pointwise and last:
             batch, cin, height, width = codes.shape
             rows = codes.permute(0, 2, 3, 1).reshape(-1, cin)
@@ -413,38 +416,39 @@ class CrossbarConv2d(nn.Module):
             shared = (None if int8_rows is None
                       else self._mixed_int8(plan, backbone_codes))
             if int8_rows is not None and shared is not None:
-                sums = _mixed_sums(int8_rows, plan, shared[0], height * width,
-                                   signed=self._signed_codes())
+                sums = _mixed_sums(int8_rows, plan, segments, task_rows, shared[0],
+                                   height * width, signed=self._signed_codes())
                 acc = sums.view(batch, height, width, -1).permute(0, 3, 1, 2)
                 if self.emits_partial_sums():  # the norm after scales them
                     return acc
                 return acc.to(torch.float32).mul_(shared[1])
             if height * width < SHARED_PASS_PIXELS:
                 acc = self._code_conv(codes, backbone_codes)
-                _block_channels_1x1(codes, acc, plan, implementation)
+                _block_channels_1x1(codes, acc, plan, plan.changed_rows(task_rows),
+                                    implementation)
                 return acc
             out = rows.new_empty(rows.shape[0], self.out_channels, dtype=torch.float32)
             per_sample = height * width
-            matrices = [pointwise_matrix(weight) for _, _, weight in plan.segments]
+            matrices = [pointwise_matrix(weight) for _, _, weight in segments]
             extension = (crossbar_extension() if implementation
                          is not OperatorImplementation.REFERENCE else None)
             if rows.dtype != torch.float32:  # int8 codes, weights beyond int8
                 rows = rows.to(torch.float32)
             if extension is not None:
                 extension.blocks_pointwise(rows, out,
-                                           [s[0] * per_sample for s in plan.segments],
-                                           [s[1] * per_sample for s in plan.segments],
+                                           [s[0] * per_sample for s in segments],
+                                           [s[1] * per_sample for s in segments],
                                            matrices)
             else:
-                for (start, stop, _), matrix in zip(plan.segments, matrices, strict=True):
+                for (start, stop, _), matrix in zip(segments, matrices, strict=True):
                     torch.mm(rows[start * per_sample : stop * per_sample], matrix,
                              out=out[start * per_sample : stop * per_sample])
             return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
-        compiled = self._compiled_blocks_conv(codes, plan.segments)
+        compiled = self._compiled_blocks_conv(codes, segments)
         if compiled is not None:
             return compiled
         parts = [self._code_conv(codes[start:stop], weight)
-                 for start, stop, weight in plan.segments]
+                 for start, stop, weight in segments]
         if len(parts) == 1:
             return parts[0]
         return torch.cat(parts).contiguous(
@@ -484,65 +488,85 @@ codes."""
 
 @dataclass(frozen=True)
 class SampleChannels:
-    """One layer of a batch that mixes tasks, its samples sorted by task so that each
-    task's samples are one block of rows.
+    """One layer's weights for a batch that mixes tasks, its samples sorted by task so
+    that each task's samples are one block of rows (the call's ``task_rows``).
+
+    It speaks of tasks, not rows: the engine keeps it while the same tasks come
+    together, so what is made from the weights (int8 codes in one unit, their packed
+    forms) is made once for many batches, not once per batch.
 
     Args:
-        blocks: per task that changed the layer, its rows ``(start, stop)``.
+        changed: the tasks (indices into the call's tasks) that changed the layer.
         channels: per such task, long ``[c]`` output channels it changed.
-        codes: per such task, its code-unit weight ``[c, Cin / groups, kh, kw]`` of them.
-        matrices: per such task, ``codes`` as a contiguous ``[Cin * kh * kw, c]``.
-        segments: the whole batch as ``(start, stop, codes)`` blocks, each with the full
-            code-unit weight its samples' task convolves (adjacent tasks that kept the
-            backbone's codes share one block).
-        int8: the layer's int8 weights in one unit for this batch, once made (the norms
-            on both sides of the layer ask for them too).
+        matrices: per such task, its code-unit weight of those channels as a contiguous
+            ``[Cin * kh * kw, c]``.
+        segments: the whole batch as ``(first, stop, codes)``: tasks ``first`` to
+            ``stop - 1`` and the full code-unit weight their samples convolve (adjacent
+            tasks that kept the backbone's codes share one segment).
+        int8: the layer's int8 weights in one unit, once made (the norms on both sides
+            of the layer ask for them too), and their packed forms.
     """
 
-    blocks: list[tuple[int, int]]
+    changed: list[int]
     channels: list[Tensor]
-    codes: list[Tensor]
     matrices: list[Tensor]
     segments: list[tuple[int, int, Tensor]]
     int8: list[tuple[list[Tensor], float] | None] = field(default_factory=list, repr=False,
                                                           compare=False)
+    packed: list[list[tuple[Tensor, Tensor]]] = field(default_factory=list, repr=False,
+                                                      compare=False)
+
+    def segment_rows(self, task_rows: list[tuple[int, int]]) -> list[tuple[int, int, Tensor]]:
+        """The segments as ``(start, stop, codes)`` rows of this batch."""
+        return [(task_rows[first][0], task_rows[stop - 1][1], codes)
+                for first, stop, codes in self.segments]
+
+    def changed_rows(self, task_rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The rows of each task that changed the layer, in this batch."""
+        return [task_rows[task] for task in self.changed]
 
 
-def _mixed_sums(int8_rows: Tensor, plan: SampleChannels, weights: list[Tensor],
-                per_sample: int, *, signed: bool) -> Tensor:
+def _mixed_sums(int8_rows: Tensor, plan: SampleChannels, segments: list[tuple[int, int, Tensor]],
+                task_rows: list[tuple[int, int]], weights: list[Tensor], per_sample: int, *,
+                signed: bool) -> Tensor:
     """A mixed batch's pointwise layer as int32 sums ``[pixels, Cout]`` of one unit
-    (``weights``: :meth:`CrossbarConv2d._mixed_int8`'s): each task's block of rows times
-    its own codes, all blocks in one call of the compiled block product. Without it
-    (one oneDNN call per block), below :data:`SHARED_PASS_PIXELS` pixels per sample the
-    batch shares one product with the backbone's codes and each task overwrites the
-    channels it changed on its block of rows."""
+    (``weights``: :meth:`CrossbarConv2d._mixed_int8`'s; ``segments``: the plan's, in
+    rows): each task's block of rows times its own codes, all blocks in one call of the
+    compiled block product. Without it (one oneDNN call per block), below
+    :data:`SHARED_PASS_PIXELS` pixels per sample the batch shares one product with the
+    backbone's codes and each task overwrites the channels it changed on its block of
+    rows."""
     if block_kernel() is not None:
+        if not plan.packed:
+            plan.packed.append([vnni_matrix(w) for w in weights])
         sums = int8_rows.new_empty(int8_rows.shape[0], weights[0].shape[1], dtype=torch.int32)
         block_products(int8_rows, sums, [(start * per_sample, stop * per_sample)
-                                         for start, stop, _ in plan.segments],
-                       weights, signed=signed)
+                                         for start, stop, _ in segments],
+                       weights, signed=signed, packed=plan.packed[0])
         return sums
     tasks = len(plan.matrices)
     if per_sample < SHARED_PASS_PIXELS:
         sums = torch._int_mm(int8_rows, weights[0])
-        for (start, stop), channels, weight in zip(plan.blocks, plan.channels,
+        for (start, stop), channels, weight in zip(plan.changed_rows(task_rows), plan.channels,
                                                    weights[1 : 1 + tasks], strict=True):
             lo, hi = start * per_sample, stop * per_sample
             sums[lo:hi].index_copy_(1, channels, torch._int_mm(int8_rows[lo:hi], weight))
         return sums
     sums = int8_rows.new_empty(int8_rows.shape[0], weights[0].shape[1], dtype=torch.int32)
-    for (start, stop, _), weight in zip(plan.segments, weights[1 + tasks :], strict=True):
+    for (start, stop, _), weight in zip(segments, weights[1 + tasks :], strict=True):
         lo, hi = start * per_sample, stop * per_sample
         torch._int_mm(int8_rows[lo:hi], weight, out=sums[lo:hi])
     return sums
 
 
 def _block_channels_1x1(codes: Tensor, out: Tensor, plan: SampleChannels,
+                        blocks: list[tuple[int, int]],
                         implementation: OperatorImplementation) -> None:
-    """Overwrite every task's changed output channels on its block of rows of a
-    channels-last pointwise layer (weights beyond int8): one compiled call for all
-    tasks, or a float product and an index copy per task. Sums of integer codes are
-    exact, so either equals the task's own layer bit for bit."""
+    """Overwrite every task's changed output channels on its block of rows (``blocks``,
+    the plan's ``changed_rows``) of a channels-last pointwise layer (weights beyond
+    int8): one compiled call for all tasks, or a float product and an index copy per
+    task. Sums of integer codes are exact, so either equals the task's own layer bit
+    for bit."""
     cin, cout = codes.shape[1], out.shape[1]
     rows, out_rows = codes.permute(0, 2, 3, 1).reshape(-1, cin), out.permute(0, 2, 3, 1)
     out_rows = out_rows.reshape(-1, cout)  # a view: out is channels-last contiguous
@@ -550,11 +574,11 @@ def _block_channels_1x1(codes: Tensor, out: Tensor, plan: SampleChannels,
     extension = (crossbar_extension() if implementation
                  is not OperatorImplementation.REFERENCE else None)
     if extension is not None:
-        extension.block_channels_rows(rows, out_rows, [b[0] * per_sample for b in plan.blocks],
-                                      [b[1] * per_sample for b in plan.blocks],
+        extension.block_channels_rows(rows, out_rows, [b[0] * per_sample for b in blocks],
+                                      [b[1] * per_sample for b in blocks],
                                       plan.channels, plan.matrices)
         return
-    for (start, stop), channels, matrix in zip(plan.blocks, plan.channels, plan.matrices,
+    for (start, stop), channels, matrix in zip(blocks, plan.channels, plan.matrices,
                                                strict=True):
         lo, hi = start * per_sample, stop * per_sample
         out_rows[lo:hi].index_copy_(1, channels, torch.mm(rows[lo:hi], matrix))

@@ -115,9 +115,11 @@ class DigitalNorm(nn.BatchNorm2d):
         state = self.__dict__.get("_folded_cache")
         if state is None or state[1] != key or any(
                 a is not b for a, b in zip(state[0], links, strict=True)):
-            state = self.__dict__["_folded_cache"] = (links, key, {})
+            state = self.__dict__["_folded_cache"] = (links, key, {}, {})
         cache: dict[int | None, tuple[tuple[Tensor | None, ...], tuple[int, ...],
                                       tuple[Tensor, tuple[float, float] | None]]] = state[2]
+        lists: dict[int, tuple[list[Tensor], tuple[int, ...],
+                               tuple[list[Tensor], tuple[float, float] | None]]] = state[3]
         if sample_terms is None:
             sources: tuple[Tensor | None, ...] = (self.running_mean, self.running_var,
                                                   self.weight, self.bias)
@@ -127,6 +129,12 @@ class DigitalNorm(nn.BatchNorm2d):
                     or any(a is not b for a, b in zip(hit[0], sources, strict=True))):
                 hit = cache[None] = (sources, versions, self._fold(None, producer, consumer))
             return [hit[2][0]], hit[2][1]
+        # A mixed batch's call keeps its list of terms while the same tasks come together:
+        # one lookup for the list, then each task's rows by identity and version.
+        versions = tuple(rows._version for rows in sample_terms)
+        whole = lists.get(id(sample_terms))
+        if whole is not None and whole[0] is sample_terms and whole[1] == versions:
+            return whole[2]
         terms: list[Tensor] = []
         bounds: tuple[float, float] | None = None
         for rows in sample_terms:  # a mixed batch's tasks: the loop runs per norm and task
@@ -138,6 +146,9 @@ class DigitalNorm(nn.BatchNorm2d):
                                          self._fold(rows, producer, consumer))
             terms.append(hit[2][0])
             bounds = hit[2][1]
+        if len(lists) >= FOLDED_LISTS_KEPT:
+            lists.clear()
+        lists[id(sample_terms)] = (sample_terms, versions, (terms, bounds))
         return terms, bounds
 
     def forward(self, x: Tensor) -> Tensor:
@@ -161,7 +172,8 @@ class DigitalNorm(nn.BatchNorm2d):
         terms, bounds = self._folded(producer if scaled else None,
                                      consumer if quantize else None,
                                      None if call is None else call.terms)
-        blocks = (call.blocks if call is not None else None) or [(0, x.shape[0])]
+        blocks = ((None if call is None or context is None else context.task_rows)
+                  or [(0, x.shape[0])])
         extension = fused_periphery()
         if extension is not None and (x.is_contiguous() or x.is_contiguous(
                 memory_format=torch.channels_last)):
@@ -226,3 +238,6 @@ def fused_periphery() -> ModuleType | None:
 
 FOLDED_CACHE_ENTRIES = 64
 """Folded BatchNorm terms kept per module (its own and those of recent tasks)."""
+FOLDED_LISTS_KEPT = 256
+"""Per module, the folded terms of the recent mixed batches' sets of tasks (lists of
+the per-task entries above)."""

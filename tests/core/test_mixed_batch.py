@@ -132,6 +132,70 @@ def test_any_task_mix_equals_each_task_alone_bit_for_bit(
         assert torch.equal(m, a), (i, order[i], float((m - a).abs().max()))
 
 
+def test_a_set_of_tasks_keeps_its_calls_for_batches_of_other_rows_and_orders(
+        quantized_mobilenet: CrossbarModel) -> None:
+    """The calls of a mixed batch are made once per set of tasks (the rows of each task
+    come with the batch): a later batch of the same tasks, in another order and other
+    numbers, reuses them and still equals each task alone bit for bit."""
+    engine = CrossbarEngine(quantized_mobilenet)
+    ids = _tasks(engine, 2, pe_fraction=0.3)
+    generator = torch.Generator().manual_seed(1)
+    batches = [[ids[0], ids[1], ids[1], ids[0], ids[1]],
+               [ids[1], ids[0], ids[0], ids[0], ids[1], ids[1], ids[0]],
+               [ids[1], ids[2], ids[0]]]
+    for order in batches:
+        x = torch.randn(len(order), 3, 32, 32, generator=generator)
+        mixed = engine.forward_mixed(x, order)
+        for i, (m, a) in enumerate(zip(mixed, _alone(engine, x, order, Fidelity.IDEAL),
+                                       strict=True)):
+            assert torch.equal(m, a), (order, i)
+    assert (engine.mixed.stats.misses, engine.mixed.stats.hits) == (2, 1)
+    assert sorted(engine.mixed.kept_sets()) == [tuple(sorted(ids)), tuple(sorted(ids[:2]))]
+
+
+def test_a_task_registered_again_or_dropped_takes_its_kept_calls_along(
+        quantized_mobilenet: CrossbarModel) -> None:
+    """Kept calls hold a task's prepared weights: a task registered anew is served with
+    its new state, and a task whose prepared state leaves the engine (evicted, removed)
+    leaves no kept calls behind to hold it in memory."""
+    engine = CrossbarEngine(quantized_mobilenet, max_prepared_tasks=3)
+    ids = _tasks(engine, 3, pe_fraction=0.3)  # t0, t1, t2, plain
+    generator = torch.Generator().manual_seed(2)
+    order = [ids[0], ids[1], ids[0]]
+    x = torch.randn(len(order), 3, 32, 32, generator=generator)
+    before = engine.forward_mixed(x, order)
+    old = engine.tasks[ids[0]]
+    new = random_task_state(ids[0], engine.mapping, old.head, pe_fraction=0.3, seed=77)
+    engine.add_task(TaskState(ids[0], new.shift_levels, new.head, new.layers, old.digital))
+    after = engine.forward_mixed(x, order)
+    assert not torch.equal(after[0], before[0])  # the new state, not the kept calls
+    for m, a in zip(after, _alone(engine, x, order, Fidelity.IDEAL), strict=True):
+        assert torch.equal(m, a)
+    assert (ids[0], ids[1]) in engine.mixed.kept_sets()
+    for task in (ids[2], ids[3], ids[2]):  # two other tasks push t0 and t1 out
+        engine.forward(x[:1], task)
+    assert engine.prepared.peek(ids[0]) is None and engine.mixed.kept_sets() == []
+    engine.forward_mixed(x[:2], [ids[2], ids[3]])
+    engine.remove_task(ids[3])
+    assert engine.mixed.kept_sets() == []
+
+
+def test_a_batch_of_more_tasks_than_the_engine_keeps_prepared_is_planned_anew(
+        quantized_mobilenet: CrossbarModel) -> None:
+    """Planning a batch of more tasks than the prepared cache holds evicts some of them
+    on the way; they come back as new prepared objects next time, so the set's kept
+    calls (which hold the old ones) are made again rather than reused."""
+    engine = CrossbarEngine(quantized_mobilenet, max_prepared_tasks=2)
+    ids = _tasks(engine, 2, pe_fraction=0.3)  # t0, t1, plain
+    order = [ids[0], ids[1], ids[2], ids[0]]
+    x = torch.randn(len(order), 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    for _ in range(2):
+        mixed = engine.forward_mixed(x, order)
+        for m, a in zip(mixed, _alone(engine, x, order, Fidelity.IDEAL), strict=True):
+            assert torch.equal(m, a)
+    assert (engine.mixed.stats.misses, engine.mixed.stats.hits) == (2, 0)
+
+
 @pytest.mark.parametrize("implementation", ["reference", "compiled"])
 def test_mixed_batch_crossbar_fidelity(quantized_mobilenet: CrossbarModel,
                                        implementation: str) -> None:
