@@ -296,6 +296,8 @@ def mixed_batches(args: argparse.Namespace) -> None:
             engine.forward_mixed(x, ids, fidelity)
         kinds = ("single", "mixed", "stream")
         times: dict[str, list[float]] = {kind: [] for kind in kinds}
+        planner = getattr(engine.mixed, "stats", None)  # trees before kept sets: none
+        misses_before = None if planner is None else planner.misses
         for stream_ids in draws[STREAM_WARM:]:
             for kind, ids in (("single", single), ("mixed", mixed), ("stream", stream_ids)):
                 started = time.perf_counter()
@@ -316,6 +318,10 @@ def mixed_batches(args: argparse.Namespace) -> None:
                          "single_over_stream_q1": round(q1["single"] / q1["stream"], 3),
                          "stream_distinct_tasks": round(statistics.mean(
                              len(set(ids)) for ids in draws[STREAM_WARM:]), 2),
+                         # timed stream batches whose set of tasks was new to the
+                         # engine (its calls made, not kept; the fixed mix is kept)
+                         "stream_new_sets": None if planner is None or misses_before is None
+                         else round((planner.misses - misses_before) / repeats, 3),
                          "repeats": repeats}
         print(f"{label:24s} single {medians['single']:7.1f} ms  mixed {medians['mixed']:7.1f} "
               f"ms  single/mixed {medians['single'] / medians['mixed']:.3f}  stream "
