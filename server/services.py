@@ -6,6 +6,7 @@ Created by the app's lifespan; the backbone loads in the background so that
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -17,7 +18,7 @@ from server.batcher import Batcher, build_batcher
 from server.job_worker import WorkerConfig
 from server.jobs import JobManager
 from server.metrics import ServerMetrics
-from server.runtime import TaskRuntime, build_runtime
+from server.runtime import TaskRuntime, build_runtime, freeze_loaded_objects
 from server.scratch import remove_orphaned_scratch
 from server.settings import Settings
 from server.shipped_tasks import import_default_tasks
@@ -93,6 +94,8 @@ class Services:
         metrics.watch_queue(lambda: batcher.depth)
         batcher.start()
         self.batcher = batcher
+        logger.info("heap: %d objects loaded at start-up frozen (full garbage collections "
+                    "skip them)", freeze_loaded_objects())
         metrics.ready.set(1)
         self.ready.set()
         logger.info("ready: tasks=%d max_batch_size=%d scheduler=%s fidelity=%s; listening on "
@@ -118,5 +121,6 @@ class Services:
             self.jobs.shutdown()
         if self.runtime is not None:
             self.runtime.close()
+            gc.unfreeze()  # a process that starts the app again collects this one's objects
         if self.store is not None:
             self.store.close()

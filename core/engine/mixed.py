@@ -31,20 +31,22 @@ from core.nn.layers import CrossbarConv2d, SampleChannels
 from core.nn.periphery import DigitalNorm
 from core.ops.crossbar import CrossbarProgram
 
-TASK_SETS_KEPT = 256
-"""Sets of tasks whose mixed-batch calls the planner keeps (every set of eight tasks:
-255). Each holds references to its tasks' prepared weights, dropped when a task's
-prepared state leaves the engine, and int8 forms of them where the set's units differ."""
+TASK_SETS_KEPT = 128
+"""Sets of tasks whose mixed-batch calls the planner keeps. Zipf draws over eight tasks
+in batches of 4-16 find 94-98% of their sets kept at 128 (a simulation), and each set
+is about 640 objects that every full garbage collection walks (about 30 ms per 100,000
+here), so more would lengthen those pauses for little. A set is dropped when a task's
+prepared state leaves the engine; it holds int8 forms of its tasks' weights where the
+set's units differ."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskSetCalls:
     """The calls of a batch mixing one ordered set of tasks, whatever its rows."""
 
-    channels: dict[str, SampleChannels]
-    """Per layer that a task of the set changed, the tasks' codes of it."""
     layers: dict[nn.Module, LayerCall]
-    """Ideal fidelity's layer calls (and crossbar fidelity's on lossless layers)."""
+    """Ideal fidelity's layer calls (and crossbar fidelity's on lossless layers): the
+    tasks' codes of every layer a task of the set changed."""
     norms: dict[nn.Module, NormCall]
     """Per BatchNorm that a task of the set overrides, each task's terms."""
 
@@ -59,6 +61,7 @@ class MixedBatchPlanner:
         self._norms = norms
         self.programmer = programmer
         self._backbone_float: dict[str, tuple[tuple[int, int], Tensor]] = {}
+        self._plain_calls: dict[str, LayerCall] = {}
         self.stats = CacheStats()
         """Batches whose set of tasks had its calls kept (hits) or made (misses), and sets
         dropped (evictions)."""
@@ -102,19 +105,22 @@ class MixedBatchPlanner:
         self.stats.evictions += 1
 
     def _task_set(self, prepared: dict[str, PreparedTask]) -> TaskSetCalls:
-        channels: dict[str, SampleChannels] = {}
+        # Every layer's call names the backbone's codes (the layer's own weight: a buffer
+        # lookup per use otherwise); a layer no task of the set changed shares one call.
+        layers: dict[nn.Module, LayerCall] = {}
         for name, layer in self._layers.items():
             plan = self._sample_channels(name, layer, prepared)
+            codes = self._backbone_codes(name, layer)
             if plan is not None:
-                channels[name] = plan
+                layers[layer] = LayerCall(codes=codes, sample_channels=plan)
+                continue
+            plain = self._plain_calls.get(name)
+            if plain is None or plain.codes is not codes:
+                plain = self._plain_calls[name] = LayerCall(codes=codes)
+            layers[layer] = plain
         norm_names = sorted({m for p in prepared.values() for m in p.norms})
         return TaskSetCalls(
-            channels=channels,
-            # every layer's call names the backbone's codes (the layer's own weight, a
-            # buffer lookup per use otherwise)
-            layers={layer: LayerCall(codes=self._backbone_codes(name, layer),
-                                     sample_channels=channels.get(name))
-                    for name, layer in self._layers.items()},
+            layers=layers,
             norms={self._norms[name]: NormCall([norm_terms(p, name, self._norms[name])
                                                 for p in prepared.values()])
                    for name in norm_names})
@@ -181,15 +187,18 @@ class MixedBatchPlanner:
         changed = [self._changed(p).get(name) for p in prepared.values()]
         if all(entry is None for entry in changed):
             return None
-        segments: list[tuple[int, int, Tensor]] = []
+        runs: list[tuple[int, int]] = []
+        codes_of_runs: list[Tensor] = []
         for index, (p, entry) in enumerate(zip(prepared.values(), changed, strict=True)):
             own = p.weights.get(name) if entry is not None else None
             codes = self._backbone_codes(name, layer) if own is None else own
-            if segments and own is None and segments[-1][2] is codes:
-                segments[-1] = (segments[-1][0], index + 1, codes)  # both keep the backbone's
+            if runs and own is None and codes_of_runs[-1] is codes:
+                runs[-1] = (runs[-1][0], index + 1)  # both keep the backbone's
             else:
-                segments.append((index, index + 1, codes))
+                runs.append((index, index + 1))
+                codes_of_runs.append(codes)
         kept = [(index, entry) for index, entry in enumerate(changed) if entry is not None]
-        return SampleChannels(changed=[index for index, _ in kept],
+        return SampleChannels(changed=tuple(index for index, _ in kept),
                               channels=[entry[0] for _, entry in kept],
-                              matrices=[entry[1] for _, entry in kept], segments=segments)
+                              matrices=[entry[1] for _, entry in kept],
+                              segment_tasks=tuple(runs), segment_codes=codes_of_runs)

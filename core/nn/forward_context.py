@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from core.ops.crossbar import CrossbarProgram
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LayerCall:
     """One crossbar layer's part of a call (None fields: the layer's own)."""
 
@@ -44,7 +44,7 @@ class LayerCall:
     are the call's ``task_rows``)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NormCall:
     """One BatchNorm's terms for a call: ``[4, C]`` (mean, var, weight, bias), one for
     the whole batch, or per task of a batch mixing tasks (on the call's ``task_rows``)."""

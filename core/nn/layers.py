@@ -49,8 +49,8 @@ from core.ops.int8 import (
     code_product,
     int8_matrix,
     int8_products,
+    packed_forms,
     shared_int8,
-    vnni_matrix,
 )
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class CrossbarConv2d(nn.Module):
         block product also, first, the backbone's and each task's changed channels (the
         map size picks which of them a pass uses; see :func:`_mixed_sums`)."""
         if not plan.int8:
-            matrices = [pointwise_matrix(w) for _, _, w in plan.segments]
+            matrices = [pointwise_matrix(w) for w in plan.segment_codes]
             if block_kernel() is None:
                 matrices = [pointwise_matrix(backbone_codes), *plan.matrices, *matrices]
             plan.int8.append(shared_int8(matrices))
@@ -486,7 +486,7 @@ arithmetic there); with more, each task's block of samples is multiplied by its 
 codes."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SampleChannels:
     """One layer's weights for a batch that mixes tasks, its samples sorted by task so
     that each task's samples are one block of rows (the call's ``task_rows``).
@@ -500,26 +500,32 @@ class SampleChannels:
         channels: per such task, long ``[c]`` output channels it changed.
         matrices: per such task, its code-unit weight of those channels as a contiguous
             ``[Cin * kh * kw, c]``.
-        segments: the whole batch as ``(first, stop, codes)``: tasks ``first`` to
-            ``stop - 1`` and the full code-unit weight their samples convolve (adjacent
-            tasks that kept the backbone's codes share one segment).
+        segment_tasks: the whole batch as ``(first, stop)`` runs of tasks, each run
+            convolving one full code-unit weight (adjacent tasks that kept the
+            backbone's codes share one run).
+        segment_codes: per run, that weight.
         int8: the layer's int8 weights in one unit, once made (the norms on both sides
-            of the layer ask for them too), and their packed forms.
+            of the layer ask for them too), and their packed tiles and column sums.
+
+    Kept for many batches, so it holds few objects that the garbage collector walks
+    (tuples of ints are not among them).
     """
 
-    changed: list[int]
+    changed: tuple[int, ...]
     channels: list[Tensor]
     matrices: list[Tensor]
-    segments: list[tuple[int, int, Tensor]]
+    segment_tasks: tuple[tuple[int, int], ...]
+    segment_codes: list[Tensor]
     int8: list[tuple[list[Tensor], float] | None] = field(default_factory=list, repr=False,
                                                           compare=False)
-    packed: list[list[tuple[Tensor, Tensor]]] = field(default_factory=list, repr=False,
-                                                      compare=False)
+    packed: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list,
+                                                            repr=False, compare=False)
 
     def segment_rows(self, task_rows: list[tuple[int, int]]) -> list[tuple[int, int, Tensor]]:
-        """The segments as ``(start, stop, codes)`` rows of this batch."""
+        """The runs as ``(start, stop, codes)`` rows of this batch."""
         return [(task_rows[first][0], task_rows[stop - 1][1], codes)
-                for first, stop, codes in self.segments]
+                for (first, stop), codes in zip(self.segment_tasks, self.segment_codes,
+                                                strict=True)]
 
     def changed_rows(self, task_rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """The rows of each task that changed the layer, in this batch."""
@@ -538,7 +544,7 @@ def _mixed_sums(int8_rows: Tensor, plan: SampleChannels, segments: list[tuple[in
     rows."""
     if block_kernel() is not None:
         if not plan.packed:
-            plan.packed.append([vnni_matrix(w) for w in weights])
+            plan.packed.append(packed_forms(weights))
         sums = int8_rows.new_empty(int8_rows.shape[0], weights[0].shape[1], dtype=torch.int32)
         block_products(int8_rows, sums, [(start * per_sample, stop * per_sample)
                                          for start, stop, _ in segments],

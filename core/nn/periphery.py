@@ -118,8 +118,8 @@ class DigitalNorm(nn.BatchNorm2d):
             state = self.__dict__["_folded_cache"] = (links, key, {}, {})
         cache: dict[int | None, tuple[tuple[Tensor | None, ...], tuple[int, ...],
                                       tuple[Tensor, tuple[float, float] | None]]] = state[2]
-        lists: dict[int, tuple[list[Tensor], tuple[int, ...],
-                               tuple[list[Tensor], tuple[float, float] | None]]] = state[3]
+        lists: dict[int, tuple[list[Tensor], tuple[int, ...], list[Tensor],
+                               tuple[float, float] | None]] = state[3]
         if sample_terms is None:
             sources: tuple[Tensor | None, ...] = (self.running_mean, self.running_var,
                                                   self.weight, self.bias)
@@ -134,7 +134,7 @@ class DigitalNorm(nn.BatchNorm2d):
         versions = tuple(rows._version for rows in sample_terms)
         whole = lists.get(id(sample_terms))
         if whole is not None and whole[0] is sample_terms and whole[1] == versions:
-            return whole[2]
+            return whole[2], whole[3]
         terms: list[Tensor] = []
         bounds: tuple[float, float] | None = None
         for rows in sample_terms:  # a mixed batch's tasks: the loop runs per norm and task
@@ -148,7 +148,7 @@ class DigitalNorm(nn.BatchNorm2d):
             bounds = hit[2][1]
         if len(lists) >= FOLDED_LISTS_KEPT:
             lists.clear()
-        lists[id(sample_terms)] = (sample_terms, versions, (terms, bounds))
+        lists[id(sample_terms)] = (sample_terms, versions, terms, bounds)
         return terms, bounds
 
     def forward(self, x: Tensor) -> Tensor:
@@ -238,6 +238,6 @@ def fused_periphery() -> ModuleType | None:
 
 FOLDED_CACHE_ENTRIES = 64
 """Folded BatchNorm terms kept per module (its own and those of recent tasks)."""
-FOLDED_LISTS_KEPT = 256
+FOLDED_LISTS_KEPT = 128
 """Per module, the folded terms of the recent mixed batches' sets of tasks (lists of
 the per-task entries above)."""

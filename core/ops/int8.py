@@ -80,7 +80,9 @@ def block_kernel() -> ModuleType | None:
                                  dtype=torch.int8) for _ in range(3)]
         bounds = [(0, 5), (5, 6), (6, 23)]
         out = torch.empty(23, cols, dtype=torch.int32)
-        _run_blocks(extension, rows, out, bounds, [_packed(w) for w in weights], signed)
+        forms = [_packed(w) for w in weights]
+        _run_blocks(extension, rows, out, bounds, ([p for p, _ in forms], [c for _, c in forms]),
+                    signed)
         expected = torch.cat([rows[lo:hi].float() @ w.float()
                               for (lo, hi), w in zip(bounds, weights, strict=True)])
         if not torch.equal(out.float(), expected):
@@ -149,29 +151,33 @@ def _packed(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _run_blocks(extension: ModuleType, rows: Tensor, out: Tensor,
-                bounds: list[tuple[int, int]], packed: list[tuple[Tensor, Tensor]],
+                bounds: list[tuple[int, int]], packed: tuple[list[Tensor], list[Tensor]],
                 signed: bool) -> None:
     extension.int8_blocks_product(rows, out, [lo for lo, _ in bounds],
-                                  [hi for _, hi in bounds], [p for p, _ in packed],
-                                  [c for _, c in packed], signed)
+                                  [hi for _, hi in bounds], packed[0], packed[1], signed)
 
 
 def block_products(rows: Tensor, out: Tensor, bounds: list[tuple[int, int]],
                    weights: list[Tensor], *, signed: bool = True,
-                   packed: list[tuple[Tensor, Tensor]] | None = None) -> None:
+                   packed: tuple[list[Tensor], list[Tensor]] | None = None) -> None:
     """``out[lo:hi] = rows[lo:hi] @ weight`` for every block ``(lo, hi)`` and its int8
     weight, int32 sums (``signed``: False where every row code is >= 0, which spares the
     offset). One compiled call where :func:`block_kernel` runs, else one ``_int_mm`` per
-    block. ``packed``: the weights' :func:`vnni_matrix` forms, where the caller keeps
-    them (a lookup per weight and call otherwise)."""
+    block. ``packed``: the weights' :func:`vnni_matrix` forms (tiles, column sums), where
+    the caller keeps them (a lookup per weight and call otherwise)."""
     extension = block_kernel()
     if extension is not None:
         _run_blocks(extension, rows, out, bounds,
-                    packed if packed is not None else [vnni_matrix(w) for w in weights],
-                    signed)
+                    packed if packed is not None else packed_forms(weights), signed)
         return
     for (lo, hi), weight in zip(bounds, weights, strict=True):
         torch._int_mm(rows[lo:hi], weight, out=out[lo:hi])
+
+
+def packed_forms(weights: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The weights' :func:`vnni_matrix` forms as :func:`block_products` takes them."""
+    forms = [vnni_matrix(w) for w in weights]
+    return [p for p, _ in forms], [c for _, c in forms]
 
 
 def code_product(rows: Tensor, matrix: Tensor, int8_rows: Tensor | None, *,

@@ -28,7 +28,14 @@ from server.errors import ApiError, http_answer
 from server.images import decode_image
 from server.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, LOAD_BUCKETS
 from server.routers.predict import prediction_response
-from server.runtime import Prediction, ServedTask, TaskRuntime, build_runtime, preprocess_for
+from server.runtime import (
+    Prediction,
+    ServedTask,
+    TaskRuntime,
+    build_runtime,
+    freeze_loaded_objects,
+    preprocess_for,
+)
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -169,7 +176,8 @@ class ChipReplica:
         self._handles: dict[str, _TaskHandle] = {}
         self._handles_lock = threading.Lock()
         self._checked: dict[str, float] = {}
-        logger.info("chip replica %s ready", self.replica_id)
+        logger.info("chip replica %s ready (%d objects loaded at start-up frozen)",
+                    self.replica_id, freeze_loaded_objects())
 
     async def _load_task(self, task: str) -> _TaskHandle:
         """Register the store's active version of ``task`` (the multiplexed loader's body)."""
