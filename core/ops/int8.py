@@ -80,9 +80,7 @@ def block_kernel() -> ModuleType | None:
                                  dtype=torch.int8) for _ in range(3)]
         bounds = [(0, 5), (5, 6), (6, 23)]
         out = torch.empty(23, cols, dtype=torch.int32)
-        forms = [_packed(w) for w in weights]
-        _run_blocks(extension, rows, out, bounds, ([p for p, _ in forms], [c for _, c in forms]),
-                    signed)
+        _run_blocks(extension, rows, out, bounds, packed_forms(weights), signed)
         expected = torch.cat([rows[lo:hi].float() @ w.float()
                               for (lo, hi), w in zip(bounds, weights, strict=True)])
         if not torch.equal(out.float(), expected):

@@ -194,6 +194,14 @@ def test_a_batch_of_more_tasks_than_the_engine_keeps_prepared_is_planned_anew(
         for m, a in zip(mixed, _alone(engine, x, order, Fidelity.IDEAL), strict=True):
             assert torch.equal(m, a)
     assert (engine.mixed.stats.misses, engine.mixed.stats.hits) == (2, 0)
+    # a set can hold a task whose prepared state already left: removing (or registering
+    # again) that task drops the set all the same
+    for drop in (lambda task: engine.add_task(engine.tasks[task]), engine.remove_task):
+        engine.mixed.task_set({t: engine.prepare(t) for t in sorted(set(order))})
+        gone = next(t for t in order if engine.prepared.peek(t) is None)
+        assert engine.mixed.kept_sets()
+        drop(gone)
+        assert engine.mixed.kept_sets() == []
 
 
 @pytest.mark.parametrize("implementation", ["reference", "compiled"])
