@@ -41,6 +41,7 @@ from core.learning.common import (
     to_channels_last,
     warm_start_head,
 )
+from core.learning.stacked_fold import StackedFold, stacked_folds
 from core.nn.chip_instance import programmed_backbone
 from core.nn.layers import CrossbarConv2d
 from core.nn.model import CrossbarModel
@@ -439,6 +440,8 @@ class TaskModel(nn.Module):
         self.adapters = nn.ModuleDict()
         self._adapter_names: dict[str, str] = {}
         self._frozen: dict[str, tuple[Tensor, Tensor]] = {}
+        self._stacked: list[StackedFold] = []
+        """The crossbar adapters' folds run together in passes with gradients."""
         self.set_adapters({})
         self.generator: torch.Generator | None = None
         self.chip: ChipInTheLoop | None = None
@@ -491,6 +494,8 @@ class TaskModel(nn.Module):
             raise ConfigError(f"adapters for layers that are not on crossbars: {unknown[:3]}")
         self.adapters = nn.ModuleDict({_key(n): a for n, a in adapters.items()})
         self._adapter_names = {_key(n): n for n in adapters}
+        self._stacked = stacked_folds([a for a in adapters.values()
+                                       if isinstance(a, CrossbarAdapter)])
         self._frozen = {}
         for name, layer in self._layers.items():
             if name not in adapters:
@@ -545,9 +550,21 @@ class TaskModel(nn.Module):
                 self._layers[name].effective_weight = weight
             else:
                 self._layers[name].effective_codes = codes
+        stacked: dict[int, Tensor] = {}
+        if not exact:
+            for fold in self._stacked:
+                if fold.ready():
+                    weights = fold.weights(stochastic=self.training)
+                    stacked.update(zip(map(id, fold.adapters), weights, strict=True))
         for key, adapter in self._adapter_items():
             name = self._adapter_names[key]
             layer = self._layers[name]
+            if id(adapter) in stacked:
+                weight = stacked[id(adapter)]
+                if self.channels_last:
+                    weight = weight.contiguous(memory_format=torch.channels_last)
+                layer.effective_weight = weight
+                continue
             if exact:
                 codes = adapter.effective_codes()
                 if self.channels_last:

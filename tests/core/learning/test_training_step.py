@@ -1,8 +1,9 @@
 """The training step's shortcuts change no number: loss and gradients equal the plain
-formulation's (fold with :func:`fold_effective_weight` every step, BatchNorm then ReLU6 in
-place, then the next layer's input quantization by an STE that saves its mask). The one
-exception is the compiled training periphery's BatchNorm terms, whose sums run in
-another order."""
+formulation's (fold each layer with :func:`fold_effective_weight` every step, BatchNorm
+then ReLU6 in place, then the next layer's input quantization by an STE that saves its
+mask). Two exceptions: the compiled training periphery's BatchNorm terms, whose sums run
+in another order, and the column masks' logit gradients of the stacked fold, where
+torch's vectorised and scalar sigmoid may differ by an ulp."""
 
 from __future__ import annotations
 
@@ -99,12 +100,17 @@ def test_step_equals_the_plain_formulation_bit_for_bit(quantized_mobilenet, digi
     # those at 1x1 maps (where the layouts are one)
     assert model._fused and len(compiled) == 1
     assert compiled[0] == len(model._fused) if channels_last else compiled[0] < len(model._fused)
-    norm_terms = {id(p) for p in model.batchnorm.values()}
-    is_norm = [id(p) in norm_terms for p in model.parameters() if p.requires_grad]
+    # the BatchNorm terms and the column masks' logits: equal up to float rounding
+    rounded = {id(p) for p in model.batchnorm.values()} | {
+        id(a.column_mask.logits) for a in model.adapters.values()}  # type: ignore[union-attr]
+    is_rounded = [id(p) in rounded for p in model.parameters() if p.requires_grad]
     assert any(bool(g.abs().sum() > 0) for g in grads if g is not None)
     spare = [a.spare_latent.grad for a in model.adapters.values()
              if a.spare_latent.numel()]  # type: ignore[union-attr]
     assert spare and any(bool(g.abs().sum() > 0) for g in spare)
+    # every adapter was folded in the stacked fold, not by its own fold
+    assert sum(len(f.adapters) for f in model._stacked) == len(model.adapters)
+    model._stacked = []
     monkeypatch.setattr(CrossbarAdapter, "fold", _plain_fold)
     monkeypatch.setattr(tm_module, "_FakeQuantSTE", _MaskSTE)
     monkeypatch.setattr(DigitalNorm, "forward", _plain_norm)
@@ -114,11 +120,11 @@ def test_step_equals_the_plain_formulation_bit_for_bit(quantized_mobilenet, digi
     model.fuse_activation = False  # each layer quantizes its own input again
     plain_loss, plain_grads = _loss_and_grads(model, x, y)
     assert torch.equal(loss, plain_loss)
-    for g, plain, norm in zip(grads, plain_grads, is_norm, strict=True):
+    for g, plain, near in zip(grads, plain_grads, is_rounded, strict=True):
         assert (g is None) == (plain is None)
         if g is None:
             continue
-        if norm:  # the compiled periphery sums in another order
+        if near:
             assert float((g - plain).abs().max()) <= 1e-5 * float(plain.abs().max())
         else:
             assert torch.equal(g, plain)
@@ -231,3 +237,77 @@ def test_a_channels_last_training_pass_convolves_channels_last(quantized_mobilen
     _loss_and_grads(model, x, y)
     assert len(layouts) == len(dict(quantized_mobilenet.layers()))  # every CrossbarConv2d
     assert all(layouts)
+
+
+def _weights_and_grads(model: TaskModel, stacked: bool, generator_seed: int = 0
+                       ) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Every crossbar layer's training weight, and the adapters' gradients for a fixed
+    random upstream gradient, folded together (``stacked``) or layer by layer."""
+    kept = model._stacked
+    if not stacked:
+        model._stacked = []
+    model.train()
+    model.generator = seeded_generator(generator_seed, 1, 0)
+    try:
+        with torch.enable_grad():
+            model.load_weights()
+    finally:
+        model._stacked = kept
+    names = model.crossbar_layer_names()
+    weights = [model._layers[n].effective_weight for n in names]
+    upstream = torch.Generator().manual_seed(1)
+    params = list(model.adapters.parameters())
+    for p in params:
+        p.grad = None
+    torch.autograd.backward(weights, [torch.randn(w.shape, generator=upstream)
+                                      for w in weights])
+    return [w.detach() for w in weights], [p.grad for p in params]
+
+
+def test_stacked_fold_equals_each_layers_fold_bit_for_bit(quantized_mobilenet):
+    """Weights and spare-code gradients of the stacked fold equal each adapter's own fold
+    bit for bit, the mask logits' gradients up to an ulp (the sigmoid's scalar tail);
+    layers of different PE rows or weight ranges (the 8-bit first layer) fold in stacks of
+    their own, and an adapter without spare PEs gets no spare gradient, as in its own
+    fold."""
+    model = _xma2_model(quantized_mobilenet, channels_last=True)
+    assert sum(len(f.adapters) for f in model._stacked) == len(model.adapters)
+    assert len(model._stacked) >= 2
+    adapters = list(model.adapters.values())
+    assert any(not a.spare_latent.numel() for a in adapters)  # type: ignore[union-attr]
+    stacked, stacked_grads = _weights_and_grads(model, stacked=True)
+    plain, plain_grads = _weights_and_grads(model, stacked=False)
+    assert all(torch.equal(a, b) for a, b in zip(stacked, plain, strict=True))
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in stacked_grads)
+    logits = {n for n, _ in model.adapters.named_parameters() if n.endswith(".logits")}
+    assert logits
+    for name, a, b in zip([n for n, _ in model.adapters.named_parameters()], stacked_grads,
+                          plain_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is None or b is None:
+            continue
+        if name in logits:
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-9 * float(b.abs().max()))
+        else:
+            assert torch.equal(a, b)
+
+
+def test_stacked_fold_leaves_noisy_or_categorical_masks_to_each_layer(quantized_mobilenet):
+    """Gumbel noise is drawn layer by layer (the stacked fold steps aside, and the weights
+    are those of a per-layer fold with the same generator); categorical masks are never
+    stacked."""
+    model = _xma2_model(quantized_mobilenet, channels_last=True)
+    for adapter in model.adapters.values():
+        adapter.column_mask.set_schedule(1.0, 0.5)  # type: ignore[union-attr,operator]
+    assert not any(f.ready() for f in model._stacked)
+    noisy, _ = _weights_and_grads(model, stacked=True)
+    again, _ = _weights_and_grads(model, stacked=False)
+    assert all(torch.equal(a, b) for a, b in zip(noisy, again, strict=True))
+    quiet, _ = _weights_and_grads(model, stacked=False, generator_seed=5)
+    assert not all(torch.equal(a, b) for a, b in zip(noisy, quiet, strict=True))
+    categorical = TaskModel(quantized_mobilenet, 10)
+    masks = column_masks_for(categorical, ColumnMaskConfig(kind="categorical"))
+    categorical.set_adapters({n: CrossbarAdapter(categorical.source_layer(n),
+                                                 column_mask=masks[n])
+                              for n in categorical.crossbar_layer_names()})
+    assert categorical._stacked == []
