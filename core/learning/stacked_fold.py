@@ -6,7 +6,8 @@ multiply by the codes, the spare PEs' clamp, rounding and scatter, the multiply 
 scale) for 35 layers of a few thousand columns each: a training step spent more time
 dispatching them than computing. :class:`StackedFold` keeps the padded codes of all
 layers whose PEs have the same rows as one ``[columns, rows]`` matrix (a logical column
-of one row group per row) and runs each of those operators once for all of them. The
+of one row group per row) and runs the mask, the multiply and the spare PEs' scatter
+once for all of them; each layer then multiplies its own rows by its scale. The
 products are :meth:`CrossbarAdapter.fold`'s, in the same order, so the weights and the
 spare codes' gradients are equal bit for bit. The column masks' logit gradients may
 differ in an element or two by an ulp: torch computes the sigmoid of a tensor's last
@@ -34,10 +35,9 @@ class StackedFold:
     """The fold of adapters whose PEs have the same rows and whose column masks (all or
     none) are :class:`ColumnMask` s of one shift-level count.
 
-    Buffers, made once: the codes of every (layer, output channel, row group) as one row
-    of ``codes``, each row's output-channel scale, where each row's column value sits in
-    the concatenated mask logits (stored ``[row_groups, out_channels]`` per layer) and
-    which rows the spare PEs' codes replace.
+    Made once: the codes of every (layer, output channel, row group) as one row of
+    ``codes``, where each row's column value sits in the concatenated mask logits (stored
+    ``[row_groups, out_channels]`` per layer) and which rows the spare PEs' codes replace.
     """
 
     def __init__(self, adapters: list[CrossbarAdapter]) -> None:
