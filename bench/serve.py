@@ -18,6 +18,10 @@ source tree too (an older checkout) and runs steps 1-2 on both in turn:
 3. with a pool that holds 2 of the 8 tasks, the mixed stream under each scheduler
    (``lru``, ``energy``, ``fifo``): reprogramming energy per 1000 requests.
 
+Step 0 runs in this process, so the script re-executes itself with the allocator
+settings the servers run with (``MALLOC_MMAP_MAX_=0`` and a large
+``MALLOC_TRIM_THRESHOLD_``) unless told not to (``--keep-malloc``).
+
     python bench/serve.py [--seconds 20] [--loads 0.7,1.0] [--baseline DIR] [--json OUT]
 """
 
@@ -30,6 +34,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -384,7 +389,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--chip-only", action="store_true",
                         help="only step 0, in both fidelities (no server)")
+    parser.add_argument("--keep-malloc", action="store_true",
+                        help="keep this process's allocator settings (the servers still "
+                             "run with the ones `xma2 serve` sets)")
     args = parser.parse_args()
+    from server.cli import MALLOC_ENV
+
+    if not args.keep_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
     bodies = images(32, args.seed)
     result: dict[str, Any] = {"command": "python bench/serve.py " + " ".join(
         f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
