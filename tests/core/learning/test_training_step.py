@@ -303,8 +303,8 @@ def test_stacked_fold_leaves_noisy_or_categorical_masks_to_each_layer(quantized_
     noisy, _ = _weights_and_grads(model, stacked=True)
     again, _ = _weights_and_grads(model, stacked=False)
     assert all(torch.equal(a, b) for a, b in zip(noisy, again, strict=True))
-    quiet, _ = _weights_and_grads(model, stacked=False, generator_seed=5)
-    assert not all(torch.equal(a, b) for a, b in zip(noisy, quiet, strict=True))
+    reseeded, _ = _weights_and_grads(model, stacked=False, generator_seed=5)
+    assert not all(torch.equal(a, b) for a, b in zip(noisy, reseeded, strict=True))
     categorical = TaskModel(quantized_mobilenet, 10)
     masks = column_masks_for(categorical, ColumnMaskConfig(kind="categorical"))
     categorical.set_adapters({n: CrossbarAdapter(categorical.source_layer(n),
