@@ -10,6 +10,8 @@ shift-adder can apply. N = 0 leaves ``{0}``: a binary mask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -36,11 +38,12 @@ def _logistic_noise(shape: torch.Size, generator: torch.Generator | None) -> Ten
 
 def gumbel_sigmoid(
     logits: Tensor, temperature: float, generator: torch.Generator | None = None,
-    hard: bool = True, noise: float = 1.0,
+    hard: bool = True, noise: float = 1.0, sigmoid: Callable[[Tensor], Tensor] = torch.sigmoid,
 ) -> Tensor:
     """``sigmoid((m + s * (g0 - g1)) / T)``; with ``hard`` the forward value is 0/1
     (threshold 0.5) and the gradient is the soft sample's (straight-through). At noise
-    scale ``s = 0`` the forward value is the noise-free ``m > 0``."""
+    scale ``s = 0`` the forward value is the noise-free ``m > 0``. ``sigmoid``: see
+    :func:`shift_mask_values`."""
     if not temperature > 0:
         raise ConfigError(f"Gumbel-sigmoid temperature must be > 0, got {temperature}")
     if noise < 0:
@@ -48,7 +51,7 @@ def gumbel_sigmoid(
     scores = logits
     if noise > 0:
         scores = logits + noise * _logistic_noise(logits.shape, generator).to(logits.dtype)
-    soft = torch.sigmoid(scores / temperature)
+    soft = sigmoid(scores / temperature)
     if not hard:
         return soft
     binary = (scores > 0).to(soft.dtype)  # soft > 0.5, without sigmoid's rounding at 0
@@ -67,17 +70,23 @@ def round_to_shift(values: Tensor, shift_levels: int) -> Tensor:
 def shift_mask_values(
     logits: Tensor, shift_levels: int, *, temperature: float = 1.0,
     generator: torch.Generator | None = None, stochastic: bool = True, noise: float = 1.0,
+    sigmoid: Callable[[Tensor], Tensor] = torch.sigmoid,
 ) -> Tensor:
     """Column multipliers in ``shift_values(N)``: 1 where the binary part is 1, else the
     power-of-two-rounded normalised real mask; differentiable in ``logits``.
+
+    ``sigmoid``: the function that computes it. torch's computes a tensor's last few
+    elements with the scalar ``exp`` and the rest vectorised (they may differ by an ulp),
+    so several layers' masks concatenated take each layer's sigmoid on its own part to
+    give each layer's bits.
 
     ``stochastic=False`` is the deterministic mask that is exported and served:
     binary part ``sigmoid(m) > 0.5`` (the noise-free Gumbel-sigmoid). Training at noise
     scale 0 has exactly these forward values (with straight-through gradients).
     """
-    normalised = torch.sigmoid(logits)
+    normalised = sigmoid(logits)
     if stochastic:
-        binary = gumbel_sigmoid(logits, temperature, generator, noise=noise)
+        binary = gumbel_sigmoid(logits, temperature, generator, noise=noise, sigmoid=sigmoid)
     else:
         binary = (logits > 0).to(logits.dtype)
     rounded = normalised + (round_to_shift(normalised, shift_levels) - normalised).detach()

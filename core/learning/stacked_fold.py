@@ -8,11 +8,12 @@ dispatching them than computing. :class:`StackedFold` keeps the padded codes of 
 layers whose PEs have the same rows as one ``[columns, rows]`` matrix (a logical column
 of one row group per row) and runs the mask, the multiply and the spare PEs' scatter
 once for all of them; each layer then multiplies its own rows by its scale. The
-products are :meth:`CrossbarAdapter.fold`'s, in the same order, so the weights and the
-spare codes' gradients are equal bit for bit. The column masks' logit gradients may
-differ in an element or two by an ulp: torch computes the sigmoid of a tensor's last
-few elements with the scalar ``exp`` and the rest with the vectorised one, and stacking
-moves which elements those are (``tests/core/learning/test_training_step.py``).
+products are :meth:`CrossbarAdapter.fold`'s, in the same order, so the weights and all
+their gradients are equal bit for bit (``tests/core/learning/test_training_step.py``).
+Two places keep each layer apart for that: the sigmoid (torch computes a tensor's last
+few elements with the scalar ``exp``, the rest vectorised, and these may differ by an
+ulp) and the scale's multiply (a convolution of a view into the stack reads it at
+another alignment and may sum in another order).
 """
 
 from __future__ import annotations
@@ -41,14 +42,13 @@ class StackedFold:
     """
 
     def __init__(self, adapters: list[CrossbarAdapter]) -> None:
-        if not adapters:
-            raise ValueError("a stacked fold needs at least one adapter")
         self.adapters = adapters
         first = adapters[0]
         self.rows = first.mapping.rows_per_group
         self.qmin, self.qmax = first.qmin, first.qmax
         masks = [a.column_mask for a in adapters]
         self.masks: list[ColumnMask] = [m for m in masks if isinstance(m, ColumnMask)]
+        self.mask_sizes = [m.logits.numel() for m in self.masks]
         codes, order, spare_rows, spare_kept, self.sizes = [], [], [], [], []
         self.spared: list[CrossbarAdapter] = []
         """The adapters with spare PEs (the others' empty codes take no part)."""
@@ -78,19 +78,13 @@ class StackedFold:
 
     @staticmethod
     def fits(adapters: list[CrossbarAdapter]) -> bool:
-        """Whether these adapters can share one stacked fold."""
-        if not adapters:
-            return False
-        first = adapters[0]
+        """Whether the masks of adapters with the same PE rows and weight range allow one
+        stacked fold: none, or threshold masks of one shift-level count."""
         masks = [a.column_mask for a in adapters]
-        if any(m is not None for m in masks):
-            if not all(isinstance(m, ColumnMask) for m in masks):
-                return False
-            levels = {m.shift_levels for m in masks if isinstance(m, ColumnMask)}
-            if len(levels) != 1:
-                return False
-        return all(a.mapping.rows_per_group == first.mapping.rows_per_group
-                   and (a.qmin, a.qmax) == (first.qmin, first.qmax) for a in adapters)
+        if all(m is None for m in masks):
+            return True
+        return (all(isinstance(m, ColumnMask) for m in masks)
+                and len({m.shift_levels for m in masks if isinstance(m, ColumnMask)}) == 1)
 
     def ready(self) -> bool:
         """Whether this step's masks can be computed together: one temperature and no
@@ -99,6 +93,12 @@ class StackedFold:
             return True
         temperature = self.masks[0].temperature
         return all(m.noise == 0 and m.temperature == temperature for m in self.masks)
+
+    def _sigmoid_per_layer(self, stacked: Tensor) -> Tensor:
+        """torch's sigmoid of each layer's logits on their own (see
+        :func:`shift_mask_values`), so every layer gets its own fold's bits."""
+        return torch.cat([torch.sigmoid(part)
+                          for part in torch.split(stacked, self.mask_sizes)])
 
     def weights(self, stochastic: bool) -> list[Tensor]:
         """Each adapter's fp32 weight, as ``adapter.fold(adapter.scale, None, stochastic)``
@@ -109,7 +109,8 @@ class StackedFold:
             logits = torch.cat([m.logits.reshape(-1) for m in self.masks])
             values = shift_mask_values(logits, first.shift_levels,
                                        temperature=first.temperature,
-                                       stochastic=stochastic, noise=0.0)
+                                       stochastic=stochastic, noise=0.0,
+                                       sigmoid=self._sigmoid_per_layer)
             grouped = grouped * values.index_select(0, self.column_order).unsqueeze(1)
         if len(self.spare_rows):
             latent = torch.cat([a.spare_latent.reshape(-1, self.rows) for a in self.spared])
@@ -120,9 +121,7 @@ class StackedFold:
         weights = []
         for adapter, part in zip(self.adapters, torch.split(grouped, self.sizes),
                                  strict=True):
-            # Each weight its own tensor, as the layer's fold makes it: a convolution of a
-            # view into the stack reads it from another alignment and may sum in
-            # another order.
+            # Each weight its own tensor, as the layer's fold makes it (module docstring).
             m = adapter.mapping
             flat = part.view(m.out_channels, -1)[:, : m.weight_rows]
             weights.append((flat * adapter.scale.reshape(-1, 1)).view(
