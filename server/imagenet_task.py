@@ -2,7 +2,8 @@
 
 ``xma2 build-imagenet-task`` distills the task (:mod:`core.learning.imagenet_task`),
 measures its top-1 agreement with the fp32 model on the held-out crops ``xma2 fidelity``
-uses, beside the bare task's (the fp32 classifier on the 4-bit features), and writes it
+uses, beside the bare task's (the fp32 classifier and BatchNorms on the 4-bit
+crossbars, nothing trained), and writes it
 as a task archive (``imagenet.tar``, through the task store like the shipped tasks) with a
 JSON record (``imagenet.json``). The archive is not imported into the store (the name
 ``imagenet`` is the built-in's): the runtime reads it at start-up
@@ -48,19 +49,21 @@ def builtin_imagenet_task(model: CrossbarModel, folder: Path | None = None) -> T
     """The ``imagenet`` task to serve on ``model``: the distilled one in ``folder``
     (default: the server's shipped folder) when it was made on this backbone (same
     fingerprint) and is valid, else the bare one. Reads one archive of about 5 MB and
-    builds the fp32 classifier only when it falls back."""
+    builds the fp32 classifier and BatchNorm terms only when it falls back."""
     path = (folder or SHIPPED_DIR) / IMAGENET_ARCHIVE
     if not path.is_file():
-        logger.info("no distilled ImageNet task (%s): serving the fp32 classifier head on the "
-                    "4-bit features (make one with `xma2 build-imagenet-task`)", path)
+        logger.info("no distilled ImageNet task (%s): serving the fp32 classifier and "
+                    "BatchNorms on the 4-bit crossbars (make one with "
+                    "`xma2 build-imagenet-task`)", path)
         return imagenet_task(model)
     try:
         manifest, data = read_archive(path)
         fingerprint = model.fingerprint()
         if manifest.backbone_fingerprint != fingerprint:
             logger.warning("the distilled ImageNet task %s was made on backbone %s, this server "
-                           "runs %s: serving the fp32 classifier head on the 4-bit features "
-                           "instead (rebuild it with `xma2 build-imagenet-task`)", path,
+                           "runs %s: serving the fp32 classifier and BatchNorms on "
+                           "the 4-bit crossbars instead (rebuild it with "
+                           "`xma2 build-imagenet-task`)", path,
                            manifest.backbone_fingerprint[:12], fingerprint[:12])
             return imagenet_task(model)
         task = decode_task(data, manifest)
@@ -68,11 +71,11 @@ def builtin_imagenet_task(model: CrossbarModel, folder: Path | None = None) -> T
         task.validate(model.mapping)
     except (Xma2Error, ValueError) as e:
         logger.warning("cannot serve the distilled ImageNet task %s (%s): serving the fp32 "
-                       "classifier head on the 4-bit features instead", path, e)
+                       "classifier and BatchNorms on the 4-bit crossbars instead", path, e)
         return imagenet_task(model)
     if task.task_id != IMAGENET_TASK or len(task.head.labels) != 1000:
         logger.warning("%s holds task %r with %d classes, not the 1000-class %r: serving the "
-                       "fp32 classifier head on the 4-bit features instead", path,
+                       "fp32 classifier and BatchNorms on the 4-bit crossbars instead", path,
                        task.task_id, len(task.head.labels), IMAGENET_TASK)
         return imagenet_task(model)
     logger.info("serving the distilled ImageNet task: archive=%s agreement=%s replaced_pes=%d",

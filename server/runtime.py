@@ -50,7 +50,8 @@ PREPROCESS_FIT = "fit"
 BUILTIN_TASK = IMAGENET_TASK
 """The backbone's own ImageNet classifier, served on every chip without a store entry: the
 distilled task of ``server/default_tasks/imagenet.tar`` when it was made on the loaded
-backbone, else the fp32 head on the 4-bit features (:mod:`server.imagenet_task`)."""
+backbone, else the fp32 head and BatchNorms on the 4-bit crossbars
+(:mod:`server.imagenet_task`)."""
 IMAGENET_INPUT_SIZE = 224
 
 

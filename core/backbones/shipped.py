@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import importlib.resources
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
 
 from core.backbones.registry import build_backbone, imagenet_labels
-from core.nn.model import CrossbarModel, imagenet_head
+from core.nn.model import CrossbarModel, fp32_batchnorm_terms, imagenet_head
 from core.task_state import TaskState
 
 __all__ = ["IMAGENET_TASK", "SHIPPED_BACKBONE", "default_backbone_path", "git_revision",
-           "imagenet_task", "load_backbone"]
+           "imagenet_head_only", "imagenet_task", "load_backbone"]
 
 SHIPPED_BACKBONE = "mobilenet_v2_w4a4.safetensors"
 IMAGENET_TASK = "imagenet"
@@ -46,8 +47,17 @@ def git_revision() -> str:
 
 def imagenet_task(model: CrossbarModel, fp32: nn.Module | None = None) -> TaskState:
     """The backbone's own ImageNet classifier (from the fp32 checkpoint) as a built-in task:
-    the fp32 head on the 4-bit features, nothing else (the bare task; a distilled one is
-    made by :func:`core.learning.imagenet_task.distill_imagenet_task`)."""
+    the fp32 head and the fp32 BatchNorms (:func:`fp32_batchnorm_terms`) on the 4-bit
+    crossbars, no cell written (the bare task; a distilled one is made by
+    :func:`core.learning.imagenet_task.distill_imagenet_task`)."""
+    fp32 = fp32 if fp32 is not None else build_backbone(model.backbone_name)
+    head_only = imagenet_head_only(model, fp32)
+    return replace(head_only, digital=fp32_batchnorm_terms(model, fp32))
+
+
+def imagenet_head_only(model: CrossbarModel, fp32: nn.Module | None = None) -> TaskState:
+    """The fp32 head on the backbone as it stands (its own BatchNorms): what measures the
+    backbone itself (its agreement with fp32, the features a linear probe reads)."""
     fp32 = fp32 if fp32 is not None else build_backbone(model.backbone_name)
     return TaskState(IMAGENET_TASK, model.config.shift_levels,
                      imagenet_head(fp32, model.backbone_name, imagenet_labels()))

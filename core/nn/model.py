@@ -422,3 +422,32 @@ def imagenet_head(backbone: nn.Module, backbone_name: str, labels: list[str]) ->
     linear = _head_linear(getattr(backbone, HEAD_MODULES[backbone_name]))
     return TaskHead(linear.weight.detach().float().clone(),
                     linear.bias.detach().float().clone(), tuple(labels))
+
+
+@torch.no_grad()
+def fp32_batchnorm_terms(model: CrossbarModel, fp32: nn.Module) -> dict[str, Tensor]:
+    """The fp32 model's BatchNorms as a task's affine terms over the backbone's statistics.
+
+    The backbone's norms hold the statistics of its distillation (64 px crops of the
+    calibration photos), not ImageNet's. A task owns only the affine terms, but with
+    ``weight * sd_b / sd_f`` and ``bias + weight * (mean_b - mean_f) / sd_f`` (``sd`` the
+    square root of variance plus eps) each norm computes the fp32 norm's function of its
+    input: in closed form, no image needed. Keys are those of ``TaskState.digital``.
+    """
+    reference = dict(fp32.named_modules())
+    terms: dict[str, Tensor] = {}
+    for name, norm in model.body.named_modules():
+        if not (isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.affine):
+            continue
+        teacher = reference.get(name)
+        if not isinstance(teacher, nn.modules.batchnorm._BatchNorm) or not teacher.affine:
+            raise ConfigError(f"the fp32 model has no BatchNorm {name} to match")
+        assert norm.running_mean is not None and norm.running_var is not None
+        assert teacher.running_mean is not None and teacher.running_var is not None
+        own_sd = (norm.running_var + norm.eps).sqrt()
+        fp32_sd = (teacher.running_var + teacher.eps).sqrt()
+        weight = teacher.weight.float()
+        terms[f"{name}.weight"] = (weight * own_sd / fp32_sd).contiguous()
+        terms[f"{name}.bias"] = (teacher.bias.float() + weight
+                                 * (norm.running_mean - teacher.running_mean) / fp32_sd)
+    return terms
