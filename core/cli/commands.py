@@ -236,7 +236,7 @@ def fidelity_markdown(result: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     for name, label in (("ptq", "naive 4-bit PTQ"), ("distilled", "distilled 4-bit (shipped)"),
-                        ("built_in", "the built-in `imagenet` task: shipped, fp32 BatchNorms")):
+                        ("built_in", "the built-in `imagenet` task on it (fp32 BatchNorms)")):
         if name not in result["agreement"]:  # results made before the built-in row
             continue
         a = result["agreement"][name]
