@@ -131,8 +131,9 @@ def main() -> None:
             elif activations == "4-bit, per-channel steps":
                 fake = _quantizer(_channel_steps(inputs[name], quant.bits, quant.signed,
                                                  float(step)), quant.bits, quant.signed)
-            else:
-                fake = _quantizer(step, quant.bits, quant.signed)
+            else:  # the layer's own quantizer, on a copy that leaves its input alone
+                fake = copy.deepcopy(quant)
+                fake.inplace, fake.fake_quant_enabled = False, True
             conv.register_forward_pre_hook(lambda _m, given, fake=fake: (fake(given[0]),))
         return top1_agreement(student, crops, reference)
 
