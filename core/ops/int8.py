@@ -12,14 +12,18 @@ in int8 and equal the float one bit for bit. Two kernels do it:
   fixed cost per call would take more than the arithmetic.
 
 Each is used only after a check, once per process, that it equals the float product on
-this build; the weights' int8 forms are made once per weight tensor and kept while it
-lives unchanged.
+this build, and torch's only where it is also no slower than the float product: on CPUs
+without VNNI its oneDNN kernel takes 6-30 times as long (AVX2, ad-hoc timing), and as
+both give the same bits the choice is one of speed alone. The weights' int8 forms are
+made once per weight tensor and kept while it lives unchanged.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -37,9 +41,9 @@ VNNI_TILE = 32
 
 
 def int8_products() -> bool:
-    """Whether code products can run in int8 here: the compiled block product or torch's
-    (each checked once against the float product)."""
-    return block_kernel() is not None or torch_int8_products()
+    """Whether code products run in int8 here: the compiled block product, or torch's
+    where it is as fast as the float one (each checked once against the float product)."""
+    return block_kernel() is not None or (torch_int8_products() and torch_int8_pays())
 
 
 @functools.cache
@@ -61,6 +65,48 @@ def torch_int8_products() -> bool:
                         "code products stay float")
             return False
     return True
+
+
+PAYING_SHAPES = ((1024, 384, 64), (4096, 96, 24), (256, 960, 160))
+"""Rows, inner and output sizes timed by :func:`torch_int8_pays`: pointwise layers of a
+batch of 16 at 64 px (4x4, 16x16 and 2x2 maps)."""
+
+
+@functools.cache
+def torch_int8_pays() -> bool:
+    """Whether torch's int8 product takes no longer than the float product of the same
+    codes here (timed once per process at :data:`PAYING_SHAPES`)."""
+    int8_ms, float_ms = product_times()
+    if int8_ms > float_ms:
+        log.info("torch's int8 product is slower than the float one on this CPU (%.2f "
+                 "against %.2f ms): code products stay float", int8_ms, float_ms)
+        return False
+    return True
+
+
+def product_times(repeats: int = 3,
+                  clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+    """Milliseconds of torch's int8 product and of the float product over
+    :data:`PAYING_SHAPES` (the fastest of ``repeats`` runs of each, after one warm-up)."""
+    generator = torch.Generator().manual_seed(0)
+    pairs = []
+    for rows, inner, cols in PAYING_SHAPES:
+        a = torch.randint(0, 16, (rows, inner), generator=generator, dtype=torch.int8)
+        b = torch.randint(-8, 8, (inner, cols), generator=generator, dtype=torch.int8)
+        pairs.append((a, b, a.float(), b.float()))
+    best = [float("inf"), float("inf")]
+    for run in range(repeats + 1):
+        for kind in (0, 1):  # torch's int8 product, then the float one
+            started = clock()
+            for a, b, x, y in pairs:
+                if kind == 0:
+                    torch._int_mm(a, b)
+                else:
+                    torch.mm(x, y)
+            elapsed_ms = (clock() - started) * 1e3
+            if run:  # the first run warms up both kernels
+                best[kind] = min(best[kind], elapsed_ms)
+    return best[0], best[1]
 
 
 @functools.cache

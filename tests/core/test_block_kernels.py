@@ -68,7 +68,8 @@ def test_int8_block_product_refuses_a_weight_packed_for_another_shape() -> None:
 def test_the_block_kernel_is_used_where_it_runs_on_vnni() -> None:
     extension = compiled_operator()
     assert (int8.block_kernel() is not None) == extension.int8_vnni()
-    assert int8.int8_products()
+    if extension.int8_vnni():
+        assert int8.int8_products()
 
 
 def test_block_products_without_the_kernel_use_torch() -> None:

@@ -17,7 +17,31 @@ from tests.conftest import compiled_operator
 
 
 def test_int8_products_are_available_and_checked() -> None:
-    assert int8.int8_products()  # the torch this project pins has them
+    assert int8.torch_int8_products()  # the torch this project pins has them, exact
+    int8_ms, float_ms = int8.product_times(repeats=1)
+    assert 0 < int8_ms < float("inf") and 0 < float_ms < float("inf")
+
+
+def test_torch_int8_products_are_used_only_where_they_are_as_fast(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both products give the same bits, so the choice is speed alone: torch's int8 one
+    only where it takes no longer than the float one (CPUs without VNNI: 6-30x longer)."""
+    monkeypatch.setattr(int8, "block_kernel", lambda: None)
+    for times, pays in (((48.3, 1.9), False), ((1.0, 1.9), True), ((1.9, 1.9), True)):
+        monkeypatch.setattr(int8, "product_times", lambda t=times: t)
+        int8.torch_int8_pays.cache_clear()
+        try:
+            assert int8.torch_int8_pays() is pays
+            assert int8.int8_products() is pays
+        finally:
+            int8.torch_int8_pays.cache_clear()
+
+
+def test_product_times_keep_the_fastest_run_after_a_warm_up() -> None:
+    ticks = iter([0.0, 9.0,  9.0, 9.5,  10.0, 10.003, 11.0, 11.001,  12.0, 12.002, 13.0,
+                  13.004])  # warm-up pair, then (int8, float) per run, in seconds
+    int8_ms, float_ms = int8.product_times(repeats=2, clock=lambda: next(ticks))
+    assert int8_ms == pytest.approx(2.0) and float_ms == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("shift", [0, 1, 3])
@@ -54,15 +78,19 @@ def test_the_int8_weight_is_made_again_after_an_in_place_change() -> None:
     assert first[1] == 1 and second[1] == 0.5
 
 
-@pytest.mark.parametrize("compiled_periphery,compiled_blocks",
-                         [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("compiled_periphery,compiled_blocks,torch_int8",
+                         [(True, True, True), (True, False, True), (False, True, True),
+                          (True, False, False)])
 def test_engine_answers_equal_the_reference_float_products(
         quantized_mobilenet: CrossbarModel, monkeypatch: pytest.MonkeyPatch,
-        compiled_periphery: bool, compiled_blocks: bool) -> None:
+        compiled_periphery: bool, compiled_blocks: bool, torch_int8: bool) -> None:
     """Single-task and mixed batches, with the int8 products (the default) and with the
     reference implementation's float products: the same logits, bit for bit; with the
     compiled periphery or torch's kernels between the layers, and with the compiled
-    block product or torch's int8 product per block (and a shared pass at small maps)."""
+    block product or torch's int8 product per block (and a shared pass at small maps),
+    torch's taken here even on a CPU where it is slower than the float one; and without
+    either (no VNNI, torch's slower), the float products of the code path."""
+    monkeypatch.setattr(int8, "torch_int8_pays", lambda: torch_int8)
     if not compiled_blocks:
         monkeypatch.setattr(int8, "block_kernel", lambda: None)
         monkeypatch.setattr(layers, "block_kernel", lambda: None)
@@ -111,10 +139,11 @@ def test_engine_answers_equal_the_reference_float_products(
                 hook.remove()
         # the norms take the int8 layers' int32 sums as they are and, compiled, hand
         # those layers int8 codes
-        int8_path = implementation is OperatorImplementation.AUTO
+        int8_path = implementation is OperatorImplementation.AUTO and (
+            torch_int8 or int8.block_kernel() is not None)
         assert (torch.int8 in inputs) == (int8_path and compiled_periphery)
         assert (torch.int32 in inputs) == int8_path
-        if implementation is OperatorImplementation.AUTO:
+        if int8_path:
             assert len(products) > 50  # every pointwise layer, per task in the mixed batch
             products.clear()
     assert not products  # the reference implementation multiplies floats
