@@ -43,6 +43,7 @@ from core.nn.forward_context import ForwardContext, LayerCall, NormCall, forward
 from core.nn.model import CrossbarModel
 from core.nn.periphery import DigitalNorm
 from core.ops.fold import fold_effective_weight
+from core.ops.int8 import int8_products
 from core.task_state import TaskState, shift_values
 
 
@@ -116,6 +117,9 @@ class CrossbarEngine:
                               if isinstance(module, DigitalNorm)}
         self._digital_names = self._overridable_names()
         self.programmer = ChipProgrammer(self.model, self.crossbar, self.chip)
+        # The once-per-process choice of the products' kernels (checks, and a timing where
+        # torch's int8 product may be slow) is made here, not on the first request.
+        int8_products()
         self.mixed = MixedBatchPlanner(self._layers, self._norm_modules, self.programmer)
         self.costs = CostCounter(self.model, self.chip)
         noise = self.crossbar.non_idealities
