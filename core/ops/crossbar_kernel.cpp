@@ -1160,6 +1160,16 @@ static bool conv_pixels_vectors(int64_t cout, int64_t cin, int64_t kw, int64_t y
 #endif
 }
 
+// Whether blocks_conv2d keeps output channels in vector registers (AVX-512 builds): its
+// plain loops elsewhere take several times oneDNN's time, and callers then use oneDNN.
+bool blocks_conv2d_vectorized() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 // A convolution over channels-last integer codes whose blocks of samples each have their
 // own code-unit weight (one block per task of a batch mixing tasks, or one for the
 // batch): the stem of a mixed batch in one call instead of one oneDNN call per task,
@@ -1271,6 +1281,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blocks_conv2d", &blocks_conv2d,
         "A convolution over channels-last codes, each block of samples with its own weight");
   m.def("int8_vnni", &int8_vnni, "Whether int8_blocks_product runs on AVX-512 VNNI");
+  m.def("blocks_conv2d_vectorized", &blocks_conv2d_vectorized,
+        "Whether blocks_conv2d runs its vectorized loops (AVX-512)");
   m.def("stack_input_cycles", &stack_input_cycles,
         "Input codes split into DAC cycles, stacked and channel-padded for the operator");
 }

@@ -9,8 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.chip.config import Fidelity
+from core.engine import CrossbarEngine
+from core.nn import layers
+from core.nn.model import CrossbarModel
 from core.ops import int8
 from core.ops.extension import KERNEL_SOURCE
+from core.task_state import random_head, random_task_state
 from tests.conftest import compiled_operator
 
 
@@ -128,7 +133,7 @@ def test_the_kernels_plain_loops_equal_the_vector_ones(tmp_path: Path) -> None:
     plain = load(name="xma2_crossbar_plain_loops", sources=[str(KERNEL_SOURCE)],
                  extra_cflags=["-O2", "-march=x86-64-v2", "-ffp-contract=off"],
                  build_directory=str(tmp_path), verbose=False)
-    assert not plain.int8_vnni()
+    assert not plain.int8_vnni() and not plain.blocks_conv2d_vectorized()
     for signed in (False, True):
         _check_int8_blocks(plain, 13, 37, [5, 0, 70, 3], signed, 0)
         _check_int8_blocks(plain, 96, 48, [4, 8], signed, 1)
@@ -138,3 +143,49 @@ def test_the_kernels_plain_loops_equal_the_vector_ones(tmp_path: Path) -> None:
     out = torch.empty(3, 32, 5, 5).contiguous(memory_format=torch.channels_last)
     plain.blocks_conv2d(x, out, [0], [3], [weight.permute(2, 3, 1, 0).contiguous()], 2, 1)
     assert torch.equal(out, F.conv2d(x, weight, None, 2, 1))
+
+
+def test_the_stem_takes_the_compiled_blocks_only_where_they_are_vectorized(
+        quantized_mobilenet: CrossbarModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built without AVX-512, ``blocks_conv2d`` runs plain loops (5.0 against oneDNN's 1.1
+    ms for a batch's stem on AVX2): the stem then takes oneDNN, per block, with the same
+    bits, in single-task and mixed batches."""
+    extension = compiled_operator()
+    assert extension.blocks_conv2d_vectorized() == ("avx512f" in Path(
+        "/proc/cpuinfo").read_text().split())
+    calls: list[int] = []
+
+    class Reporting:
+        def __init__(self, vectorized: bool) -> None:
+            self.vectorized = vectorized
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(extension, name)
+
+        def blocks_conv2d_vectorized(self) -> bool:
+            return self.vectorized
+
+        def blocks_conv2d(self, *args: object) -> None:
+            calls.append(1)
+            extension.blocks_conv2d(*args)
+
+    engine = CrossbarEngine(quantized_mobilenet, max_prepared_tasks=4)
+    ids = []
+    for i in range(3):
+        task = random_task_state(f"t{i}", engine.mapping, random_head(5, 1280, seed=i),
+                                 pe_fraction=0.1, seed=i)
+        engine.add_task(task)
+        ids.append(task.task_id)
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    answers = []
+    for vectorized in (True, False):
+        monkeypatch.setattr(layers, "crossbar_extension",
+                            lambda v=vectorized: Reporting(v))
+        calls.clear()
+        answers.append((engine.forward(x, ids[0], Fidelity.IDEAL),
+                        engine.forward_mixed(x, [ids[i] for i in (0, 1, 1, 2, 0, 2)])))
+        assert bool(calls) == vectorized
+    (single, mixed), (single_onednn, mixed_onednn) = answers
+    assert torch.equal(single, single_onednn)
+    for mine, theirs in zip(mixed, mixed_onednn, strict=True):
+        assert torch.equal(mine, theirs)
