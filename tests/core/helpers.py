@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from core.chip.config import CrossbarConfig
 from core.chip.mapping import ModelMapping
+from core.engine import CrossbarEngine
 from core.learning.task_model import pe_blocks
 from core.nn.model import CrossbarModel
 from core.ops.fold import to_row_groups
@@ -26,6 +27,18 @@ def random_task(
 ) -> TaskState:
     return random_task_state(task_id, mapping, head or random_head(seed=seed),
                              pe_fraction=pe_fraction, seed=seed)
+
+
+def add_random_tasks(engine: CrossbarEngine, count: int, *, classes: int = 5,
+                     pe_fraction: float = 0.1) -> list[str]:
+    """``count`` random tasks ``t0``, ``t1``, ... (seeds 0, 1, ...) added to ``engine``."""
+    ids = []
+    for i in range(count):
+        task = random_task_state(f"t{i}", engine.mapping, random_head(classes, 1280, seed=i),
+                                 pe_fraction=pe_fraction, seed=i)
+        engine.add_task(task)
+        ids.append(task.task_id)
+    return ids
 
 
 def backbone_copy_task(model: CrossbarModel, replace: set[str], change: int = 0,

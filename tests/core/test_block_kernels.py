@@ -15,8 +15,8 @@ from core.nn import layers
 from core.nn.model import CrossbarModel
 from core.ops import int8
 from core.ops.extension import KERNEL_SOURCE
-from core.task_state import random_head, random_task_state
 from tests.conftest import compiled_operator
+from tests.core.helpers import add_random_tasks
 
 
 def _blocks(rows: int, sizes: list[int]) -> list[tuple[int, int]]:
@@ -170,12 +170,7 @@ def test_the_stem_takes_the_compiled_blocks_only_where_they_are_vectorized(
             extension.blocks_conv2d(*args)
 
     engine = CrossbarEngine(quantized_mobilenet, max_prepared_tasks=4)
-    ids = []
-    for i in range(3):
-        task = random_task_state(f"t{i}", engine.mapping, random_head(5, 1280, seed=i),
-                                 pe_fraction=0.1, seed=i)
-        engine.add_task(task)
-        ids.append(task.task_id)
+    ids = add_random_tasks(engine, 3)
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     answers = []
     for vectorized in (True, False):

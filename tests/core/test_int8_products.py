@@ -12,8 +12,9 @@ from core.nn.layers import CrossbarConv2d
 from core.nn.model import CrossbarModel
 from core.nn.periphery import DigitalNorm
 from core.ops import int8
-from core.task_state import TaskState, random_head, random_task_state
+from core.task_state import TaskState, random_head
 from tests.conftest import compiled_operator
+from tests.core.helpers import add_random_tasks
 
 
 def test_int8_products_are_available_and_checked() -> None:
@@ -118,12 +119,7 @@ def test_engine_answers_equal_the_reference_float_products(
     for implementation in (OperatorImplementation.AUTO, OperatorImplementation.REFERENCE):
         engine = CrossbarEngine(quantized_mobilenet, max_prepared_tasks=4,
                                 crossbar=CrossbarSettings(implementation=implementation))
-        ids = []
-        for i in range(3):
-            task = random_task_state(f"t{i}", engine.mapping, random_head(5, 1280, seed=i),
-                                     pe_fraction=0.1, seed=i)
-            engine.add_task(task)
-            ids.append(task.task_id)
+        ids = add_random_tasks(engine, 3)
         engine.add_task(TaskState("plain", engine.mapping.config.shift_levels,
                                   random_head(5, 1280)))
         order = [[*ids, "plain"][i] for i in (0, 1, 0, 2, 3, 1, 2, 0)]
