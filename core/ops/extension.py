@@ -2,8 +2,8 @@
 
 torch's extension tools compile ``crossbar_kernel.cpp`` with ninja into the
 torch extensions cache (``TORCH_EXTENSIONS_DIR``, by default under
-``~/.cache/torch_extensions``), under a name that hashes the source and flags;
-later processes load the cached library of the same source. Where
+``~/.cache/torch_extensions``), under a name that hashes the source, its path and
+the flags; later processes of the same checkout load the cached library. Where
 no C++ compiler is present, or the build fails, :func:`crossbar_extension`
 returns None and callers use the pure-torch reference.
 """
@@ -60,9 +60,12 @@ def _clear_stale_lock(lock: Path) -> None:
 
 
 def extension_name(parallel: bool = True) -> str:
-    """The build's name in the shared cache, from a hash of the source and flags: two
-    checkouts (or versions) of the operator never load each other's library."""
+    """The build's name in the shared cache, from a hash of the source, its path and
+    the flags: two versions of the operator never load each other's library, and two
+    checkouts of the same version do not share a build folder, where each load would
+    find the other's source path in the build file and rebuild (about a minute)."""
     digest = hashlib.sha256(KERNEL_SOURCE.read_bytes())
+    digest.update(str(KERNEL_SOURCE.resolve()).encode())
     digest.update(" ".join(_FLAGS + (_PARALLEL_FLAGS if parallel else ())).encode())
     return f"xma2_crossbar_{digest.hexdigest()[:12]}"
 

@@ -392,6 +392,19 @@ def test_each_operator_source_builds_under_its_own_name(tmp_path, monkeypatch):
     assert extension.extension_name() != name
 
 
+def test_two_checkouts_of_one_operator_source_build_apart(tmp_path, monkeypatch):
+    # Sharing a build folder, each checkout's load would rewrite the build file with its own
+    # source path and rebuild the other's library (a minute of every job's time).
+    from core.ops import extension
+
+    name = extension.extension_name()
+    copy = tmp_path / "checkout" / "crossbar_kernel.cpp"
+    copy.parent.mkdir()
+    copy.write_bytes(extension.KERNEL_SOURCE.read_bytes())
+    monkeypatch.setattr(extension, "KERNEL_SOURCE", copy)
+    assert extension.extension_name() != name
+
+
 def test_the_compiled_operator_is_built_with_openmp_so_its_loops_use_torchs_threads():
     # at::parallel_for is inline OpenMP: a build without it runs every loop on one thread
     # (the crossbar pass then gained nothing from a second core).
