@@ -13,8 +13,8 @@ in int8 and equal the float one bit for bit. Two kernels do it:
 
 Each is used only after a check, once per process, that it equals the float product on
 this build, and torch's only where it is also no slower than the float product: on CPUs
-without VNNI its oneDNN kernel takes 6-30 times as long (AVX2, ad-hoc timing), and as
-both give the same bits the choice is one of speed alone. The weights' int8 forms are
+without VNNI it takes 19-45 times as long (AVX2, one thread, ``bench/code_products.py``),
+and as both give the same bits the choice is one of speed alone. The weights' int8 forms are
 made once per weight tensor and kept while it lives unchanged.
 """
 
