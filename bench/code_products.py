@@ -12,7 +12,7 @@ alternating, median of ``--repeats`` rounds of ``--calls`` calls each:
   and scaled (a layer whose neighbours hand it floats);
 - ``int8``: the product alone (a layer whose norm writes int8 codes and takes the int32
   sums), torch's ``_int_mm``;
-- ``compiled``: the same with the compiled block product (AVX-512 VNNI), the engine's
+- ``compiled``: the same with the compiled block product (AVX-512 VNNI or AVX2), the engine's
   default where it runs.
 
 ``--blocks`` instead splits each batch of 16 images into the blocks of a mixed batch

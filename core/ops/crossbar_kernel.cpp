@@ -13,7 +13,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -939,8 +939,12 @@ std::vector<torch::Tensor> train_periphery_backward(
 // streams through memory in order (a block of a few rows reads it once). vpdpbusd
 // multiplies unsigned by signed bytes: unsigned rows (DAC codes from a ReLU) go in as
 // they are; signed rows are offset by 128 and 128 * (each column's weight sum) is taken
-// back. Every sum is exact, so the result equals torch._int_mm's. Machines without
-// AVX-512 VNNI run the same arithmetic in plain loops.
+// back. Every sum is exact, so the result equals torch._int_mm's. Machines with AVX2 but
+// no VNNI multiply the same tiles with vpmaddubsw (pairs of unsigned-by-signed products
+// summed to int16) and vpmaddwd (pairs of those to int32): no pair can saturate int16,
+// as unsigned rows are int8 codes >= 0 (at most 127) and signed rows go in as their
+// magnitude with the sign moved onto the weight (|a| <= 128, |w| <= 127: 2 * 128 * 127 <
+// 2^15), so the sums are exact there too and need no correction. Others run plain loops.
 constexpr int64_t kInt8Lanes = 16;    // int32 sums per 512-bit register
 constexpr int64_t kInt8Tile = 32;     // output channels per packed weight tile
 constexpr int64_t kInt8RowTile = 64;  // rows per parallel work item
@@ -954,6 +958,7 @@ static inline int32_t int8_quad(const int8_t* a, int64_t k, int64_t K) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 constexpr bool kInt8Vnni = true;
+constexpr bool kInt8Vectorized = true;
 
 // MR rows times NR x 16 output channels over all of K. The weight registers are pinned
 // (the empty asm): folded into vpdpbusd's memory operand instead, they are loaded once
@@ -1032,8 +1037,91 @@ static void int8_block_rows(const int8_t* a, int64_t lda, int64_t rows, int64_t 
     int8_column_tile<1, SIGNED>(a, lda, rows, K, packed + n0 * quads * 4, n0, cout,
                                 correction, c, ldc);
 }
+#elif defined(__AVX2__)
+constexpr bool kInt8Vnni = false;
+constexpr bool kInt8Vectorized = true;
+constexpr int64_t kAvx2Channels = 16;  // output channels per pass: two registers of 8
+
+// MR rows times 16 output channels (two registers of eight int32 sums) over all of K,
+// from a packed tile whose quads lie quad_stride bytes apart. The products are exact
+// (see above), so the order of the additions does not matter.
+template <int MR, bool SIGNED>
+static void int8_tile_avx2(const int8_t* a, int64_t lda, int64_t K, const int8_t* tile,
+                           int64_t quad_stride, int64_t n0, int64_t cout, int32_t* c,
+                           int64_t ldc) {
+  __m256i acc[MR][2];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t quads = (K + 3) / 4, full = K / 4;
+  for (int64_t q = 0; q < quads; ++q) {
+    const int8_t* bp = tile + q * quad_stride;
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 32));
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      int32_t word;
+      if (q < full) std::memcpy(&word, a + r * lda + 4 * q, 4);
+      else word = int8_quad(a + r * lda, 4 * q, K);
+      const __m256i av = _mm256_set1_epi32(word);
+      __m256i x0 = b0, x1 = b1, ua = av;
+      if constexpr (SIGNED) {
+        ua = _mm256_abs_epi8(av);
+        x0 = _mm256_sign_epi8(b0, av);
+        x1 = _mm256_sign_epi8(b1, av);
+      }
+      acc[r][0] = _mm256_add_epi32(acc[r][0],
+                                   _mm256_madd_epi16(_mm256_maddubs_epi16(ua, x0), ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1],
+                                   _mm256_madd_epi16(_mm256_maddubs_epi16(ua, x1), ones));
+    }
+  }
+  // Lanes hold output channels in the packed order: register h has channels n0 + 8h..
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = n0 + 8 * h;
+    const int64_t left = cout - n;
+    if (left <= 0) break;
+    if (left >= 8) {
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc + n), acc[r][h]);
+    } else {
+      const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(left)),
+                                              lanes);
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) _mm256_maskstore_epi32(c + r * ldc + n, mask, acc[r][h]);
+    }
+  }
+}
+
+template <bool SIGNED>
+static void int8_block_rows(const int8_t* a, int64_t lda, int64_t rows, int64_t K,
+                            const int8_t* packed, int64_t np, int64_t cout,
+                            const int32_t* /*correction: no offset here*/, int32_t* c,
+                            int64_t ldc) {
+  const int64_t quads = (K + 3) / 4;
+  for (int64_t n0 = 0; n0 < np; n0 += kInt8Tile) {
+    const int64_t width = std::min(kInt8Tile, np - n0);
+    const int8_t* tile = packed + n0 * quads * 4;
+    for (int64_t h = 0; h < width; h += kAvx2Channels) {
+      const int8_t* half = tile + h * 4;
+      const int64_t n = n0 + h;
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4)
+        int8_tile_avx2<4, SIGNED>(a + r * lda, lda, K, half, width * 4, n, cout, c + r * ldc, ldc);
+      switch (rows - r) {
+        case 3: int8_tile_avx2<3, SIGNED>(a + r * lda, lda, K, half, width * 4, n, cout, c + r * ldc, ldc); break;
+        case 2: int8_tile_avx2<2, SIGNED>(a + r * lda, lda, K, half, width * 4, n, cout, c + r * ldc, ldc); break;
+        case 1: int8_tile_avx2<1, SIGNED>(a + r * lda, lda, K, half, width * 4, n, cout, c + r * ldc, ldc); break;
+        default: break;
+      }
+    }
+  }
+}
 #else
 constexpr bool kInt8Vnni = false;
+constexpr bool kInt8Vectorized = false;
 
 template <bool SIGNED>
 static void int8_block_rows(const int8_t* a, int64_t lda, int64_t rows, int64_t K,
@@ -1057,13 +1145,14 @@ static void int8_block_rows(const int8_t* a, int64_t lda, int64_t rows, int64_t 
 #endif
 
 bool int8_vnni() { return kInt8Vnni; }
+bool int8_vectorized() { return kInt8Vectorized; }
 
 void int8_blocks_product(
     const torch::Tensor& rows,                    // int8 [N, Cin], rows contiguous
     torch::Tensor out,                            // int32 [N, Cout], contiguous
     const std::vector<int64_t>& starts,           // per block: first row
     const std::vector<int64_t>& stops,            // per block: one past its last row
-    const std::vector<torch::Tensor>& packed,     // per block: int8, tiles as above
+    const std::vector<torch::Tensor>& packed,     // per block: int8 in [-127, 127], tiles
     const std::vector<torch::Tensor>& corrections,  // per block: int32 [Cout], 128 x sums
     bool signed_rows)                             // false: every code is >= 0
 {
@@ -1112,9 +1201,9 @@ void int8_blocks_product(
 }
 
 // P adjacent output pixels of blocks_conv2d (the same taps inside the image for all) with
-// their channels in registers (16 per vector, up to 64): P x V independent sums, so the
-// additions do not wait on each other. False where this build has no AVX-512 or the
-// channels do not fit.
+// their channels in registers (16 per vector with AVX-512, 8 with AVX2; up to 64): P x V
+// independent sums, so the additions do not wait on each other. False where this build
+// has neither or the channels do not fit.
 #if defined(__AVX512F__)
 template <int V, int P>
 static void conv_pixels(int64_t cin, int64_t cout, int64_t kw, int64_t y0, int64_t y1,
@@ -1140,6 +1229,38 @@ static void conv_pixels(int64_t cin, int64_t cout, int64_t kw, int64_t y0, int64
   for (int p = 0; p < P; ++p)
     for (int j = 0; j < V; ++j) _mm512_storeu_ps(to + p * cout + 16 * j, acc[p][j]);
 }
+#elif defined(__AVX2__)
+// The same with 8 channels per vector: G pixels at a time, so that G x V sums and the V
+// weights stay within the 16 registers (the inputs of the next G pixels come from L1).
+template <int V, int P>
+static void conv_pixels(int64_t cin, int64_t cout, int64_t kw, int64_t y0, int64_t y1,
+                        int64_t x0, int64_t x1, const float* src, int64_t first,
+                        int64_t pixel_step, int64_t row_step, const float* w, float* to) {
+  constexpr int kSums = V <= 2 ? 4 : (V <= 4 ? 2 : 1);
+  constexpr int G = P < kSums ? P : kSums;
+  static_assert(P % G == 0, "pixels come in whole groups");
+  for (int p0 = 0; p0 < P; p0 += G) {
+    __m256 acc[G][V];
+    for (int p = 0; p < G; ++p)
+      for (int j = 0; j < V; ++j) acc[p][j] = _mm256_setzero_ps();
+    for (int64_t ky = y0; ky < y1; ++ky)
+      for (int64_t kx = x0; kx < x1; ++kx) {
+        const float* pixel = src + (first + ky * row_step + kx * cin) + p0 * pixel_step;
+        const float* tap = w + (ky * kw + kx) * cin * cout;
+        for (int64_t ci = 0; ci < cin; ++ci) {
+          __m256 weights[V];
+          for (int j = 0; j < V; ++j) weights[j] = _mm256_loadu_ps(tap + ci * cout + 8 * j);
+          for (int p = 0; p < G; ++p) {
+            const __m256 v = _mm256_set1_ps(pixel[p * pixel_step + ci]);
+            for (int j = 0; j < V; ++j)  // exact: fused or not, the same sum
+              acc[p][j] = _mm256_fmadd_ps(v, weights[j], acc[p][j]);
+          }
+        }
+      }
+    for (int p = 0; p < G; ++p)
+      for (int j = 0; j < V; ++j) _mm256_storeu_ps(to + (p0 + p) * cout + 8 * j, acc[p][j]);
+  }
+}
 #endif
 
 template <int P>
@@ -1155,15 +1276,26 @@ static bool conv_pixels_vectors(int64_t cout, int64_t cin, int64_t kw, int64_t y
     case 64: conv_pixels<4, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
     default: return false;
   }
+#elif defined(__AVX2__)
+  switch (cout) {
+    case 8: conv_pixels<1, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    case 16: conv_pixels<2, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    case 24: conv_pixels<3, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    case 32: conv_pixels<4, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    case 48: conv_pixels<6, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    case 64: conv_pixels<8, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    default: return false;
+  }
 #else
   return false;
 #endif
 }
 
-// Whether blocks_conv2d keeps output channels in vector registers (AVX-512 builds): its
-// plain loops elsewhere take several times oneDNN's time, and callers then use oneDNN.
+// Whether blocks_conv2d keeps output channels in vector registers (AVX-512 or AVX2
+// builds): its plain loops elsewhere take several times oneDNN's time, and callers then
+// use oneDNN.
 bool blocks_conv2d_vectorized() {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
   return true;
 #else
   return false;
@@ -1281,8 +1413,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blocks_conv2d", &blocks_conv2d,
         "A convolution over channels-last codes, each block of samples with its own weight");
   m.def("int8_vnni", &int8_vnni, "Whether int8_blocks_product runs on AVX-512 VNNI");
+  m.def("int8_vectorized", &int8_vectorized,
+        "Whether int8_blocks_product has vector loops here (AVX-512 VNNI or AVX2)");
   m.def("blocks_conv2d_vectorized", &blocks_conv2d_vectorized,
-        "Whether blocks_conv2d runs its vectorized loops (AVX-512)");
+        "Whether blocks_conv2d runs its vectorized loops (AVX-512 or AVX2)");
   m.def("stack_input_cycles", &stack_input_cycles,
         "Input codes split into DAC cycles, stacked and channel-padded for the operator");
 }

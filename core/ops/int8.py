@@ -6,15 +6,18 @@ integer, so with the weight as int8 codes of a power-of-two unit the product can
 in int8 and equal the float one bit for bit. Two kernels do it:
 
 - torch's ``_int_mm`` (oneDNN), one call per product;
-- the compiled operator's ``int8_blocks_product`` (AVX-512 VNNI), one call for all the
-  blocks of rows of a layer, each block with its own weight: a batch mixing tasks
-  multiplies each task's few rows by that task's weight in one call, where oneDNN's
-  fixed cost per call would take more than the arithmetic.
+- the compiled operator's ``int8_blocks_product`` (AVX-512 VNNI, or AVX2 on CPUs
+  without VNNI), one call for all the blocks of rows of a layer, each block with its
+  own weight: a batch mixing tasks multiplies each task's few rows by that task's
+  weight in one call, where oneDNN's fixed cost per call would take more than the
+  arithmetic.
 
 Each is used only after a check, once per process, that it equals the float product on
-this build, and torch's only where it is also no slower than the float product: on CPUs
-without VNNI it takes 19-45 times as long (AVX2, one thread, ``bench/code_products.py``),
-and as both give the same bits the choice is one of speed alone. The weights' int8 forms are
+this build, and torch's only where the compiled one has no vector loops and torch's is
+also no slower than the float product: on CPUs without VNNI it takes 19-45 times as
+long (AVX2, one thread, ``bench/code_products.py``), where the compiled AVX2 loops take
+0.4-1.0 times the float product's time; as all give the same bits the choice is one of
+speed alone. The weights' int8 forms are
 made once per weight tensor and kept while it lives unchanged.
 """
 
@@ -111,19 +114,23 @@ def product_times(repeats: int = 3,
 
 @functools.cache
 def block_kernel() -> ModuleType | None:
-    """The compiled block product, where it runs on AVX-512 VNNI (its plain-loop build
-    elsewhere is exact but slower than oneDNN) and equals the float product here on
-    blocks of odd sizes, signed and unsigned rows; None otherwise."""
+    """The compiled block product, where it has vector loops (AVX-512 VNNI or AVX2; its
+    plain-loop build elsewhere is exact but slower than oneDNN) and equals the float
+    product here on blocks of odd sizes, signed and unsigned rows; None otherwise."""
     extension = crossbar_extension()
-    if extension is None or not extension.int8_vnni():
+    if extension is None or not extension.int8_vectorized():
         return None
     generator = torch.Generator().manual_seed(0)
-    for inner, cols, signed in ((16, 8, False), (13, 37, True), (960, 160, False),
-                                (24, 1280, True)):
+    for inner, cols, signed, extreme in ((16, 8, False, False), (13, 37, True, False),
+                                         (960, 160, False, False), (24, 1280, True, False),
+                                         (40, 24, False, True), (40, 24, True, True)):
         rows = torch.randint(-128 if signed else 0, 128, (23, inner), generator=generator,
                              dtype=torch.int8)
         weights = [torch.randint(-127, 128, (inner, cols), generator=generator,
                                  dtype=torch.int8) for _ in range(3)]
+        if extreme:  # the largest pairs of products (the AVX2 loops sum two in int16)
+            rows.fill_(-128 if signed else 127)
+            weights = [torch.where(w < 0, -127, 127).to(torch.int8) for w in weights]
         bounds = [(0, 5), (5, 6), (6, 23)]
         out = torch.empty(23, cols, dtype=torch.int32)
         _run_blocks(extension, rows, out, bounds, packed_forms(weights), signed)

@@ -29,12 +29,18 @@ def _blocks(rows: int, sizes: list[int]) -> list[tuple[int, int]]:
 
 
 def _check_int8_blocks(extension: object, inner: int, cols: int, sizes: list[int],
-                       signed: bool, seed: int) -> None:
+                       signed: bool, seed: int, *, extreme: bool = False) -> None:
+    """``extreme``: every code at the end of its range (-128 signed, 127 unsigned) and
+    weights of +-127, where a pair of products is largest (what an int16 sum of two must
+    hold in the AVX2 kernel)."""
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randint(-128 if signed else 0, 128, (sum(sizes), inner), generator=generator,
                          dtype=torch.int8)
     weights = [torch.randint(-127, 128, (inner, cols), generator=generator, dtype=torch.int8)
                for _ in sizes]
+    if extreme:
+        rows.fill_(-128 if signed else 127)
+        weights = [torch.where(w < 0, -127, 127).to(torch.int8) for w in weights]
     bounds = _blocks(rows.shape[0], sizes)
     out = torch.full((rows.shape[0], cols), -7, dtype=torch.int32)
     packed = [int8.vnni_matrix(w) for w in weights]
@@ -56,6 +62,7 @@ def test_int8_block_product_equals_the_product_of_each_block(
     the offset taken back and unsigned rows as they are."""
     extension = compiled_operator()
     _check_int8_blocks(extension, inner, cols, [5, 0, 1, 70, 4, 3, 2], signed, inner + cols)
+    _check_int8_blocks(extension, inner, cols, [3, 9], signed, inner, extreme=True)
 
 
 def test_int8_block_product_refuses_a_weight_packed_for_another_shape() -> None:
@@ -70,10 +77,22 @@ def test_int8_block_product_refuses_a_weight_packed_for_another_shape() -> None:
                                       [packed], [correction], False)
 
 
-def test_the_block_kernel_is_used_where_it_runs_on_vnni() -> None:
+def _cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text()
+    return set(next(line for line in text.splitlines() if line.startswith("flags"))
+               .split(":", 1)[1].split())
+
+
+def test_the_block_kernel_is_used_where_it_has_vector_loops() -> None:
+    """The operator is built for this CPU (``-march=native``): VNNI where it has AVX-512
+    VNNI, the AVX2 loops where it has AVX2, and code products take the kernel there."""
     extension = compiled_operator()
-    assert (int8.block_kernel() is not None) == extension.int8_vnni()
-    if extension.int8_vnni():
+    flags = _cpu_flags()
+    vnni = {"avx512f", "avx512bw", "avx512_vnni"} <= flags
+    assert extension.int8_vnni() == vnni
+    assert extension.int8_vectorized() == (vnni or "avx2" in flags)
+    assert (int8.block_kernel() is not None) == extension.int8_vectorized()
+    if extension.int8_vectorized():
         assert int8.int8_products()
 
 
@@ -100,12 +119,13 @@ def test_block_products_without_the_kernel_use_torch() -> None:
         assert torch.equal(out.float(), expected)
 
 
-@pytest.mark.parametrize("cout", [16, 32, 24, 64, 80])
+@pytest.mark.parametrize("cout", [8, 16, 32, 24, 48, 64, 80])
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 2, 1), (3, 1, 1), (1, 1, 0), (3, 2, 0)])
 def test_blocks_conv2d_equals_the_convolution_of_each_block(
         cout: int, kernel: int, stride: int, padding: int) -> None:
-    """Vector widths 16 to 64 and the plain loop beyond (24, 80), edge pixels with taps
-    outside the image, code-unit weights (codes times powers of two)."""
+    """Every vector width (AVX-512: 16 to 64 in 16s; AVX2: 8 to 32 in 8s, 48 and 64)
+    and the plain loops (the others; 80 everywhere), edge pixels with taps outside the
+    image, code-unit weights (codes times powers of two)."""
     extension = compiled_operator()
     generator = torch.Generator().manual_seed(cout + kernel + stride)
     x = torch.randint(-128, 128, (9, 3, 13, 17), generator=generator).float()
@@ -124,35 +144,43 @@ def test_blocks_conv2d_equals_the_convolution_of_each_block(
 
 
 @pytest.mark.slow
-def test_the_kernels_plain_loops_equal_the_vector_ones(tmp_path: Path) -> None:
-    """The build for machines without AVX-512 (the same source, vector extensions off)
-    gives the same int8 products and convolutions (about a minute to compile)."""
+@pytest.mark.parametrize("march,vectorized", [("x86-64-v2", False), ("x86-64-v3", True)])
+def test_the_kernels_other_builds_equal_the_native_one(tmp_path: Path, march: str,
+                                                       vectorized: bool) -> None:
+    """The builds for machines without AVX-512 (the same source for an older CPU level):
+    plain loops without AVX2 (x86-64-v2), the AVX2 loops with it (x86-64-v3, which a
+    machine with AVX-512 would not run otherwise) give the same int8 products and
+    convolutions (about a minute each to compile)."""
     from torch.utils.cpp_extension import load
 
+    assert "avx2" in _cpu_flags(), "the x86-64-v3 build runs only on a CPU with AVX2"
     compiled_operator()
-    plain = load(name="xma2_crossbar_plain_loops", sources=[str(KERNEL_SOURCE)],
-                 extra_cflags=["-O2", "-march=x86-64-v2", "-ffp-contract=off"],
+    build = load(name=f"xma2_crossbar_{march.replace('-', '_')}", sources=[str(KERNEL_SOURCE)],
+                 extra_cflags=["-O2", f"-march={march}", "-ffp-contract=off"],
                  build_directory=str(tmp_path), verbose=False)
-    assert not plain.int8_vnni() and not plain.blocks_conv2d_vectorized()
+    assert not build.int8_vnni()
+    assert build.int8_vectorized() == build.blocks_conv2d_vectorized() == vectorized
     for signed in (False, True):
-        _check_int8_blocks(plain, 13, 37, [5, 0, 70, 3], signed, 0)
-        _check_int8_blocks(plain, 96, 48, [4, 8], signed, 1)
-    x = torch.randint(-128, 128, (3, 3, 9, 9)).float().contiguous(
+        _check_int8_blocks(build, 13, 37, [5, 0, 70, 3], signed, 0)
+        _check_int8_blocks(build, 96, 48, [4, 8], signed, 1)
+        _check_int8_blocks(build, 24, 1280, [2, 66], signed, 2, extreme=True)
+    x = torch.randint(-128, 128, (3, 3, 19, 21)).float().contiguous(
         memory_format=torch.channels_last)
-    weight = torch.randint(-8, 8, (32, 3, 3, 3)).float() / 4
-    out = torch.empty(3, 32, 5, 5).contiguous(memory_format=torch.channels_last)
-    plain.blocks_conv2d(x, out, [0], [3], [weight.permute(2, 3, 1, 0).contiguous()], 2, 1)
-    assert torch.equal(out, F.conv2d(x, weight, None, 2, 1))
+    for cout in (32, 24, 64, 40):  # 40: no vector width, plain loops in every build
+        weight = torch.randint(-8, 8, (cout, 3, 3, 3)).float() / 4
+        out = torch.empty(3, cout, 10, 11).contiguous(memory_format=torch.channels_last)
+        build.blocks_conv2d(x, out, [0, 1], [1, 3], [weight.permute(2, 3, 1, 0).contiguous()] * 2,
+                            2, 1)
+        assert torch.equal(out, F.conv2d(x, weight, None, 2, 1))
 
 
 def test_the_stem_takes_the_compiled_blocks_only_where_they_are_vectorized(
         quantized_mobilenet: CrossbarModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Built without AVX-512, ``blocks_conv2d`` runs plain loops (5.0 against oneDNN's 1.1
-    ms for a batch's stem on AVX2): the stem then takes oneDNN, per block, with the same
-    bits, in single-task and mixed batches."""
+    """Built without AVX-512 or AVX2, ``blocks_conv2d`` runs plain loops (5.0 against
+    oneDNN's 1.1 ms for a batch's stem): the stem then takes oneDNN, per block, with the
+    same bits, in single-task and mixed batches."""
     extension = compiled_operator()
-    assert extension.blocks_conv2d_vectorized() == ("avx512f" in Path(
-        "/proc/cpuinfo").read_text().split())
+    assert extension.blocks_conv2d_vectorized() == bool({"avx512f", "avx2"} & _cpu_flags())
     calls: list[int] = []
 
     class Reporting:
