@@ -18,13 +18,16 @@ another alignment and may sum in another order).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import itertools
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from core.learning.gumbel import ColumnMask, shift_mask_values
 from core.nn.quant import round_ste
+from core.ops.extension import crossbar_extension
 
 if TYPE_CHECKING:
     from core.learning.task_model import CrossbarAdapter
@@ -75,6 +78,12 @@ class StackedFold:
         none = torch.zeros(0, dtype=torch.long)
         self.spare_rows = torch.cat([none, *spare_rows])
         self.spare_kept = torch.cat([none, *spare_kept])
+        # What the compiled fold reads: each row's spare PE (-1: none), each layer's rows.
+        self.spare_slot = torch.full((row,), -1, dtype=torch.long)
+        self.spare_slot[self.spare_rows] = torch.arange(len(self.spare_rows))
+        self.layer_starts = [0, *itertools.accumulate(self.sizes)]
+        self.layer_groups = [a.mapping.row_groups for a in adapters]
+        self.weight_rows = [a.mapping.weight_rows for a in adapters]
 
     @staticmethod
     def fits(adapters: list[CrossbarAdapter]) -> bool:
@@ -100,10 +109,12 @@ class StackedFold:
         return torch.cat([torch.sigmoid(part)
                           for part in torch.split(stacked, self.mask_sizes)])
 
-    def weights(self, stochastic: bool) -> list[Tensor]:
+    def weights(self, stochastic: bool, *, compiled: bool = True) -> list[Tensor]:
         """Each adapter's fp32 weight, as ``adapter.fold(adapter.scale, None, stochastic)``
-        computes it (call only when :meth:`ready`)."""
-        grouped = self.codes
+        computes it (call only when :meth:`ready`). ``compiled``: the multiplies, the
+        scatter and their backward in the compiled operator's two passes where it is
+        built (the same products; torch's operators otherwise)."""
+        row_values = spare = None
         if self.masks:
             first = self.masks[0]
             logits = torch.cat([m.logits.reshape(-1) for m in self.masks])
@@ -111,22 +122,77 @@ class StackedFold:
                                        temperature=first.temperature,
                                        stochastic=stochastic, noise=0.0,
                                        sigmoid=self._sigmoid_per_layer)
-            grouped = grouped * values.index_select(0, self.column_order).unsqueeze(1)
+            row_values = values.index_select(0, self.column_order)
         if len(self.spare_rows):
             latent = torch.cat([a.spare_latent.reshape(-1, self.rows) for a in self.spared])
             spare = round_ste(latent.clamp(self.qmin, self.qmax))
             spare = spare.index_select(0, self.spare_kept)
+        extension = crossbar_extension() if compiled else None
+        if extension is not None:
+            flats = _CompiledFold.apply(self, extension, row_values, spare)
+        else:
+            flats = self._torch_fold(row_values, spare)
+        return [flat.view(a.mapping.out_channels, a.mapping.in_channels,
+                          *a.mapping.kernel_size)
+                for a, flat in zip(self.adapters, flats, strict=True)]
+
+    def _torch_fold(self, row_values: Tensor | None, spare: Tensor | None) -> list[Tensor]:
+        grouped = self.codes
+        if row_values is not None:
+            grouped = grouped * row_values.unsqueeze(1)
+        if spare is not None:
             grouped = (grouped.index_put((self.spare_rows,), spare) if grouped is self.codes
                        else grouped.index_put_((self.spare_rows,), spare))
-        weights = []
+        flats = []
         for adapter, part in zip(self.adapters, torch.split(grouped, self.sizes),
                                  strict=True):
             # Each weight its own tensor, as the layer's fold makes it (module docstring).
             m = adapter.mapping
             flat = part.view(m.out_channels, -1)[:, : m.weight_rows]
-            weights.append((flat * adapter.scale.reshape(-1, 1)).view(
-                m.out_channels, m.in_channels, *m.kernel_size))
-        return weights
+            flats.append(flat * adapter.scale.reshape(-1, 1))
+        return flats
+
+    def layer_arguments(self) -> tuple[list[int], list[int], list[int], list[Tensor]]:
+        """Each layer's first row (and the end), row groups, weight width and scale, as
+        the compiled fold takes them."""
+        return (self.layer_starts, self.layer_groups, self.weight_rows,
+                [a.scale for a in self.adapters])
+
+
+class _CompiledFold(torch.autograd.Function):
+    """The stacked fold's multiplies and scatter in one compiled pass, and its backward
+    in another: the same products as :meth:`StackedFold._torch_fold`, and torch's own
+    sum over each row for the column values' gradients, so every bit is the same."""
+
+    @staticmethod
+    def forward(ctx: Any, fold: StackedFold, extension: ModuleType, row_values: Tensor | None,
+                spare: Tensor | None) -> tuple[Tensor, ...]:
+        ctx.fold, ctx.extension = fold, extension
+        ctx.masked, ctx.spared = row_values is not None, spare is not None
+        empty = fold.codes.new_empty(0)
+        spare_codes = (spare.detach().contiguous() if spare is not None
+                       else fold.codes.new_empty(0, fold.rows))
+        weights = extension.stacked_fold_forward(
+            fold.codes, empty if row_values is None else row_values.detach().contiguous(),
+            spare_codes, fold.spare_slot, *fold.layer_arguments())
+        return tuple(weights)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        fold: StackedFold = ctx.fold
+        full = [torch.zeros(w, dtype=torch.float32) if g is None else g.contiguous()
+                for g, w in zip(grads, _shapes(fold), strict=True)]
+        want_values = ctx.masked and ctx.needs_input_grad[2]
+        products, spare_grad = ctx.extension.stacked_fold_backward(
+            full, fold.codes, fold.spare_slot, len(fold.spare_rows), want_values,
+            *fold.layer_arguments())
+        # torch's sum, as the backward of the product by the column values sums
+        row_grad = products.sum(1, keepdim=True).view(-1) if want_values else None
+        return None, None, row_grad, spare_grad if ctx.spared else None
+
+
+def _shapes(fold: StackedFold) -> list[tuple[int, int]]:
+    return [(a.mapping.out_channels, a.mapping.weight_rows) for a in fold.adapters]
 
 
 def stacked_folds(adapters: list[CrossbarAdapter]) -> list[StackedFold]:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.learning import stacked_fold
 from core.learning import task_model as tm_module
 from core.learning.column_masks import ColumnMaskConfig, column_masks_for
 from core.learning.common import seeded_generator
@@ -261,11 +262,24 @@ def _weights_and_grads(model: TaskModel, stacked: bool, generator_seed: int = 0
     return [w.detach() for w in weights], [p.grad for p in params]
 
 
-def test_stacked_fold_equals_each_layers_fold_bit_for_bit(quantized_mobilenet):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_stacked_fold_equals_each_layers_fold_bit_for_bit(quantized_mobilenet, compiled,
+                                                          monkeypatch):
     """Weights and gradients of the stacked fold equal each adapter's own fold bit for
-    bit; layers of different PE rows or weight ranges (the 8-bit first layer) fold in
-    stacks of their own, and an adapter without spare PEs gets no spare gradient, as in
-    its own fold."""
+    bit, folded by the compiled operator's two passes or by torch's operators; layers of
+    different PE rows or weight ranges (the 8-bit first layer) fold in stacks of their
+    own, and an adapter without spare PEs gets no spare gradient, as in its own fold."""
+    passes: list[str] = []
+    extension = compiled_operator()
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            if name.startswith("stacked_fold"):
+                passes.append(name)
+            return getattr(extension, name)
+
+    monkeypatch.setattr(stacked_fold, "crossbar_extension",
+                        (lambda: Counting()) if compiled else (lambda: None))
     model = _xma2_model(quantized_mobilenet, channels_last=True)
     assert sum(len(f.adapters) for f in model._stacked) == len(model.adapters)
     assert len(model._stacked) >= 2
@@ -278,6 +292,9 @@ def test_stacked_fold_equals_each_layers_fold_bit_for_bit(quantized_mobilenet):
     for a, b in zip(stacked_grads, plain_grads, strict=True):
         assert (a is None) == (b is None)
         assert a is None or b is None or torch.equal(a, b)
+    folds = len(model._stacked)
+    assert passes == ((["stacked_fold_forward"] * folds + ["stacked_fold_backward"] * folds)
+                      if compiled else [])
 
 
 def test_stacked_fold_leaves_noisy_or_categorical_masks_to_each_layer(quantized_mobilenet):
