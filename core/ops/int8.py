@@ -16,8 +16,8 @@ Each is used only after a check, once per process, that it equals the float prod
 this build, and torch's only where the compiled one has no vector loops and torch's is
 also no slower than the float product: on CPUs without VNNI it takes 19-45 times as
 long (AVX2, one thread, ``bench/code_products.py``), where the compiled AVX2 loops take
-0.4-1.0 times the float product's time; as all give the same bits the choice is one of
-speed alone. The weights' int8 forms are
+about 0.5-1.2 times the float product's time; as all give the same bits the choice is
+one of speed alone. The weights' int8 forms are
 made once per weight tensor and kept while it lives unchanged.
 """
 
