@@ -1205,60 +1205,61 @@ void int8_blocks_product(
 // independent sums, so the additions do not wait on each other. False where this build
 // has neither or the channels do not fit.
 #if defined(__AVX512F__)
-template <int V, int P>
-static void conv_pixels(int64_t cin, int64_t cout, int64_t kw, int64_t y0, int64_t y1,
-                        int64_t x0, int64_t x1, const float* src, int64_t first,
-                        int64_t pixel_step, int64_t row_step, const float* w, float* to) {
-  __m512 acc[P][V];
-  for (int p = 0; p < P; ++p)
-    for (int j = 0; j < V; ++j) acc[p][j] = _mm512_setzero_ps();
-  for (int64_t ky = y0; ky < y1; ++ky)
-    for (int64_t kx = x0; kx < x1; ++kx) {
-      const float* pixel = src + (first + ky * row_step + kx * cin);
-      const float* tap = w + (ky * kw + kx) * cin * cout;
-      for (int64_t ci = 0; ci < cin; ++ci) {
-        __m512 weights[V];
-        for (int j = 0; j < V; ++j) weights[j] = _mm512_loadu_ps(tap + ci * cout + 16 * j);
-        for (int p = 0; p < P; ++p) {
-          const __m512 v = _mm512_set1_ps(pixel[p * pixel_step + ci]);
-          for (int j = 0; j < V; ++j)  // exact: fused or not, the same sum
-            acc[p][j] = _mm512_fmadd_ps(v, weights[j], acc[p][j]);
-        }
-      }
-    }
-  for (int p = 0; p < P; ++p)
-    for (int j = 0; j < V; ++j) _mm512_storeu_ps(to + p * cout + 16 * j, acc[p][j]);
-}
+struct FloatVectors {  // 16 channels per register; 32 registers hold every pixel's sums
+  using Reg = __m512;
+  static constexpr int kLanes = 16, kMaxVectors = 4;
+  static constexpr int pixels_per_pass(int /*vectors*/) { return 8; }
+  static Reg zero() { return _mm512_setzero_ps(); }
+  static Reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static Reg broadcast(float v) { return _mm512_set1_ps(v); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, Reg v) { _mm512_storeu_ps(p, v); }
+};
 #elif defined(__AVX2__)
-// The same with 8 channels per vector: G pixels at a time, so that G x V sums and the V
-// weights stay within the 16 registers (the inputs of the next G pixels come from L1).
+struct FloatVectors {  // 8 channels per register; 16 registers: a few pixels per pass
+  using Reg = __m256;
+  static constexpr int kLanes = 8, kMaxVectors = 8;
+  static constexpr int pixels_per_pass(int vectors) {
+    return vectors <= 2 ? 4 : (vectors <= 4 ? 2 : 1);
+  }
+  static Reg zero() { return _mm256_setzero_ps(); }
+  static Reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static Reg broadcast(float v) { return _mm256_set1_ps(v); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, Reg v) { _mm256_storeu_ps(p, v); }
+};
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// G pixels per pass (all P where the registers hold their sums), so that G x V sums and
+// the V weights stay in registers; the inputs of the next G pixels come from L1.
 template <int V, int P>
 static void conv_pixels(int64_t cin, int64_t cout, int64_t kw, int64_t y0, int64_t y1,
                         int64_t x0, int64_t x1, const float* src, int64_t first,
                         int64_t pixel_step, int64_t row_step, const float* w, float* to) {
-  constexpr int kSums = V <= 2 ? 4 : (V <= 4 ? 2 : 1);
-  constexpr int G = P < kSums ? P : kSums;
+  using F = FloatVectors;
+  constexpr int G = P < F::pixels_per_pass(V) ? P : F::pixels_per_pass(V);
   static_assert(P % G == 0, "pixels come in whole groups");
   for (int p0 = 0; p0 < P; p0 += G) {
-    __m256 acc[G][V];
+    typename F::Reg acc[G][V];
     for (int p = 0; p < G; ++p)
-      for (int j = 0; j < V; ++j) acc[p][j] = _mm256_setzero_ps();
+      for (int j = 0; j < V; ++j) acc[p][j] = F::zero();
     for (int64_t ky = y0; ky < y1; ++ky)
       for (int64_t kx = x0; kx < x1; ++kx) {
         const float* pixel = src + (first + ky * row_step + kx * cin) + p0 * pixel_step;
         const float* tap = w + (ky * kw + kx) * cin * cout;
         for (int64_t ci = 0; ci < cin; ++ci) {
-          __m256 weights[V];
-          for (int j = 0; j < V; ++j) weights[j] = _mm256_loadu_ps(tap + ci * cout + 8 * j);
+          typename F::Reg weights[V];
+          for (int j = 0; j < V; ++j) weights[j] = F::load(tap + ci * cout + F::kLanes * j);
           for (int p = 0; p < G; ++p) {
-            const __m256 v = _mm256_set1_ps(pixel[p * pixel_step + ci]);
+            const typename F::Reg v = F::broadcast(pixel[p * pixel_step + ci]);
             for (int j = 0; j < V; ++j)  // exact: fused or not, the same sum
-              acc[p][j] = _mm256_fmadd_ps(v, weights[j], acc[p][j]);
+              acc[p][j] = F::fmadd(v, weights[j], acc[p][j]);
           }
         }
       }
     for (int p = 0; p < G; ++p)
-      for (int j = 0; j < V; ++j) _mm256_storeu_ps(to + (p0 + p) * cout + 8 * j, acc[p][j]);
+      for (int j = 0; j < V; ++j) F::store(to + (p0 + p) * cout + F::kLanes * j, acc[p][j]);
   }
 }
 #endif
@@ -1268,22 +1269,16 @@ static bool conv_pixels_vectors(int64_t cout, int64_t cin, int64_t kw, int64_t y
                                 int64_t x0, int64_t x1, const float* src, int64_t first,
                                 int64_t pixel_step, int64_t row_step, const float* w,
                                 float* to) {
-#if defined(__AVX512F__)
-  switch (cout) {
-    case 16: conv_pixels<1, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
-    case 32: conv_pixels<2, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
-    case 48: conv_pixels<3, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
-    case 64: conv_pixels<4, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
-    default: return false;
-  }
-#elif defined(__AVX2__)
-  switch (cout) {
-    case 8: conv_pixels<1, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
-    case 16: conv_pixels<2, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
-    case 24: conv_pixels<3, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
-    case 32: conv_pixels<4, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
-    case 48: conv_pixels<6, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
-    case 64: conv_pixels<8, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if (cout % FloatVectors::kLanes != 0 || cout / FloatVectors::kLanes > FloatVectors::kMaxVectors)
+    return false;
+  switch (cout / FloatVectors::kLanes) {
+    case 1: conv_pixels<1, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    case 2: conv_pixels<2, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    case 3: conv_pixels<3, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    case 4: conv_pixels<4, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    case 6: conv_pixels<6, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
+    case 8: conv_pixels<8, P>(cin, cout, kw, y0, y1, x0, x1, src, first, pixel_step, row_step, w, to); return true;
     default: return false;
   }
 #else
