@@ -1393,26 +1393,48 @@ void blocks_conv2d(
 // a spare PE's codes where spare_slot names one; the weight is that times the channel's
 // scale. The same two products, in the same order, as the fold written with torch's
 // operators, so the weights are equal bit for bit.
-struct FoldLayers {
-  std::vector<int64_t> starts, groups, weight_rows;
-};
-
-static FoldLayers fold_layers(const std::vector<int64_t>& starts,
+static void check_fold_layers(const std::vector<int64_t>& starts,
                               const std::vector<int64_t>& groups,
                               const std::vector<int64_t>& weight_rows,
-                              const std::vector<torch::Tensor>& scales, int64_t n_rows,
-                              int64_t rows) {
+                              const std::vector<torch::Tensor>& scales,
+                              const torch::Tensor& codes, const torch::Tensor& spare_slot,
+                              int64_t n_spare) {
+  TORCH_CHECK(codes.scalar_type() == at::kFloat && codes.dim() == 2 && codes.is_contiguous(),
+              "codes must be float [R, rows], contiguous");
+  const int64_t n_rows = codes.size(0), rows = codes.size(1);
   TORCH_CHECK(starts.size() == groups.size() + 1 && groups.size() == weight_rows.size() &&
-              groups.size() == scales.size() && starts.back() == n_rows,
+              groups.size() == scales.size() && starts.front() == 0 && starts.back() == n_rows,
               "one start (and the end), group count, weight width and scale per layer");
   for (size_t l = 0; l < groups.size(); ++l) {
     const int64_t layer_rows = starts[l + 1] - starts[l];
-    TORCH_CHECK(groups[l] > 0 && layer_rows % groups[l] == 0 &&
+    TORCH_CHECK(groups[l] > 0 && layer_rows >= 0 && layer_rows % groups[l] == 0 &&
                 weight_rows[l] <= groups[l] * rows, "layer rows do not match its groups");
     TORCH_CHECK(scales[l].scalar_type() == at::kFloat && scales[l].is_contiguous() &&
                 scales[l].numel() == layer_rows / groups[l], "scale must be float [Cout]");
   }
-  return {starts, groups, weight_rows};
+  TORCH_CHECK(spare_slot.scalar_type() == at::kLong && spare_slot.is_contiguous() &&
+              spare_slot.numel() == n_rows, "spare_slot must be long [R]");
+  const int64_t* slot = spare_slot.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n_rows; ++i)
+    TORCH_CHECK(slot[i] >= -1 && slot[i] < n_spare, "spare slot out of range");
+}
+
+// Calls row(i, l, o, g, width) for every row i of the stack (layer l, output channel o,
+// row group g, width of its elements inside the weight), rows split among threads.
+template <typename Row>
+static void for_each_fold_row(const std::vector<int64_t>& starts,
+                              const std::vector<int64_t>& groups,
+                              const std::vector<int64_t>& weight_rows, int64_t rows,
+                              const Row& row) {
+  at::parallel_for(0, starts.back(), 256, [&](int64_t lo, int64_t hi) {
+    size_t l = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), lo) -
+                                   starts.begin()) - 1;
+    for (int64_t i = lo; i < hi; ++i) {
+      while (i >= starts[l + 1]) ++l;
+      const int64_t o = (i - starts[l]) / groups[l], g = (i - starts[l]) % groups[l];
+      row(i, l, o, g, std::max<int64_t>(0, std::min(rows, weight_rows[l] - g * rows)));
+    }
+  });
 }
 
 std::vector<torch::Tensor> stacked_fold_forward(
@@ -1425,8 +1447,7 @@ std::vector<torch::Tensor> stacked_fold_forward(
     const std::vector<int64_t>& weight_rows,     // per layer: Cin * kh * kw
     const std::vector<torch::Tensor>& scales)    // per layer: float [Cout]
 {
-  TORCH_CHECK(codes.scalar_type() == at::kFloat && codes.dim() == 2 && codes.is_contiguous(),
-              "codes must be float [R, rows], contiguous");
+  check_fold_layers(starts, groups, weight_rows, scales, codes, spare_slot, spare.size(0));
   const int64_t n_rows = codes.size(0), rows = codes.size(1);
   const bool masked = row_values.numel() > 0;
   TORCH_CHECK(!masked || (row_values.scalar_type() == at::kFloat &&
@@ -1434,12 +1455,6 @@ std::vector<torch::Tensor> stacked_fold_forward(
               "row values must be float [R]");
   TORCH_CHECK(spare.scalar_type() == at::kFloat && spare.dim() == 2 && spare.is_contiguous() &&
               (spare.size(0) == 0 || spare.size(1) == rows), "spare must be float [S, rows]");
-  TORCH_CHECK(spare_slot.scalar_type() == at::kLong && spare_slot.is_contiguous() &&
-              spare_slot.numel() == n_rows, "spare_slot must be long [R]");
-  const FoldLayers layers = fold_layers(starts, groups, weight_rows, scales, n_rows, rows);
-  const int64_t* slot = spare_slot.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n_rows; ++i)
-    TORCH_CHECK(slot[i] >= -1 && slot[i] < spare.size(0), "spare slot out of range");
   std::vector<torch::Tensor> weights;
   std::vector<float*> out;
   for (size_t l = 0; l < groups.size(); ++l) {
@@ -1450,28 +1465,23 @@ std::vector<torch::Tensor> stacked_fold_forward(
   const float* c = codes.data_ptr<float>();
   const float* v = masked ? row_values.data_ptr<float>() : nullptr;
   const float* sp = spare.size(0) ? spare.data_ptr<float>() : nullptr;
-  at::parallel_for(0, n_rows, 256, [&](int64_t lo, int64_t hi) {
-    size_t l = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), lo) -
-                                   starts.begin()) - 1;
-    for (int64_t i = lo; i < hi; ++i) {
-      while (i >= starts[l + 1]) ++l;
-      const int64_t o = (i - starts[l]) / groups[l], g = (i - starts[l]) % groups[l];
-      const int64_t width = std::min(rows, weight_rows[l] - g * rows);
-      const float scale = scales[l].data_ptr<float>()[o];
-      float* to = out[l] + o * weight_rows[l] + g * rows;
-      const float* from = c + i * rows;
-      if (slot[i] >= 0) {
-        const float* codes_of_spare = sp + slot[i] * rows;
-        for (int64_t r = 0; r < width; ++r) to[r] = codes_of_spare[r] * scale;
-      } else if (masked) {
-        const float value = v[i];
-        for (int64_t r = 0; r < width; ++r) {
-          const float folded = from[r] * value;  // rounded, as torch's product is
-          to[r] = folded * scale;
-        }
-      } else {
-        for (int64_t r = 0; r < width; ++r) to[r] = from[r] * scale;
+  const int64_t* slot = spare_slot.data_ptr<int64_t>();
+  for_each_fold_row(starts, groups, weight_rows, rows,
+                    [&](int64_t i, size_t l, int64_t o, int64_t g, int64_t width) {
+    const float scale = scales[l].data_ptr<float>()[o];
+    float* to = out[l] + o * weight_rows[l] + g * rows;
+    const float* from = c + i * rows;
+    if (slot[i] >= 0) {
+      const float* codes_of_spare = sp + slot[i] * rows;
+      for (int64_t r = 0; r < width; ++r) to[r] = codes_of_spare[r] * scale;
+    } else if (masked) {
+      const float value = v[i];
+      for (int64_t r = 0; r < width; ++r) {
+        const float folded = from[r] * value;  // rounded, as torch's product is
+        to[r] = folded * scale;
       }
+    } else {
+      for (int64_t r = 0; r < width; ++r) to[r] = from[r] * scale;
     }
   });
   return weights;
@@ -1492,53 +1502,41 @@ std::vector<torch::Tensor> stacked_fold_backward(
     const std::vector<int64_t>& weight_rows,
     const std::vector<torch::Tensor>& scales)
 {
-  TORCH_CHECK(codes.scalar_type() == at::kFloat && codes.dim() == 2 && codes.is_contiguous(),
-              "codes must be float [R, rows], contiguous");
+  check_fold_layers(starts, groups, weight_rows, scales, codes, spare_slot, n_spare);
   const int64_t n_rows = codes.size(0), rows = codes.size(1);
-  TORCH_CHECK(spare_slot.scalar_type() == at::kLong && spare_slot.is_contiguous() &&
-              spare_slot.numel() == n_rows, "spare_slot must be long [R]");
-  const FoldLayers layers = fold_layers(starts, groups, weight_rows, scales, n_rows, rows);
   TORCH_CHECK(grads.size() == groups.size(), "one gradient per layer");
   for (size_t l = 0; l < grads.size(); ++l)
     TORCH_CHECK(grads[l].scalar_type() == at::kFloat && grads[l].is_contiguous() &&
                 grads[l].numel() == (starts[l + 1] - starts[l]) / groups[l] * weight_rows[l],
                 "gradient must be float [Cout, weight_rows], contiguous");
-  const int64_t* slot = spare_slot.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n_rows; ++i)
-    TORCH_CHECK(slot[i] >= -1 && slot[i] < n_spare, "spare slot out of range");
   auto products = row_products ? at::empty({n_rows, rows}, codes.options())
                                : at::empty({0, rows}, codes.options());
   auto spare_grad = at::empty({n_spare, rows}, codes.options());
   const float* c = codes.data_ptr<float>();
   float* prod = row_products ? products.data_ptr<float>() : nullptr;
   float* sg = n_spare ? spare_grad.data_ptr<float>() : nullptr;
-  at::parallel_for(0, n_rows, 256, [&](int64_t lo, int64_t hi) {
-    size_t l = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), lo) -
-                                   starts.begin()) - 1;
-    for (int64_t i = lo; i < hi; ++i) {
-      while (i >= starts[l + 1]) ++l;
-      const int64_t o = (i - starts[l]) / groups[l], g = (i - starts[l]) % groups[l];
-      const int64_t width = std::max<int64_t>(0, std::min(rows, weight_rows[l] - g * rows));
-      const float scale = scales[l].data_ptr<float>()[o];
-      const float* grad = grads[l].data_ptr<float>() + o * weight_rows[l] + g * rows;
-      const float* from = c + i * rows;
-      if (slot[i] >= 0) {
-        float* to = sg + slot[i] * rows;
-        for (int64_t r = 0; r < width; ++r) to[r] = grad[r] * scale;
-        for (int64_t r = width; r < rows; ++r) to[r] = 0.0f;
-      }
-      if (!row_products) continue;
-      float* to = prod + i * rows;
-      if (slot[i] >= 0) {  // the spare codes replaced this row: no gradient reaches it
-        for (int64_t r = 0; r < rows; ++r) to[r] = 0.0f * from[r];
-        continue;
-      }
-      for (int64_t r = 0; r < width; ++r) {
-        const float row_grad = grad[r] * scale;  // rounded, as torch's product is
-        to[r] = row_grad * from[r];
-      }
-      for (int64_t r = width; r < rows; ++r) to[r] = 0.0f * from[r];
+  const int64_t* slot = spare_slot.data_ptr<int64_t>();
+  for_each_fold_row(starts, groups, weight_rows, rows,
+                    [&](int64_t i, size_t l, int64_t o, int64_t g, int64_t width) {
+    const float scale = scales[l].data_ptr<float>()[o];
+    const float* grad = grads[l].data_ptr<float>() + o * weight_rows[l] + g * rows;
+    const float* from = c + i * rows;
+    if (slot[i] >= 0) {
+      float* to = sg + slot[i] * rows;
+      for (int64_t r = 0; r < width; ++r) to[r] = grad[r] * scale;
+      for (int64_t r = width; r < rows; ++r) to[r] = 0.0f;
     }
+    if (!row_products) return;
+    float* to = prod + i * rows;
+    if (slot[i] >= 0) {  // the spare codes replaced this row: no gradient reaches it
+      for (int64_t r = 0; r < rows; ++r) to[r] = 0.0f * from[r];
+      return;
+    }
+    for (int64_t r = 0; r < width; ++r) {
+      const float row_grad = grad[r] * scale;  // rounded, as torch's product is
+      to[r] = row_grad * from[r];
+    }
+    for (int64_t r = width; r < rows; ++r) to[r] = 0.0f * from[r];
   });
   return {products, spare_grad};
 }

@@ -316,3 +316,24 @@ def test_stacked_fold_leaves_noisy_or_categorical_masks_to_each_layer(quantized_
                                                  column_mask=masks[n])
                               for n in categorical.crossbar_layer_names()})
     assert categorical._stacked == []
+
+
+def test_the_compiled_fold_refuses_inconsistent_layers() -> None:
+    """The compiled passes check what they index with: a scale per output channel, a
+    spare slot within the spare codes, rows that match each layer's groups."""
+    extension = compiled_operator()
+    codes = torch.ones(6, 4)
+    slot = torch.full((6,), -1, dtype=torch.long)
+    good = ([0, 6], [2], [8], [torch.ones(3)])
+    weights = extension.stacked_fold_forward(codes, torch.full((6,), 2.0), torch.empty(0, 4),
+                                             slot, *good)
+    assert torch.equal(weights[0], torch.full((3, 8), 2.0))
+    with pytest.raises(RuntimeError, match="scale must be float"):
+        extension.stacked_fold_forward(codes, torch.empty(0), torch.empty(0, 4), slot,
+                                       [0, 6], [2], [8], [torch.ones(2)])
+    with pytest.raises(RuntimeError, match="spare slot out of range"):
+        extension.stacked_fold_forward(codes, torch.empty(0), torch.empty(0, 4),
+                                       torch.tensor([0, -1, -1, -1, -1, -1]), *good)
+    with pytest.raises(RuntimeError, match="layer rows do not match"):
+        extension.stacked_fold_backward([torch.zeros(2, 8)], codes, slot, 0, True,
+                                        [0, 6], [4], [8], [torch.ones(1)])
