@@ -115,11 +115,11 @@ class StackedFold:
         return torch.cat([torch.sigmoid(part)
                           for part in torch.split(stacked, self.mask_sizes)])
 
-    def weights(self, stochastic: bool, *, compiled: bool = True) -> list[Tensor]:
+    def weights(self, stochastic: bool) -> list[Tensor]:
         """Each adapter's fp32 weight, as ``adapter.fold(adapter.scale, None, stochastic)``
-        computes it (call only when :meth:`ready`). ``compiled``: the multiplies, the
-        scatter and their backward in the compiled operator's two passes where it is
-        built (the same products; torch's operators otherwise)."""
+        computes it (call only when :meth:`ready`): the multiplies, the scatter and their
+        backward in the compiled operator's two passes where it is built (the same
+        products), torch's operators otherwise."""
         row_values = spare = None
         if self.masks:
             first = self.masks[0]
@@ -133,7 +133,7 @@ class StackedFold:
             latent = torch.cat([a.spare_latent.reshape(-1, self.rows) for a in self.spared])
             spare = round_ste(latent.clamp(self.qmin, self.qmax))
             spare = spare.index_select(0, self.spare_kept)
-        extension = crossbar_extension() if compiled else None
+        extension = crossbar_extension()
         if extension is not None:
             apply: Callable[..., tuple[Tensor, ...]] = _CompiledFold.apply  # untyped stub
             flats = list(apply(self, extension, row_values, spare))
@@ -187,8 +187,10 @@ class _CompiledFold(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         fold: StackedFold = ctx.fold
-        full = [torch.zeros(w, dtype=torch.float32) if g is None else g.contiguous()
-                for g, w in zip(grads, _shapes(fold), strict=True)]
+        shapes = [(size // groups, width) for size, groups, width
+                  in zip(fold.sizes, fold.layer_groups, fold.weight_rows, strict=True)]
+        full = [torch.zeros(shape) if g is None else g.contiguous()
+                for g, shape in zip(grads, shapes, strict=True)]
         want_values = ctx.masked and ctx.needs_input_grad[2]
         products, spare_grad = ctx.extension.stacked_fold_backward(
             full, fold.codes, fold.spare_slot, len(fold.spare_rows), want_values,
@@ -196,10 +198,6 @@ class _CompiledFold(torch.autograd.Function):
         # torch's sum, as the backward of the product by the column values sums
         row_grad = products.sum(1, keepdim=True).view(-1) if want_values else None
         return None, None, row_grad, spare_grad if ctx.spared else None
-
-
-def _shapes(fold: StackedFold) -> list[tuple[int, int]]:
-    return [(a.mapping.out_channels, a.mapping.weight_rows) for a in fold.adapters]
 
 
 def stacked_folds(adapters: list[CrossbarAdapter]) -> list[StackedFold]:
